@@ -1,0 +1,156 @@
+"""Typed schema of the whole config tree, registered in Hydra's ConfigStore.
+
+Every group YAML is merged onto these dataclasses, so an unknown key or a wrong type fails at
+composition time (cli.py turns that into one line).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from llmtrain.precision.config import PrecisionConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: int = 688
+    num_attention_heads: int = 8
+    num_query_groups: int = 4  # KV heads (GQA)
+    vocab_size: int = 4096
+    seq_length: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
+    cp: int = 1
+    dp: int = 0  # 0 = whatever is left of the world size
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    recompute: str = "none"  # none | selective | full
+    grad_accum_fusion: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Megatron-style blend: [prefix] or [w1, prefix1, w2, prefix2, ...]; empty = the built-in corpus.
+    paths: list[Any] = field(default_factory=list)
+    builtin: str = "kjv"  # corpus shipped with the package, prepared into cache_dir on first use
+    tokenizer: str = "builtin"  # path to tokenizer.json / directory, or "builtin" for the shipped BPE
+    split: str = "949,50,1"  # train,valid,test weights
+    cache_dir: str = "~/.cache/llmtrain"
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 2000
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
+
+
+@dataclass
+class NanPolicy:
+    max_skips: int = 3  # non-finite losses/grads skipped (with a warning) before the run stops
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 512
+    micro_batch_size: int = 1
+    seed: int = 1234
+    checkpoint_interval: int = 500
+    keep_last: int = 3
+    eval_interval: int = 250
+    eval_steps: int = 10
+    resume: str = "auto"  # auto | never | PATH
+    init_from: str | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    nan: NanPolicy = field(default_factory=NanPolicy)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "llmtrain"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    console: str = "rich"  # rich | plain
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ClusterConfig:
+    type: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    container_image: str | None = None
+    requeue_limit: int = 10
+    signal_seconds: int = 120
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "auto"  # auto | torch | megatron
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    dry_run: bool = False
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("precision", PrecisionConfig),
+        ("parallel", ParallelConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("logging", LoggingConfig),
+        ("cluster", ClusterConfig),
+        ("engine", EngineConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)

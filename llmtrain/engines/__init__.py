@@ -1,0 +1,1 @@
+"""Engines: the torch reference engine and the Megatron-Core engine behind one protocol."""

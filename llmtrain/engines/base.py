@@ -1,0 +1,78 @@
+"""The engine protocol the training loop drives. One engine = one model + optimizer on this process."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class DistInfo:
+    """This process's place in the job (torchrun / SLURM environment)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss over the global batch (all DP ranks)
+    grad_norm: float  # before clipping
+    skipped: bool = False  # non-finite loss or gradient: the update was not applied
+
+
+# A micro-batch as the data layer yields it: tokens/labels [mbs, seq] (int64), loss_mask [mbs, seq] (float).
+MicroBatch = dict[str, torch.Tensor]
+
+
+class Engine(ABC):
+    name: str = "base"
+    backend_description: str = ""  # what actually runs, e.g. "torch cpu fp32" or "TE native NVFP4"
+
+    @property
+    @abstractmethod
+    def dp_rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def dp_size(self) -> int: ...
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
+        """Forward/backward over this DP rank's micro-batches, all-reduce, clip, optimizer step at `lr`."""
+
+    @abstractmethod
+    def eval_loss(self, micro_batches: list[MicroBatch]) -> float:
+        """Mean loss over the micro-batches (all DP ranks), no gradients."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write model + optimizer state into `directory` (which exists; the caller makes it atomic)."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote."""
+
+    def probe_quantization_noise(self, micro_batch: MicroBatch) -> dict[str, float]:
+        """Per-layer gradient-norm / quantization-noise ratios for the sqrt(3) monitor ({} if unsupported)."""
+        return {}
+
+    def set_qaf(self, active: bool) -> None:
+        """Quantization-aware finetuning: forward stays quantized, backward/update in high precision."""
+
+    def memory_stats(self) -> dict[str, float]:
+        return {}
+
+    def barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,5 @@
+"""Model descriptions shared by both engines."""
+
+from llmtrain.models.spec import ModelSpec
+
+__all__ = ["ModelSpec"]
