@@ -24,3 +24,9 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt or incompatible."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss diverged); the message says what was kept and what to try."""
+
+    exit_code = 3

@@ -87,7 +87,10 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | PATH
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
+    check_memory: bool = True  # refuse runs whose memory estimate exceeds this machine
     nan: NanPolicy = field(default_factory=NanPolicy)
+    # Fault injection for tests: optimizer steps (1-based) whose loss is forced to NaN.
+    inject_nan_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -109,7 +112,7 @@ class LoggingConfig:
 class ClusterConfig:
     type: str = "local"  # local | slurm
     nodes: int = 1
-    gpus_per_node: int = 8
+    gpus_per_node: int = 1
     cpus_per_task: int | None = None
     partition: str | None = None
     account: str | None = None

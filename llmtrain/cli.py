@@ -1,0 +1,182 @@
+"""`python -m llmtrain [recipe=NAME] [key=value ...]`: Hydra entry point.
+
+Every override set is composed and validated before Hydra starts the run(s), so a user error prints one
+line (`error: key=value: problem (allowed: ...)`) and exits with code 2, never a traceback.
+"""
+
+import itertools
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from llmtrain.config.resolvers import register_resolvers
+from llmtrain.config.schema import register_configs
+from llmtrain.errors import UserError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+MAX_VALIDATED_SWEEP_POINTS = 64
+
+
+def planned_world(cfg) -> int:
+    """World size: torchrun's WORLD_SIZE, else the cluster plan for dry runs and SLURM, else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if cfg.dry_run or cfg.cluster.type == "slurm":
+        return cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    return 1
+
+
+def planned_engine(cfg) -> str:
+    from llmtrain.engines.select import resolve_engine_name
+
+    if cfg.dry_run and cfg.engine.name == "auto":
+        return "megatron"  # dry runs describe the production (GPU) path
+    if cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ:
+        return cfg.engine.name if cfg.engine.name != "auto" else "megatron"
+    return resolve_engine_name(cfg)
+
+
+def check_and_validate(cfg) -> tuple[int, str]:
+    from llmtrain.config.validate import validate
+
+    world, engine = planned_world(cfg), planned_engine(cfg)
+    validate(cfg, world=world, engine=engine)
+    return world, engine
+
+
+# ---- pre-flight: compose + validate every point of the command line -----------------------------------
+def _user_overrides(argv: list[str]) -> list[str]:
+    return [a for a in argv if "=" in a and not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
+
+
+def _sweep_points(overrides: list[str]) -> list[list[str]]:
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for text, ov in zip(overrides, parsed):
+        if ov.is_sweep_override():
+            key = ov.get_key_element()
+            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return [list(p) for p in itertools.islice(itertools.product(*choices), MAX_VALIDATED_SWEEP_POINTS)]
+
+
+def _allowed_keys(parent: str) -> list[str]:
+    try:
+        cfg = compose(config_name="train")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
+    except Exception:
+        return []
+
+
+def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
+    """Turn a Hydra/OmegaConf composition error into `key=value: problem (allowed: ...)`."""
+    text = str(exc)
+    cause = exc.__cause__ or exc
+    full_key = getattr(cause, "full_key", None) or ""
+    override = next((o for o in overrides if full_key and o.lstrip("+~").split("=")[0] == full_key), None)
+    if m := re.search(r"Could not find '([^']+)/([^']+)'", text):
+        group, option = m.group(1), m.group(2)
+        available = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        allowed = ", ".join(a for a in available if not a.endswith("_schema"))
+        return f"{group}={option}: no such {group} config (allowed: {allowed})"
+    if "not in struct" in text or "Key '" in text and "is not in" in text:
+        parent, _, leaf = full_key.rpartition(".")
+        allowed = ", ".join(_allowed_keys(parent))
+        return f"{override or full_key}: unknown key '{leaf}' in {parent or 'the config'} (allowed: {allowed})"
+    msg = getattr(cause, "msg", None) or text.splitlines()[0]
+    msg = msg.splitlines()[0].strip()
+    if override:
+        return f"{override}: {msg}"
+    return msg
+
+
+def preflight(argv: list[str]) -> None:
+    overrides = _user_overrides(argv)
+    try:
+        points = _sweep_points(overrides)
+    except Exception as e:
+        raise UserError(f"cannot parse overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for point in points:
+            try:
+                cfg = compose(config_name="train", overrides=point)
+                OmegaConf.to_container(cfg, resolve=True)  # surfaces bad interpolations now
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(describe_composition_error(e, point)) from None
+            check_and_validate(cfg)
+    GlobalHydra.instance().clear()
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+def _fresh_run_dir(run_dir: Path) -> Path:
+    """train.resume=never never overwrites an existing run: it starts in a sibling directory."""
+    if not ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
+        return run_dir
+    for i in itertools.count(1):
+        candidate = run_dir.with_name(f"{run_dir.name}-restart{i}")
+        if not candidate.exists():
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def run(cfg) -> None:
+    from llmtrain import launch
+    from llmtrain.dist import dist_info_from_env
+    from llmtrain.dryrun import dry_run_report
+    from llmtrain.fit import check_fits
+    from llmtrain.train.loop import train
+
+    world, engine = check_and_validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.cluster.type == "slurm" and not launch.inside_scheduler_job():
+        launch.submit(cfg, list(HydraConfig.get().overrides.task))
+        return
+    if cfg.dry_run:
+        print(dry_run_report(cfg, world, engine))
+        return
+    check_fits(cfg, world, engine)
+    if cfg.train.resume == "never":
+        run_dir = _fresh_run_dir(run_dir)
+    dist = dist_info_from_env()
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    summary = train(cfg, run_dir, after_preemption=launch.after_preemption)
+    if dist.is_main:
+        loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+        how = f"stopped by {summary.stopped_by} at" if summary.stopped_by else "done:"
+        print(f"{how} step {summary.steps_done}, loss {loss} | metrics {run_dir / 'metrics.jsonl'} | "
+              f"checkpoint {summary.checkpoint} | config {run_dir / 'config.yaml'}", flush=True)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def _hydra_main(cfg) -> None:
+    try:
+        run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def main() -> None:
+    register_configs()
+    register_resolvers()
+    try:
+        preflight(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    _hydra_main()

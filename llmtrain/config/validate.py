@@ -1,0 +1,129 @@
+"""Whole-tree validation: every user error becomes one ConfigError naming key, value and the allowed values."""
+
+from pathlib import Path
+
+from llmtrain.config.estimate import layout_of
+from llmtrain.engines.select import ENGINES
+from llmtrain.errors import ConfigError
+from llmtrain.precision.config import BACKENDS, PRECISION_NAMES
+from llmtrain.train.schedule import SCHEDULES
+
+FORMATS = ["bf16", "fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4"]
+ROUNDINGS = ["nearest", "stochastic"]
+QAF_TRIGGERS = ["off", "sqrt3", "fraction"]
+RECOMPUTE = ["none", "selective", "full"]
+WANDB_MODES = ["offline", "online", "disabled"]
+CONSOLES = ["rich", "plain"]
+CLUSTERS = ["local", "slurm"]
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+def _choice(key: str, value, allowed: list) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "not a valid choice", allowed)
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(key, value, "must be > 0")
+
+
+def _divides(key: str, value: int, by_key: str, by: int, fix: str) -> None:
+    if by <= 0 or value % by:
+        raise ConfigError(key, value, f"must be divisible by {by_key}={by}; {fix}")
+
+
+def validate_model(m) -> None:
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size", "seq_length"):
+        _positive(f"model.{key}", m[key])
+    _divides("model.hidden_size", m.hidden_size, "model.num_attention_heads", m.num_attention_heads,
+             "pick a hidden size that is a multiple of the head count")
+    _divides("model.num_attention_heads", m.num_attention_heads, "model.num_query_groups", m.num_query_groups,
+             "GQA needs whole query groups")
+    if (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError("model.hidden_size", m.hidden_size, "head dimension must be even for RoPE")
+
+
+def validate_precision(p) -> None:
+    _choice("precision.name", p.name, PRECISION_NAMES)
+    _choice("precision.backend", p.backend, BACKENDS)
+    for role in ("weight_format", "activation_format", "grad_format"):
+        _choice(f"precision.{role}", p[role], FORMATS)
+    for gemm in ("fprop", "dgrad", "wgrad"):
+        _choice(f"precision.{gemm}_rounding", p[f"{gemm}_rounding"], ROUNDINGS)
+    _choice("precision.qaf.trigger", p.qaf.trigger, QAF_TRIGGERS)
+    if not 0.0 < p.qaf.fraction <= 1.0:
+        raise ConfigError("precision.qaf.fraction", p.qaf.fraction, "must be in (0, 1]")
+    for end in ("first", "last"):
+        if p.bf16_layers[end] < 0:
+            raise ConfigError(f"precision.bf16_layers.{end}", p.bf16_layers[end], "must be >= 0")
+    if p.rht and p.rht_size != 16:
+        raise ConfigError("precision.rht_size", p.rht_size, "only 16-point transforms are supported", [16])
+
+
+def validate_parallel(cfg, world: int, engine: str) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    for key in ("tp", "pp", "vpp", "cp"):
+        _positive(f"parallel.{key}", p[key])
+    _choice("parallel.recompute", p.recompute, RECOMPUTE)
+    if engine == "torch" and (p.tp, p.pp, p.cp) != (1, 1, 1):
+        raise ConfigError("parallel", f"tp={p.tp},pp={p.pp},cp={p.cp}",
+                          "the torch engine is data parallel only; use engine=megatron", ["tp=1,pp=1,cp=1"])
+    model_parallel = p.tp * p.pp * p.cp
+    if world % model_parallel:
+        raise ConfigError("parallel", f"tp={p.tp},pp={p.pp},cp={p.cp}",
+                          f"tp*pp*cp={model_parallel} must divide the world size {world}")
+    if p.dp and p.dp * model_parallel != world:
+        raise ConfigError("parallel.dp", p.dp, f"tp*pp*cp*dp must equal the world size {world}",
+                          [world // model_parallel, 0])
+    _divides("model.num_attention_heads", m.num_attention_heads, "parallel.tp", p.tp, "lower parallel.tp")
+    _divides("model.num_query_groups", m.num_query_groups, "parallel.tp", p.tp, "lower parallel.tp")
+    _divides("model.num_layers", m.num_layers, "parallel.pp*vpp", p.pp * p.vpp,
+             "pick pp and vpp whose product divides the layer count")
+    if p.vpp > 1 and p.pp == 1:
+        raise ConfigError("parallel.vpp", p.vpp, "virtual stages need pipeline parallelism (parallel.pp > 1)")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1")
+    if p.cp > 1:
+        _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp, "context parallel splits 2*cp chunks")
+    dp = layout_of(cfg, world).dp
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _divides("train.global_batch_size", t.global_batch_size, "micro_batch_size*dp", t.micro_batch_size * dp,
+             f"use a multiple of {t.micro_batch_size * dp}")
+
+
+def validate_data(d) -> None:
+    paths = list(d.paths)
+    if len(paths) > 1 and len(paths) % 2:
+        raise ConfigError("data.paths", paths, "a blend is [weight1, prefix1, weight2, prefix2, ...]")
+    prefixes = paths[1::2] if len(paths) > 1 else paths
+    for prefix in prefixes:
+        base = Path(str(prefix)).expanduser()
+        for suffix in (".bin", ".idx"):
+            if not base.with_name(base.name + suffix).is_file():
+                raise ConfigError("data.paths", str(prefix), f"{base}{suffix} not found; build it with "
+                                  "python -m llmtrain.data.prepare")
+
+
+def validate(cfg, *, world: int, engine: str) -> None:
+    _choice("engine.name", cfg.engine.name, ENGINES)
+    validate_model(cfg.model)
+    validate_precision(cfg.precision)
+    t = cfg.train
+    _positive("train.steps", t.steps)
+    _positive("train.global_batch_size", t.global_batch_size)
+    _choice("train.device", t.device, DEVICES)
+    if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().exists():
+        raise ConfigError("train.resume", t.resume, "checkpoint path does not exist", ["auto", "never", "PATH"])
+    o = cfg.optim
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.name", o.name, ["adamw"])
+    _positive("optim.lr", o.lr)
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _choice("logging.console", cfg.logging.console, CONSOLES)
+    _choice("cluster.type", cfg.cluster.type, CLUSTERS)
+    validate_parallel(cfg, world, engine)
+    validate_data(cfg.data)

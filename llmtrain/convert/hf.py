@@ -1,0 +1,386 @@
+"""Hugging Face Llama format: config translation, tensor names, reading and writing HF model directories.
+
+llmtrain's `LlamaModel` uses HF's LlamaForCausalLM names without the `model.` prefix and the same
+rotate-half RoPE, so weights map one to one; only names, dtypes and the tied output head need care.
+transformers is imported lazily (it is the optional `hf` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llmtrain.convert.io import iter_safetensors, safetensors_names, save_model_file
+from llmtrain.errors import CheckpointError, UserError
+from llmtrain.models.spec import ModelSpec
+
+HF_CONFIG = "config.json"
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+BUILTIN_EOS = "<|endoftext|>"
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_DTYPES |= {"float16": torch.float16, "fp16": torch.float16}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - transformers is in the dev extra
+        raise UserError("Hugging Face conversion needs transformers: pip install 'llmtrain[hf]'") from e
+    return transformers
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise UserError(f"--dtype {name!r} is not supported (allowed: float32, bfloat16, float16)")
+    return _DTYPES[name]
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' / '500MB' / '10KB' / 1234 -> bytes (decimal units, as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise UserError(f"--max-shard-size {size!r} is not a size; use e.g. 5GB, 500MB or a byte count")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    exp = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**exp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names and shapes
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The state dict LlamaModel(spec) stores (llmtrain names), computed without allocating the model."""
+    h, f, v = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size
+    q, kv = spec.num_attention_heads * spec.head_dim, spec.kv_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, h)}
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    shapes["norm.weight"] = (h,)
+    if not spec.tie_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def check_shapes(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str
+) -> None:
+    """Strict comparison of tensor names and shapes -> one-line UserError naming the first problem."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{source}: shape mismatch for {k}: checkpoint {list(found[k])} vs model {list(expected[k])}"
+            f" ({len(wrong)} tensors differ); set the model config to the checkpoint's architecture"
+        )
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing tensor {missing[0]} ({len(missing)} missing); the checkpoint is incomplete"
+            " or for a different architecture (num_layers / tie_embeddings)"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected); the checkpoint is"
+            " for a different architecture (num_layers / tie_embeddings)"
+        )
+
+
+def hf_to_llmtrain_name(name: str) -> str | None:
+    """HF LlamaForCausalLM name -> llmtrain name; None for buffers that old checkpoints carry."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name.removeprefix("model.")
+
+
+def llmtrain_to_hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config translation
+
+
+def read_hf_config(hf_dir: str | Path):
+    """config.json of an HF directory -> transformers LlamaConfig, rejecting what llmtrain cannot represent."""
+    path = Path(hf_dir).expanduser() / HF_CONFIG
+    if not path.is_file():
+        raise UserError(
+            f"{path} not found; pass a Hugging Face model directory (config.json + *.safetensors)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+    model_type = raw.get("model_type")
+    if model_type != "llama":
+        raise UserError(
+            f"{path}: model_type={model_type!r} is not supported; only Llama (model_type 'llama') converts"
+        )
+    cfg = _transformers().LlamaConfig.from_dict(raw)
+    _check_supported(cfg, path)
+    return cfg
+
+
+def hf_rope(cfg) -> tuple[float, dict]:
+    """(rope_theta, rope params) for transformers 5 (`rope_parameters`) and 4 (`rope_theta`/`rope_scaling`)."""
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"]), params
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    return float(getattr(cfg, "rope_theta", 10000.0)), {
+        "rope_type": scaling.get("rope_type", "default")
+    } | scaling
+
+
+def _check_supported(cfg, path: Path) -> None:
+    _, rope = hf_rope(cfg)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    problems = []
+    if rope_type != "default":
+        problems.append(f"rope scaling {rope_type!r} (llmtrain's Llama implements plain RoPE only)")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        problems.append("attention/MLP biases (llmtrain's Llama has none)")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg.hidden_act!r} (only silu/SwiGLU)")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        problems.append(f"head_dim={head_dim} != hidden_size/num_attention_heads")
+    if problems:
+        raise UserError(f"{path}: unsupported Llama variant: {'; '.join(problems)}")
+
+
+def model_config_from_hf(cfg, name: str | None = None) -> dict:
+    """LlamaConfig -> the `model:` section of an llmtrain config (ModelConfig fields)."""
+    theta, _ = hf_rope(cfg)
+    return {
+        "name": name or "hf_import",
+        "num_layers": int(cfg.num_hidden_layers),
+        "hidden_size": int(cfg.hidden_size),
+        "ffn_hidden_size": int(cfg.intermediate_size),
+        "num_attention_heads": int(cfg.num_attention_heads),
+        "num_query_groups": int(cfg.num_key_value_heads or cfg.num_attention_heads),
+        "vocab_size": int(cfg.vocab_size),
+        "seq_length": int(cfg.max_position_embeddings),
+        "rope_theta": theta,
+        "norm_eps": float(cfg.rms_norm_eps),
+        "tie_embeddings": bool(cfg.tie_word_embeddings),
+        "init_std": float(getattr(cfg, "initializer_range", 0.02)),
+    }
+
+
+def hf_config_from_spec(
+    spec: ModelSpec,
+    dtype: torch.dtype = torch.float32,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+):
+    """ModelSpec -> transformers LlamaConfig for LlamaForCausalLM."""
+    cfg = _transformers().LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.ffn_hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_query_groups,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.seq_length,
+        rms_norm_eps=spec.norm_eps,
+        rope_theta=spec.rope_theta,
+        tie_word_embeddings=spec.tie_embeddings,
+        initializer_range=spec.init_std,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        architectures=["LlamaForCausalLM"],
+    )
+    cfg.dtype = dtype  # written as "dtype" (transformers 5) / "torch_dtype" (4)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading HF weights
+
+
+def hf_weight_files(hf_dir: str | Path) -> dict[str, Path]:
+    """{HF tensor name: safetensors file} for a sharded (index json) or single-file directory."""
+    d = Path(hf_dir).expanduser()
+    index = d / HF_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+        files = {name: d / shard for name, shard in weight_map.items()}
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(
+                f"{d}: missing shard {missing[0]} ({len(missing)} of {len(set(files.values()))} shards missing)"
+                " listed in model.safetensors.index.json; download the complete model"
+            )
+        return files
+    single = d / HF_SINGLE
+    if single.is_file():
+        return {name: single for name in safetensors_names(single)}
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")) or any(d.glob("*.pth")):
+        raise UserError(
+            f"{d} has only pickle weights (*.bin/*.pt); llmtrain reads safetensors only, re-save the model"
+            " with save_pretrained(safe_serialization=True)"
+        )
+    raise CheckpointError(
+        f"{d} has no model.safetensors or model.safetensors.index.json; download the weights"
+    )
+
+
+def hf_tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """{llmtrain name: shape} from the safetensors headers (no tensor data read)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    shapes = {}
+    for f, names in by_file.items():
+        header = safetensors_names(f)
+        for name in names:
+            if name not in header:
+                raise CheckpointError(
+                    f"{f.name} does not contain {name} although the index says so; re-download it"
+                )
+            llm = hf_to_llmtrain_name(name)
+            if llm is not None:
+                shapes[llm] = header[name][0]
+    return shapes
+
+
+def iter_hf_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (llmtrain name, tensor) shard by shard."""
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        for name, tensor in iter_safetensors(f, names):
+            llm = hf_to_llmtrain_name(name)
+            if llm is not None:
+                yield llm, tensor
+
+
+def checked_hf_shapes(files: dict[str, Path], spec: ModelSpec, source: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of an HF checkpoint checked against `spec`; a tied model may carry a redundant lm_head."""
+    shapes = hf_tensor_shapes(files)
+    if spec.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    check_shapes(shapes, expected_shapes(spec), source)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing HF directories
+
+
+def write_hf_weights(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int) -> list[str]:
+    """HF-named tensors -> model.safetensors, or model-0000k-of-0000n.safetensors + index json."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    total = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+        total += nbytes
+    if len(shards) == 1:
+        save_model_file(shards[0], out_dir / HF_SINGLE)
+        return [HF_SINGLE]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_model_file(shard, out_dir / fname)
+        names.append(fname)
+        weight_map |= dict.fromkeys(shard, fname)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, HF_INDEX]
+
+
+def tokenizer_source(spec: str | None) -> Path | None:
+    """`data.tokenizer` ('builtin', a tokenizer.json or an HF tokenizer dir) -> a path, or None."""
+    if not spec:
+        return None
+    if spec == "builtin":
+        return Path(__file__).resolve().parents[1] / "corpus" / "tokenizer.json"
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise UserError(
+            f"the run's tokenizer {p} (data.tokenizer) is missing; pass --tokenizer PATH or --no-tokenizer"
+        )
+    return p
+
+
+def write_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict:
+    """Write HF tokenizer files for `src`; returns {'bos_token_id', 'eos_token_id', 'pad_token_id'}."""
+    tf = _transformers()
+    if src.is_dir() and (src / "tokenizer_config.json").is_file():
+        tok = tf.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    else:
+        file = src / "tokenizer.json" if src.is_dir() else src
+        if not file.is_file():
+            raise UserError(f"{src} has no tokenizer.json; pass --tokenizer PATH or --no-tokenizer")
+        tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(file))
+        if tok.convert_tokens_to_ids(BUILTIN_EOS) not in (None, tok.unk_token_id):
+            tok.eos_token = BUILTIN_EOS  # llmtrain's data pipeline separates documents with it
+    tok.model_max_length = model_max_length
+    tok.save_pretrained(str(out_dir))
+    return {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def copy_tokenizer_files(hf_dir: Path, dest: Path) -> bool:
+    """Copy the tokenizer files an HF dir has into `dest`; False if it has none."""
+    found = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
+    if not any(p.name in ("tokenizer.json", "tokenizer.model") for p in found):
+        return False
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in found:
+        shutil.copy2(p, dest / p.name)
+    return True

@@ -1,0 +1,34 @@
+"""Process-group setup shared by the engines: read torchrun/SLURM env, init torch.distributed once."""
+
+import datetime
+import os
+
+import torch
+
+from llmtrain.engines.base import DistInfo
+
+
+def dist_info_from_env() -> DistInfo:
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_process_group(dist: DistInfo, backend: str) -> None:
+    """Initialise the default process group for multi-process runs (no-op for a single process)."""
+    if dist.world_size == 1 or torch.distributed.is_initialized():
+        return
+    torch.distributed.init_process_group(
+        backend=backend, rank=dist.rank, world_size=dist.world_size, timeout=datetime.timedelta(minutes=30)
+    )
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is set on any rank (a signal may reach only some of them)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())

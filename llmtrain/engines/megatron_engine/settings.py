@@ -1,0 +1,236 @@
+"""Translate llmtrain's config groups into Megatron-Core / TE settings (plain dicts, no Megatron import).
+
+Kept free of Megatron and TE imports so the CPU suite can check the translation and its errors.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmtrain.errors import ConfigError, UserError
+from llmtrain.models import ModelSpec
+
+RECOMPUTE = ["none", "selective", "full"]
+# Distributed-optimizer checkpoint format: reshardable across DP sizes, fully parallel save/load.
+CKPT_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "chained_optim_avoid_prefix": True,
+    "singleton_local_shards": False,
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    vpp: int
+    cp: int
+    dp: int
+    sequence_parallel: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+def resolve_layout(parallel, spec: ModelSpec, world_size: int) -> Layout:
+    """Check the parallel layout against the model and world size; dp=0 takes what is left."""
+    tp, pp, vpp, cp = int(parallel.tp), int(parallel.pp), int(parallel.vpp), int(parallel.cp)
+    for key, val in (("tp", tp), ("pp", pp), ("vpp", vpp), ("cp", cp)):
+        if val < 1:
+            raise ConfigError(f"parallel.{key}", val, "must be >= 1")
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            "parallel.tp", tp, f"tp*pp*cp={model_parallel} does not divide the world size {world_size}"
+        )
+    dp = int(parallel.dp) or world_size // model_parallel
+    if dp * model_parallel != world_size:
+        raise ConfigError(
+            "parallel.dp", parallel.dp, f"tp*pp*cp*dp={dp * model_parallel} != world size {world_size}"
+        )
+    if spec.num_attention_heads % tp or spec.num_query_groups % tp:
+        raise ConfigError(
+            "parallel.tp", tp, f"must divide the attention heads ({spec.num_attention_heads}) "
+            f"and KV groups ({spec.num_query_groups})"
+        )
+    if spec.vocab_size % tp:
+        raise ConfigError("parallel.tp", tp, f"must divide model.vocab_size={spec.vocab_size} (no vocab padding)")
+    if vpp > 1 and pp == 1:
+        raise ConfigError("parallel.vpp", vpp, "virtual pipeline stages need parallel.pp > 1")
+    if spec.num_layers % (pp * vpp):
+        raise ConfigError("parallel.pp", pp, f"pp*vpp={pp * vpp} must divide model.num_layers={spec.num_layers}")
+    if cp > 1 and spec.seq_length % (2 * cp):
+        raise ConfigError("parallel.cp", cp, f"2*cp must divide model.seq_length={spec.seq_length}")
+    if parallel.recompute not in RECOMPUTE:
+        raise ConfigError("parallel.recompute", parallel.recompute, "unknown mode", RECOMPUTE)
+    if parallel.overlap_param_gather and not parallel.distributed_optimizer:
+        raise ConfigError(
+            "parallel.overlap_param_gather", True, "needs parallel.distributed_optimizer=true"
+        )
+    # Sequence parallelism splits activations over TP ranks: meaningless at tp=1, so it is dropped there.
+    sp = bool(parallel.sequence_parallel) and tp > 1
+    if sp and (spec.seq_length // cp) % tp:
+        raise ConfigError("parallel.sequence_parallel", True, "tp must divide the per-CP-rank sequence length")
+    return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp)
+
+
+_NATIVE_HINT = "use precision.backend=custom once the emulation issue lands"
+
+
+def _require(prec, name: str, expected: dict) -> None:
+    """TE's native recipes fix these knobs; a config that changes them cannot run natively."""
+    for key, want in expected.items():
+        got = prec[key]
+        if got != want:
+            raise ConfigError(
+                f"precision.{key}", got, f"TE's native {name} recipe fixes it to {want!r}; {_NATIVE_HINT}"
+            )
+
+
+def precision_settings(prec, capability: tuple[int, int]) -> tuple[dict, str]:
+    """TransformerConfig fields for the precision recipe, and a description of what runs.
+
+    capability: the GPU's CUDA compute capability, e.g. (9, 0) for Hopper.
+    """
+    name, backend = prec.name, prec.backend
+    if backend not in ("auto", "native"):
+        raise ConfigError(
+            "precision.backend", backend,
+            "the Megatron engine runs TE's native recipes only (custom/emulated back end not implemented yet)",
+            ["auto", "native"],
+        )
+    if name == "bf16":
+        return {}, "TE native BF16"
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if name in ("mxfp8", "nvfp4", "nvfp4_fp4all") and tuple(capability) < (10, 0):
+        recipe = "MXFP8BlockScaling" if name == "mxfp8" else "NVFP4BlockScaling"
+        raise UserError(
+            f"precision={name}: TE's native {recipe} needs compute capability >= 10.0 (Blackwell), this GPU "
+            f"is {sm}; use precision=fp8_cs or run on Blackwell; emulation arrives with precision.backend=custom"
+        )
+    exact = {"quantize_fprop": True, "quantize_dgrad": True, "quantize_wgrad": True}
+    if prec.monitor.enabled or prec.qaf.trigger != "off":
+        raise ConfigError(
+            "precision.monitor.enabled", prec.monitor.enabled,
+            f"the sqrt(3) monitor and QAF switch are not available with TE's native recipes; {_NATIVE_HINT}",
+        )
+    if name == "fp8_cs":
+        _require(prec, "Float8CurrentScaling", {
+            **exact, "weight_format": "fp8_e4m3", "activation_format": "fp8_e4m3", "rht": False,
+            "fprop_rounding": "nearest", "dgrad_rounding": "nearest", "wgrad_rounding": "nearest",
+        })
+        fmt = "hybrid" if prec.grad_format == "fp8_e5m2" else "e4m3"
+        if prec.grad_format not in ("fp8_e5m2", "fp8_e4m3"):
+            raise ConfigError("precision.grad_format", prec.grad_format, "FP8 gradients only",
+                              ["fp8_e5m2", "fp8_e4m3"])
+        kwargs = {"fp8": fmt, "fp8_recipe": "tensorwise"}
+        desc = f"TE native FP8 current scaling (Float8CurrentScaling, {fmt.upper()})"
+    elif name == "mxfp8":
+        _require(prec, "MXFP8BlockScaling", {**exact, "rht": False, "weight_block_2d": False})
+        kwargs = {"fp8": "e4m3", "fp8_recipe": "mxfp8"}
+        desc = "TE native MXFP8 (MXFP8BlockScaling)"
+    elif name in ("nvfp4", "nvfp4_fp4all"):
+        # TE's NVFP4BlockScaling defaults: 16x16 weight tiles, RHT on wgrad inputs, SR on gradients.
+        _require(prec, "NVFP4BlockScaling", {
+            **exact, "weight_block_2d": True, "rht": True, "rht_size": 16,
+            "fprop_rounding": "nearest", "dgrad_rounding": "stochastic", "wgrad_rounding": "stochastic",
+        })
+        kwargs = {"fp4": "e2m1", "fp4_recipe": "nvfp4"}
+        desc = "TE native NVFP4 (NVFP4BlockScaling)"
+    else:
+        raise ConfigError("precision.name", name, "unknown precision",
+                          ["bf16", "fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all"])
+    first, last = int(prec.bf16_layers.first), int(prec.bf16_layers.last)
+    if first or last:
+        kwargs.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=first,
+                      num_layers_at_end_in_bf16=last)
+        desc += f", first {first} / last {last} layers in BF16"
+    return kwargs, desc + f" on {sm}"
+
+
+def transformer_config_kwargs(spec: ModelSpec, parallel, layout: Layout, precision_kwargs: dict) -> dict:
+    """Llama architecture (RMSNorm, SwiGLU, RoPE, GQA, no biases) as Megatron TransformerConfig fields."""
+    kwargs = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=True,  # fused SwiGLU
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_std,  # output projections get std/sqrt(2L), as the torch model
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        pipeline_dtype=torch.bfloat16,
+        apply_rope_fusion=True,
+        cross_entropy_loss_fusion=True,
+        cross_entropy_fusion_impl="native",
+        # Loss = sum over tokens / tokens in the global batch, so loss masks weigh tokens equally.
+        calculate_per_token_loss=True,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        gradient_accumulation_fusion=bool(parallel.grad_accum_fusion),
+        deallocate_pipeline_outputs=layout.pp > 1,
+    )
+    if parallel.recompute == "selective":
+        kwargs.update(recompute_granularity="selective")  # core attention only (Megatron's default set)
+    elif parallel.recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(precision_kwargs)
+    return kwargs
+
+
+def ddp_config_kwargs(parallel) -> dict:
+    return dict(
+        grad_reduce_in_fp32=True,  # FP32 main grads, as Megatron-Bridge's bf16_mixed
+        overlap_grad_reduce=bool(parallel.overlap_grad_reduce),
+        overlap_param_gather=bool(parallel.overlap_param_gather),
+        use_distributed_optimizer=bool(parallel.distributed_optimizer),
+    )
+
+
+def optimizer_config_kwargs(optim, parallel) -> dict:
+    if optim.name != "adamw":
+        raise ConfigError("optim.name", optim.name, "the Megatron engine supports AdamW only", ["adamw"])
+    return dict(
+        optimizer="adam",  # decoupled weight decay by default, i.e. AdamW
+        lr=float(optim.lr),
+        min_lr=float(optim.min_lr),
+        weight_decay=float(optim.weight_decay),
+        adam_beta1=float(optim.beta1),
+        adam_beta2=float(optim.beta2),
+        adam_eps=float(optim.eps),
+        clip_grad=float(optim.clip_grad),
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        # A constant scale of 1 changes no numbers but turns on Megatron's inf/NaN check, so a
+        # non-finite gradient skips the update instead of corrupting the weights.
+        loss_scale=1.0,
+        use_distributed_optimizer=bool(parallel.distributed_optimizer),
+        overlap_param_gather=bool(parallel.overlap_param_gather),
+    )
+
+
+def set_lr(optimizer, lr: float, weight_decay: float) -> None:
+    """What Megatron's OptimizerParamScheduler does each step, with the loop's LR."""
+    for group in optimizer.param_groups:
+        value = lr * group.get("lr_mult", 1.0)
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+        # Megatron keeps 1-D params (norms) out of weight decay through wd_mult=0.
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)

@@ -1,0 +1,43 @@
+"""Pick and build the engine named by `engine.name` (auto: Megatron when CUDA + Megatron-Core + TE import)."""
+
+import importlib.util
+
+import torch
+
+from llmtrain.engines.base import DistInfo, Engine
+from llmtrain.errors import ConfigError
+
+ENGINES = ["auto", "torch", "megatron"]
+
+
+def megatron_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("megatron.core", "transformer_engine"))
+
+
+def resolve_engine_name(cfg) -> str:
+    name = cfg.engine.name
+    if name not in ENGINES:
+        raise ConfigError("engine", name, "unknown engine", ENGINES)
+    if name == "auto":
+        return "megatron" if megatron_available() else "torch"
+    return name
+
+
+def build_engine(cfg, dist: DistInfo) -> Engine:
+    name = resolve_engine_name(cfg)
+    if name == "megatron":
+        if not megatron_available():
+            raise ConfigError(
+                "engine",
+                "megatron",
+                "needs CUDA, megatron-core and transformer-engine; install the gpu extra "
+                "(pip install -e .[gpu]) on a GPU machine, or use engine=torch",
+            )
+        from llmtrain.engines.megatron_engine import MegatronEngine
+
+        return MegatronEngine(cfg, dist)
+    from llmtrain.engines.torch_engine import TorchEngine
+
+    return TorchEngine(cfg, dist)

@@ -1,0 +1,3 @@
+from llmtrain.engines.torch_engine.engine import TorchEngine
+
+__all__ = ["TorchEngine"]

@@ -1,0 +1,199 @@
+"""Evaluate a checkpoint: perplexity on the held-out split, optionally lm-eval harness tasks.
+
+    python -m llmtrain.eval CHECKPOINT [--steps 10] [--micro-batch-size 8] [--seq-length 256]
+    python -m llmtrain.eval CHECKPOINT --lm-eval hellaswag,arc_easy [--limit 100]   # needs `pip install lm-eval`
+
+CHECKPOINT: an llmtrain run dir / checkpoints/ dir / step dir, or a Hugging Face Llama directory. Prints one
+JSON line: {"checkpoint", "step", "valid_loss", "perplexity", "tokens", ...}. Errors: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmtrain.errors import UserError
+
+
+def eval_config(source: str | Path, overrides: dict | None = None):
+    """The config the data layer needs: the checkpoint's stored config over the schema defaults."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.config.schema import Config
+    from llmtrain.convert import api
+
+    kind, spec, info = api.describe_source(source)
+    base = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Config)))
+    if kind == "llmtrain":
+        cfg = OmegaConf.merge(base, info["config"])
+    else:
+        tok = info["dir"] / "tokenizer.json"
+        cfg = OmegaConf.merge(base, {"data": {"tokenizer": str(info["dir"]) if tok.is_file() else "builtin"}})
+    cfg.model = OmegaConf.merge(cfg.model, {k: getattr(spec, k) for k in spec.__dataclass_fields__})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg, spec, kind
+
+
+def load_model(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from llmtrain.convert import init_weights_from
+    from llmtrain.convert.api import describe_source
+    from llmtrain.models.llama import LlamaModel
+
+    _, spec, _ = describe_source(source)
+    with torch.device("meta"):
+        model = LlamaModel(spec)
+    model = model.to_empty(device=device)  # no random init of weights that are overwritten next
+    init_weights_from(str(source), model)
+    model = model.to(dtype)
+    model.rope_cos, model.rope_sin = (t.to(device) for t in _rope(spec))  # FP32 tables whatever the dtype
+    return model.eval()
+
+
+def _rope(spec):
+    from llmtrain.models.llama import rope_tables
+
+    return rope_tables(spec.seq_length, spec.head_dim, spec.rope_theta)
+
+
+@torch.no_grad()
+def perplexity(model, micro_batches, device: str = "cpu") -> dict:
+    """Token-weighted mean cross-entropy over the micro-batches and its exponential."""
+    from llmtrain.models.llama import causal_lm_loss
+
+    total, tokens = 0.0, 0.0
+    for mb in micro_batches:
+        logits = model(mb["tokens"].to(device))
+        mask = mb["loss_mask"].to(device)
+        n = float(mask.sum())
+        total += float(causal_lm_loss(logits, mb["labels"].to(device), mask)) * n
+        tokens += n
+    if tokens == 0:
+        raise UserError("the held-out split gave no tokens to evaluate; raise --steps or check data.split")
+    loss = total / tokens
+    return {"valid_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+
+
+def evaluate(
+    source: str | Path,
+    *,
+    steps: int = 10,
+    micro_batch_size: int | None = None,
+    seq_length: int | None = None,
+    tokenizer: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+) -> dict:
+    from llmtrain.convert.hf import parse_dtype
+    from llmtrain.data import build_data
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg, spec, kind = eval_config(
+        source, {"data.tokenizer": tokenizer, "train.micro_batch_size": micro_batch_size}
+    )
+    if seq_length is not None:
+        if seq_length > spec.seq_length:
+            raise UserError(f"--seq-length {seq_length} exceeds the model's seq_length {spec.seq_length}")
+        cfg.model.seq_length = seq_length
+    # One micro-batch per eval step on one process (dp_size=1).
+    cfg.train.global_batch_size = cfg.train.micro_batch_size
+    data = build_data(cfg, dp_rank=0, dp_size=1)
+    if data.vocab_size > spec.vocab_size:
+        raise UserError(
+            f"tokenizer {cfg.data.tokenizer} has {data.vocab_size} tokens but the model only {spec.vocab_size};"
+            " pass the model's tokenizer with --tokenizer"
+        )
+    model = load_model(source, device, parse_dtype(dtype))
+    result = perplexity(model, data.valid_batches(steps), device)
+    step = None
+    if kind == "llmtrain":
+        from llmtrain.convert.io import read_manifest, resolve_checkpoint
+
+        step = read_manifest(resolve_checkpoint(source)).get("step")
+    return {"checkpoint": str(source), "step": step, **result, "seq_length": int(cfg.model.seq_length)}
+
+
+def lm_eval_tasks(source: str | Path, tasks: list[str], limit: int | None, device: str, dtype: str) -> dict:
+    """lm-eval harness tasks through its `hf` model; an llmtrain checkpoint is exported to a temp dir first."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise UserError("--lm-eval needs the lm-eval package: pip install lm-eval") from e
+    from llmtrain.convert import api
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="llmtrain-eval-") as tmp:
+        hf_dir = Path(source)
+        if not api.is_hf_dir(source):
+            hf_dir = api.export_hf(source, Path(tmp) / "hf", dtype=dtype)
+        if not (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer.model").is_file():
+            raise UserError(f"{source} has no tokenizer, which lm-eval needs; export with --tokenizer PATH")
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={hf_dir},dtype={dtype},device={device}",
+            tasks=tasks,
+            limit=limit,
+        )
+    return {
+        task: {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        for task, metrics in out["results"].items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(prog="python -m llmtrain.eval", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "checkpoint", help="llmtrain run dir / checkpoints/ / step dir, or a Hugging Face Llama dir"
+    )
+    p.add_argument("--steps", type=int, default=10, help="held-out micro-batches to evaluate (default 10)")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=None, help="default: the run's train.micro_batch_size"
+    )
+    p.add_argument("--seq-length", type=int, default=None, help="default: the model's seq_length")
+    p.add_argument(
+        "--tokenizer", default=None, help="default: the run's data.tokenizer / the HF dir's tokenizer"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    p.add_argument(
+        "--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval tasks (optional)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    p.add_argument("--output", default=None, help="also write the JSON result to this file")
+    args = p.parse_args(argv)
+    try:
+        result = evaluate(
+            args.checkpoint,
+            steps=args.steps,
+            micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        if args.lm_eval:
+            tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+            result["lm_eval"] = lm_eval_tasks(args.checkpoint, tasks, args.limit, args.device, args.dtype)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    line = json.dumps(result)
+    print(line)
+    if args.output:
+        Path(args.output).write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Run metrics: console progress, metrics.jsonl, wandb; FLOPs/MFU accounting."""
+
+from llmtrain.metrics.logger import MetricsLogger
+
+__all__ = ["MetricsLogger"]

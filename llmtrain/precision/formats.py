@@ -1,0 +1,130 @@
+"""Element and scale formats: E2M1, E4M3, E5M2 (saturating) and E8M0, and rounding onto their grids.
+
+Values are carried in FP32. Rounding is exact: the grid spacing at |v| is a power of two, so v / ulp is
+exact and only the final integer rounding decides (nearest-even, or stochastic with P(up) = distance to
+the lower neighbour / spacing).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    name: str
+    ebits: int
+    mbits: int
+    emin: int  # exponent of the smallest normal number (subnormals share its spacing)
+    max: float  # largest finite value; conversions saturate to it (TE's satfinite)
+    torch_dtype: torch.dtype | None = None  # native torch dtype holding the codes, if any
+
+
+E2M1 = FloatFormat("e2m1", 2, 1, 0, 6.0)
+E4M3 = FloatFormat("e4m3", 4, 3, -6, 448.0, torch.float8_e4m3fn)
+E5M2 = FloatFormat("e5m2", 5, 2, -14, 57344.0, torch.float8_e5m2)
+
+ROUNDINGS = ("nearest", "stochastic")
+
+# E2M1 code (sign bit 3, magnitude bits 0-2) -> value, as TE's cast_from_fp4x2.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def round_to_format(
+    v: torch.Tensor, fmt: FloatFormat, rounding: str = "nearest", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Round FP32 `v` onto `fmt`'s grid, saturating at +-fmt.max; NaN stays NaN. Returns FP32."""
+    v = v.clamp(-fmt.max, fmt.max)
+    if rounding == "nearest" and fmt.torch_dtype is not None:
+        # torch's FP8 casts are round-to-nearest-even; the clamp above makes them saturating.
+        return v.to(fmt.torch_dtype).float()
+    a = v.abs()
+    _, e = torch.frexp(a)  # a = m * 2**e with m in [0.5, 1): floor(log2 a) = e - 1
+    ulp = torch.ldexp(torch.ones_like(a), (e - 1).clamp_min(fmt.emin) - fmt.mbits)
+    t = a / ulp  # exact: division by a power of two
+    if rounding == "nearest":
+        q = torch.round(t)  # half to even
+    elif rounding == "stochastic":
+        lo = torch.floor(t)
+        u = torch.rand(t.shape, generator=generator, device=t.device, dtype=torch.float32)
+        q = lo + (u < (t - lo)).float()
+    else:
+        raise ValueError(f"rounding={rounding!r}: allowed values are {', '.join(ROUNDINGS)}")
+    return torch.copysign(q * ulp, v)
+
+
+def format_grid(fmt: FloatFormat) -> torch.Tensor:
+    """All non-negative finite values of `fmt`, ascending (built from the bit layout, for tests/docs)."""
+    vals = set()
+    bias = 1 - fmt.emin
+    for ef in range(2**fmt.ebits):
+        for mf in range(2**fmt.mbits):
+            if ef == 0:
+                val = mf / 2**fmt.mbits * 2.0**fmt.emin
+            else:
+                val = (1 + mf / 2**fmt.mbits) * 2.0 ** (ef - bias)
+            if val <= fmt.max:
+                vals.add(val)
+    return torch.tensor(sorted(vals), dtype=torch.float32)
+
+
+# ---- E2M1 codes (4 bits, two per byte, element 2i in the low nibble as in TE's cast_to_fp4x2) ----
+
+
+def e2m1_encode(q: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Codes of E2M1 values `q` (already on the grid); `negative` marks strictly negative inputs.
+
+    TE gives the sign bit only to strictly negative inputs, so -0.0 encodes as +0 and -0.1 as -0.
+    """
+    a = q.abs()
+    mag = torch.where(a < 2, a * 2, torch.where(a < 4, a + 2, a / 2 + 4))
+    return (mag + negative.float() * 8).to(torch.uint8)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """[..., 2n] uint8 codes -> [..., n] bytes."""
+    return codes[..., ::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+# ---- E8M0 scales (biased power-of-two exponent; 255 = NaN) ----
+
+
+def e8m0_from_float_ceil(val: torch.Tensor) -> torch.Tensor:
+    """TE's float_to_e8m0: the smallest power of two >= val (round toward +inf), saturating at 2**127.
+
+    0 -> code 0 (2**-127). Deviation, for NaN propagation: +-Inf maps to 255 (NaN) where TE's saturating
+    conversion gives 254.
+    """
+    bits = val.float().contiguous().view(torch.int32)
+    exp = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    up = (mant > 0) & (exp != 0xFE) & ~((exp == 0) & (mant <= 0x400000))
+    code = exp + up.int()
+    code = torch.where(val == 0, torch.zeros_like(code), code)
+    code = torch.where(torch.isfinite(val), code, torch.full_like(code, 255))
+    return code.to(torch.uint8)
+
+
+def e8m0_to_float(code: torch.Tensor) -> torch.Tensor:
+    """2**(code - 127) in FP32; code 255 -> NaN."""
+    c = code.int()
+    out = torch.ldexp(torch.ones(c.shape, device=c.device), c - 127)
+    return torch.where(c == 255, torch.full_like(out, float("nan")), out)
+
+
+def e8m0_reciprocal(code: torch.Tensor) -> torch.Tensor:
+    """2**(127 - code) in FP32 (TE's exp2f_rcp); code 255 -> NaN."""
+    c = code.int()
+    out = torch.ldexp(torch.ones(c.shape, device=c.device), 127 - c)
+    return torch.where(c == 255, torch.full_like(out, float("nan")), out)

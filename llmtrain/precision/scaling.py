@@ -1,0 +1,97 @@
+"""Scale selection, as Transformer Engine 2.x computes it, for one 2-D FP32 tensor quantized along its rows.
+
+Every function returns the element values on their format's grid (FP32) plus the scales that decode them.
+The arithmetic order and FP32 rounding follow TE's kernels / reference quantizers step by step, because a
+different order (e.g. dividing by 6 instead of multiplying by an FP32 1/6) changes scale bits.
+
+Non-finite inputs (our choice, TE saturates or ignores them): a NaN/Inf makes the scale it feeds NaN, so the
+tensor (FP8 per-tensor, NVFP4) or the 32-block (MXFP8) dequantizes to NaN and the loss shows it.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from llmtrain.precision.formats import E2M1, E4M3, FP32_MAX, FloatFormat, e8m0_from_float_ceil, round_to_format
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+# FP32 constants exactly as the kernels fold them (FP32 division of FP32 operands).
+RCP_448 = _f32(1.0) / _f32(448.0)  # MXFP8 E4M3 max_norm_rcp
+RCP_6 = _f32(1.0) / _f32(6.0)  # NVFP4: 1 / E2M1 max
+RCP_2688 = _f32(1.0) / _f32(6.0 * 448.0)  # NVFP4 dequantize: 1 / (E2M1 max * E4M3 max)
+NVFP4_ALPHA_DIV = 6.0 * 6.0 * 448.0 * 448.0  # NVFP4 GEMM: alpha = amax_a * amax_b / this
+
+
+def pad_to(x: torch.Tensor, row_mult: int, col_mult: int) -> torch.Tensor:
+    """Zero-pad a 2-D tensor up to multiples (TE's reference pads partial blocks with zeros)."""
+    pr, pc = -x.shape[0] % row_mult, -x.shape[1] % col_mult
+    return F.pad(x, (0, pc, 0, pr)) if pr or pc else x
+
+
+def block_amax(x: torch.Tensor, block: int, block_2d: bool) -> torch.Tensor:
+    """|x| max per 1 x block (or block x block) tile: [rows, cols] (cols a multiple of block) -> [rows, cols/block]."""
+    rows, cols = x.shape
+    if not block_2d:
+        return x.view(rows, cols // block, block).abs().amax(-1)
+    xp = pad_to(x, block, 1)
+    tiles = xp.view(xp.shape[0] // block, block, cols // block, block).abs().amax(dim=(1, 3))
+    return tiles.repeat_interleave(block, dim=0)[:rows]
+
+
+def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, generator=None):
+    """FP8 current scaling: scale = fmt.max / amax (FP32, IEEE), elements = fmt(x * scale).
+
+    As TE's compute_scale_from_amax: an amax of 0 gives scale 1, a scale that overflows FP32 gives FP32 max.
+    Returns (elements, scale_inv [1]).
+    """
+    amax = x.abs().amax().view(1) if x.numel() else torch.zeros(1, device=x.device)
+    scale = fmt.max / amax
+    scale = torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+    return round_to_format(x * scale, fmt, rounding, generator), torch.reciprocal(scale)
+
+
+def mxfp8(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 32):
+    """MXFP8: per 32 elements an E8M0 scale 2**ceil(log2(amax * fp32(1/448))), so no element saturates.
+
+    `x` cols must be a multiple of `block`. Returns (elements [rows, cols], E8M0 codes [rows, cols/block]).
+    """
+    rows, cols = x.shape
+    codes = e8m0_from_float_ceil(block_amax(x, block, block_2d) * RCP_448.to(x.device))
+    c = codes.int()
+    rcp = torch.ldexp(torch.ones(c.shape, device=x.device), 127 - c)  # TE's exp2f_rcp
+    rcp = torch.where(c == 255, torch.full_like(rcp, float("nan")), rcp)
+    scaled = x.view(rows, cols // block, block) * rcp.unsqueeze(-1)
+    return round_to_format(scaled, E4M3, rounding, generator).view(rows, cols), codes
+
+
+def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
+    """448 * 6 / amax in FP32, FP32 max if that overflows, 1 if amax is 0 (TE's kernel); NaN if amax is not finite."""
+    s = torch.clamp_max(_f32(448.0 * 6.0).to(amax.device) / amax, FP32_MAX)
+    s = torch.where((amax == 0) | (s == 0), torch.ones_like(s), s)
+    return torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
+
+
+def nvfp4(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 16):
+    """NVFP4: FP32 tensor scale from amax, E4M3 scale per 16 elements (or 16x16 tile), E2M1 elements.
+
+    Follows TE's NVFP4QuantizerRef / quantize_transpose_nvfp4 kernel:
+      S_enc = 2688 / amax;  S_dec = 1 / S_enc
+      s_blk = E4M3(block_amax * (S_enc * fp32(1/6)))           (saturating, nearest-even)
+      elem  = E2M1(x * min(1 / (s_blk * S_dec), FP32 max))      (saturating at 6)
+    Returns (elements, negative-sign mask, block scales as float8_e4m3fn, amax [1]).
+    """
+    rows, cols = x.shape
+    amax = x.abs().amax().view(1) if x.numel() else torch.zeros(1, device=x.device)
+    s_enc = nvfp4_global_encode_scale(amax)
+    s_dec = 1.0 / s_enc
+    dec = block_amax(x, block, block_2d) * (s_enc * RCP_6.to(x.device))
+    s_blk = dec.clamp_max(FP32_MAX).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    enc = torch.clamp_max(1.0 / (s_blk.float() * s_dec), FP32_MAX)
+    scaled = x.view(rows, cols // block, block) * enc.unsqueeze(-1)
+    elems = round_to_format(scaled, E2M1, rounding, generator).view(rows, cols)
+    return elems, (scaled < 0).view(rows, cols), s_blk, amax

@@ -1,0 +1,1 @@
+"""The engine-agnostic training loop, LR schedules and checkpointing."""

@@ -1,0 +1,260 @@
+"""Unit tests of llmtrain.convert: checkpoint files, names/shapes, config translation, Megatron layouts."""
+
+import json
+
+import pytest
+import torch
+
+from llmtrain.convert import hf, io, megatron
+from llmtrain.convert.api import init_weights_from
+from llmtrain.errors import CheckpointError, UserError
+from llmtrain.models.llama import LlamaModel
+from llmtrain.models.spec import ModelSpec
+
+SPEC = ModelSpec(
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=48,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=100,
+    seq_length=16,
+    rope_theta=10000.0,
+)
+
+
+def _model(spec=SPEC, seed=0):
+    model = LlamaModel(spec)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def _state(model):
+    state = dict(model.state_dict())
+    if model.spec.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def _write_run(tmp_path, model, step=7):
+    """A run dir following the torch engine's checkpoint contract."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    step_dir = ckpts / io.step_dir_name(step)
+    model_cfg = {k: getattr(model.spec, k) for k in model.spec.__dataclass_fields__}
+    io.write_checkpoint(
+        step_dir, _state(model), {"model": model_cfg, "data": {"tokenizer": "builtin"}}, step=step
+    )
+    (ckpts / "latest").write_text(io.step_dir_name(step) + "\n")
+    return tmp_path / "run", step_dir
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_expected_shapes_match_llama_model(tied):
+    spec = ModelSpec(**{**SPEC.__dict__, "tie_embeddings": tied})
+    model = _model(spec)
+    assert hf.expected_shapes(spec) == {k: tuple(v.shape) for k, v in _state(model).items()}
+
+
+def test_names_round_trip():
+    for name in hf.expected_shapes(SPEC):
+        hf_name = hf.llmtrain_to_hf_name(name)
+        assert hf_name == (name if name == "lm_head.weight" else "model." + name)
+        assert hf.hf_to_llmtrain_name(hf_name) == name
+    assert hf.hf_to_llmtrain_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+
+
+def test_parse_size():
+    assert hf.parse_size("5GB") == 5 * 10**9
+    assert hf.parse_size("40KB") == 40_000
+    assert hf.parse_size("2MiB") == 2 * 2**20
+    assert hf.parse_size(123) == 123
+    with pytest.raises(UserError, match="not a size"):
+        hf.parse_size("big")
+
+
+def test_config_translation_round_trip():
+    cfg = hf.hf_config_from_spec(SPEC, eos_token_id=0)
+    back = hf.model_config_from_hf(cfg, name=SPEC.name)
+    assert ModelSpec(**back) == SPEC
+    assert cfg.num_key_value_heads == 2 and cfg.tie_word_embeddings is False and cfg.eos_token_id == 0
+
+
+def test_checkpoint_write_resolve_load(tmp_path):
+    model = _model()
+    run, step_dir = _write_run(tmp_path, model)
+    for path in (run, run / "checkpoints", step_dir):
+        assert io.resolve_checkpoint(path) == step_dir
+    manifest = io.read_manifest(step_dir)
+    assert manifest["step"] == 7 and manifest["engine"] == "torch" and manifest["format_version"] == 1
+    assert manifest["files"]["model.safetensors"] == io.sha256_file(step_dir / "model.safetensors")
+    state = io.load_model_state(step_dir)
+    assert all(torch.equal(state[k], v) for k, v in _state(model).items())
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))  # temp dir renamed away
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        io.resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no llmtrain checkpoint"):
+        io.resolve_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text("step_00000001")
+    with pytest.raises(CheckpointError, match="points to step_00000001"):
+        io.resolve_checkpoint(tmp_path)
+
+
+def test_corrupt_model_file_detected(tmp_path):
+    _, step_dir = _write_run(tmp_path, _model())
+    with open(step_dir / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        io.load_model_state(step_dir)
+
+
+def test_atomic_output_dir(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError), io.atomic_output_dir(dest) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("boom")
+    assert not dest.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
+    with io.atomic_output_dir(dest) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(UserError, match="already exists.*--force"), io.atomic_output_dir(dest):
+        pass
+    with io.atomic_output_dir(dest, force=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in dest.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_init_weights_from_checkpoint(tmp_path):
+    src = _model(seed=1)
+    run, _ = _write_run(tmp_path, src)
+    dst = _model(seed=2)
+    init_weights_from(str(run), dst)
+    tokens = torch.randint(0, SPEC.vocab_size, (2, 8))
+    assert torch.equal(src(tokens), dst(tokens))
+
+
+def test_init_weights_from_architecture_mismatch(tmp_path):
+    run, _ = _write_run(tmp_path, _model())
+    other = _model(ModelSpec(**{**SPEC.__dict__, "num_layers": 3}))
+    with pytest.raises(
+        UserError, match=r"model.num_layers=3 but the checkpoint has 2; set model.num_layers=2"
+    ):
+        init_weights_from(str(run), other)
+
+
+def test_init_weights_from_tensor_shape_mismatch(tmp_path):
+    _, step_dir = _write_run(tmp_path, _model())
+    state = io.load_model_state(step_dir)
+    state["layers.1.mlp.up_proj.weight"] = torch.zeros(40, 32)
+    bad = tmp_path / "bad"
+    cfg = io.read_config(step_dir)
+    io.write_checkpoint(bad, state, {"model": dict(cfg.model)})
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch for layers.1.mlp.up_proj.weight: checkpoint \[40, 32\]"
+    ):
+        init_weights_from(str(bad), _model())
+    del state["layers.1.mlp.up_proj.weight"]
+    io.write_checkpoint(bad, state, {"model": dict(cfg.model)}, force=True)
+    with pytest.raises(CheckpointError, match=r"missing tensor layers.1.mlp.up_proj.weight \(1 missing\)"):
+        init_weights_from(str(bad), _model())
+
+
+def _hf_config_dir(tmp_path, **overrides):
+    cfg = hf.hf_config_from_spec(SPEC).to_dict() | overrides
+    d = tmp_path / "hfcfg"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_non_llama_config_rejected(tmp_path):
+    d = _hf_config_dir(tmp_path, model_type="mistral")
+    with pytest.raises(UserError, match="model_type='mistral' is not supported"):
+        hf.read_hf_config(d)
+
+
+def test_unsupported_llama_variants_rejected(tmp_path):
+    d = _hf_config_dir(tmp_path, rope_scaling={"rope_type": "llama3", "factor": 8.0}, attention_bias=True)
+    d_cfg = json.loads((d / "config.json").read_text())
+    d_cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    (d / "config.json").write_text(json.dumps(d_cfg))
+    with pytest.raises(UserError, match="unsupported Llama variant: rope scaling 'llama3'.*biases"):
+        hf.read_hf_config(d)
+
+
+def test_pickle_only_dir_rejected(tmp_path):
+    d = _hf_config_dir(tmp_path)
+    (d / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="only pickle weights"):
+        hf.hf_weight_files(d)
+
+
+# --- Megatron-Core layouts -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_mcore_mapping_round_trip(fused, tied):
+    spec = ModelSpec(**{**SPEC.__dict__, "tie_embeddings": tied})
+    state = _state(_model(spec))
+    vp = megatron.padded_vocab_size(spec.vocab_size, tp=2)
+    assert vp == 256
+    mc = megatron.to_mcore(state, spec, padded_vocab=vp, fused_norms=fused)
+    qkv = mc["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv.shape == ((4 + 2 * 2) * 8, 32) and mc["embedding.word_embeddings.weight"].shape == (vp, 32)
+    # group 0 = query heads 0-1, then k head 0, then v head 0
+    assert torch.equal(qkv[:16], state["layers.0.self_attn.q_proj.weight"][:16])
+    assert torch.equal(qkv[16:24], state["layers.0.self_attn.k_proj.weight"][:8])
+    assert torch.equal(qkv[24:32], state["layers.0.self_attn.v_proj.weight"][:8])
+    assert ("output_layer.weight" in mc) != tied
+    back = megatron.from_mcore(mc, spec)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_mcore_stacked_layers_and_prefixes():
+    state = _state(_model())
+    mc = megatron.to_mcore(state, SPEC)
+    stacked = {}
+    for k, v in mc.items():
+        if k.startswith("decoder.layers."):
+            rest = k.split(".", 3)[3]
+            stacked.setdefault("model.decoder.layers." + rest, []).append(v)
+        else:
+            stacked["model." + k] = v
+    stacked = {k: torch.stack(v) if isinstance(v, list) else v for k, v in stacked.items()}
+    stacked["model.decoder.layers.self_attention.linear_qkv._extra_state"] = torch.zeros(1)
+    back = megatron.from_mcore(stacked, SPEC)
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_tp_shard_unshard_and_fill_params():
+    spec = SPEC
+    mc = megatron.to_mcore(_state(_model()), spec, padded_vocab=megatron.padded_vocab_size(100, tp=2))
+    for name, t in mc.items():
+        shards = [megatron.tp_shard(name, t, r, 2) for r in range(2)]
+        assert torch.equal(megatron.tp_unshard(name, shards), t)
+    fc1 = megatron.tp_shard(
+        "decoder.layers.0.mlp.linear_fc1.weight", mc["decoder.layers.0.mlp.linear_fc1.weight"], 1, 2
+    )
+    gate = _state(_model())["layers.0.mlp.gate_proj.weight"]
+    assert torch.equal(fc1[:24], gate[24:])  # rank 1 holds [gate half 1; up half 1]
+    # A TP=2 rank of pipeline stage 1 (PP=2) holds layer 1 as its local layer 0.
+    local = {
+        f"module.decoder.layers.0.{n}": torch.empty_like(
+            megatron.tp_shard(f"decoder.layers.1.{n}", mc[f"decoder.layers.1.{n}"], 1, 2)
+        )
+        for n in (
+            "self_attention.linear_qkv.weight",
+            "mlp.linear_fc2.weight",
+            "mlp.linear_fc1.layer_norm_weight",
+        )
+    }
+    assert megatron.fill_mcore_params(local, mc, tp_rank=1, tp_size=2, layer_offset=1) == 3
+    assert torch.equal(
+        local["module.decoder.layers.0.mlp.linear_fc2.weight"],
+        mc["decoder.layers.1.mlp.linear_fc2.weight"][:, 24:],
+    )
+    assert list(megatron.pp_layers(4, 2, 1)) == [2, 3]
