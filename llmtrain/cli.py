@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
-from llmtrain.errors import UserError
+from llmtrain.errors import ConfigError, UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 MAX_VALIDATED_SWEEP_POINTS = 64
@@ -27,28 +27,67 @@ MAX_VALIDATED_SWEEP_POINTS = 64
 
 def planned_world(cfg) -> int:
     """World size: torchrun's WORLD_SIZE, else the cluster plan for dry runs and SLURM, else 1."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
+    from llmtrain.dist import dist_info_from_env
+
+    if "WORLD_SIZE" in os.environ or "SLURM_JOB_ID" in os.environ:
+        return dist_info_from_env().world_size
     if cfg.dry_run or cfg.cluster.type == "slurm":
         return cfg.cluster.nodes * cfg.cluster.gpus_per_node
     return 1
 
 
 def planned_engine(cfg) -> str:
-    from llmtrain.engines.select import resolve_engine_name
+    from llmtrain.engines.select import megatron_available, resolve_engine_name
 
     if cfg.dry_run and cfg.engine.name == "auto":
         return "megatron"  # dry runs describe the production (GPU) path
     if cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ:
         return cfg.engine.name if cfg.engine.name != "auto" else "megatron"
-    return resolve_engine_name(cfg)
+    name = resolve_engine_name(cfg)
+    if name == "megatron" and not cfg.dry_run and not megatron_available():
+        raise ConfigError(
+            "engine",
+            "megatron",
+            "needs CUDA, megatron-core and transformer-engine on this "
+            "machine; install the gpu extra on a GPU host, use engine=torch, or add dry_run=true",
+        )
+    return name
 
 
-def check_and_validate(cfg) -> tuple[int, str]:
+def _unknown_key(node, schema, prefix: str = "") -> str | None:
+    for key in node:
+        full = f"{prefix}{key}"
+        if key not in schema:
+            return full
+        child, schema_child = node[key], schema[key]
+        if OmegaConf.is_dict(child) and OmegaConf.is_dict(schema_child):
+            if found := _unknown_key(child, schema_child, full + "."):
+                return found
+    return None
+
+
+def check_against_schema(cfg) -> None:
+    """`+key=value` can add keys Hydra does not know; the typed schema refuses them."""
+    from llmtrain.config.schema import Config
+
+    if full_key := _unknown_key(cfg, OmegaConf.structured(Config)):
+        parent, _, leaf = full_key.rpartition(".")
+        value = OmegaConf.select(cfg, full_key)
+        raise ConfigError(full_key, value, f"unknown key '{leaf}'", _allowed_keys(parent) or None)
+
+
+def check_and_validate(cfg, *, inspect_only: bool = False) -> tuple[int, str]:
     from llmtrain.config.validate import validate
+
+    check_against_schema(cfg)
+
+    from llmtrain.fit import check_fits
 
     world, engine = planned_world(cfg), planned_engine(cfg)
     validate(cfg, world=world, engine=engine)
+    submitting = cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ
+    if not (cfg.dry_run or submitting or inspect_only):
+        check_fits(cfg, world, engine)
     return world, engine
 
 
@@ -70,18 +109,17 @@ def _sweep_points(overrides: list[str]) -> list[list[str]]:
 
 
 def _allowed_keys(parent: str) -> list[str]:
-    try:
-        cfg = compose(config_name="train")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
-    except Exception:
-        return []
+    from llmtrain.config.schema import Config
+
+    node = OmegaConf.structured(Config)
+    node = OmegaConf.select(node, parent) if parent else node
+    return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
 
 
 def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
     """Turn a Hydra/OmegaConf composition error into `key=value: problem (allowed: ...)`."""
-    text = str(exc)
     cause = exc.__cause__ or exc
+    text = f"{exc}\n{cause}"
     full_key = getattr(cause, "full_key", None) or ""
     override = next((o for o in overrides if full_key and o.lstrip("+~").split("=")[0] == full_key), None)
     if m := re.search(r"Could not find '([^']+)/([^']+)'", text):
@@ -89,10 +127,12 @@ def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
         available = re.findall(r"^\t(\S+)$", text, flags=re.M)
         allowed = ", ".join(a for a in available if not a.endswith("_schema"))
         return f"{group}={option}: no such {group} config (allowed: {allowed})"
-    if "not in struct" in text or "Key '" in text and "is not in" in text:
-        parent, _, leaf = full_key.rpartition(".")
+    if m := re.search(r"Key '([^']+)' (?:is )?not in", text):
+        parent, _, leaf = full_key.rpartition(".") if full_key else ("", "", m.group(1))
         allowed = ", ".join(_allowed_keys(parent))
-        return f"{override or full_key}: unknown key '{leaf}' in {parent or 'the config'} (allowed: {allowed})"
+        return (
+            f"{override or full_key}: unknown key '{leaf}' in {parent or 'the config'} (allowed: {allowed})"
+        )
     msg = getattr(cause, "msg", None) or text.splitlines()[0]
     msg = msg.splitlines()[0].strip()
     if override:
@@ -100,8 +140,12 @@ def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
     return msg
 
 
+INSPECT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve")
+
+
 def preflight(argv: list[str]) -> None:
     overrides = _user_overrides(argv)
+    inspect_only = any(a in INSPECT_FLAGS for a in argv)
     try:
         points = _sweep_points(overrides)
     except Exception as e:
@@ -116,7 +160,7 @@ def preflight(argv: list[str]) -> None:
                 raise
             except Exception as e:
                 raise UserError(describe_composition_error(e, point)) from None
-            check_and_validate(cfg)
+            check_and_validate(cfg, inspect_only=inspect_only)
     GlobalHydra.instance().clear()
 
 
@@ -136,7 +180,6 @@ def run(cfg) -> None:
     from llmtrain import launch
     from llmtrain.dist import dist_info_from_env
     from llmtrain.dryrun import dry_run_report
-    from llmtrain.fit import check_fits
     from llmtrain.train.loop import train
 
     world, engine = check_and_validate(cfg)
@@ -147,7 +190,6 @@ def run(cfg) -> None:
     if cfg.dry_run:
         print(dry_run_report(cfg, world, engine))
         return
-    check_fits(cfg, world, engine)
     if cfg.train.resume == "never":
         run_dir = _fresh_run_dir(run_dir)
     dist = dist_info_from_env()
@@ -158,8 +200,11 @@ def run(cfg) -> None:
     if dist.is_main:
         loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
         how = f"stopped by {summary.stopped_by} at" if summary.stopped_by else "done:"
-        print(f"{how} step {summary.steps_done}, loss {loss} | metrics {run_dir / 'metrics.jsonl'} | "
-              f"checkpoint {summary.checkpoint} | config {run_dir / 'config.yaml'}", flush=True)
+        print(
+            f"{how} step {summary.steps_done}, loss {loss} | metrics {run_dir / 'metrics.jsonl'} | "
+            f"checkpoint {summary.checkpoint} | config {run_dir / 'config.yaml'}",
+            flush=True,
+        )
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")

@@ -31,8 +31,13 @@ def dry_run_report(cfg, world: int, engine: str) -> str:
     if engine == "megatron":
         name, gib = REFERENCE_GPU
         verdict = "fits" if mem.total / GIB <= gib * 0.9 else "does NOT fit"
-        hint = "" if verdict == "fits" else (
-            "; raise cluster.gpus_per_node/cluster.nodes with parallel.distributed_optimizer=true, "
-            "parallel.tp/pp, or parallel.recompute=full")
+        hint = (
+            ""
+            if verdict == "fits"
+            else (
+                "; try more GPUs (cluster.nodes/gpus_per_node) with the distributed optimizer, parallel.cp=2 "
+                "for long sequences, parallel.tp/pp, or parallel.recompute=full"
+            )
+        )
         lines.append(f"fit          {verdict} a {gib:.0f} GiB {name} (90% budget){hint}")
     return "\n".join(lines)

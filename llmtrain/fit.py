@@ -26,4 +26,5 @@ def check_fits(cfg, world: int, engine: str) -> None:
             f"{cfg.model.name} needs ~{need / GIB:.0f} GiB per {'GPU' if engine == 'megatron' else 'process'} "
             f"(engine={engine}, world {world}) but runs on {what}; inspect with dry_run=true, use GPUs with "
             "more parallelism (engine=megatron, parallel.*), pick a smaller recipe (recipe=tiny), or skip "
-            "this check with train.check_memory=false")
+            "this check with train.check_memory=false"
+        )

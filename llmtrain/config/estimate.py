@@ -1,7 +1,8 @@
 """Back-of-envelope memory and batch arithmetic for dry runs and the "does it fit" check.
 
 Megatron/TE (GPU, BF16 compute, FP32 main grads and Adam state):
-  weights 2 B/param (+1 B FP8 or ~0.56 B NVFP4 copies of the layer weights), grads 4 B/param,
+  weights 2 B/param (+1 B FP8 or ~0.56 B NVFP4 copies of the layer weights), grads 2 B/param (the
+  BF16 grad buffer of Megatron-Core's DDP, grad_reduce_in_fp32=False),
   optimizer 12 B/param (FP32 master + two moments), divided by dp*cp with the distributed optimizer.
 Torch engine on CPU (FP32): weights 4, grads 4, Adam 8 B/param.
 Activations per layer and token: the BF16 tensors a Llama layer keeps for backward, about
@@ -41,9 +42,11 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
     def line(self) -> str:
-        return (f"weights {self.weights / GIB:.1f} | grads {self.grads / GIB:.1f} | optimizer "
-                f"{self.optimizer / GIB:.1f} | activations {self.activations / GIB:.1f} | total "
-                f"{self.total / GIB:.1f} GiB")
+        return (
+            f"weights {self.weights / GIB:.1f} | grads {self.grads / GIB:.1f} | optimizer "
+            f"{self.optimizer / GIB:.1f} | activations {self.activations / GIB:.1f} | total "
+            f"{self.total / GIB:.1f} GiB"
+        )
 
 
 def layout_of(cfg, world: int) -> Layout:
@@ -72,13 +75,14 @@ def estimate_memory(cfg, lay: Layout, engine: str) -> MemoryEstimate:
     if engine == "torch":  # FP32 on CPU; the math attention path keeps the s^2 scores
         weights, grads, optimizer = 4 * params, 4 * params, 8 * params
         per_layer = 4 * tokens * (5 * h + 2 * kv + 4 * f) + 4 * cfg.train.micro_batch_size * (
-            spec.num_attention_heads * spec.seq_length**2)
+            spec.num_attention_heads * spec.seq_length**2
+        )
         activations = spec.num_layers * per_layer + 12 * tokens * spec.vocab_size
         return MemoryEstimate(weights, grads, optimizer, activations)
     layer_params = spec.num_layers / lay.pp * spec.layer_linear_params() / lay.tp
     copy = LOWP_WEIGHT_COPY_BYTES.get(prec.weight_format, 0.0) * layer_params
     weights = 2 * params + copy
-    grads = 4 * params
+    grads = 2 * params
     optimizer = 12 * params / (lay.dp * lay.cp if par.distributed_optimizer else 1)
     if par.recompute == "full":
         per_token_layer = 2 * h / (lay.tp if par.sequence_parallel else 1)

@@ -45,12 +45,17 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # Megatron-style blend: [prefix] or [w1, prefix1, w2, prefix2, ...]; empty = the built-in corpus.
+    # Megatron-style blend: [prefix] or [w1, prefix1, w2, prefix2, ...] of datasets written by
+    # `python -m llmtrain.data.prepare`; empty = the built-in corpus.
     paths: list[Any] = field(default_factory=list)
     builtin: str = "kjv"  # corpus shipped with the package, prepared into cache_dir on first use
     tokenizer: str = "builtin"  # path to tokenizer.json / directory, or "builtin" for the shipped BPE
-    split: str = "949,50,1"  # train,valid,test weights
-    cache_dir: str = "~/.cache/llmtrain"
+    eos: str | None = None  # end-of-document token; None = tokenizer_config.json's or a known name
+    split: str = "949,50,1"  # train,valid,test weights (by document, as in Megatron)
+    cache_dir: str = "~/.cache/llmtrain"  # prepared built-in corpora (and index caches by default)
+    index_cache_dir: str | None = None  # Megatron's sample/shuffle index caches; None = cache_dir/index
+    eod_mask_loss: bool = False  # no loss on predicting the token after an end-of-document
+    mock: bool = False  # Megatron's MockGPTDataset (synthetic tokens): for engine benchmarks
     num_workers: int = 0
 
 
@@ -110,18 +115,19 @@ class LoggingConfig:
 
 @dataclass
 class ClusterConfig:
-    type: str = "local"  # local | slurm
+    type: str = "local"  # local | slurm (python -m llmtrain submits with sbatch and returns; docs/slurm.md)
     nodes: int = 1
-    gpus_per_node: int = 1
+    gpus_per_node: int = 1  # one rank per GPU; with train.device=cpu: ranks per node, no GPUs requested
     cpus_per_task: int | None = None
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     time: str = "04:00:00"
-    container_image: str | None = None
-    requeue_limit: int = 10
-    signal_seconds: int = 120
-    extra_sbatch: list[str] = field(default_factory=list)
+    container_image: str | None = None  # pyxis/enroot image for srun --container-image
+    requeue_limit: int = 10  # warning-signal requeues before a job just checkpoints and stops
+    signal_seconds: int = 120  # --signal=B:USR1@N: warning this long before the time limit
+    extra_sbatch: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--exclusive"]
+    job_name: str | None = None  # default llmtrain-<model name>; sweep points add -<index>
 
 
 @dataclass

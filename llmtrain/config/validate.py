@@ -34,13 +34,30 @@ def _divides(key: str, value: int, by_key: str, by: int, fix: str) -> None:
 
 
 def validate_model(m) -> None:
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "vocab_size", "seq_length"):
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "vocab_size",
+        "seq_length",
+    ):
         _positive(f"model.{key}", m[key])
-    _divides("model.hidden_size", m.hidden_size, "model.num_attention_heads", m.num_attention_heads,
-             "pick a hidden size that is a multiple of the head count")
-    _divides("model.num_attention_heads", m.num_attention_heads, "model.num_query_groups", m.num_query_groups,
-             "GQA needs whole query groups")
+    _divides(
+        "model.hidden_size",
+        m.hidden_size,
+        "model.num_attention_heads",
+        m.num_attention_heads,
+        "pick a hidden size that is a multiple of the head count",
+    )
+    _divides(
+        "model.num_attention_heads",
+        m.num_attention_heads,
+        "model.num_query_groups",
+        m.num_query_groups,
+        "GQA needs whole query groups",
+    )
     if (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.hidden_size", m.hidden_size, "head dimension must be even for RoPE")
 
@@ -68,29 +85,52 @@ def validate_parallel(cfg, world: int, engine: str) -> None:
         _positive(f"parallel.{key}", p[key])
     _choice("parallel.recompute", p.recompute, RECOMPUTE)
     if engine == "torch" and (p.tp, p.pp, p.cp) != (1, 1, 1):
-        raise ConfigError("parallel", f"tp={p.tp},pp={p.pp},cp={p.cp}",
-                          "the torch engine is data parallel only; use engine=megatron", ["tp=1,pp=1,cp=1"])
+        raise ConfigError(
+            "parallel",
+            f"tp={p.tp},pp={p.pp},cp={p.cp}",
+            "the torch engine is data parallel only; use engine=megatron",
+            ["tp=1,pp=1,cp=1"],
+        )
     model_parallel = p.tp * p.pp * p.cp
     if world % model_parallel:
-        raise ConfigError("parallel", f"tp={p.tp},pp={p.pp},cp={p.cp}",
-                          f"tp*pp*cp={model_parallel} must divide the world size {world}")
+        raise ConfigError(
+            "parallel",
+            f"tp={p.tp},pp={p.pp},cp={p.cp}",
+            f"tp*pp*cp={model_parallel} must divide the world size {world}",
+        )
     if p.dp and p.dp * model_parallel != world:
-        raise ConfigError("parallel.dp", p.dp, f"tp*pp*cp*dp must equal the world size {world}",
-                          [world // model_parallel, 0])
+        raise ConfigError(
+            "parallel.dp",
+            p.dp,
+            f"tp*pp*cp*dp must equal the world size {world}",
+            [world // model_parallel, 0],
+        )
     _divides("model.num_attention_heads", m.num_attention_heads, "parallel.tp", p.tp, "lower parallel.tp")
     _divides("model.num_query_groups", m.num_query_groups, "parallel.tp", p.tp, "lower parallel.tp")
-    _divides("model.num_layers", m.num_layers, "parallel.pp*vpp", p.pp * p.vpp,
-             "pick pp and vpp whose product divides the layer count")
+    _divides(
+        "model.num_layers",
+        m.num_layers,
+        "parallel.pp*vpp",
+        p.pp * p.vpp,
+        "pick pp and vpp whose product divides the layer count",
+    )
     if p.vpp > 1 and p.pp == 1:
         raise ConfigError("parallel.vpp", p.vpp, "virtual stages need pipeline parallelism (parallel.pp > 1)")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1")
     if p.cp > 1:
-        _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp, "context parallel splits 2*cp chunks")
+        _divides(
+            "model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp, "context parallel splits 2*cp chunks"
+        )
     dp = layout_of(cfg, world).dp
     _positive("train.micro_batch_size", t.micro_batch_size)
-    _divides("train.global_batch_size", t.global_batch_size, "micro_batch_size*dp", t.micro_batch_size * dp,
-             f"use a multiple of {t.micro_batch_size * dp}")
+    _divides(
+        "train.global_batch_size",
+        t.global_batch_size,
+        "micro_batch_size*dp",
+        t.micro_batch_size * dp,
+        f"use a multiple of {t.micro_batch_size * dp}",
+    )
 
 
 def validate_data(d) -> None:
@@ -102,8 +142,11 @@ def validate_data(d) -> None:
         base = Path(str(prefix)).expanduser()
         for suffix in (".bin", ".idx"):
             if not base.with_name(base.name + suffix).is_file():
-                raise ConfigError("data.paths", str(prefix), f"{base}{suffix} not found; build it with "
-                                  "python -m llmtrain.data.prepare")
+                raise ConfigError(
+                    "data.paths",
+                    str(prefix),
+                    f"{base}{suffix} not found; build it with python -m llmtrain.data.prepare",
+                )
 
 
 def validate(cfg, *, world: int, engine: str) -> None:
@@ -115,7 +158,9 @@ def validate(cfg, *, world: int, engine: str) -> None:
     _positive("train.global_batch_size", t.global_batch_size)
     _choice("train.device", t.device, DEVICES)
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().exists():
-        raise ConfigError("train.resume", t.resume, "checkpoint path does not exist", ["auto", "never", "PATH"])
+        raise ConfigError(
+            "train.resume", t.resume, "checkpoint path does not exist", ["auto", "never", "PATH"]
+        )
     o = cfg.optim
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("optim.name", o.name, ["adamw"])

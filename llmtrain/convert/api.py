@@ -220,11 +220,14 @@ def export_hf(
     step = resolve_checkpoint(checkpoint)
     cfg = read_config(step)
     spec = _spec_from_model_cfg(cfg.model, str(step))
-    tok_src = None
+    tok_src, eos = None, None
     if with_tokenizer:
         from omegaconf import OmegaConf
 
-        tok_src = hf.tokenizer_source(tokenizer or OmegaConf.select(cfg, "data.tokenizer", default=None))
+        tok_spec = tokenizer or OmegaConf.select(cfg, "data.tokenizer", default=None)
+        tok_src = hf.tokenizer_source(tok_spec)
+        if tok_src is not None:
+            eos = _eos_name(str(tok_src), OmegaConf.select(cfg, "data.eos", default=None))
     state = load_model_state(step, verify=verify)
     if spec.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -233,7 +236,7 @@ def export_hf(
     with atomic_output_dir(out, force) as tmp:
         special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
         if tok_src is not None:
-            special = hf.write_tokenizer(tok_src, tmp, model_max_length=spec.seq_length)
+            special = hf.write_tokenizer(tok_src, tmp, model_max_length=spec.seq_length, eos=eos)
         hf_cfg = hf.hf_config_from_spec(spec, dtype=torch_dtype, **special)
         hf_cfg.save_pretrained(str(tmp))
         _add_legacy_rope_theta(tmp / hf.HF_CONFIG, spec.rope_theta)
@@ -248,6 +251,16 @@ def export_hf(
         hf.write_hf_weights(hf_state, tmp, shard_bytes)
     log.info("exported %s -> %s", step, out)
     return out
+
+
+def _eos_name(tokenizer: str, override: str | None) -> str | None:
+    """The run's end-of-document token (data.eos, else the data layer's rule), None if it has none."""
+    try:
+        from llmtrain.data.tokenizer import eos_token
+
+        return eos_token(tokenizer, override)[0]
+    except (ImportError, UserError):
+        return None
 
 
 def _add_legacy_rope_theta(path: Path, theta: float) -> None:

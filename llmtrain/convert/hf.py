@@ -150,9 +150,11 @@ def read_hf_config(hf_dir: str | Path):
         raise UserError(
             f"{path}: model_type={model_type!r} is not supported; only Llama (model_type 'llama') converts"
         )
-    cfg = _transformers().LlamaConfig.from_dict(raw)
-    _check_supported(cfg, path)
-    return cfg
+    _check_supported(raw, path)
+    try:
+        return _transformers().LlamaConfig.from_dict(raw)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a valid LlamaConfig ({e})") from e
 
 
 def hf_rope(cfg) -> tuple[float, dict]:
@@ -166,19 +168,20 @@ def hf_rope(cfg) -> tuple[float, dict]:
     } | scaling
 
 
-def _check_supported(cfg, path: Path) -> None:
-    _, rope = hf_rope(cfg)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+def _check_supported(raw: dict, path: Path) -> None:
+    """Reject Llama variants llmtrain's model does not implement (from the raw config.json, transformers 4 or 5)."""
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     problems = []
     if rope_type != "default":
         problems.append(f"rope scaling {rope_type!r} (llmtrain's Llama implements plain RoPE only)")
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
         problems.append("attention/MLP biases (llmtrain's Llama has none)")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={cfg.hidden_act!r} (only silu/SwiGLU)")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        problems.append(f"head_dim={head_dim} != hidden_size/num_attention_heads")
+    if raw.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={raw['hidden_act']!r} (only silu/SwiGLU)")
+    heads, hidden = raw.get("num_attention_heads"), raw.get("hidden_size")
+    if heads and hidden and raw.get("head_dim") not in (None, hidden // heads):
+        problems.append(f"head_dim={raw['head_dim']} != hidden_size/num_attention_heads")
     if problems:
         raise UserError(f"{path}: unsupported Llama variant: {'; '.join(problems)}")
 
@@ -354,8 +357,11 @@ def tokenizer_source(spec: str | None) -> Path | None:
     return p
 
 
-def write_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict:
-    """Write HF tokenizer files for `src`; returns {'bos_token_id', 'eos_token_id', 'pad_token_id'}."""
+def write_tokenizer(src: Path, out_dir: Path, model_max_length: int, eos: str | None = None) -> dict:
+    """Write HF tokenizer files for `src`; returns {'bos_token_id', 'eos_token_id', 'pad_token_id'}.
+
+    An HF tokenizer directory (tokenizer_config.json) is re-saved as is; a bare tokenizer.json gets `eos`
+    (the run's end-of-document token) as its EOS token."""
     tf = _transformers()
     if src.is_dir() and (src / "tokenizer_config.json").is_file():
         tok = tf.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
@@ -364,8 +370,9 @@ def write_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict:
         if not file.is_file():
             raise UserError(f"{src} has no tokenizer.json; pass --tokenizer PATH or --no-tokenizer")
         tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(file))
-        if tok.convert_tokens_to_ids(BUILTIN_EOS) not in (None, tok.unk_token_id):
-            tok.eos_token = BUILTIN_EOS  # llmtrain's data pipeline separates documents with it
+        eos = eos or BUILTIN_EOS
+        if tok.convert_tokens_to_ids(eos) not in (None, tok.unk_token_id):
+            tok.eos_token = eos  # the data pipeline separates documents with it
     tok.model_max_length = model_max_length
     tok.save_pretrained(str(out_dir))
     return {

@@ -49,7 +49,10 @@ def step_dir_name(step: int) -> str:
 
 
 def is_step_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / MANIFEST_FILE).is_file() or (path / MODEL_FILE).is_file())
+    """An llmtrain checkpoint step dir (an HF dir also has model.safetensors, but config.json, not config.yaml)."""
+    return path.is_dir() and (
+        (path / MANIFEST_FILE).is_file() or ((path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file())
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -75,7 +78,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if steps:
         return steps[-1]
     raise CheckpointError(
-        f"no llmtrain checkpoint at {p} (no manifest.json/model.safetensors, no checkpoints/latest); "
+        f"no llmtrain checkpoint at {p} (no manifest.json or model.safetensors+config.yaml, no checkpoints/latest); "
         "pass a run dir, its checkpoints/ or a step_* dir"
     )
 

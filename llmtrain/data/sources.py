@@ -213,7 +213,9 @@ class Reader:
         self._hash_file()
         pf = pq.ParquetFile(self.source.path)
         if self.text_key not in pf.schema_arrow.names:
-            raise ConfigError("text_key", self.text_key, f"not a column of {self.source.path}", pf.schema_arrow.names)
+            raise ConfigError(
+                "text_key", self.text_key, f"not a column of {self.source.path}", pf.schema_arrow.names
+            )
         row = 0
         for batch in pf.iter_batches(batch_size=4096, columns=[self.text_key]):
             for value in batch.column(0).to_pylist():
@@ -248,7 +250,9 @@ class Reader:
     def _hf(self) -> Iterator[str | None]:
         ds = load_hf_dataset(self.source.path)
         if self.text_key not in ds.column_names:
-            raise ConfigError("text_key", self.text_key, f"not a column of {self.source.path}", ds.column_names)
+            raise ConfigError(
+                "text_key", self.text_key, f"not a column of {self.source.path}", ds.column_names
+            )
         self._hash.update(getattr(ds, "_fingerprint", self.source.path).encode())
         row = 0
         for batch in ds.select_columns([self.text_key]).iter(batch_size=4096):
@@ -267,7 +271,9 @@ def load_hf_dataset(spec: str):
     try:
         import datasets
     except ImportError:
-        raise UserError("reading a Hugging Face dataset needs `datasets`: pip install 'llmtrain[data]'") from None
+        raise UserError(
+            "reading a Hugging Face dataset needs `datasets`: pip install 'llmtrain[data]'"
+        ) from None
     path = Path(spec).expanduser()
     if path.exists():
         ds = datasets.load_from_disk(str(path))
@@ -278,7 +284,9 @@ def load_hf_dataset(spec: str):
         try:
             ds = datasets.load_dataset(name, split=split)
         except Exception as e:
-            raise UserError(f"input=hf:{spec}: cannot load the dataset ({e}); save it with save_to_disk and pass the directory") from None
+            raise UserError(
+                f"input=hf:{spec}: cannot load the dataset ({e}); save it with save_to_disk and pass the directory"
+            ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ConfigError("input", spec, f"dataset has no split {split!r}", list(ds))

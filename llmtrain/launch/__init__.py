@@ -1,18 +1,34 @@
-"""Cluster launch: SLURM submission, preemption handling and requeue (see issue 'SLURM')."""
+"""Cluster launch: SLURM submission, preemption handling and requeue (docs/slurm.md)."""
 
-from llmtrain.errors import ConfigError
+import os
+from pathlib import Path
+
+from llmtrain.launch.requeue import after_preemption
+
+__all__ = ["after_preemption", "inside_scheduler_job", "submit"]
 
 
 def inside_scheduler_job() -> bool:
-    import os
-
     return "SLURM_JOB_ID" in os.environ
 
 
 def submit(cfg, overrides: list[str]) -> None:
-    """Submit this run to the cluster named by cfg.cluster and return (prints job id and log path)."""
-    raise ConfigError("cluster", cfg.cluster.type, "not implemented yet", ["local"])
+    """Submit this run (one sweep point) as a SLURM batch job; print the job id and log path, and return."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from llmtrain.errors import ConfigError
+    from llmtrain.launch import jobs
+    from llmtrain.launch.sbatch import submit_run
 
-def after_preemption(cfg, run_dir) -> None:
-    """Called by the loop after a signal-triggered checkpoint (requeue under SLURM)."""
+    if cfg.cluster.type != "slurm":
+        raise ConfigError("cluster.type", cfg.cluster.type, "cannot submit to this cluster type", ["slurm"])
+    hc = HydraConfig.get()
+    sweep_index = hc.job.num if hc.mode == RunMode.MULTIRUN else None
+    sub = submit_run(cfg, overrides, Path(hc.runtime.output_dir), sweep_index)
+    jobs.record(sub, overrides)
+    print(
+        f"submitted job {sub.job_id} ({sub.name}) | log {sub.log} | rank logs {sub.rank_logs}/ | "
+        f"run dir {sub.run_dir} | status: python -m llmtrain.launch status",
+        flush=True,
+    )

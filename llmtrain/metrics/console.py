@@ -4,8 +4,12 @@ import sys
 
 
 def _fmt(record: dict) -> str:
-    parts = [f"step {record['step']}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
-             f"tok/s {record['tokens_per_s']:,.0f}"]
+    parts = [
+        f"step {record['step']}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"tok/s {record['tokens_per_s']:,.0f}",
+    ]
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
     if record.get("mem_gib") is not None:
@@ -22,8 +26,13 @@ class Console:
         if enabled and style == "rich" and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.description}"))
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+            )
             self.task = self.progress.add_task("", total=total_steps, completed=start_step)
             self.progress.start()
 

@@ -9,13 +9,23 @@ class WandbLogger:
         self.run = None
         mode = cfg.logging.wandb.mode
         if mode == "disabled" or importlib.util.find_spec("wandb") is None:
-            self.note = "wandb: disabled" if mode == "disabled" else "wandb: not installed (pip install wandb)"
+            self.note = (
+                "wandb: disabled" if mode == "disabled" else "wandb: not installed (pip install wandb)"
+            )
             return
         import wandb
 
         w = cfg.logging.wandb
-        self.run = wandb.init(project=w.project, entity=w.entity, name=w.name or run_dir.name, mode=mode,
-                              dir=str(run_dir), config=resolved, id=_stable_id(run_dir), resume="allow")
+        self.run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            name=w.name or run_dir.name,
+            mode=mode,
+            dir=str(run_dir),
+            config=resolved,
+            id=_stable_id(run_dir),
+            resume="allow",
+        )
         self.note = f"wandb: {mode} ({self.run.dir})"
 
     def log(self, record: dict) -> None:

@@ -43,7 +43,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = spec.num_attention_heads, spec.num_query_groups, spec.head_dim
+        self.n_heads, self.n_kv, self.head_dim = (
+            spec.num_attention_heads,
+            spec.num_query_groups,
+            spec.head_dim,
+        )
         h = spec.hidden_size
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
@@ -126,7 +130,9 @@ class LlamaModel(nn.Module):
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None):
     """Mean token cross-entropy; loss_mask (same shape as labels) zeroes padded/ignored positions."""
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none"
+    )
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.reshape(-1).float()

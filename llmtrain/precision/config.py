@@ -48,12 +48,15 @@ class PrecisionConfig:
     quantize_dgrad: bool = True
     quantize_wgrad: bool = True
     weight_block_2d: bool = False  # NVFP4 16x16 weight tiles so W and W^T see the same values
-    rht: bool = False  # random Hadamard transform on the wgrad operands
+    rht: bool = False  # random Hadamard transform on both wgrad operands (along the token dimension)
     rht_size: int = 16
-    # Rounding per GEMM: nearest | stochastic (applies to the gradient operand in dgrad/wgrad).
+    rht_signs: str = "te"  # te: TE's fixed sign vector | random: per-layer signs drawn from the seed
+    # Rounding per GEMM: nearest | stochastic. fprop_rounding applies to x and W; dgrad_/wgrad_rounding to
+    # the gradient operand, and also to W (dgrad) / x (wgrad) when sr_operands=all.
     fprop_rounding: str = "nearest"
     dgrad_rounding: str = "nearest"
     wgrad_rounding: str = "nearest"
+    sr_operands: str = "grad"  # grad | all
     bf16_layers: BF16Layers = field(default_factory=BF16Layers)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     qaf: QAFConfig = field(default_factory=QAFConfig)

@@ -36,23 +36,23 @@ def round_to_format(
     v: torch.Tensor, fmt: FloatFormat, rounding: str = "nearest", generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Round FP32 `v` onto `fmt`'s grid, saturating at +-fmt.max; NaN stays NaN. Returns FP32."""
-    v = v.clamp(-fmt.max, fmt.max)
+    v = v.float().clamp(-fmt.max, fmt.max)
     if rounding == "nearest" and fmt.torch_dtype is not None:
         # torch's FP8 casts are round-to-nearest-even; the clamp above makes them saturating.
         return v.to(fmt.torch_dtype).float()
-    a = v.abs()
-    _, e = torch.frexp(a)  # a = m * 2**e with m in [0.5, 1): floor(log2 a) = e - 1
-    ulp = torch.ldexp(torch.ones_like(a), (e - 1).clamp_min(fmt.emin) - fmt.mbits)
-    t = a / ulp  # exact: division by a power of two
+    # Grid spacing at |v|: ulp = 2**(max(floor(log2|v|), emin) - mbits), built from the FP32 exponent
+    # field (cheaper than frexp/ldexp). v / ulp and q * ulp are exact, so only the integer rounding decides.
+    ulp_bits = (v.view(torch.int32) & 0x7F800000).clamp_min_((fmt.emin + 127) << 23).sub_(fmt.mbits << 23)
+    t = v * (0x7F000000 - ulp_bits).view(torch.float32)  # 1/ulp: biased exponent 254 - e(ulp)
     if rounding == "nearest":
-        q = torch.round(t)  # half to even
+        q = t.round_()  # half to even
     elif rounding == "stochastic":
-        lo = torch.floor(t)
         u = torch.rand(t.shape, generator=generator, device=t.device, dtype=torch.float32)
-        q = lo + (u < (t - lo)).float()
+        q = torch.floor(t)  # round up with probability t - floor(t): unbiased, also for t < 0
+        q += u < t.sub_(q)
     else:
         raise ValueError(f"rounding={rounding!r}: allowed values are {', '.join(ROUNDINGS)}")
-    return torch.copysign(q * ulp, v)
+    return q.mul_(ulp_bits.view(torch.float32))
 
 
 def format_grid(fmt: FloatFormat) -> torch.Tensor:

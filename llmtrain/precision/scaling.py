@@ -11,7 +11,14 @@ tensor (FP8 per-tensor, NVFP4) or the 32-block (MXFP8) dequantizes to NaN and th
 import torch
 import torch.nn.functional as F
 
-from llmtrain.precision.formats import E2M1, E4M3, FP32_MAX, FloatFormat, e8m0_from_float_ceil, round_to_format
+from llmtrain.precision.formats import (
+    E2M1,
+    E4M3,
+    FP32_MAX,
+    FloatFormat,
+    e8m0_from_float_ceil,
+    round_to_format,
+)
 
 
 def _f32(v: float) -> torch.Tensor:
@@ -48,7 +55,7 @@ def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, generator=N
     Returns (elements, scale_inv [1]).
     """
     amax = x.abs().amax().view(1) if x.numel() else torch.zeros(1, device=x.device)
-    scale = fmt.max / amax
+    scale = torch.div(torch.full_like(amax, fmt.max), amax)  # not `float / tensor`: that is 1/amax * max
     scale = torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
@@ -76,22 +83,25 @@ def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
 
 
-def nvfp4(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 16):
+def nvfp4(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 16, sign=False):
     """NVFP4: FP32 tensor scale from amax, E4M3 scale per 16 elements (or 16x16 tile), E2M1 elements.
 
     Follows TE's NVFP4QuantizerRef / quantize_transpose_nvfp4 kernel:
       S_enc = 2688 / amax;  S_dec = 1 / S_enc
       s_blk = E4M3(block_amax * (S_enc * fp32(1/6)))           (saturating, nearest-even)
       elem  = E2M1(x * min(1 / (s_blk * S_dec), FP32 max))      (saturating at 6)
-    Returns (elements, negative-sign mask, block scales as float8_e4m3fn, amax [1]).
+    Returns (elements, block scales as float8_e4m3fn, amax [1], and with `sign` the mask of strictly
+    negative scaled values, which carry the E2M1 sign bit).
     """
     rows, cols = x.shape
-    amax = x.abs().amax().view(1) if x.numel() else torch.zeros(1, device=x.device)
+    bmax = block_amax(x, block, block_2d)
+    amax = bmax.amax().view(1) if bmax.numel() else torch.zeros(1, device=x.device)  # = max |x|
     s_enc = nvfp4_global_encode_scale(amax)
-    s_dec = 1.0 / s_enc
-    dec = block_amax(x, block, block_2d) * (s_enc * RCP_6.to(x.device))
-    s_blk = dec.clamp_max(FP32_MAX).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    enc = torch.clamp_max(1.0 / (s_blk.float() * s_dec), FP32_MAX)
+    s_dec = torch.reciprocal(s_enc)
+    # Clamping at +-448 also covers TE's min(., FP32 max); NaN passes through.
+    s_blk = (bmax * (s_enc * RCP_6.to(x.device))).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+    enc = torch.reciprocal(s_blk.float() * s_dec).clamp_max_(FP32_MAX)
     scaled = x.view(rows, cols // block, block) * enc.unsqueeze(-1)
+    negative = (scaled < 0).view(rows, cols) if sign else None
     elems = round_to_format(scaled, E2M1, rounding, generator).view(rows, cols)
-    return elems, (scaled < 0).view(rows, cols), s_blk, amax
+    return elems, s_blk, amax, negative

@@ -76,8 +76,16 @@ class CheckpointManager:
         self.root, self.keep_last, self.is_main, self.barrier = Path(root), keep_last, is_main, barrier
 
     # ---- saving -------------------------------------------------------------------------------------
-    def save(self, step: int, engine, trainer_state: dict, rank_state: dict, rank: int, config_yaml: str,
-             extra_manifest: dict | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        engine,
+        trainer_state: dict,
+        rank_state: dict,
+        rank: int,
+        config_yaml: str,
+        extra_manifest: dict | None = None,
+    ) -> Path:
         """All ranks call this. Returns the final step dir."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
@@ -94,7 +102,12 @@ class CheckpointManager:
             torch.save(trainer_state, tmp / "trainer.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, **(extra_manifest or {})}
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "files": files,
+                **(extra_manifest or {}),
+            }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _fsync_tree(tmp)
             if final.exists():  # same step saved again (e.g. signal right after a periodic save)
@@ -115,8 +128,10 @@ class CheckpointManager:
     def step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)),
-                      key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+        return sorted(
+            (p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)),
+            key=lambda p: int(STEP_DIR.match(p.name).group(1)),
+        )
 
     def latest_valid(self) -> Path | None:
         """The newest checkpoint that verifies; older ones are tried (with a warning) if `latest` is corrupt."""
@@ -139,7 +154,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """A run dir, a checkpoints/ dir (follows `latest`) or a step dir -> a verified step dir."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"checkpoint path {p} does not exist; pass a run dir, checkpoints/ dir or step dir")
+        raise CheckpointError(
+            f"checkpoint path {p} does not exist; pass a run dir, checkpoints/ dir or step dir"
+        )
     if (p / "manifest.json").is_file():
         verify(p)
         return p

@@ -52,10 +52,14 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     engine = build_engine(cfg, dist)
     data = build_data(cfg, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
     if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          f"the tokenizer has {data.vocab_size} tokens; set model.vocab_size >= {data.vocab_size}")
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last, is_main=dist.is_main,
-                             barrier=engine.barrier)
+        raise ConfigError(
+            "model.vocab_size",
+            cfg.model.vocab_size,
+            f"the tokenizer has {data.vocab_size} tokens; set model.vocab_size >= {data.vocab_size}",
+        )
+    ckpt = CheckpointManager(
+        run_dir / "checkpoints", keep_last=cfg.train.keep_last, is_main=dist.is_main, barrier=engine.barrier
+    )
     controller = PrecisionController(cfg.precision, cfg.train.steps)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
@@ -72,8 +76,9 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
         if rank_file.exists():
             rng.restore(torch.load(rank_file, weights_only=True))
 
-    logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), is_main=dist.is_main,
-                           start_step=start_step)
+    logger = MetricsLogger(
+        cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), is_main=dist.is_main, start_step=start_step
+    )
     logger.info(f"engine: {engine.backend_description}; dp={engine.dp_size}")
     if resume_dir is not None:
         logger.info(f"resumed from {resume_dir} (step {start_step})")
@@ -89,10 +94,21 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     last_loss, last_ckpt, stopped_by, steps_done = None, None, None, start_step
 
     def save(step_no: int) -> Path:
-        trainer_state = {"step": step_no, "nan_skips": nan_skips, "precision": controller.state_dict(),
-                         "consumed_samples": step_no * cfg.train.global_batch_size}
-        return ckpt.save(step_no, engine, trainer_state, rng.capture(), dist.rank, config_yaml,
-                         {"engine": engine.name, "model": cfg.model.name})
+        trainer_state = {
+            "step": step_no,
+            "nan_skips": nan_skips,
+            "precision": controller.state_dict(),
+            "consumed_samples": step_no * cfg.train.global_batch_size,
+        }
+        return ckpt.save(
+            step_no,
+            engine,
+            trainer_state,
+            rng.capture(),
+            dist.rank,
+            config_yaml,
+            {"engine": engine.name, "model": cfg.model.name},
+        )
 
     try:
         for step in range(start_step, cfg.train.steps):
@@ -105,23 +121,35 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
             result = engine.train_step(batches, lr)
             dt = time.perf_counter() - t0
             steps_done = step_no
-            record = {"step": step_no, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                      "tokens": step_no * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
-                      "step_time_s": dt}
+            record = {
+                "step": step_no,
+                "loss": result.loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "tokens": step_no * tokens_per_step,
+                "tokens_per_s": tokens_per_step / dt,
+                "step_time_s": dt,
+            }
             if peak:
-                record["mfu"] = spec.flops_per_token() * tokens_per_step / dt / (peak * 1e12 * dist.world_size)
+                record["mfu"] = (
+                    spec.flops_per_token() * tokens_per_step / dt / (peak * 1e12 * dist.world_size)
+                )
             record |= engine.memory_stats()
             if result.skipped:
                 nan_skips += 1
                 record["skipped"] = True
-                warnings.warn(f"step {step_no}: non-finite loss/gradient ({result.loss}); update skipped "
-                              f"({nan_skips}/{cfg.train.nan.max_skips} allowed)", stacklevel=1)
+                warnings.warn(
+                    f"step {step_no}: non-finite loss/gradient ({result.loss}); update skipped "
+                    f"({nan_skips}/{cfg.train.nan.max_skips} allowed)",
+                    stacklevel=1,
+                )
                 if nan_skips > cfg.train.nan.max_skips:
                     logger.log_step(record, echo=True)
                     raise TrainingError(
                         f"training diverged: {nan_skips} non-finite steps (train.nan.max_skips="
                         f"{cfg.train.nan.max_skips}); last good checkpoint: {last_ckpt or ckpt.latest_valid()}; "
-                        "lower optim.lr or raise train.nan.max_skips")
+                        "lower optim.lr or raise train.nan.max_skips"
+                    )
             else:
                 last_loss = result.loss
             if controller.should_probe(step_no):
@@ -151,5 +179,11 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     finally:
         stop.uninstall()
         logger.close()
-    return RunSummary(run_dir=run_dir, steps_done=steps_done, final_loss=last_loss, checkpoint=last_ckpt,
-                      stopped_by=stopped_by, resumed_from=resume_dir)
+    return RunSummary(
+        run_dir=run_dir,
+        steps_done=steps_done,
+        final_loss=last_loss,
+        checkpoint=last_ckpt,
+        stopped_by=stopped_by,
+        resumed_from=resume_dir,
+    )

@@ -5,8 +5,16 @@ import math
 SCHEDULES = ["cosine", "wsd", "constant"]
 
 
-def learning_rate(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str,
-                  decay_fraction: float = 0.2) -> float:
+def learning_rate(
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup: int,
+    total: int,
+    schedule: str,
+    decay_fraction: float = 0.2,
+) -> float:
     """LR for optimizer step `step` (0-based) of `total`."""
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup
@@ -28,7 +36,14 @@ def learning_rate(step: int, *, lr: float, min_lr: float, warmup: int, total: in
 
 def schedule_from_config(optim, total_steps: int):
     def lr_at(step: int) -> float:
-        return learning_rate(step, lr=optim.lr, min_lr=optim.min_lr, warmup=optim.warmup_steps,
-                             total=total_steps, schedule=optim.schedule, decay_fraction=optim.decay_fraction)
+        return learning_rate(
+            step,
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            warmup=optim.warmup_steps,
+            total=total_steps,
+            schedule=optim.schedule,
+            decay_fraction=optim.decay_fraction,
+        )
 
     return lr_at

@@ -119,7 +119,7 @@ def test_atomic_output_dir(tmp_path):
     assert not dest.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
     with io.atomic_output_dir(dest) as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(UserError, match="already exists.*--force"), io.atomic_output_dir(dest):
+    with pytest.raises(UserError, match=r"already exists.*--force"), io.atomic_output_dir(dest):
         pass
     with io.atomic_output_dir(dest, force=True) as tmp:
         (tmp / "b").write_text("2")
@@ -181,7 +181,7 @@ def test_unsupported_llama_variants_rejected(tmp_path):
     d_cfg = json.loads((d / "config.json").read_text())
     d_cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
     (d / "config.json").write_text(json.dumps(d_cfg))
-    with pytest.raises(UserError, match="unsupported Llama variant: rope scaling 'llama3'.*biases"):
+    with pytest.raises(UserError, match=r"unsupported Llama variant: rope scaling 'llama3'.*biases"):
         hf.read_hf_config(d)
 
 
@@ -192,69 +192,39 @@ def test_pickle_only_dir_rejected(tmp_path):
         hf.hf_weight_files(d)
 
 
-# --- Megatron-Core layouts -----------------------------------------------------------------------------
+# --- Megatron engine checkpoints (export side) -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("tied", [False, True])
-def test_mcore_mapping_round_trip(fused, tied):
+def test_from_megatron_stacked_layers_prefixes_padding(tied):
+    from llmtrain.engines.megatron_engine.mapping import reference_to_megatron
+
     spec = ModelSpec(**{**SPEC.__dict__, "tie_embeddings": tied})
     state = _state(_model(spec))
-    vp = megatron.padded_vocab_size(spec.vocab_size, tp=2)
-    assert vp == 256
-    mc = megatron.to_mcore(state, spec, padded_vocab=vp, fused_norms=fused)
-    qkv = mc["decoder.layers.0.self_attention.linear_qkv.weight"]
-    assert qkv.shape == ((4 + 2 * 2) * 8, 32) and mc["embedding.word_embeddings.weight"].shape == (vp, 32)
-    # group 0 = query heads 0-1, then k head 0, then v head 0
-    assert torch.equal(qkv[:16], state["layers.0.self_attn.q_proj.weight"][:16])
-    assert torch.equal(qkv[16:24], state["layers.0.self_attn.k_proj.weight"][:8])
-    assert torch.equal(qkv[24:32], state["layers.0.self_attn.v_proj.weight"][:8])
-    assert ("output_layer.weight" in mc) != tied
-    back = megatron.from_mcore(mc, spec)
-    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
-
-
-def test_mcore_stacked_layers_and_prefixes():
-    state = _state(_model())
-    mc = megatron.to_mcore(state, SPEC)
-    stacked = {}
+    full = dict(state) | ({"lm_head.weight": state["embed_tokens.weight"]} if tied else {})
+    mc = reference_to_megatron(full, spec)
+    # As dist_checkpointing stores them: layers stacked along a new dim 0, `model.` prefix, TE extra state,
+    # optimizer entries, and vocab rows padded (as Megatron-LM does for TP).
+    stacked: dict = {}
     for k, v in mc.items():
         if k.startswith("decoder.layers."):
-            rest = k.split(".", 3)[3]
-            stacked.setdefault("model.decoder.layers." + rest, []).append(v)
+            stacked.setdefault("model.decoder.layers." + k.split(".", 3)[3], []).append(v)
         else:
-            stacked["model." + k] = v
+            stacked["model." + k] = torch.cat([v, torch.zeros(28, 32)]) if v.shape[0] == 100 else v
     stacked = {k: torch.stack(v) if isinstance(v, list) else v for k, v in stacked.items()}
     stacked["model.decoder.layers.self_attention.linear_qkv._extra_state"] = torch.zeros(1)
-    back = megatron.from_mcore(stacked, SPEC)
-    assert all(torch.equal(back[k], v) for k, v in state.items())
+    stacked["optimizer.state.exp_avg.decoder.final_layernorm.weight"] = torch.zeros(32)
+    back = megatron.from_megatron(stacked, spec)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+    with pytest.raises(CheckpointError, match=r"stacks 2 layers but model.num_layers=3"):
+        megatron.from_megatron(stacked, ModelSpec(**{**spec.__dict__, "num_layers": 3}))
 
 
-def test_tp_shard_unshard_and_fill_params():
-    spec = SPEC
-    mc = megatron.to_mcore(_state(_model()), spec, padded_vocab=megatron.padded_vocab_size(100, tp=2))
-    for name, t in mc.items():
-        shards = [megatron.tp_shard(name, t, r, 2) for r in range(2)]
-        assert torch.equal(megatron.tp_unshard(name, shards), t)
-    fc1 = megatron.tp_shard(
-        "decoder.layers.0.mlp.linear_fc1.weight", mc["decoder.layers.0.mlp.linear_fc1.weight"], 1, 2
-    )
-    gate = _state(_model())["layers.0.mlp.gate_proj.weight"]
-    assert torch.equal(fc1[:24], gate[24:])  # rank 1 holds [gate half 1; up half 1]
-    # A TP=2 rank of pipeline stage 1 (PP=2) holds layer 1 as its local layer 0.
-    local = {
-        f"module.decoder.layers.0.{n}": torch.empty_like(
-            megatron.tp_shard(f"decoder.layers.1.{n}", mc[f"decoder.layers.1.{n}"], 1, 2)
-        )
-        for n in (
-            "self_attention.linear_qkv.weight",
-            "mlp.linear_fc2.weight",
-            "mlp.linear_fc1.layer_norm_weight",
-        )
-    }
-    assert megatron.fill_mcore_params(local, mc, tp_rank=1, tp_size=2, layer_offset=1) == 3
-    assert torch.equal(
-        local["module.decoder.layers.0.mlp.linear_fc2.weight"],
-        mc["decoder.layers.1.mlp.linear_fc2.weight"][:, 24:],
-    )
-    assert list(megatron.pp_layers(4, 2, 1)) == [2, 3]
+def test_megatron_checkpoint_without_dist_dir(tmp_path):
+    _, step_dir = _write_run(tmp_path, _model())
+    manifest = json.loads((step_dir / "manifest.json").read_text()) | {"engine": "megatron"}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        CheckpointError, match=r"no Megatron-Core checkpoint \(megatron/metadata.json missing\)"
+    ):
+        io.load_model_state(step_dir)

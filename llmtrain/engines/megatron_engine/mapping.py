@@ -43,7 +43,9 @@ _TP_DIM = {
 }
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+def fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int
+) -> torch.Tensor:
     head_dim = q.shape[0] // num_heads
     hidden = q.shape[1]
     per_group = num_heads // num_groups
@@ -81,8 +83,11 @@ def reference_to_megatron(ref: dict[str, torch.Tensor], spec: ModelSpec) -> dict
         for mg, r in _LAYER_DIRECT.items():
             out[f"decoder.layers.{i}.{mg}"] = ref[p + r]
         out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = fuse_qkv(
-            ref[p + "self_attn.q_proj.weight"], ref[p + "self_attn.k_proj.weight"],
-            ref[p + "self_attn.v_proj.weight"], spec.num_attention_heads, spec.num_query_groups,
+            ref[p + "self_attn.q_proj.weight"],
+            ref[p + "self_attn.k_proj.weight"],
+            ref[p + "self_attn.v_proj.weight"],
+            spec.num_attention_heads,
+            spec.num_query_groups,
         )
         out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = fuse_gate_up(
             ref[p + "mlp.gate_proj.weight"], ref[p + "mlp.up_proj.weight"]
@@ -99,8 +104,9 @@ def megatron_to_reference(mg: dict[str, torch.Tensor], spec: ModelSpec) -> dict[
         p, m = f"layers.{i}.", f"decoder.layers.{i}."
         for mgn, r in _LAYER_DIRECT.items():
             out[p + r] = mg[m + mgn]
-        q, k, v = split_qkv(mg[m + "self_attention.linear_qkv.weight"], spec.num_attention_heads,
-                            spec.num_query_groups)
+        q, k, v = split_qkv(
+            mg[m + "self_attention.linear_qkv.weight"], spec.num_attention_heads, spec.num_query_groups
+        )
         out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
         out[p + "self_attn.v_proj.weight"] = v
         gate, up = split_gate_up(mg[m + "mlp.linear_fc1.weight"])

@@ -52,27 +52,33 @@ def resolve_layout(parallel, spec: ModelSpec, world_size: int) -> Layout:
         )
     if spec.num_attention_heads % tp or spec.num_query_groups % tp:
         raise ConfigError(
-            "parallel.tp", tp, f"must divide the attention heads ({spec.num_attention_heads}) "
-            f"and KV groups ({spec.num_query_groups})"
+            "parallel.tp",
+            tp,
+            f"must divide the attention heads ({spec.num_attention_heads}) "
+            f"and KV groups ({spec.num_query_groups})",
         )
     if spec.vocab_size % tp:
-        raise ConfigError("parallel.tp", tp, f"must divide model.vocab_size={spec.vocab_size} (no vocab padding)")
+        raise ConfigError(
+            "parallel.tp", tp, f"must divide model.vocab_size={spec.vocab_size} (no vocab padding)"
+        )
     if vpp > 1 and pp == 1:
         raise ConfigError("parallel.vpp", vpp, "virtual pipeline stages need parallel.pp > 1")
     if spec.num_layers % (pp * vpp):
-        raise ConfigError("parallel.pp", pp, f"pp*vpp={pp * vpp} must divide model.num_layers={spec.num_layers}")
+        raise ConfigError(
+            "parallel.pp", pp, f"pp*vpp={pp * vpp} must divide model.num_layers={spec.num_layers}"
+        )
     if cp > 1 and spec.seq_length % (2 * cp):
         raise ConfigError("parallel.cp", cp, f"2*cp must divide model.seq_length={spec.seq_length}")
     if parallel.recompute not in RECOMPUTE:
         raise ConfigError("parallel.recompute", parallel.recompute, "unknown mode", RECOMPUTE)
     if parallel.overlap_param_gather and not parallel.distributed_optimizer:
-        raise ConfigError(
-            "parallel.overlap_param_gather", True, "needs parallel.distributed_optimizer=true"
-        )
+        raise ConfigError("parallel.overlap_param_gather", True, "needs parallel.distributed_optimizer=true")
     # Sequence parallelism splits activations over TP ranks: meaningless at tp=1, so it is dropped there.
     sp = bool(parallel.sequence_parallel) and tp > 1
     if sp and (spec.seq_length // cp) % tp:
-        raise ConfigError("parallel.sequence_parallel", True, "tp must divide the per-CP-rank sequence length")
+        raise ConfigError(
+            "parallel.sequence_parallel", True, "tp must divide the per-CP-rank sequence length"
+        )
     return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp)
 
 
@@ -97,13 +103,14 @@ def precision_settings(prec, capability: tuple[int, int]) -> tuple[dict, str]:
     name, backend = prec.name, prec.backend
     if backend not in ("auto", "native"):
         raise ConfigError(
-            "precision.backend", backend,
+            "precision.backend",
+            backend,
             "the Megatron engine runs TE's native recipes only (custom/emulated back end not implemented yet)",
             ["auto", "native"],
         )
-    if name == "bf16":
-        return {}, "TE native BF16"
     sm = f"sm_{capability[0]}{capability[1]}"
+    if name == "bf16":
+        return {}, f"TE native BF16 on {sm}"
     if name in ("mxfp8", "nvfp4", "nvfp4_fp4all") and tuple(capability) < (10, 0):
         recipe = "MXFP8BlockScaling" if name == "mxfp8" else "NVFP4BlockScaling"
         raise UserError(
@@ -113,18 +120,29 @@ def precision_settings(prec, capability: tuple[int, int]) -> tuple[dict, str]:
     exact = {"quantize_fprop": True, "quantize_dgrad": True, "quantize_wgrad": True}
     if prec.monitor.enabled or prec.qaf.trigger != "off":
         raise ConfigError(
-            "precision.monitor.enabled", prec.monitor.enabled,
+            "precision.monitor.enabled",
+            prec.monitor.enabled,
             f"the sqrt(3) monitor and QAF switch are not available with TE's native recipes; {_NATIVE_HINT}",
         )
     if name == "fp8_cs":
-        _require(prec, "Float8CurrentScaling", {
-            **exact, "weight_format": "fp8_e4m3", "activation_format": "fp8_e4m3", "rht": False,
-            "fprop_rounding": "nearest", "dgrad_rounding": "nearest", "wgrad_rounding": "nearest",
-        })
+        _require(
+            prec,
+            "Float8CurrentScaling",
+            {
+                **exact,
+                "weight_format": "fp8_e4m3",
+                "activation_format": "fp8_e4m3",
+                "rht": False,
+                "fprop_rounding": "nearest",
+                "dgrad_rounding": "nearest",
+                "wgrad_rounding": "nearest",
+            },
+        )
         fmt = "hybrid" if prec.grad_format == "fp8_e5m2" else "e4m3"
         if prec.grad_format not in ("fp8_e5m2", "fp8_e4m3"):
-            raise ConfigError("precision.grad_format", prec.grad_format, "FP8 gradients only",
-                              ["fp8_e5m2", "fp8_e4m3"])
+            raise ConfigError(
+                "precision.grad_format", prec.grad_format, "FP8 gradients only", ["fp8_e5m2", "fp8_e4m3"]
+            )
         kwargs = {"fp8": fmt, "fp8_recipe": "tensorwise"}
         desc = f"TE native FP8 current scaling (Float8CurrentScaling, {fmt.upper()})"
     elif name == "mxfp8":
@@ -133,19 +151,30 @@ def precision_settings(prec, capability: tuple[int, int]) -> tuple[dict, str]:
         desc = "TE native MXFP8 (MXFP8BlockScaling)"
     elif name in ("nvfp4", "nvfp4_fp4all"):
         # TE's NVFP4BlockScaling defaults: 16x16 weight tiles, RHT on wgrad inputs, SR on gradients.
-        _require(prec, "NVFP4BlockScaling", {
-            **exact, "weight_block_2d": True, "rht": True, "rht_size": 16,
-            "fprop_rounding": "nearest", "dgrad_rounding": "stochastic", "wgrad_rounding": "stochastic",
-        })
+        _require(
+            prec,
+            "NVFP4BlockScaling",
+            {
+                **exact,
+                "weight_block_2d": True,
+                "rht": True,
+                "rht_size": 16,
+                "fprop_rounding": "nearest",
+                "dgrad_rounding": "stochastic",
+                "wgrad_rounding": "stochastic",
+            },
+        )
         kwargs = {"fp4": "e2m1", "fp4_recipe": "nvfp4"}
         desc = "TE native NVFP4 (NVFP4BlockScaling)"
     else:
-        raise ConfigError("precision.name", name, "unknown precision",
-                          ["bf16", "fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all"])
+        raise ConfigError(
+            "precision.name", name, "unknown precision", ["bf16", "fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all"]
+        )
     first, last = int(prec.bf16_layers.first), int(prec.bf16_layers.last)
     if first or last:
-        kwargs.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=first,
-                      num_layers_at_end_in_bf16=last)
+        kwargs.update(
+            first_last_layers_bf16=True, num_layers_at_start_in_bf16=first, num_layers_at_end_in_bf16=last
+        )
         desc += f", first {first} / last {last} layers in BF16"
     return kwargs, desc + f" on {sm}"
 

@@ -35,8 +35,11 @@ class TorchEngine(Engine):
         p = cfg.parallel
         if p.tp != 1 or p.pp != 1 or p.cp != 1:
             raise ConfigError(
-                "parallel", f"tp={p.tp} pp={p.pp} cp={p.cp}", "the torch engine runs data parallel only; "
-                "use engine=megatron for tensor/pipeline/context parallelism", ["tp=1 pp=1 cp=1"]
+                "parallel",
+                f"tp={p.tp} pp={p.pp} cp={p.cp}",
+                "the torch engine runs data parallel only; "
+                "use engine=megatron for tensor/pipeline/context parallelism",
+                ["tp=1 pp=1 cp=1"],
             )
         self.cfg, self.dist = cfg, dist
         self.device = pick_device(cfg.train.device, dist)
@@ -59,7 +62,9 @@ class TorchEngine(Engine):
         # Autocast BF16 only where it is fast (CUDA); the CPU reference computes in FP32.
         self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         mode = "bf16 autocast" if self.autocast else "fp32"
-        self.backend_description = f"torch {self.device.type} {mode}, precision={cfg.precision.name} (emulated)"
+        self.backend_description = (
+            f"torch {self.device.type} {mode}, precision={cfg.precision.name} (emulated)"
+        )
         if cfg.precision.name == "bf16":
             self.backend_description = f"torch {self.device.type} {mode}"
 
@@ -67,7 +72,10 @@ class TorchEngine(Engine):
         # No weight decay on norms (1-D params), as Megatron does.
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
 
     @property
@@ -153,10 +161,11 @@ class TorchEngine(Engine):
             )
         optim_path = directory / "optimizer.pt"
         if optim_path.exists():
-            self.optimizer.load_state_dict(torch.load(optim_path, map_location=self.device, weights_only=True))
+            self.optimizer.load_state_dict(
+                torch.load(optim_path, map_location=self.device, weights_only=True)
+            )
 
     def memory_stats(self) -> dict[str, float]:
         if self.device.type == "cuda":
             return {"mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
         return {}
-

@@ -1,0 +1,126 @@
+"""Train/valid/test datasets through megatron.core.datasets (GPTDataset + BlendedMegatronDatasetBuilder).
+
+Both engines read samples from here, so the sample order depends only on the data config, the seed,
+the sequence length and the number of samples (train.steps * GBS) -- not on the engine or DP size.
+Megatron builds its index caches (document/sample/shuffle indices) on rank 0 first when
+torch.distributed is initialized; the other ranks then load them.
+"""
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmtrain.errors import ConfigError, UserError
+
+
+@dataclass
+class _TokenizerInfo:
+    """What GPTDatasetConfig asks of a tokenizer. `vocab_size` stays None for real data so the token
+    dtype comes from each .idx (Megatron would otherwise force one from the vocab size)."""
+
+    eod: int
+    vocab_size: int | None = None
+    data_identity: tuple = ()
+
+    @property
+    def unique_identifiers(self) -> dict:
+        # Part of Megatron's index-cache key: re-preparing data under the same prefix must not reuse
+        # the index caches of the old contents.
+        return {"eod": self.eod, "data": list(self.data_identity)}
+
+
+def data_identity(prefix: str) -> str:
+    """The prepare fingerprint of a dataset, or its .idx size and mtime when it has no manifest."""
+    import json
+
+    try:
+        return json.loads(Path(prefix + ".manifest.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        st = Path(prefix + ".idx").stat()
+        return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def parse_blend(paths, key: str = "data.paths") -> tuple[list[str], list[float] | None]:
+    """`[prefix]`, `[prefix1, prefix2]` or `[w1, prefix1, w2, prefix2, ...]` -> (prefixes, weights)."""
+    items = [str(p) for p in paths]
+
+    def is_number(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    if len(items) >= 2 and is_number(items[0]):
+        if len(items) % 2 or not all(is_number(w) for w in items[0::2]):
+            raise ConfigError(
+                key,
+                list(paths),
+                "a weighted blend alternates weight and prefix",
+                "[w1, prefix1, w2, prefix2]",
+            )
+        weights = [float(w) for w in items[0::2]]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(key, list(paths), "blend weights must be >= 0 and not all 0")
+        prefixes = items[1::2]
+    else:
+        weights, prefixes = None, items
+    prefixes = [str(Path(p).expanduser()).removesuffix(".bin").removesuffix(".idx") for p in prefixes]
+    for p in prefixes:
+        missing = [s for s in (".bin", ".idx") if not Path(p + s).is_file()]
+        if missing:
+            raise ConfigError(
+                key,
+                p,
+                f"missing {' and '.join(p + s for s in missing)}",
+                "a prefix written by `python -m llmtrain.data.prepare`",
+            )
+    return prefixes, weights
+
+
+def build_datasets(
+    prefixes: list[str] | None,
+    weights: list[float] | None,
+    *,
+    split: str,
+    seq_length: int,
+    seed: int,
+    sizes: list[int],
+    eod: int,
+    vocab_size: int,
+    cache_dir: str,
+    eod_mask_loss: bool = False,
+):
+    """-> [train, valid, test] datasets (None where the split is empty); mock data when prefixes is None."""
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    with warnings.catch_warnings():  # megatron.core's import warns about TE/Apex, irrelevant to data
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    mock = prefixes is None
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=None if mock else (prefixes, weights),
+        split=split,
+        path_to_cache=str(Path(cache_dir).expanduser()),
+        tokenizer=_TokenizerInfo(
+            eod=eod,
+            vocab_size=vocab_size if mock else None,
+            data_identity=() if mock else tuple(data_identity(p) for p in prefixes),
+        ),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,  # causal attention; no (seq x seq) mask per sample
+    )
+    cls = MockGPTDataset if mock else GPTDataset
+    try:
+        return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    except (AssertionError, ValueError, IndexError) as e:
+        raise UserError(
+            f"data: megatron.core.datasets could not build the splits ({type(e).__name__}: {e}); "
+            f"check data.paths and data.split={split!r} (every split needs documents)"
+        ) from e

@@ -1,0 +1,67 @@
+"""Model + optimizer state through Megatron-Core dist_checkpointing (torch_dist format).
+
+Written into `<directory>/megatron` so the loop's own files (trainer state, manifest) sit beside it. The
+distributed optimizer uses the `dp_reshardable` format: a run can resume with a different DP size.
+Every rank saves its own shards in parallel (fully parallel strategy over the DP group).
+"""
+
+from pathlib import Path
+
+import torch
+
+from llmtrain.engines.megatron_engine.settings import CKPT_METADATA
+from llmtrain.errors import CheckpointError
+
+SUBDIR = "megatron"
+
+
+def _sharded_state_dict(models: list, optimizer, is_loading: bool) -> dict:
+    metadata = dict(CKPT_METADATA)
+    state = {}
+    if len(models) == 1:
+        state["model"] = models[0].sharded_state_dict(metadata=metadata)
+    else:  # virtual pipeline stages: one entry per chunk, as Megatron-LM names them
+        for i, m in enumerate(models):
+            state[f"model{i}"] = m.sharded_state_dict(metadata=metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def save(models: list, optimizer, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    path = directory / SUBDIR
+    if torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
+    state = _sharded_state_dict(models, optimizer, is_loading=False)
+    dist_checkpointing.save(state, str(path), sharded_strategy=strategy, content_metadata=dict(CKPT_METADATA))
+
+
+def load(models: list, optimizer, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    path = directory / SUBDIR
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: no Megatron-Core checkpoint there (metadata.json missing)")
+    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), _dp_group())
+    state = dist_checkpointing.load(
+        _sharded_state_dict(models, optimizer, is_loading=True), str(path), sharded_strategy=strategy
+    )
+    if len(models) == 1:
+        models[0].load_state_dict(state["model"])
+    else:
+        for i, m in enumerate(models):
+            m.load_state_dict(state[f"model{i}"])
+    optimizer.load_state_dict(state["optimizer"])

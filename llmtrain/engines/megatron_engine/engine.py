@@ -1,0 +1,326 @@
+"""MegatronEngine: Megatron-Core's GPTModel with Transformer Engine layers behind llmtrain's Engine protocol.
+
+One process per GPU (torchrun); the same code runs on 1 GPU and on N. Megatron and TE are imported here
+only, and this module is imported only when engine=megatron is chosen, so the CPU install never needs TE.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import socket
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
+from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, settings
+from llmtrain.errors import UserError
+from llmtrain.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def require_runtime() -> tuple[str, str]:
+    """Fail with one line unless CUDA, TE and Megatron-Core are usable; return their versions."""
+    if not torch.cuda.is_available():
+        raise UserError("engine=megatron needs a CUDA GPU; use engine=torch on this machine")
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch  # must come before transformer_engine_torch
+        from megatron.core import package_info
+    except ImportError as exc:
+        raise UserError(
+            f"engine=megatron needs Transformer Engine and Megatron-Core ({exc}); "
+            "install them with: pip install 'llmtrain[gpu]'"
+        ) from exc
+    return package_info.__version__, transformer_engine.__version__
+
+
+def _grad_accum_fusion_available() -> bool:
+    from megatron.core.tensor_parallel import layers
+
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-summed loss; Megatron divides the gradients by the global token count (per-token loss)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1)
+    loss = torch.sum(losses * mask)
+    tokens = mask.sum()
+    return loss, tokens.to(torch.int), {"lm loss": torch.stack([loss.detach(), tokens.detach()])}
+
+
+class MegatronEngine(Engine):
+    name = "megatron"
+
+    def __init__(self, cfg, dist: DistInfo):
+        mcore_version, te_version = require_runtime()
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer import TransformerConfig
+
+        self.cfg, self.dist = cfg, dist
+        self.spec = ModelSpec.from_config(cfg.model)
+        self.layout = settings.resolve_layout(cfg.parallel, self.spec, dist.world_size)
+        torch.cuda.set_device(dist.local_rank)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        capability = torch.cuda.get_device_capability(self.device)
+        precision_kwargs, precision_desc = settings.precision_settings(cfg.precision, capability)
+
+        self._owns_process_group = self._init_parallel(ps)
+        config_kwargs = settings.transformer_config_kwargs(
+            self.spec, cfg.parallel, self.layout, precision_kwargs
+        )
+        notes = []
+        if config_kwargs["gradient_accumulation_fusion"] and not _grad_accum_fusion_available():
+            # Megatron's own output-layer linear needs apex's extension for it; TE layers alone can't have it.
+            config_kwargs["gradient_accumulation_fusion"] = False
+            notes.append("grad_accum_fusion off (apex fused_weight_gradient_mlp_cuda not installed)")
+        self.config = TransformerConfig(**config_kwargs)
+        self.models = self._build_models(ps)  # unwrapped GPTModel chunks (checkpoint/weight I/O)
+        ddp_config = DistributedDataParallelConfig(**settings.ddp_config_kwargs(cfg.parallel))
+        self.ddp_models = [
+            DistributedDataParallel(self.config, ddp_config, m, disable_bucketing=i > 0)
+            for i, m in enumerate(self.models)
+        ]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(**settings.optimizer_config_kwargs(cfg.optim, cfg.parallel)), self.ddp_models
+        )
+        self._wire_schedule(finalize_model_grads)
+        if cfg.train.init_from:
+            self._init_from(str(cfg.train.init_from))
+
+        lay = self.layout
+        self.backend_description = (
+            f"Megatron-Core {mcore_version} + TE {te_version}: {precision_desc}; "
+            f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} cp={lay.cp} dp={lay.dp} sp={lay.sequence_parallel} "
+            f"dist_opt={bool(cfg.parallel.distributed_optimizer)} recompute={cfg.parallel.recompute}"
+            + "".join(f"; {n}" for n in notes)
+        )
+        if dist.is_main:
+            log.info("engine: %s", self.backend_description)
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _init_parallel(self, ps) -> bool:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        owns = False
+        if not torch.distributed.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if self.dist.world_size == 1:
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            torch.distributed.init_process_group("nccl", rank=self.dist.rank, world_size=self.dist.world_size)
+            owns = True
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        lay = self.layout
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=lay.tp,
+            pipeline_model_parallel_size=lay.pp,
+            virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
+            context_parallel_size=lay.cp,
+        )
+        # Megatron-LM's convention: same init on all DP ranks, different per pipeline stage.
+        seed = int(self.cfg.train.seed) + 100 * ps.get_pipeline_model_parallel_rank()
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+        return owns
+
+    def _build_models(self, ps) -> list:
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        theta = self.spec.rope_theta
+        models = []
+        for vp in range(self.layout.vpp):
+            vp_stage = vp if self.layout.vpp > 1 else None
+            model = GPTModel(
+                config=self.config,
+                transformer_layer_spec=layer_spec,
+                vocab_size=self.spec.vocab_size,
+                max_sequence_length=self.spec.seq_length,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                share_embeddings_and_output_weights=self.spec.tie_embeddings,
+                position_embedding_type="rope",
+                rotary_base=int(theta) if float(theta).is_integer() else theta,
+                vp_stage=vp_stage,
+            )
+            models.append(model.cuda(self.device))
+        return models
+
+    def _wire_schedule(self, finalize_model_grads) -> None:
+        """Hooks the pipeline schedules call, as Megatron-LM's training loop sets them."""
+
+        def one_or_list(fns):
+            return fns[0] if len(fns) == 1 else fns
+
+        self.config.no_sync_func = one_or_list([m.no_sync for m in self.ddp_models])
+        if self.cfg.parallel.overlap_grad_reduce:
+            self.config.grad_sync_func = one_or_list([m.start_grad_sync for m in self.ddp_models])
+        self.config.finalize_model_grads_func = finalize_model_grads
+
+    # ---- protocol ----------------------------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    def _forward_step(self, data_iterator, model):
+        b = next(data_iterator)
+        output = model(b["tokens"], None, None, labels=b["labels"])  # per-token loss [mbs, seq]
+        return output, partial(_loss_func, b["loss_mask"])
+
+    def _run(self, micro_batches: list[MicroBatch], forward_only: bool) -> float:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cp_size, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        prepared = [batches.prepare(mb, self.device, cp_size, cp_rank) for mb in micro_batches]
+        mbs, seq = micro_batches[0]["tokens"].shape
+        iters = [iter(prepared) for _ in self.ddp_models]  # each virtual stage walks the same batches
+        data = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.ddp_models,
+            num_microbatches=len(prepared),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+        return self._reduce_loss(ps, data)
+
+    def _reduce_loss(self, ps, data: list) -> float:
+        """Mean token loss over the global batch, on every rank (only the last stage computes it)."""
+        total = torch.zeros(2, device=self.device, dtype=torch.float32)
+        for item in data:
+            total += item["lm loss"].float()
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if self.layout.pp > 1:
+            torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp_min(1.0)).item()
+
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
+        for m in self.ddp_models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        settings.set_lr(self.optimizer, lr, float(self.cfg.optim.weight_decay))
+        loss = self._run(micro_batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()  # grad_norm is taken before clipping
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=not ok or not math.isfinite(loss))
+
+    @contextlib.contextmanager
+    def _params_synced(self):
+        """With overlapped param all-gather, weights are only complete once the next forward ran."""
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        for m in self.ddp_models:
+            m.disable_forward_pre_hook()  # also finishes the pending all-gather
+        try:
+            yield
+        finally:
+            for m in self.ddp_models:
+                m.enable_forward_pre_hook()
+
+    def eval_loss(self, micro_batches: list[MicroBatch]) -> float:
+        with self._params_synced(), torch.no_grad():
+            return self._run(micro_batches, forward_only=True)
+
+    def save(self, directory: Path) -> None:
+        """Collective: every rank calls it with the same directory."""
+        with self._params_synced():
+            checkpoint.save(self.models, self.optimizer, Path(directory))
+
+    def load(self, directory: Path) -> None:
+        with self._params_synced():
+            checkpoint.load(self.models, self.optimizer, Path(directory))
+
+    def memory_stats(self) -> dict[str, float]:
+        gib = 2.0**30  # mem_gib: peak allocated, the key the torch engine reports too
+        return {
+            "mem_gib": torch.cuda.max_memory_allocated(self.device) / gib,
+            "mem_reserved_gib": torch.cuda.memory_reserved(self.device) / gib,
+        }
+
+    # ---- weights from / to the torch reference model ------------------------------------------------
+    @torch.no_grad()
+    def load_reference_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load full weights of llmtrain.models.llama.LlamaModel (HF names); each rank takes its shard."""
+        from megatron.core import parallel_state as ps
+
+        full = mapping.reference_to_megatron(state_dict, self.spec)
+        tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        for model in self.models:
+            numbers = [layer.layer_number for layer in model.decoder.layers]
+            for name, param in model.named_parameters():
+                key = mapping.local_to_global_name(name, numbers)
+                if key == "output_layer.weight" and self.spec.tie_embeddings:
+                    key = "embedding.word_embeddings.weight"  # last stage's copy of the tied weight
+                param.copy_(mapping.tp_shard(key, full[key], tp_size, tp_rank))
+        self.optimizer.reload_model_params()  # FP32 main weights follow the new model weights
+
+    def _init_from(self, path: str) -> None:
+        """train.init_from: an HF Llama directory or an llmtrain checkpoint, as the torch engine takes it."""
+        from llmtrain.convert.api import load_state
+
+        spec, state, _ = load_state(path)
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "tie_embeddings",
+        ):
+            if getattr(spec, key) != getattr(self.spec, key):
+                raise UserError(
+                    f"train.init_from={path}: model.{key}={getattr(self.spec, key)} but the "
+                    f"checkpoint has {getattr(spec, key)}; set model.{key}={getattr(spec, key)}"
+                )
+        self.load_reference_state_dict(state)
+        if self.dist.is_main:
+            log.info("initialized from %s", path)
+
+    @torch.no_grad()
+    def reference_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights under the torch reference model's names (tp=pp=1 only), FP32 on the CPU."""
+        if self.layout.tp * self.layout.pp > 1:
+            raise NotImplementedError("reference_state_dict needs tp=pp=1; save a checkpoint instead")
+        model = self.models[0]
+        numbers = [layer.layer_number for layer in model.decoder.layers]
+        mg = {
+            mapping.local_to_global_name(n, numbers): p.detach().float().cpu()
+            for n, p in model.named_parameters()
+        }
+        return mapping.megatron_to_reference(mg, self.spec)
+
+    def close(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        if self._owns_process_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,50 @@
+"""Swap a LlamaModel's attention and MLP linears for QuantLinear, in place, and toggle QAF."""
+
+from torch import nn
+
+from llmtrain.errors import ConfigError
+from llmtrain.precision.linear import QuantLinear
+from llmtrain.precision.recipe import TORCH_BACKENDS, PrecisionRecipe, validate
+
+GEMMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
+    """Quantize every attention/MLP GEMM of `model.layers` except the first/last N (cfg.bf16_layers).
+
+    Embeddings, the output head, norms and attention (softmax) stay in high precision. The replacement
+    holds the original `weight` Parameter, so parameter names and shapes are unchanged. bf16: no-op.
+    """
+    num_layers = len(model.layers)
+    validate(cfg, num_layers)
+    if cfg.name == "bf16":
+        return
+    if cfg.backend not in TORCH_BACKENDS:
+        raise ConfigError(
+            "precision.backend",
+            cfg.backend,
+            "the torch engine emulates the formats in PyTorch; native/custom "
+            "are Transformer Engine back ends (engine=megatron)",
+            TORCH_BACKENDS,
+        )
+    recipe = PrecisionRecipe.from_config(cfg)
+    first, last = cfg.bf16_layers.first, cfg.bf16_layers.last
+    for i in range(first, num_layers - last):
+        for j, path in enumerate(GEMMS):
+            parent_name, attr = path.split(".")
+            parent = getattr(model.layers[i], parent_name)
+            linear = getattr(parent, attr)
+            # Distinct SR streams per GEMM, reproducible from the run seed.
+            layer_seed = (seed * 1_000_003 + i * len(GEMMS) + j) % 2**63
+            setattr(parent, attr, QuantLinear(linear, recipe, seed=layer_seed))
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_qaf(model: nn.Module, active: bool) -> None:
+    """QAF on: forward stays quantized, dgrad/wgrad in high precision. Off: all three GEMMs quantized."""
+    for m in quantized_layers(model).values():
+        m.qaf = bool(active)

@@ -1,0 +1,114 @@
+"""QuantLinear: y = x W^T with the operands of all three GEMMs quantized as a PrecisionRecipe says.
+
+Emulation: operands are quantized to their formats (codes x block scales, exact in BF16), the GEMM runs
+in the activation dtype (FP32 on CPU, BF16 under CUDA autocast) and per-tensor scales are applied to the
+FP32 output, as tensor cores do. Master weights, their gradients and the optimizer state stay FP32.
+
+In QAF mode (`qaf=True`) the forward stays quantized and dgrad/wgrad run in high precision on the
+original x and W. The mode is read when backward runs, so the monitor can re-run only the backward.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmtrain.precision.hadamard import TE_SIGNS, hadamard, random_signs
+from llmtrain.precision.quantize import Parts, quantize_parts
+from llmtrain.precision.recipe import Operand, PrecisionRecipe
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for a bias-free nn.Linear; holds the same `weight` Parameter (names and shapes unchanged)."""
+
+    def __init__(self, linear: nn.Linear, recipe: PrecisionRecipe, *, seed: int = 0):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("QuantLinear supports bias-free linears only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.recipe = recipe
+        self.seed = seed
+        self.qaf = False
+        self._generator: torch.Generator | None = None
+        self._signs: torch.Tensor | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """Stochastic-rounding RNG of this layer, seeded from (run seed, layer position)."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def rht_signs(self, device: torch.device) -> torch.Tensor:
+        if self._signs is None:
+            if self.recipe.rht_signs == "te":
+                self._signs = torch.tensor(TE_SIGNS)
+            else:
+                self._signs = random_signs(self.recipe.rht_size, torch.Generator().manual_seed(self.seed + 1))
+        return self._signs.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantLinearFn.apply(x, self.weight, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.recipe.describe()}"
+
+
+def _operand(t: torch.Tensor, op: Operand, layer: QuantLinear) -> Parts:
+    if not op.quantized:
+        return Parts(t, None)
+    gen = layer.generator(t.device) if op.rounding == "stochastic" else None
+    return quantize_parts(t, op.fmt, op.rounding, op.block_2d, gen)
+
+
+def _gemm(a: Parts, b: Parts, dtype: torch.dtype) -> torch.Tensor:
+    """(a.values @ b.values^T) * a.factor * b.factor: [m, k] x [n, k] -> [m, n]."""
+    y = a.values.to(dtype) @ b.values.to(dtype).t()
+    factor = None
+    for f in (a.factor, b.factor):
+        if f is not None:
+            factor = f if factor is None else factor * f
+    return y if factor is None else (y.float() * factor).to(dtype)
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, layer: QuantLinear):
+        r, cd = layer.recipe, _compute_dtype(x)
+        y = _gemm(
+            _operand(x.reshape(-1, x.shape[-1]), r.fprop_x, layer), _operand(weight, r.fprop_w, layer), cd
+        )
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.cd = layer, cd
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        layer, cd, r = ctx.layer, ctx.cd, ctx.layer.recipe
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        hp = layer.qaf
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            if hp:
+                dx = dy2.to(cd) @ weight.to(cd)
+            else:  # dx = dy @ W: both operands blocked along out_features (W^T's rows)
+                dx = _gemm(_operand(dy2, r.dgrad_dy, layer), _operand(weight.t(), r.dgrad_w, layer), cd)
+            dx = dx.view(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            a, b = dy2.t(), x2.t()  # dW = dy^T x: both blocked along tokens
+            if hp:
+                dw = a.to(cd) @ b.to(cd).t()
+            else:
+                if r.rht:
+                    size, signs = r.rht_size, layer.rht_signs(x.device)
+                    pad = -a.shape[1] % size  # zero tokens leave the product unchanged
+                    a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
+                    a, b = hadamard(a.float(), size, signs), hadamard(b.float(), size, signs)
+                dw = _gemm(_operand(a, r.wgrad_dy, layer), _operand(b, r.wgrad_x, layer), cd)
+            dw = dw.to(weight.dtype)
+        return dx, dw, None

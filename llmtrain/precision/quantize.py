@@ -1,0 +1,186 @@
+"""Public quantizers: quantize -> codes + scales, dequantize, and fake_quantize (= dequantize(quantize(x))).
+
+Tensors are quantized along their last dimension (the GEMM reduction dimension); leading dimensions are
+flattened into rows. A last dimension that is not a multiple of the block is zero-padded like TE's
+reference quantizers (zeros never change an amax); codes and block scales keep the padded width, dequantize
+drops it.
+
+NaN/Inf: propagated, never raised (a raise would need a device sync on every GEMM). A non-finite element
+makes the scale it shares NaN: the whole tensor for fp8_e4m3/fp8_e5m2/nvfp4 (the tensor scale comes from the
+amax), its 32-block for mxfp8. Dequantized, those elements are NaN, so the loss turns NaN and the training
+loop's NaN policy skips the step. (TE instead saturates Inf and ignores NaN when taking the amax.)
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from llmtrain.precision import scaling
+from llmtrain.precision.formats import (
+    E4M3,
+    E5M2,
+    ROUNDINGS,
+    e2m1_decode,
+    e2m1_encode,
+    e8m0_to_float,
+    pack_fp4,
+    unpack_fp4,
+)
+
+FORMATS = ("fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4")
+BLOCK = {"mxfp8": 32, "nvfp4": 16}
+_FP8 = {"fp8_e4m3": E4M3, "fp8_e5m2": E5M2}
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes and scales of one quantized tensor.
+
+    codes: uint8 [rows, padded cols] (FP8 bit patterns), or [rows, padded cols / 2] for nvfp4 (two E2M1
+        codes per byte, even element in the low nibble, as TE packs them).
+    scale: fp8_*: FP32 [1] dequantization scale (1 / quantization scale); mxfp8: uint8 E8M0 codes
+        [rows, blocks]; nvfp4: float8_e4m3fn block scales [rows, blocks] (16x16 tiles repeat per row).
+    amax: nvfp4 only: FP32 [1] tensor amax; the second-level decode scale is amax / (6 * 448).
+    """
+
+    fmt: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    amax: torch.Tensor | None
+    shape: torch.Size
+    dtype: torch.dtype
+    block_2d: bool = False
+
+
+@dataclass
+class Parts:
+    """What a GEMM consumes: `values` (element x block scale, exact in BF16) and a per-tensor `factor`.
+
+    A quantized GEMM is (values_a @ values_b^T) * factor_a * factor_b, with the per-tensor factors
+    applied to the FP32 output as tensor cores do (`factor` None = 1): FP8 scale_inv, NVFP4 amax / 2688.
+    """
+
+    values: torch.Tensor
+    factor: torch.Tensor | None
+
+
+def check_args(fmt: str, rounding: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt={fmt!r}: allowed values are {', '.join(FORMATS)}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}: allowed values are {', '.join(ROUNDINGS)}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if not x.is_floating_point():
+        raise TypeError(f"can only quantize floating-point tensors, got {x.dtype}")
+    return x.reshape(1, 1) if x.ndim == 0 else x.reshape(-1, x.shape[-1])
+
+
+def _quantize_rows(x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool, generator, sign=False):
+    """x2: [rows, cols] any float dtype -> raw quantizer output on the padded FP32 tensor."""
+    xf = x2.float().contiguous()
+    if fmt in _FP8:
+        return scaling.per_tensor_fp8(xf, _FP8[fmt], rounding, generator)
+    xf = scaling.pad_to(xf, 1, BLOCK[fmt])
+    if fmt == "mxfp8":
+        return scaling.mxfp8(xf, rounding, block_2d, generator)
+    return scaling.nvfp4(xf, rounding, block_2d, generator, sign=sign)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    rounding: str = "nearest",
+    block_2d: bool = False,
+    generator: torch.Generator | None = None,
+) -> QuantizedTensor:
+    """Quantize `x` to `fmt` (fp8_e4m3 | fp8_e5m2 | mxfp8 | nvfp4) along its last dimension.
+
+    rounding: nearest (to even) | stochastic (uses `generator`). block_2d: square tiles (16x16 nvfp4,
+    32x32 mxfp8) over the last two dimensions so that x and x^T see the same values; ignored for the
+    per-tensor FP8 formats.
+    """
+    check_args(fmt, rounding)
+    x2 = _rows(x)
+    out = _quantize_rows(x2, fmt, rounding, block_2d, generator, sign=True)
+    if fmt in _FP8:
+        elems, scale_inv = out
+        codes = elems.to(_FP8[fmt].torch_dtype).view(torch.uint8)
+        return QuantizedTensor(fmt, codes, scale_inv, None, x.shape, x.dtype, block_2d)
+    if fmt == "mxfp8":
+        elems, e8 = out
+        codes = elems.to(torch.float8_e4m3fn).view(torch.uint8)
+        return QuantizedTensor(fmt, codes, e8, None, x.shape, x.dtype, block_2d)
+    elems, s_blk, amax, negative = out
+    codes = torch.where(torch.isnan(elems), torch.zeros_like(elems), elems)
+    codes = pack_fp4(e2m1_encode(codes, negative))
+    return QuantizedTensor(fmt, codes, s_blk, amax, x.shape, x.dtype, block_2d)
+
+
+def _dequantize_elems(fmt, elems, scale, amax) -> torch.Tensor:
+    """FP32 values from grid elements and scales, with TE's dequantize arithmetic."""
+    if fmt in _FP8:
+        return elems * scale
+    rows, cols = elems.shape
+    blocks = elems.view(rows, scale.shape[1], -1)
+    if fmt == "mxfp8":
+        return (blocks * e8m0_to_float(scale).unsqueeze(-1)).view(rows, cols)
+    # TE's dequantize_fp4_kernel: final_scale = (s_blk * amax) * fp32(1 / (6 * 448)). s_blk * amax
+    # overflows FP32 for amax > ~7.6e35 (TE then returns inf); only there we reassociate.
+    rcp = scaling.RCP_2688.to(elems.device)
+    s_amax = scale.float() * amax
+    final = torch.where(torch.isinf(s_amax), scale.float() * (amax * rcp), s_amax * rcp)
+    return (blocks * final.unsqueeze(-1)).view(rows, cols)
+
+
+def _finish(values: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    cols = shape[-1] if len(shape) else 1
+    return values[:, :cols].reshape(shape).to(dtype)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """Back to q.dtype and q.shape."""
+    if q.fmt == "nvfp4":
+        elems = e2m1_decode(unpack_fp4(q.codes))
+    else:
+        elems = q.codes.view(torch.float8_e4m3fn if q.fmt != "fp8_e5m2" else torch.float8_e5m2).float()
+    return _finish(_dequantize_elems(q.fmt, elems, q.scale, q.amax), q.shape, q.dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    rounding: str = "nearest",
+    block_2d: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Quantize then dequantize: same shape and dtype as `x`; equals dequantize(quantize(x)) bit for bit."""
+    check_args(fmt, rounding)
+    if x.numel() == 0:
+        return x.clone()
+    out = _quantize_rows(_rows(x), fmt, rounding, block_2d, generator)
+    if fmt == "nvfp4":
+        elems, s_blk, amax, _ = out
+        return _finish(_dequantize_elems(fmt, elems, s_blk, amax), x.shape, x.dtype)
+    return _finish(_dequantize_elems(fmt, out[0], out[1], None), x.shape, x.dtype)
+
+
+def quantize_parts(
+    x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool = False, generator=None
+) -> Parts:
+    """Quantize a 2-D tensor for a GEMM (see Parts); padding along the last dimension is dropped."""
+    cols = x2.shape[1]
+    out = _quantize_rows(x2, fmt, rounding, block_2d, generator)
+    if fmt in _FP8:
+        return Parts(out[0], out[1])
+    if fmt == "mxfp8":
+        elems, e8 = out
+        values = _dequantize_elems(fmt, elems, e8, None)
+        return Parts(values[:, :cols], None)
+    elems, s_blk, amax, _ = out
+    rows, pcols = elems.shape
+    values = (elems.view(rows, s_blk.shape[1], -1) * s_blk.float().unsqueeze(-1)).view(rows, pcols)
+    return Parts(values[:, :cols], amax * scaling.RCP_2688.to(amax.device))

@@ -1,0 +1,56 @@
+"""Shared helpers for CLI-level tests: run `python -m llmtrain` in a subprocess with a very small model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A ~70k-parameter model and tiny batches: each step takes milliseconds on 2 cores.
+FAST = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=172",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.seq_length=64",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "train.eval_interval=0",
+    "optim.warmup_steps=2",
+    "logging.wandb.mode=disabled",
+    "logging.console=plain",
+]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")  # deterministic and friendly to parallel test runs
+    env.pop("WORLD_SIZE", None)
+    env.pop("SLURM_JOB_ID", None)
+    return env
+
+
+def llmtrain_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmtrain", *args]
+
+
+def run_cli(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        llmtrain_cmd(*args), capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]

@@ -1,0 +1,310 @@
+"""HF <-> llmtrain round trips against transformers (CPU, FP32, offline).
+
+Tolerance: logits compared with atol=1e-5, rtol=0 (FP32; the two implementations do the same math, so the
+measured difference is ~0 to 1e-6).
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from llmtrain.convert import api, io  # noqa: E402
+from llmtrain.convert.__main__ import main as convert_main  # noqa: E402
+from llmtrain.data import build_data, load_tokenizer  # noqa: E402
+from llmtrain.errors import CheckpointError, UserError  # noqa: E402
+from llmtrain.models.llama import LlamaModel, causal_lm_loss  # noqa: E402
+from llmtrain.models.spec import ModelSpec  # noqa: E402
+
+ATOL = 1e-5
+
+
+def make_hf_model(tmp_path, tied=False, dtype=torch.float32, name="hf"):
+    """A tiny random LlamaForCausalLM saved sharded (several safetensors files + index)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_theta=50000.0,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, so a mix-up of norm weights would show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    path = tmp_path / name
+    model.save_pretrained(str(path), max_shard_size="60KB")
+    return model, path
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def llmtrain_model(ckpt):
+    cfg = io.read_config(io.resolve_checkpoint(ckpt))
+    model = LlamaModel(ModelSpec.from_config(cfg.model)).eval()
+    api.init_weights_from(str(ckpt), model)
+    return model
+
+
+TOKENS = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_import_logits_export_reload(tmp_path, tied):
+    hf_model, hf_dir = make_hf_model(tmp_path, tied=tied)
+    assert len(list(hf_dir.glob("model-*.safetensors"))) > 1  # really sharded
+    ref = hf_logits(hf_model, TOKENS)
+
+    ckpt = api.import_hf(hf_dir, tmp_path / "ckpt")
+    manifest = io.read_manifest(ckpt)
+    assert manifest["step"] == 0 and set(manifest["files"]) == {"model.safetensors", "config.yaml"}
+    ours = llmtrain_model(ckpt)
+    with torch.no_grad():
+        diff = (ours(TOKENS) - ref).abs().max().item()
+    assert diff <= ATOL, diff
+
+    out = api.export_hf(ckpt, tmp_path / "export", max_shard_size="50KB")
+    names = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= set(names)
+    assert sum(n.startswith("model-") for n in names) > 1
+    assert not list(tmp_path.glob(".export*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
+    assert config["rope_theta"] == 50000.0 and config["tie_word_embeddings"] is tied
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    diff2 = (hf_logits(reloaded, TOKENS) - ref).abs().max().item()
+    assert diff2 <= ATOL, diff2
+
+
+def test_bf16_hf_weights_import_as_fp32(tmp_path):
+    hf_model, hf_dir = make_hf_model(tmp_path, dtype=torch.bfloat16)
+    ckpt = api.import_hf(hf_dir, tmp_path / "ckpt")
+    state = io.load_model_state(ckpt)
+    assert all(t.dtype == torch.float32 for t in state.values())
+    ref = hf_model.state_dict()["model.layers.1.mlp.down_proj.weight"].float()
+    assert torch.equal(state["layers.1.mlp.down_proj.weight"], ref)
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_init_from_hf_dir_directly(tmp_path, sharded):
+    hf_model, hf_dir = make_hf_model(tmp_path)
+    if not sharded:
+        hf_dir = tmp_path / "single"
+        hf_model.save_pretrained(str(hf_dir))
+        assert (hf_dir / "model.safetensors").is_file()
+    cfg = api.describe_source(hf_dir)[1]
+    model = LlamaModel(cfg).eval()
+    api.init_weights_from(str(hf_dir), model)
+    with torch.no_grad():
+        assert (model(TOKENS) - hf_logits(hf_model, TOKENS)).abs().max().item() <= ATOL
+    wrong = LlamaModel(ModelSpec(**{**cfg.__dict__, "vocab_size": 256}))
+    with pytest.raises(
+        UserError, match=r"model.vocab_size=256 but the checkpoint has 128; set model.vocab_size=128"
+    ):
+        api.init_weights_from(str(hf_dir), wrong)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("llmtrain-cache")
+
+
+TINY = dict(
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=4096,
+    seq_length=32,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """A tiny run trained 8 steps on the shipped corpus and saved as the torch engine does (the whole
+    resolved config in config.yaml, model.safetensors, manifest, `latest`)."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.config.schema import Config
+
+    cfg = OmegaConf.structured(Config)
+    cfg.model.merge_with({"name": "tiny_test", **TINY})
+    cfg.train.merge_with({"steps": 8, "micro_batch_size": 4, "global_batch_size": 4, "eval_steps": 2})
+    cfg.data.cache_dir = str(cache_dir)
+    data = build_data(cfg, dp_rank=0, dp_size=1)
+    model = LlamaModel(ModelSpec.from_config(cfg.model))
+    model.init_weights(torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(cfg.train.steps):
+        (mb,) = data.train_batch(step)
+        loss = causal_lm_loss(model(mb["tokens"]), mb["labels"], mb["loss_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    run = tmp_path_factory.mktemp("trained") / "run"
+    step_dir = run / "checkpoints" / io.step_dir_name(cfg.train.steps)
+    io.write_checkpoint(step_dir, model.state_dict(), OmegaConf.to_container(cfg), step=cfg.train.steps)
+    (run / "checkpoints" / "latest").write_text(step_dir.name)
+    return model.eval(), run, data
+
+
+def test_trained_checkpoint_round_trip_with_tokenizer(tmp_path, trained):
+    model, run, data = trained
+    tokens = data.valid_batches(1)[0]["tokens"]
+    with torch.no_grad():
+        ref = model(tokens)
+
+    out = api.export_hf(run, tmp_path / "hf_out", dtype="float32")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    diff = (hf_logits(hf_model, tokens) - ref).abs().max().item()
+    assert diff <= ATOL, diff
+    assert (out / "model.safetensors").is_file()  # 1.4 MB < 5GB: a single file, no index
+
+    # Tokenizer files: transformers' tokenizer encodes exactly as llmtrain's, EOS = <|endoftext|>.
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    text = "In the beginning God created the heaven and the earth."
+    assert tok(text)["input_ids"] == load_tokenizer("builtin").encode(text).ids
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 0 and hf_model.config.eos_token_id == 0
+
+    # And back: HF -> llmtrain gives the identical weights.
+    back = api.import_hf(out, tmp_path / "back")
+    state, orig = io.load_model_state(back), model.state_dict()
+    assert state.keys() == orig.keys() and all(torch.equal(state[k], orig[k]) for k in orig)
+    assert (back / "tokenizer" / "tokenizer.json").is_file()
+    assert io.read_config(back).data.tokenizer == str(back / "tokenizer")
+
+    # bf16 export (from the checkpoints/ dir): BF16 weights, no tokenizer when asked.
+    out16 = api.export_hf(run / "checkpoints", tmp_path / "hf16", dtype="bfloat16", with_tokenizer=False)
+    assert json.loads((out16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert not (out16 / "tokenizer.json").exists()
+    m16 = transformers.AutoModelForCausalLM.from_pretrained(str(out16), local_files_only=True)
+    assert m16.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_eval_perplexity(trained):
+    from llmtrain.eval import evaluate
+
+    model, run, data = trained
+    res = evaluate(run, steps=2, device="cpu")
+    with torch.no_grad():
+        mbs = data.valid_batches(2)
+        ref = sum(float(causal_lm_loss(model(m["tokens"]), m["labels"], m["loss_mask"])) for m in mbs) / len(
+            mbs
+        )
+    assert res["step"] == 8 and res["tokens"] == 2 * 4 * 32
+    assert abs(res["valid_loss"] - ref) < 1e-4 and math.isclose(
+        res["perplexity"], math.exp(res["valid_loss"])
+    )
+    assert res["perplexity"] < 4096  # better than uniform after a few steps
+
+
+def test_error_missing_shard(tmp_path):
+    _, hf_dir = make_hf_model(tmp_path)
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"missing shard {shard.name}"):
+        api.import_hf(hf_dir, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_error_shape_mismatch_in_hf_weights(tmp_path):
+    _, hf_dir = make_hf_model(tmp_path)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["intermediate_size"] = 128  # config and weights disagree
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch for layers.0.mlp.gate_proj.weight: checkpoint \[160, 64\]"
+    ):
+        api.import_hf(hf_dir, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == [hf_dir]
+
+
+def test_cli_import_export_and_errors(tmp_path, capsys):
+    _, hf_dir = make_hf_model(tmp_path)
+    assert convert_main(["import", str(hf_dir), str(tmp_path / "ck")]) == 0
+    assert convert_main(["export", str(tmp_path / "ck"), str(tmp_path / "ex"), "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    # Output exists: refused without --force, one line, exit code 2; with --force replaced.
+    assert convert_main(["export", str(tmp_path / "ck"), str(tmp_path / "ex")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--force" in err
+    assert convert_main(["export", str(tmp_path / "ck"), str(tmp_path / "ex"), "--force"]) == 0
+    # Non-Llama config.
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    assert convert_main(["import", str(hf_dir), str(tmp_path / "ck2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_type='gpt2' is not supported" in err
+    # Megatron import is not available yet: a clear line, nothing written.
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    assert (
+        convert_main(["import", str(hf_dir), str(tmp_path / "ck3"), "--engine", "megatron", "--tp", "2"]) == 2
+    )
+    assert "Megatron engine" in capsys.readouterr().err and not (tmp_path / "ck3").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
+    """`python -m llmtrain ... train.init_from=HF_DIR` starts from the HF weights (its first loss is the HF
+    model's loss on the first batch), and the trained run exports back to transformers."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import FAST, read_metrics, run_cli
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+    hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    run_dir = tmp_path / "run"
+    run_cli(
+        *FAST,
+        "train.steps=2",
+        "train.checkpoint_interval=2",
+        f"train.init_from={tmp_path / 'hf'}",
+        f"data.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+        check=True,
+    )
+    first_loss = read_metrics(run_dir)[0]["loss"]
+    data = build_data(OmegaConf.load(run_dir / "config.yaml"), dp_rank=0, dp_size=1)
+    with torch.no_grad():
+        mbs = data.train_batch(0)
+        hf_loss = sum(
+            float(causal_lm_loss(hf_model(m["tokens"]).logits, m["labels"], m["loss_mask"])) for m in mbs
+        ) / len(mbs)
+    assert abs(first_loss - hf_loss) < 1e-4, (first_loss, hf_loss)
+
+    out = api.export_hf(run_dir, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    tokens = mbs[0]["tokens"]
+    diff = (hf_logits(reloaded, tokens) - llmtrain_model(run_dir)(tokens).detach()).abs().max().item()
+    assert diff <= ATOL, diff

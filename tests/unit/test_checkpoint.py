@@ -1,0 +1,71 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.errors import CheckpointError
+from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path, verify
+
+
+class FakeEngine:
+    def __init__(self, value: float):
+        self.value = value
+
+    def save(self, directory: Path) -> None:
+        torch.save({"w": torch.full((4,), self.value)}, directory / "model.pt")
+
+
+def save(mgr: CheckpointManager, step: int) -> Path:
+    return mgr.save(step, FakeEngine(float(step)), {"step": step}, {"rng": 1}, 0, "model: {}\n")
+
+
+def test_save_writes_manifest_pointer_and_prunes(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    for step in (2, 4, 6):
+        save(mgr, step)
+    assert [p.name for p in mgr.step_dirs()] == ["step_00000004", "step_00000006"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000006"
+    manifest = json.loads((tmp_path / "step_00000006" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.pt", "rng_rank00000.pt", "trainer.pt", "config.yaml"}
+    assert not list(tmp_path.glob(".tmp_*"))
+
+
+def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3, is_main=True)
+    save(mgr, 2)
+    last = save(mgr, 4)
+    blob = (last / "model.pt").read_bytes()
+    (last / "model.pt").write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert mgr.latest_valid() == tmp_path / "step_00000002"
+
+
+def test_missing_manifest_is_not_a_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3, is_main=True)
+    step_dir = save(mgr, 2)
+    (step_dir / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no manifest"):
+        verify(step_dir)
+    with pytest.warns(UserWarning):
+        assert mgr.latest_valid() is None
+
+
+def test_leftover_temp_dir_from_a_crash_is_ignored_and_replaced(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3, is_main=True)
+    save(mgr, 2)
+    junk = tmp_path / ".tmp_step_00000004"
+    junk.mkdir()
+    (junk / "model.pt").write_bytes(b"half")
+    assert mgr.latest_valid() == tmp_path / "step_00000002"
+    save(mgr, 4)
+    assert mgr.latest_valid() == tmp_path / "step_00000004"
+
+
+def test_resolve_accepts_run_dir_checkpoints_dir_and_step_dir(tmp_path):
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=3, is_main=True)
+    step_dir = save(mgr, 2)
+    for p in (tmp_path, tmp_path / "checkpoints", step_dir):
+        assert resolve_checkpoint_path(p) == step_dir
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint_path(tmp_path / "nope")

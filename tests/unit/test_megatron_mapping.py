@@ -1,0 +1,191 @@
+"""CPU checks of the Megatron engine's pure parts: weight mapping, TP/CP slicing, config translation."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmtrain.engines.megatron_engine import batches, mapping, settings
+from llmtrain.engines.megatron_engine.testing import make_config
+from llmtrain.errors import ConfigError, UserError
+from llmtrain.models import ModelSpec
+from llmtrain.models.llama import LlamaModel
+
+SPEC = ModelSpec(
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=96,
+    num_attention_heads=8,
+    num_query_groups=2,
+    vocab_size=128,
+    seq_length=16,
+)
+
+
+def _ref_state(spec: ModelSpec) -> dict:
+    torch.manual_seed(0)
+    model = LlamaModel(spec)
+    model.init_weights()
+    return model.state_dict()
+
+
+def test_fused_qkv_matches_megatron_attention_split():
+    """Split the fused projection the way Megatron's SelfAttention does and compare to q/k/v_proj."""
+    sd = _ref_state(SPEC)
+    p = "layers.0.self_attn."
+    w = mapping.fuse_qkv(sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"], 8, 2)
+    x = torch.randn(3, SPEC.hidden_size)
+    hd, ng, per = SPEC.head_dim, 2, 4
+    mixed = (x @ w.T).view(3, ng, (per + 2) * hd)
+    q, k, v = mixed.split([per * hd, hd, hd], dim=-1)
+    torch.testing.assert_close(q.reshape(3, -1), x @ sd[p + "q_proj.weight"].T)
+    torch.testing.assert_close(k.reshape(3, -1), x @ sd[p + "k_proj.weight"].T)
+    torch.testing.assert_close(v.reshape(3, -1), x @ sd[p + "v_proj.weight"].T)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_reference_megatron_round_trip(tied):
+    spec = ModelSpec(**{**SPEC.__dict__, "tie_embeddings": tied})
+    ref = _ref_state(spec)
+    mg = mapping.reference_to_megatron(ref, spec)
+    assert ("output_layer.weight" in mg) is not tied
+    assert mg["decoder.layers.1.mlp.linear_fc1.weight"].shape == (2 * spec.ffn_hidden_size, spec.hidden_size)
+    back = mapping.megatron_to_reference(mg, spec)
+    assert back.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(back[k], ref[k], rtol=0, atol=0)
+
+
+def test_tp_shards():
+    ref = _ref_state(SPEC)
+    mg = mapping.reference_to_megatron(ref, SPEC)
+    qkv = mg["decoder.layers.0.self_attention.linear_qkv.weight"]
+    p = "layers.0.self_attn."
+    hd = SPEC.head_dim
+    # TP rank 1 of 2 holds KV group 1: q heads 4..7, k/v head 1.
+    want = mapping.fuse_qkv(
+        ref[p + "q_proj.weight"][4 * hd :], ref[p + "k_proj.weight"][hd:], ref[p + "v_proj.weight"][hd:], 4, 1
+    )
+    torch.testing.assert_close(
+        mapping.tp_shard("decoder.layers.0.self_attention.linear_qkv.weight", qkv, 2, 1), want
+    )
+    fc1 = mapping.tp_shard(
+        "decoder.layers.0.mlp.linear_fc1.weight", mg["decoder.layers.0.mlp.linear_fc1.weight"], 2, 0
+    )
+    half = SPEC.ffn_hidden_size // 2
+    torch.testing.assert_close(
+        fc1,
+        torch.cat([ref["layers.0.mlp.gate_proj.weight"][:half], ref["layers.0.mlp.up_proj.weight"][:half]]),
+    )
+    proj = mapping.tp_shard(
+        "decoder.layers.0.self_attention.linear_proj.weight",
+        mg["decoder.layers.0.self_attention.linear_proj.weight"],
+        2,
+        1,
+    )
+    torch.testing.assert_close(proj, ref["layers.0.self_attn.o_proj.weight"][:, SPEC.hidden_size // 2 :])
+    emb = mapping.tp_shard("embedding.word_embeddings.weight", mg["embedding.word_embeddings.weight"], 4, 3)
+    assert emb.shape == (SPEC.vocab_size // 4, SPEC.hidden_size)
+    norm = mg["decoder.final_layernorm.weight"]
+    assert mapping.tp_shard("decoder.final_layernorm.weight", norm, 2, 1) is norm
+
+
+def test_local_to_global_name():
+    assert (
+        mapping.local_to_global_name("decoder.layers.1.mlp.linear_fc2.weight", [5, 6])
+        == "decoder.layers.5.mlp.linear_fc2.weight"
+    )
+    assert mapping.local_to_global_name("output_layer.weight", [5, 6]) == "output_layer.weight"
+
+
+def test_cp_slice_load_balanced():
+    t = torch.arange(16).view(1, 16)
+    r0, r1 = batches.cp_slice(t, 2, 0), batches.cp_slice(t, 2, 1)
+    assert r0.tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
+    assert r1.tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
+    assert batches.cp_slice(t, 1, 0) is t
+
+
+def test_resolve_layout():
+    cfg = make_config("llama3_8b", parallel="megatron_8b")
+    spec = ModelSpec.from_config(cfg.model)
+    assert settings.resolve_layout(cfg.parallel, spec, 8).dp == 8
+    cfg.parallel.tp, cfg.parallel.sequence_parallel = 2, True
+    lay = settings.resolve_layout(cfg.parallel, spec, 8)
+    assert (lay.tp, lay.dp, lay.sequence_parallel) == (2, 4, True)
+    cfg.parallel.tp = 3
+    with pytest.raises(ConfigError, match=r"parallel.tp"):
+        settings.resolve_layout(cfg.parallel, spec, 6)
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp = 1, 2, 3  # 32 layers % 6 != 0
+    with pytest.raises(ConfigError, match=r"parallel.pp"):
+        settings.resolve_layout(cfg.parallel, spec, 2)
+    cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.dp = 1, 1, 3
+    with pytest.raises(ConfigError, match=r"parallel.dp"):
+        settings.resolve_layout(cfg.parallel, spec, 2)
+
+
+def test_precision_settings():
+    hopper, blackwell = (9, 0), (10, 0)
+    assert settings.precision_settings(make_config(precision="bf16").precision, hopper)[0] == {}
+    kw, desc = settings.precision_settings(make_config(precision="fp8_cs").precision, hopper)
+    assert kw == {"fp8": "hybrid", "fp8_recipe": "tensorwise"} and "Float8CurrentScaling" in desc
+    for name in ("mxfp8", "nvfp4", "nvfp4_fp4all"):
+        with pytest.raises(UserError, match="use precision=fp8_cs or run on Blackwell"):
+            settings.precision_settings(make_config(precision=name).precision, hopper)
+    kw, _ = settings.precision_settings(make_config(precision="mxfp8").precision, blackwell)
+    assert kw == {"fp8": "e4m3", "fp8_recipe": "mxfp8"}
+    kw, desc = settings.precision_settings(make_config(precision="nvfp4").precision, blackwell)
+    assert kw["fp4"] == "e2m1" and kw["num_layers_at_end_in_bf16"] == 4 and kw["first_last_layers_bf16"]
+    with pytest.raises(ConfigError, match="backend=custom"):
+        settings.precision_settings(make_config(precision="nvfp4_fp4all").precision, blackwell)
+    with pytest.raises(ConfigError, match=r"precision.backend"):
+        settings.precision_settings(
+            make_config(precision="fp8_cs", overrides={"precision": {"backend": "custom"}}).precision, hopper
+        )
+
+
+def test_transformer_config_kwargs():
+    cfg = make_config(
+        "llama3_8b", precision="fp8_cs", parallel="megatron_8b", overrides={"parallel": {"recompute": "full"}}
+    )
+    spec = ModelSpec.from_config(cfg.model)
+    lay = settings.resolve_layout(cfg.parallel, spec, 1)
+    kw = settings.transformer_config_kwargs(spec, cfg.parallel, lay, {"fp8": "hybrid"})
+    assert kw["num_query_groups"] == 8 and kw["kv_channels"] == 128 and kw["normalization"] == "RMSNorm"
+    assert kw["gated_linear_unit"] and not kw["add_bias_linear"] and kw["fp8"] == "hybrid"
+    assert kw["recompute_granularity"] == "full" and kw["gradient_accumulation_fusion"]
+    okw = settings.optimizer_config_kwargs(cfg.optim, cfg.parallel)
+    assert okw["use_distributed_optimizer"] and okw["adam_beta2"] == cfg.optim.beta2
+
+
+def test_set_lr_follows_wd_mult():
+    Opt = SimpleNamespace(
+        param_groups=[{"lr": 0.0, "wd_mult": 0.0, "lr_mult": 1.0}, {"lr": torch.tensor(0.0)}]
+    )
+
+    settings.set_lr(Opt, 1e-3, 0.1)
+    assert Opt.param_groups[0]["lr"] == 1e-3 and Opt.param_groups[0]["weight_decay"] == 0.0
+    assert (
+        float(Opt.param_groups[1]["lr"]) == pytest.approx(1e-3) and Opt.param_groups[1]["weight_decay"] == 0.1
+    )
+
+
+def test_import_is_lazy_and_cpu_fails_cleanly():
+    code = (
+        "import sys, llmtrain.engines.megatron_engine as m\n"
+        "assert 'transformer_engine' not in sys.modules and 'megatron.core' not in sys.modules\n"
+        "from llmtrain.engines.base import DistInfo\n"
+        "from llmtrain.engines.megatron_engine.testing import make_config\n"
+        "import torch\n"
+        "if not torch.cuda.is_available():\n"
+        "    from llmtrain.errors import UserError\n"
+        "    try:\n"
+        "        m.MegatronEngine(make_config(), DistInfo())\n"
+        "    except UserError as e:\n"
+        "        assert 'CUDA' in str(e)\n"
+        "    else:\n"
+        "        raise AssertionError('expected UserError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,83 @@
+"""Every user error is one ConfigError line naming the key, the bad value and what is allowed."""
+
+import pytest
+
+from llmtrain.cli import preflight
+from llmtrain.config.resolvers import register_resolvers
+from llmtrain.config.schema import register_configs
+from llmtrain.errors import UserError
+
+register_configs()
+register_resolvers()
+
+CASES = [
+    (["train.foo=1"], "train.foo=1: unknown key 'foo' in train (allowed: check_memory"),
+    (["+foo=1"], "foo=1: unknown key 'foo' (allowed: cluster, data"),
+    (["train.steps=abc"], "train.steps=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["precision=fp7"], "precision=fp7: no such precision config (allowed: bf16, fp8_cs, mxfp8, nvfp4"),
+    (["recipe=nope"], "recipe=nope: no such recipe config (allowed: llama3_1b, llama3_8b, research_8b, tiny"),
+    (["precision.name=fp16"], "precision.name='fp16': not a valid choice (allowed: bf16, fp8_cs"),
+    (
+        ["precision.grad_format=fp16"],
+        "precision.grad_format='fp16': not a valid choice (allowed: bf16, fp8_e4m3",
+    ),
+    (
+        ["optim.schedule=linear"],
+        "optim.schedule='linear': not a valid choice (allowed: cosine, wsd, constant)",
+    ),
+    (
+        ["logging.wandb.mode=maybe"],
+        "logging.wandb.mode='maybe': not a valid choice (allowed: offline, online",
+    ),
+    (
+        ["engine=megatron", "dry_run=true", "model.num_attention_heads=7"],
+        "model.hidden_size=256: must be divisible by model.num_attention_heads=7",
+    ),
+    (
+        ["engine=megatron", "dry_run=true", "parallel.tp=3", "cluster.gpus_per_node=3"],
+        "model.num_attention_heads=8: must be divisible by parallel.tp=3",
+    ),
+    (
+        ["engine=megatron", "dry_run=true", "parallel.pp=3", "cluster.gpus_per_node=3"],
+        "model.num_layers=4: must be divisible by parallel.pp*vpp=3",
+    ),
+    (["engine=megatron", "dry_run=true", "parallel.tp=2"], "tp*pp*cp=2 must divide the world size 1"),
+    (
+        ["engine=megatron", "dry_run=true", "parallel.vpp=2", "parallel.pp=1"],
+        "parallel.vpp=2: virtual stages need",
+    ),
+    (
+        ["train.global_batch_size=12"],
+        "train.global_batch_size=12: must be divisible by micro_batch_size*dp=8",
+    ),
+    (["parallel.tp=2"], "the torch engine is data parallel only; use engine=megatron"),
+    (
+        ["data.paths=[/nonexistent/corpus]"],
+        "data.paths='/nonexistent/corpus': /nonexistent/corpus.bin not found",
+    ),
+    (["data.paths=[0.5,/a,0.5]"], "a blend is [weight1, prefix1, weight2, prefix2, ...]"),
+    (["train.resume=/no/such/ckpt"], "train.resume='/no/such/ckpt': checkpoint path does not exist"),
+    (["engine=megatron"], "engine='megatron': needs CUDA, megatron-core and transformer-engine"),
+    (["recipe=llama3_8b"], "llama3_8b needs ~"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_user_error_is_one_clear_line(overrides, expected):
+    if overrides == ["engine=megatron"]:
+        pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError) as info:
+        preflight(overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_sweep_points_are_each_validated():
+    with pytest.raises(UserError, match="optim.schedule='bogus'"):
+        preflight(["-m", "optim.schedule=cosine,bogus"])
+
+
+def test_valid_overrides_pass():
+    preflight(["recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
+    preflight(["recipe=llama3_8b", "precision=nvfp4", "dry_run=true"])
