@@ -1,0 +1,185 @@
+"""The peer for scripts/bench.py: a bare Megatron-Core + Transformer Engine training loop.
+
+Written straight against Megatron-Core's API, the way Megatron-LM's pretrain_gpt drives it (TE layer spec,
+DDP with FP32 grad reduce, distributed optimizer, forward_backward_func, one loss all-reduce per step), with
+none of llmtrain's code, so the benchmark compares llmtrain's engine against what a user would write by hand.
+Single GPU; mock data (random tokens), labelled so in the results.
+
+    python scripts/bench_bare_megatron.py --precision fp8_cs --layers 4 --steps 10
+"""
+
+import argparse
+import json
+import os
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+
+def build(args):
+    import transformer_engine.pytorch  # noqa: F401  (before anything imports transformer_engine_torch)
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    torch.cuda.set_device(0)
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    torch.manual_seed(1234)
+    model_parallel_cuda_manual_seed(1234)
+
+    from megatron.core.tensor_parallel import layers
+
+    fp8 = {"fp8": "hybrid", "fp8_recipe": "tensorwise"} if args.precision == "fp8_cs" else {}
+    # Fused wgrad accumulation needs apex's extension for Megatron's output-layer linear.
+    grad_accum_fusion = bool(getattr(layers, "_grad_accum_fusion_available", False))
+    config = TransformerConfig(
+        num_layers=args.layers,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=True,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        pipeline_dtype=torch.bfloat16,
+        apply_rope_fusion=True,
+        cross_entropy_loss_fusion=True,
+        cross_entropy_fusion_impl="native",
+        calculate_per_token_loss=True,
+        gradient_accumulation_fusion=grad_accum_fusion,
+        **fp8,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_with_transformer_engine_spec(),
+        vocab_size=args.vocab,
+        max_sequence_length=args.seq,
+        position_embedding_type="rope",
+        rotary_base=500000,
+        share_embeddings_and_output_weights=False,
+    ).cuda()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        use_distributed_optimizer=True,
+    )
+    model = DistributedDataParallel(config, ddp_config, model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=3e-4,
+            weight_decay=0.1,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            adam_eps=1e-8,
+            clip_grad=1.0,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            use_distributed_optimizer=True,
+            overlap_param_gather=True,
+        ),
+        [model],
+    )
+    config.no_sync_func = model.no_sync
+    config.grad_sync_func = model.start_grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return model, optimizer, grad_accum_fusion
+
+
+def loss_func(loss_mask, output_tensor):
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1)
+    loss = torch.sum(losses * mask)
+    tokens = mask.sum()
+    return loss, tokens.to(torch.int), {"lm loss": torch.stack([loss.detach(), tokens])}
+
+
+def forward_step(data_iterator, model):
+    tokens, labels, loss_mask = (t.cuda(non_blocking=True) for t in next(data_iterator))
+    return model(tokens, None, None, labels=labels), partial(loss_func, loss_mask)
+
+
+def run(args) -> dict:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model, optimizer, grad_accum_fusion = build(args)
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.ones(1, args.seq))
+        for tokens in (torch.randint(0, args.vocab, (1, args.seq + 1), generator=gen) for _ in range(args.mb))
+    ]
+    fb = get_forward_backward_func()
+
+    def step():
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = fb(
+            forward_step_func=forward_step,
+            data_iterator=iter(data),
+            model=[model],
+            num_microbatches=args.mb,
+            seq_length=args.seq,
+            micro_batch_size=1,
+            forward_only=False,
+        )
+        optimizer.step()
+        total = sum(o["lm loss"] for o in out)
+        torch.distributed.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    losses = [step() for _ in range(args.steps)]
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {
+        "impl": "bare-megatron-core",
+        "grad_accum_fusion": grad_accum_fusion,
+        "precision": args.precision,
+        "step_time_s": elapsed / args.steps,
+        "tokens_per_step": args.mb * args.seq,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "last_loss": losses[-1],
+        "data": "mock (random tokens)",
+    }
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8_cs"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--mb", type=int, default=8, help="micro-batches (MBS 1) per optimizer step")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    print("BENCH_RESULT " + json.dumps(run(parse())), flush=True)
