@@ -1,0 +1,1 @@
+"""Reading and comparing finished runs (metrics.jsonl + config.yaml + Hydra overrides)."""
