@@ -60,9 +60,9 @@ def _unknown_key(node, schema, prefix: str = "") -> str | None:
         if key not in schema:
             return full
         child, schema_child = node[key], schema[key]
-        if OmegaConf.is_dict(child) and OmegaConf.is_dict(schema_child):
-            if found := _unknown_key(child, schema_child, full + "."):
-                return found
+        nested = OmegaConf.is_dict(child) and OmegaConf.is_dict(schema_child)
+        if nested and (found := _unknown_key(child, schema_child, full + ".")):
+            return found
     return None
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmtrain.analysis.runs import find_runs, summary_table  # noqa: E402
-from llmtrain.errors import UserError  # noqa: E402
+from llmtrain.analysis.runs import find_runs, summary_table
+from llmtrain.errors import UserError
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -73,9 +73,12 @@ def main(argv=None) -> int:
     try:
         runs = find_runs(args.runs)
         baseline = next((r for r in runs if r.label == args.baseline), None) or next(
-            (r for r in runs if r.label.startswith(args.baseline)), None)
+            (r for r in runs if r.label.startswith(args.baseline)), None
+        )
         if baseline is None:
-            raise UserError(f"--baseline {args.baseline!r} matches none of: {', '.join(r.label for r in runs)}")
+            raise UserError(
+                f"--baseline {args.baseline!r} matches none of: {', '.join(r.label for r in runs)}"
+            )
         args.out.mkdir(parents=True, exist_ok=True)
         table = summary_table(runs, baseline, args.window)
         (args.out / "table.md").write_text(table)

@@ -34,7 +34,9 @@ class Run:
     @property
     def tokens_per_s(self) -> float | None:
         # Median of steady-state steps: the first steps include warm-up and compilation.
-        values = sorted(r["tokens_per_s"] for r in self.records[len(self.records) // 5 :] if "tokens_per_s" in r)
+        values = sorted(
+            r["tokens_per_s"] for r in self.records[len(self.records) // 5 :] if "tokens_per_s" in r
+        )
         return values[len(values) // 2] if values else None
 
 
@@ -79,7 +81,11 @@ def find_runs(roots: list[Path]) -> list[Run]:
     runs = []
     for root in roots:
         root = Path(root)
-        dirs = [root] if (root / "metrics.jsonl").is_file() else sorted(p.parent for p in root.rglob("metrics.jsonl"))
+        dirs = (
+            [root]
+            if (root / "metrics.jsonl").is_file()
+            else sorted(p.parent for p in root.rglob("metrics.jsonl"))
+        )
         runs.extend(load_run(d) for d in dirs)
     if not runs:
         raise UserError(f"no runs (metrics.jsonl) under {', '.join(map(str, roots))}")
@@ -89,8 +95,10 @@ def find_runs(roots: list[Path]) -> list[Run]:
 
 def summary_table(runs: list[Run], baseline: Run, window: int = 10) -> str:
     base_train, base_val = baseline.final("loss", window), baseline.final("val_loss")
-    rows = ["| run | steps | final train loss | gap vs baseline | final val loss | val gap | tokens/s | QAF step |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| run | steps | final train loss | gap vs baseline | final val loss | val gap | tokens/s | QAF step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
 
     def gap(value, base):
         return f"{100 * (value - base) / base:+.2f}%" if value is not None and base else "n/a"
@@ -101,6 +109,10 @@ def summary_table(runs: list[Run], baseline: Run, window: int = 10) -> str:
     for run in runs:
         train, val = run.final("loss", window), run.final("val_loss")
         steps = run.records[-1]["step"] if run.records else 0
-        rows.append(f"| {run.label} | {steps} | {num(train, '.4f')} | {gap(train, base_train)} | {num(val, '.4f')} "
-                    f"| {gap(val, base_val)} | {num(run.tokens_per_s, ',.0f')} | {run.qaf_step or '-'} |")
-    return "\n".join(rows) + f"\n\nTrain loss = mean of the last {window} steps; baseline: {baseline.label}.\n"
+        rows.append(
+            f"| {run.label} | {steps} | {num(train, '.4f')} | {gap(train, base_train)} | {num(val, '.4f')} "
+            f"| {gap(val, base_val)} | {num(run.tokens_per_s, ',.0f')} | {run.qaf_step or '-'} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nTrain loss = mean of the last {window} steps; baseline: {baseline.label}.\n"
+    )

@@ -65,6 +65,8 @@ class Engine(ABC):
 
     def set_qaf(self, active: bool) -> None:
         """Quantization-aware finetuning: forward stays quantized, backward/update in high precision."""
+        if active:
+            raise NotImplementedError(f"the {self.name} engine has no quantization-aware finetuning switch")
 
     def memory_stats(self) -> dict[str, float]:
         return {}

@@ -8,7 +8,7 @@ class JsonlWriter:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         self._truncate_after(resume_step)
-        self._f = open(path, "a", encoding="utf-8")
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the checkpoint we resume from (they are recomputed identically)."""

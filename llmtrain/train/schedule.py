@@ -25,7 +25,7 @@ def learning_rate(
         progress = min((step - warmup) / span, 1.0)
         return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     if schedule == "wsd":
-        decay_steps = max(int(round(total * decay_fraction)), 1)
+        decay_steps = max(round(total * decay_fraction), 1)
         decay_start = total - decay_steps
         if step < decay_start:
             return lr

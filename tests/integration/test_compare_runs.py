@@ -7,15 +7,27 @@ from tests.helpers import FAST, REPO, cli_env, run_cli
 
 
 def compare(*args):
-    return subprocess.run([sys.executable, "scripts/compare_runs.py", *map(str, args)], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "scripts/compare_runs.py", *map(str, args)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_compare_runs_on_a_two_point_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     sweep = tmp_path / "sweep"
-    run_cli("-m", *FAST, "train.steps=6", "train.eval_interval=3", "optim.lr=1e-3,1e-2",
-            f"hydra.sweep.dir={sweep}", check=True)
+    run_cli(
+        "-m",
+        *FAST,
+        "train.steps=6",
+        "train.eval_interval=3",
+        "optim.lr=1e-3,1e-2",
+        f"hydra.sweep.dir={sweep}",
+        check=True,
+    )
     out = tmp_path / "cmp"
     proc = compare(sweep, "--baseline", "optim.lr=0.001", "--out", out, "--window", "2")
     assert proc.returncode == 0, proc.stderr

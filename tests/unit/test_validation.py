@@ -74,7 +74,7 @@ def test_user_error_is_one_clear_line(overrides, expected):
 
 
 def test_sweep_points_are_each_validated():
-    with pytest.raises(UserError, match="optim.schedule='bogus'"):
+    with pytest.raises(UserError, match=r"optim\.schedule='bogus'"):
         preflight(["-m", "optim.schedule=cosine,bogus"])
 
 
