@@ -52,6 +52,8 @@ def load_model(source: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     with torch.device("meta"):
         model = LlamaModel(spec)
     model = model.to_empty(device=device)  # no random init of weights that are overwritten next
+    if spec.tie_embeddings:  # to_empty gives the tied output head its own storage: tie it again
+        model.lm_head.weight = model.embed_tokens.weight
     init_weights_from(str(source), model)
     model = model.to(dtype)
     model.rope_cos, model.rope_sin = (t.to(device) for t in _rope(spec))  # FP32 tables whatever the dtype

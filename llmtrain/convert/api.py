@@ -54,6 +54,11 @@ def describe_source(path: str | Path) -> tuple[str, ModelSpec, dict]:
     info: for 'hf' {'dir', 'files', 'hf_config'}; for 'llmtrain' {'step_dir', 'config'}.
     """
     p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(
+            f"{p} does not exist; pass a Hugging Face Llama directory or an llmtrain run dir / checkpoints/ /"
+            " step dir"
+        )
     if is_hf_dir(p):
         hf_cfg = hf.read_hf_config(p)
         spec = ModelSpec(**hf.model_config_from_hf(hf_cfg, name=p.name))
@@ -87,7 +92,8 @@ def load_state(path: str | Path, verify: bool = True) -> tuple[ModelSpec, dict[s
 # init_from
 
 
-def _check_architecture(model_spec: ModelSpec, ckpt_spec: ModelSpec, source: str) -> None:
+def check_architecture(model_spec: ModelSpec, ckpt_spec: ModelSpec, source: str) -> None:
+    """Structural fields must match (one-line UserError naming the key to set); rope_theta/norm_eps warn."""
     for key in STRUCTURAL:
         mine, theirs = getattr(model_spec, key), getattr(ckpt_spec, key)
         if mine != theirs:
@@ -111,7 +117,7 @@ def init_weights_from(path: str, model) -> None:
     are copied tensor by tensor (cast to the model's dtype/device), so the source never sits in memory whole.
     """
     kind, spec, info = describe_source(path)
-    _check_architecture(model.spec, spec, str(path))
+    check_architecture(model.spec, spec, str(path))
     params = dict(model.named_parameters())  # a tied lm_head is listed once, as embed_tokens.weight
     if kind == "hf":
         hf.checked_hf_shapes(info["files"], model.spec, str(path))

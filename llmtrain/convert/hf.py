@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -380,14 +379,3 @@ def write_tokenizer(src: Path, out_dir: Path, model_max_length: int, eos: str | 
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
     }
-
-
-def copy_tokenizer_files(hf_dir: Path, dest: Path) -> bool:
-    """Copy the tokenizer files an HF dir has into `dest`; False if it has none."""
-    found = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
-    if not any(p.name in ("tokenizer.json", "tokenizer.model") for p in found):
-        return False
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in found:
-        shutil.copy2(p, dest / p.name)
-    return True

@@ -7,7 +7,9 @@ torch.distributed is initialized; the other ranks then load them.
 """
 
 import logging
+import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,52 @@ def parse_blend(paths, key: str = "data.paths") -> tuple[list[str], list[float] 
     return prefixes, weights
 
 
+def num_sequences(prefix: str) -> int:
+    """Sequence count from the .idx header (magic 9 bytes, version 8, dtype 1, then this <Q)."""
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(26)
+    return struct.unpack("<Q", head[18:26])[0]
+
+
+def _check_nonempty_splits(prefixes: list[str], split_matrix, split: str) -> None:
+    """Megatron's builder never returns on a split that gets no document; fail with the fix instead."""
+    for prefix in prefixes:
+        n = num_sequences(prefix)
+        for name, bounds in zip(("train", "valid"), split_matrix[:2]):
+            if bounds is None:
+                continue
+            beg, end = (round(b * float(n)) for b in bounds)  # Megatron's rounding
+            if end <= beg:
+                raise ConfigError(
+                    "data.split",
+                    split,
+                    f"leaves the {name} share of {prefix} ({n} documents) empty",
+                    "more documents, or a larger share, e.g. 90,10,0",
+                )
+
+
+@contextmanager
+def _single_process_guard(cache_dir: str):
+    """Without torch.distributed: Megatron's BlendedDataset still calls dist.get_rank() on a cache miss,
+    so it answers 0 here; and a file lock keeps two runs sharing `cache_dir` from writing the same index
+    files at once (with torch.distributed, Megatron builds on rank 0 first and the others wait)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    from filelock import FileLock
+
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    saved = dist.get_rank
+    dist.get_rank = lambda *a, **k: 0
+    try:
+        with FileLock(str(Path(cache_dir) / ".build.lock")):
+            yield
+    finally:
+        dist.get_rank = saved
+
+
 def build_datasets(
     prefixes: list[str] | None,
     weights: list[float] | None,
@@ -116,9 +164,15 @@ def build_datasets(
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,  # causal attention; no (seq x seq) mask per sample
     )
+    # The test share stays out of train/valid (the boundaries come from the full split string) but is
+    # not built: nothing here evaluates on it, and Megatron loops forever on a split without documents.
+    config.split_matrix[2] = None
+    if not mock:
+        _check_nonempty_splits(prefixes, config.split_matrix, split)
     cls = MockGPTDataset if mock else GPTDataset
     try:
-        return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+        with _single_process_guard(config.path_to_cache):
+            return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     except (AssertionError, ValueError, IndexError) as e:
         raise UserError(
             f"data: megatron.core.datasets could not build the splits ({type(e).__name__}: {e}); "

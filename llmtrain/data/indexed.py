@@ -40,8 +40,8 @@ class IndexedWriter:
 
     def __init__(self, bin_path: Path, lens_path: Path, dtype: np.dtype, resume_bytes=0, resume_docs=0):
         self.bin_path, self.lens_path, self.dtype = Path(bin_path), Path(lens_path), np.dtype(dtype)
-        self._bin = open(self.bin_path, "r+b" if resume_bytes else "wb")
-        self._lens = open(self.lens_path, "r+b" if resume_docs else "wb")
+        self._bin = open(self.bin_path, "r+b" if resume_bytes else "wb")  # noqa: SIM115 (closed in close())
+        self._lens = open(self.lens_path, "r+b" if resume_docs else "wb")  # noqa: SIM115
         # Drop whatever an interrupted run wrote after its last commit.
         self._bin.truncate(resume_bytes)
         self._bin.seek(resume_bytes)

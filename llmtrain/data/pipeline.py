@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class PrepareOptions:
     batch_mb: float = 1.0  # text per tokenizer call
     commit_mb: float = 64.0  # output written between two resumable commits
     progress: bool = True
+    fast: bool = True  # chunked fast path where it is exact for the tokenizer (see encode.py)
 
 
 @dataclass
@@ -129,22 +131,27 @@ def _fingerprint(opts: PrepareOptions, sources: list[Source], tok_sha: str, eos_
 
 
 def _executor(opts: PrepareOptions, tok_file: str, eos_id, dtype) -> tuple[Executor, object, int]:
-    """Tokenizer workers: processes with one Rust thread each (no GIL contention on the Python part
-    of encoding, no rayon imbalance), or threads sharing one tokenizer when workers < 0."""
+    """Tokenizer workers: processes with one Rust thread and one chunk cache each (the Python half of
+    encoding runs in parallel too), or threads of this process when workers < 0 (inside a trainer,
+    which must not fork), one Encoder per thread."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if opts.workers < 0:
         tok = load_tokenizer(tok_file)
-        n = cores
+        local = threading.local()
 
         def run(texts):
-            return enc.encode(tok, texts, eos_id, dtype)
+            if not hasattr(local, "encoder"):
+                local.encoder = enc.Encoder(tok, eos_id, dtype, opts.fast)
+            return local.encoder(texts)
 
-        return ThreadPoolExecutor(n), run, n
+        return ThreadPoolExecutor(cores), run, cores
     n = opts.workers or cores
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    ex = ProcessPoolExecutor(n, ctx, initializer=enc.init_worker, initargs=(tok_file, eos_id, str(dtype), 1))
+    ex = ProcessPoolExecutor(
+        n, ctx, initializer=enc.init_worker, initargs=(tok_file, eos_id, str(dtype), opts.fast)
+    )
     return ex, enc.encode_in_worker, n
 
 
@@ -261,6 +268,13 @@ def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype
         progress.close()
     _commit(writer, state, stats, per_source, paths)
     writer.close()
+    if state["documents"] == 0:
+        shutil.rmtree(paths["work"], ignore_errors=True)
+        bad = ", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if v) or "none"
+        raise UserError(
+            f"input={opts.input}: no document to write (malformed or empty records: {bad}); "
+            f"check the input and text_key={opts.text_key!r}"
+        )
 
     write_index(paths["work_idx"], paths["work_lens"], dtype)
     elapsed = time.perf_counter() - t0

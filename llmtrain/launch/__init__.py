@@ -5,11 +5,16 @@ from pathlib import Path
 
 from llmtrain.launch.requeue import after_preemption
 
-__all__ = ["after_preemption", "inside_scheduler_job", "submit"]
+__all__ = ["after_preemption", "inside_scheduler_job", "restart_count", "submit"]
 
 
 def inside_scheduler_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
+
+
+def restart_count() -> int:
+    """How often SLURM has restarted this job (requeues, node failures); 0 outside a job."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) if inside_scheduler_job() else 0
 
 
 def submit(cfg, overrides: list[str]) -> None:

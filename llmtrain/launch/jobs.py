@@ -39,6 +39,7 @@ def record(sub, overrides: list[str]) -> None:
         "run_dir": str(sub.run_dir),
         "log": str(sub.log),
         "rank_logs": str(sub.rank_logs),
+        "script": str(sub.script),
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "overrides": overrides,
     }
@@ -69,19 +70,11 @@ def live_states(job_ids: list[str]) -> dict[str, dict]:
     if not job_ids:
         return {}
     _need("squeue")
-    cmd = [
-        "squeue",
-        "-h",
-        "-t",
-        "all",
-        "-j",
-        ",".join(job_ids),
-        "-O",
-        "JobID:|,State:|,RestartCnt:|,TimeUsed:|,Reason:|",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    fields = "JobID:|,State:|,RestartCnt:|,TimeUsed:|,Reason:|"
+    cmd = ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-O", fields]
+    proc = subprocess.run(cmd, capture_output=True, text=True)  # unknown ids are left out (rc 1 if all)
     states = {}
-    for line in proc.stdout.splitlines():  # squeue fails as a whole if one id is unknown: then none match
+    for line in proc.stdout.splitlines():
         job, state, restarts, elapsed, reason = (line.split("|") + [""] * 5)[:5]
         states[job.strip()] = {
             "state": state.strip(),
@@ -89,9 +82,6 @@ def live_states(job_ids: list[str]) -> dict[str, dict]:
             "elapsed": elapsed.strip(),
             "reason": reason.strip(),
         }
-    if len(states) < len(job_ids) and proc.returncode != 0 and len(job_ids) > 1:
-        for job in job_ids:  # ask one by one so the known ones still show
-            states |= live_states([job]) if job not in states else {}
     return states
 
 
@@ -127,10 +117,11 @@ def status(all_jobs: bool = False) -> str:
         if not all_jobs and s["state"] == "GONE":
             continue
         state = s["state"] + (f" ({s['reason']})" if s["reason"] not in ("", "None") else "")
-        rows.append((e["job_id"], e["name"], state, s["restarts"], progress(e["run_dir"]), e["log"]))
+        row = (e["job_id"], e["name"], state, s["restarts"], s["elapsed"] or "-")
+        rows.append((*row, progress(e["run_dir"]), e["log"]))
     if not rows:
         return "no tracked jobs known to slurmctld any more (--all lists them from the jobs file)"
-    head = ("JOB", "NAME", "STATE", "RESTARTS", "PROGRESS", "LOG")
+    head = ("JOB", "NAME", "STATE", "RESTARTS", "TIME", "PROGRESS", "LOG")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head) - 1)]
     return "\n".join(
         "  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [head, *rows]

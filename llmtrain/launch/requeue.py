@@ -27,7 +27,7 @@ def after_preemption(cfg, run_dir) -> None:
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None or not dist_info_from_env().is_main:
         return
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # SLURM's count: requeues and node failures
     limit = cfg.cluster.requeue_limit
     resume_hint = f"resume with the same command and hydra.run.dir={run_dir}"
     if restarts >= limit:

@@ -39,14 +39,9 @@ def template_body(template: Path = TEMPLATE) -> str:
 def sbatch_directives(cfg, *, name: str, log_dir: Path) -> list[str]:
     """The #SBATCH options for cfg.cluster: one task per GPU, or per CPU slot when train.device=cpu."""
     c = cfg.cluster
-    if c.nodes < 1 or c.gpus_per_node < 1:
-        raise ConfigError(
-            "cluster.nodes" if c.nodes < 1 else "cluster.gpus_per_node",
-            c.nodes if c.nodes < 1 else c.gpus_per_node,
-            "must be >= 1",
-        )
-    if c.signal_seconds < 1:
-        raise ConfigError("cluster.signal_seconds", c.signal_seconds, "must be >= 1 (seconds of warning)")
+    for key in ("nodes", "gpus_per_node", "signal_seconds"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"cluster.{key}", getattr(c, key), "must be >= 1")
     if c.requeue_limit < 0:
         raise ConfigError("cluster.requeue_limit", c.requeue_limit, "must be >= 0")
     opts = [f"--job-name={name}", f"--nodes={c.nodes}", f"--ntasks-per-node={c.gpus_per_node}"]

@@ -116,15 +116,19 @@ def e8m0_from_float_ceil(val: torch.Tensor) -> torch.Tensor:
     return code.to(torch.uint8)
 
 
+def _pow2_from_biased(e: torch.Tensor) -> torch.Tensor:
+    """2**(e - 127) in FP32 for e in [0, 254] from the bit pattern (exact, no FTZ or pow() on any device)."""
+    bits = torch.where(e == 0, torch.full_like(e, 0x00400000), e << 23)  # 2**-127 is an FP32 subnormal
+    return bits.view(torch.float32)
+
+
 def e8m0_to_float(code: torch.Tensor) -> torch.Tensor:
     """2**(code - 127) in FP32; code 255 -> NaN."""
     c = code.int()
-    out = torch.ldexp(torch.ones(c.shape, device=c.device), c - 127)
-    return torch.where(c == 255, torch.full_like(out, float("nan")), out)
+    return torch.where(c == 255, float("nan"), _pow2_from_biased(c.clamp_max(254)))
 
 
 def e8m0_reciprocal(code: torch.Tensor) -> torch.Tensor:
     """2**(127 - code) in FP32 (TE's exp2f_rcp); code 255 -> NaN."""
     c = code.int()
-    out = torch.ldexp(torch.ones(c.shape, device=c.device), 127 - c)
-    return torch.where(c == 255, torch.full_like(out, float("nan")), out)
+    return torch.where(c == 255, float("nan"), _pow2_from_biased(254 - c.clamp_max(254)))

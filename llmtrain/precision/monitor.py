@@ -25,7 +25,8 @@ from llmtrain.precision.recipe import validate
 def probe_quantization_noise(model, micro_batch, loss_fn) -> dict[str, float]:
     """Per-layer ratios (module name -> ratio) plus "all"; {} when nothing is quantized.
 
-    The parameters' .grad, the layers' QAF mode and the weights are left untouched.
+    The parameters' .grad, the layers' QAF mode and the weights are left untouched. Under data
+    parallelism the squared norms are summed over ranks (each probes its own micro-batch).
     """
     layers = quantized_layers(model)
     if not layers:
@@ -43,11 +44,20 @@ def probe_quantization_noise(model, micro_batch, loss_fn) -> dict[str, float]:
     finally:
         for m, mode in zip(mods, modes):
             m.qaf = mode
-    hp = torch.stack([g.float().norm() for g in g_hp])
-    noise = torch.stack([(a.float() - b.float()).norm() for a, b in zip(g_q, g_hp)])
-    ratios = (hp / noise).tolist()  # x/0 = inf: backward not quantized (or exact) for that layer
+    sq = torch.stack(
+        [
+            torch.stack([b.float().square().sum(), (a.float() - b.float()).square().sum()])
+            for a, b in zip(g_q, g_hp)
+        ]
+    )  # [layers, 2]: ||G_hp||^2, ||G_q - G_hp||^2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Sum over data-parallel ranks so every rank logs the same ratios and takes the same QAF decision.
+        torch.distributed.all_reduce(sq)
+    norms = sq.sqrt()
+    ratios = (norms[:, 0] / norms[:, 1]).tolist()  # x/0 = inf: backward not quantized (or exact)
     out = dict(zip(layers, ratios))
-    out["all"] = (hp.square().sum().sqrt() / noise.square().sum().sqrt()).item()
+    total = sq.sum(0).sqrt()
+    out["all"] = (total[0] / total[1]).item()
     return out
 
 

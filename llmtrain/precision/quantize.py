@@ -129,7 +129,7 @@ def _dequantize_elems(fmt, elems, scale, amax) -> torch.Tensor:
         return (blocks * e8m0_to_float(scale).unsqueeze(-1)).view(rows, cols)
     # TE's dequantize_fp4_kernel: final_scale = (s_blk * amax) * fp32(1 / (6 * 448)). s_blk * amax
     # overflows FP32 for amax > ~7.6e35 (TE then returns inf); only there we reassociate.
-    rcp = scaling.RCP_2688.to(elems.device)
+    rcp = scaling.RCP_2688
     s_amax = scale.float() * amax
     final = torch.where(torch.isinf(s_amax), scale.float() * (amax * rcp), s_amax * rcp)
     return (blocks * final.unsqueeze(-1)).view(rows, cols)
@@ -183,4 +183,4 @@ def quantize_parts(
     elems, s_blk, amax, _ = out
     rows, pcols = elems.shape
     values = (elems.view(rows, s_blk.shape[1], -1) * s_blk.float().unsqueeze(-1)).view(rows, pcols)
-    return Parts(values[:, :cols], amax * scaling.RCP_2688.to(amax.device))
+    return Parts(values[:, :cols], amax * scaling.RCP_2688)

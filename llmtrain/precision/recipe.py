@@ -136,7 +136,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
         return
     if not recipe.quantized:
         raise ConfigError(
-            f"precision.name",
+            "precision.name",
             cfg.name,
             "every operand format is bf16 or every GEMM is disabled, so nothing "
             "would be quantized; set precision.weight_format/activation_format/grad_format",

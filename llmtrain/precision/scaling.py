@@ -17,19 +17,21 @@ from llmtrain.precision.formats import (
     FP32_MAX,
     FloatFormat,
     e8m0_from_float_ceil,
+    e8m0_reciprocal,
     round_to_format,
 )
 
 
-def _f32(v: float) -> torch.Tensor:
-    return torch.tensor(v, dtype=torch.float32)
+def _f32_quotient(a: float, b: float) -> float:
+    """fp32(a) / fp32(b) rounded to FP32, held as a Python float (exact, so `tensor * it` computes in FP32
+    with the very same constant on every device, no host-to-device copy)."""
+    return (torch.tensor(a, dtype=torch.float32) / torch.tensor(b, dtype=torch.float32)).item()
 
 
 # FP32 constants exactly as the kernels fold them (FP32 division of FP32 operands).
-RCP_448 = _f32(1.0) / _f32(448.0)  # MXFP8 E4M3 max_norm_rcp
-RCP_6 = _f32(1.0) / _f32(6.0)  # NVFP4: 1 / E2M1 max
-RCP_2688 = _f32(1.0) / _f32(6.0 * 448.0)  # NVFP4 dequantize: 1 / (E2M1 max * E4M3 max)
-NVFP4_ALPHA_DIV = 6.0 * 6.0 * 448.0 * 448.0  # NVFP4 GEMM: alpha = amax_a * amax_b / this
+RCP_448 = _f32_quotient(1.0, 448.0)  # MXFP8 E4M3 max_norm_rcp
+RCP_6 = _f32_quotient(1.0, 6.0)  # NVFP4: 1 / E2M1 max
+RCP_2688 = _f32_quotient(1.0, 6.0 * 448.0)  # NVFP4 dequantize: 1 / (E2M1 max * E4M3 max)
 
 
 def pad_to(x: torch.Tensor, row_mult: int, col_mult: int) -> torch.Tensor:
@@ -68,22 +70,21 @@ def mxfp8(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None
     `x` cols must be a multiple of `block`. Returns (elements [rows, cols], E8M0 codes [rows, cols/block]).
     """
     rows, cols = x.shape
-    codes = e8m0_from_float_ceil(block_amax(x, block, block_2d) * RCP_448.to(x.device))
-    c = codes.int()
-    rcp = torch.ldexp(torch.ones(c.shape, device=x.device), 127 - c)  # TE's exp2f_rcp
-    rcp = torch.where(c == 255, torch.full_like(rcp, float("nan")), rcp)
-    scaled = x.view(rows, cols // block, block) * rcp.unsqueeze(-1)
+    codes = e8m0_from_float_ceil(block_amax(x, block, block_2d) * RCP_448)
+    scaled = x.view(rows, cols // block, block) * e8m0_reciprocal(codes).unsqueeze(-1)
     return round_to_format(scaled, E4M3, rounding, generator).view(rows, cols), codes
 
 
 def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
     """448 * 6 / amax in FP32, FP32 max if that overflows, 1 if amax is 0 (TE's kernel); NaN if amax is not finite."""
-    s = torch.clamp_max(_f32(448.0 * 6.0).to(amax.device) / amax, FP32_MAX)
+    s = torch.clamp_max(torch.div(torch.full_like(amax, 448.0 * 6.0), amax), FP32_MAX)
     s = torch.where((amax == 0) | (s == 0), torch.ones_like(s), s)
     return torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
 
 
-def nvfp4(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 16, sign=False):
+def nvfp4(
+    x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 16, sign=False
+):
     """NVFP4: FP32 tensor scale from amax, E4M3 scale per 16 elements (or 16x16 tile), E2M1 elements.
 
     Follows TE's NVFP4QuantizerRef / quantize_transpose_nvfp4 kernel:
@@ -99,7 +100,7 @@ def nvfp4(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None
     s_enc = nvfp4_global_encode_scale(amax)
     s_dec = torch.reciprocal(s_enc)
     # Clamping at +-448 also covers TE's min(., FP32 max); NaN passes through.
-    s_blk = (bmax * (s_enc * RCP_6.to(x.device))).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+    s_blk = (bmax * (s_enc * RCP_6)).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
     enc = torch.reciprocal(s_blk.float() * s_dec).clamp_max_(FP32_MAX)
     scaled = x.view(rows, cols // block, block) * enc.unsqueeze(-1)
     negative = (scaled < 0).view(rows, cols) if sign else None

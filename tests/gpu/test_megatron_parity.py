@@ -1,7 +1,8 @@
 """Parity: the torch reference model and the Megatron engine from the same weights, on the same batches.
 
-1B debug model (Llama 3.2 1B shapes, tied embeddings), seq 1024, 4 micro-batches of mock tokens per step,
-50 steps with a 10-step linear warm-up to 3e-4.
+1B debug model (Llama 3.2 1B shapes, tied embeddings), seq 1024, 50 steps with a 10-step linear warm-up to
+3e-4, each step 4 fresh micro-batches of mock tokens drawn from a Zipf(1.1) unigram law (the same batches for
+both), so the loss falls smoothly from ln(vocab) towards the law's entropy instead of memorising a batch.
 The torch side is LlamaModel with BF16 autocast, FP32 weights and torch AdamW with the same hyper-parameters
 and weight-decay grouping as Megatron (no decay on 1-D weights); the Megatron side is the engine (TE, BF16).
 """
@@ -23,20 +24,21 @@ if torch.cuda.is_available():
     pytest.importorskip("transformer_engine.pytorch")
 
 STEPS, WARMUP, LR, SEQ = 50, 10, 3e-4, 1024
-# BF16 tolerance on a ~12 nat loss: the two stacks round differently (TE fused kernels vs eager torch),
-# and those differences grow as training goes on, so later steps get a looser bound.
-INIT_TOL, EARLY_TOL, CURVE_TOL = 0.02, 0.05, 0.05
+# BF16 tolerances: the two stacks round differently (TE fused kernels vs eager torch): 0.02 nats on the
+# same batch at the same weights, and 1% relative per step along the 50-step curves.
+INIT_TOL, CURVE_RTOL = 0.02, 0.01
 
 
 def lr_at(step: int) -> float:
     return LR * min(1.0, (step + 1) / WARMUP)  # linear warm-up, then constant
 
 
-def torch_losses(model, batches, steps, cfg) -> tuple[float, float, list[float]]:
-    """(fp32 loss, bf16-autocast loss) at init, then `steps` AdamW steps under bf16 autocast."""
+def torch_losses(model, step_batches, cfg) -> tuple[float, float, list[float]]:
+    """(fp32 loss, bf16-autocast loss) at init on step 0's batches, then one AdamW step (bf16 autocast)
+    per entry of `step_batches`."""
     dev = torch.device("cuda")
 
-    def global_loss(train: bool):
+    def global_loss(batches, train: bool):
         tot, n = 0.0, 0.0
         for b in batches:
             logits = model(b["tokens"].to(dev))
@@ -48,9 +50,9 @@ def torch_losses(model, batches, steps, cfg) -> tuple[float, float, list[float]]
         return tot / n
 
     with torch.no_grad():
-        fp32 = global_loss(False)
+        fp32 = global_loss(step_batches[0], False)
         with torch.autocast("cuda", torch.bfloat16):
-            bf16 = global_loss(False)
+            bf16 = global_loss(step_batches[0], False)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -64,12 +66,12 @@ def torch_losses(model, batches, steps, cfg) -> tuple[float, float, list[float]]
         fused=True,
     )
     curve = []
-    for step in range(steps):
+    for step, batches in enumerate(step_batches):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", torch.bfloat16):
-            curve.append(global_loss(True))
+            curve.append(global_loss(batches, True))
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
         opt.step()
     return fp32, bf16, curve
@@ -87,9 +89,9 @@ def test_torch_vs_megatron_same_weights():
         for p in ref.parameters():
             p.copy_(p.bfloat16().float())  # both sides start from exactly representable BF16 weights
     weights = {k: v.clone() for k, v in ref.state_dict().items()}
-    batches = mock_batches(4, 1, SEQ, spec.vocab_size)
+    step_batches = [mock_batches(4, 1, SEQ, spec.vocab_size, seed=s, zipf=1.1) for s in range(STEPS)]
 
-    t_fp32, t_bf16, t_curve = torch_losses(ref.cuda(), batches, STEPS, cfg)
+    t_fp32, t_bf16, t_curve = torch_losses(ref.cuda(), step_batches, cfg)
     del ref
     torch.cuda.empty_cache()
 
@@ -97,15 +99,16 @@ def test_torch_vs_megatron_same_weights():
     engine.load_reference_state_dict(weights)
     back = engine.reference_state_dict()
     mapping_exact = all(torch.equal(back[k], weights[k]) for k in weights)
-    m_init = engine.eval_loss(batches)
-    m_curve = [engine.train_step(batches, lr=lr_at(step)).loss for step in range(STEPS)]
+    m_init = engine.eval_loss(step_batches[0])
+    m_curve = [engine.train_step(b, lr=lr_at(step)).loss for step, b in enumerate(step_batches)]
     dispose(engine)
 
     diffs = [abs(a - b) for a, b in zip(t_curve, m_curve)]
+    rel = [d / t for d, t in zip(diffs, t_curve)]
     record(
         "parity_llama3_1b",
         {
-            "data": "mock (random tokens, 4 sequences repeated)",
+            "data": "mock (Zipf(1.1) tokens, fresh each step)",
             "seq": SEQ,
             "steps": STEPS,
             "lr": LR,
@@ -113,6 +116,7 @@ def test_torch_vs_megatron_same_weights():
             "torch_curve": t_curve,
             "megatron_curve": m_curve,
             "max_abs_curve_diff": max(diffs),
+            "max_rel_curve_diff": max(rel),
             "mean_abs_curve_diff": sum(diffs) / len(diffs),
             "mapping_round_trip_exact": mapping_exact,
         },
@@ -120,6 +124,5 @@ def test_torch_vs_megatron_same_weights():
     assert mapping_exact
     assert abs(m_init - t_fp32) < INIT_TOL
     assert math.isclose(t_curve[0], m_curve[0], abs_tol=INIT_TOL)
-    assert max(diffs[:5]) < EARLY_TOL
-    assert sum(diffs) / len(diffs) < CURVE_TOL * t_curve[-1]  # mean gap within 5% of the final loss
-    assert m_curve[-1] < m_curve[0] - 1.0  # it learns (memorises the 4 sequences)
+    assert max(rel) < CURVE_RTOL
+    assert m_curve[-1] < m_curve[0] - 1.0  # it learns (the unigram law)

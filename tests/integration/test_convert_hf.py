@@ -191,6 +191,9 @@ def test_trained_checkpoint_round_trip_with_tokenizer(tmp_path, trained):
     assert state.keys() == orig.keys() and all(torch.equal(state[k], orig[k]) for k in orig)
     assert (back / "tokenizer" / "tokenizer.json").is_file()
     assert io.read_config(back).data.tokenizer == str(back / "tokenizer")
+    again = api.export_hf(back, tmp_path / "hf_again")  # the copied HF tokenizer dir is re-saved as is
+    tok2 = transformers.AutoTokenizer.from_pretrained(str(again), local_files_only=True)
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and tok2.eos_token_id == 0
 
     # bf16 export (from the checkpoints/ dir): BF16 weights, no tokenizer when asked.
     out16 = api.export_hf(run / "checkpoints", tmp_path / "hf16", dtype="bfloat16", with_tokenizer=False)
@@ -301,6 +304,7 @@ def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
         hf_loss = sum(
             float(causal_lm_loss(hf_model(m["tokens"]).logits, m["labels"], m["loss_mask"])) for m in mbs
         ) / len(mbs)
+    print(f"init_from HF: first training loss {first_loss:.6f}, transformers loss {hf_loss:.6f}")
     assert abs(first_loss - hf_loss) < 1e-4, (first_loss, hf_loss)
 
     out = api.export_hf(run_dir, tmp_path / "out")
@@ -308,3 +312,14 @@ def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
     tokens = mbs[0]["tokens"]
     diff = (hf_logits(reloaded, tokens) - llmtrain_model(run_dir)(tokens).detach()).abs().max().item()
     assert diff <= ATOL, diff
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_eval_load_model_matches_transformers(tmp_path, tied):
+    from llmtrain.eval import load_model
+
+    hf_model, hf_dir = make_hf_model(tmp_path, tied=tied)
+    model = load_model(hf_dir)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        assert (model(TOKENS) - hf_logits(hf_model, TOKENS)).abs().max().item() <= ATOL

@@ -146,6 +146,7 @@ def test_hf_to_mcore_logits_and_back(tmp_path, mcore_cpu):
             t = full[name]
             p.copy_(torch.cat([t, t.new_zeros(vp - t.shape[0], t.shape[1])]) if p.shape[0] == vp else t)
     diff = (mcore_logits(model, tokens)[..., : spec.vocab_size] - ref).abs().max().item()
+    print(f"mcore vs transformers logits max abs diff: {diff:.3g}")
     assert diff <= ATOL, diff
 
     # Export: Megatron-Core state dict -> llmtrain checkpoint -> HF dir -> transformers, same logits.

@@ -165,7 +165,9 @@ def test_cluster_slurm_submits_and_reproduces_the_template_run(env, reference, t
     wait_done(env, job, run_dir)
     assert losses(run_dir) == losses(reference)
     status = sh(env, sys.executable, "-m", "llmtrain.launch", "status").stdout
-    assert re.search(rf"^{job}\s+llmtrain-tiny\s+COMPLETED\s+0\s+step {STEPS}/{STEPS}", status, re.M), status
+    assert re.search(rf"^{job}\s+llmtrain-tiny\s+COMPLETED\s+0\s+\S+\s+step {STEPS}/{STEPS}", status, re.M), (
+        status
+    )
 
 
 def test_sweep_submits_one_job_per_point(env, tmp_path):
@@ -189,33 +191,46 @@ def test_sweep_submits_one_job_per_point(env, tmp_path):
     assert losses(sweep / "0") != losses(sweep / "1")  # each point ran its own seed
 
 
-def preempt(env, job: str, run_dir: Path, after_step: int) -> None:
+def warn(env, job: str) -> None:
     """The time-limit warning, sent now: USR1 to the batch script only, as --signal=B:USR1@N does."""
-    wait_steps(run_dir, after_step)
     sh(env, "scancel", "--batch", "--signal=USR1", job)
 
 
+def wait_log(path: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: no '{text}' after {timeout}s")
+
+
 def test_warning_signal_checkpoints_requeues_and_resumes_exactly(env, reference, tmp_path):
-    """Signal -> checkpoint -> requeue -> resume; a second signal hits requeue_limit=1, so the job stops;
-    resubmitting the same command finishes the run. The losses equal the uninterrupted run's bitwise."""
+    """Warning during startup -> checkpoint at the first steps -> requeue -> resume; a second warning
+    mid-run hits requeue_limit=1, so the job stops; resubmitting the same command finishes the run.
+    The losses equal the uninterrupted run's bitwise."""
     run_dir = tmp_path / "run"
     cmd = [*RUN, *SUBMIT, "cluster.requeue_limit=1", f"hydra.run.dir={run_dir}"]
     (job,), _ = submit(env, *cmd)
-    preempt(env, job, run_dir, after_step=5)
+    # As soon as the batch script runs (its trap is set), before srun and Python are up: the warning
+    # must neither kill the starting ranks nor get lost.
+    wait_log(run_dir / "logs" / f"llmtrain-tiny-{job}.out", f"llmtrain: job {job} restart 0")
+    warn(env, job)
     # scontrol requeue holds the job ~2 min (BeginTime); release it as soon as it is pending again
-    wait_for(env, job, {"PENDING"}, run_dir, timeout=60)
+    wait_for(env, job, {"PENDING"}, run_dir, timeout=90)
     sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
     wait_for(env, job, {"RUNNING"}, run_dir, timeout=60)
     stopped_at = len(read_metrics(run_dir))
-    assert 5 <= stopped_at < STEPS
-    preempt(env, job, run_dir, after_step=stopped_at + 5)  # after the resume: the file was cut back to it
+    assert 1 <= stopped_at < STEPS
+    wait_steps(run_dir, stopped_at + 5)  # resumed and training (the file was cut back to the checkpoint)
+    warn(env, job)
     info = wait_done(env, job, run_dir)
     assert info["Restarts"] == "1"
     log = logs_of(run_dir)
     assert f"requeueing job {job} (restart 1 of at most 1)" in log
     assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d}" in log
     assert f"not requeueing job {job}: it already restarted 1 times (cluster.requeue_limit=1)" in log
-    assert len(read_metrics(run_dir)) < STEPS
+    assert stopped_at + 5 <= len(read_metrics(run_dir)) < STEPS
     time.sleep(1)
     assert job_info(env, job)["JobState"] == "COMPLETED"  # stays stopped
 
@@ -234,3 +249,13 @@ def test_failing_job_is_not_requeued(env, tmp_path):
     time.sleep(2)
     info = job_info(env, job)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0")
+
+
+def test_launch_cancel_all_cancels_the_tracked_jobs(env, tmp_path):
+    run_dir = tmp_path / "run"
+    (job,), _ = submit(env, *RUN, *SUBMIT, f"hydra.run.dir={run_dir}")
+    out = sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "--all").stdout
+    assert job in out.split()
+    info = wait_for(env, job, FINAL, run_dir, timeout=60)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
+    assert "no active jobs" in sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "--all").stdout

@@ -136,6 +136,13 @@ def test_init_weights_from_checkpoint(tmp_path):
     assert torch.equal(src(tokens), dst(tokens))
 
 
+def test_init_weights_from_missing_path(tmp_path):
+    with pytest.raises(
+        UserError, match="does not exist; pass a Hugging Face Llama directory or an llmtrain run"
+    ):
+        init_weights_from(str(tmp_path / "nope"), _model())
+
+
 def test_init_weights_from_architecture_mismatch(tmp_path):
     run, _ = _write_run(tmp_path, _model())
     other = _model(ModelSpec(**{**SPEC.__dict__, "num_layers": 3}))

@@ -102,7 +102,7 @@ def test_blend_ratios_over_10k_samples(two_datasets, cache):
 def test_user_errors(cache, tmp_path):
     with pytest.raises(ConfigError, match=r"model.vocab_size=1000.*tokenizer's vocabulary \(4096"):
         build_data(make_cfg(cache, **{"model.vocab_size": 1000}), dp_rank=0, dp_size=1)
-    with pytest.raises(ConfigError, match="data.tokenizer.*no tokenizer"):
+    with pytest.raises(ConfigError, match=r"data.tokenizer.*no tokenizer"):
         build_data(make_cfg(cache, **{"data.tokenizer": str(tmp_path / "nope.json")}), dp_rank=0, dp_size=1)
     with pytest.raises(ConfigError, match=r"data.paths.*missing .*\.bin and .*\.idx"):
         build_data(make_cfg(cache, **{"data.paths": [str(tmp_path / "absent")]}), dp_rank=0, dp_size=1)
@@ -112,7 +112,7 @@ def test_user_errors(cache, tmp_path):
     with pytest.raises(ConfigError, match="weight and prefix"):
         build_data(make_cfg(cache, **{"data.paths": [0.5, "a", 0.5]}), dp_rank=0, dp_size=1)
     data = build_data(make_cfg(cache), dp_rank=0, dp_size=1)
-    with pytest.raises(UserError, match="sized from train.steps"):
+    with pytest.raises(UserError, match=r"sized from train\.steps"):
         data.train_batch(10_000)
 
 

@@ -101,9 +101,9 @@ def test_bf16_is_a_noop_and_bad_configs_raise():
     before = [type(mod) for mod in m.modules()]
     convert_model(m, load("bf16"))
     assert [type(mod) for mod in m.modules()] == before
-    with pytest.raises(ConfigError, match="precision.weight_format"):
+    with pytest.raises(ConfigError, match=r"precision\.weight_format"):
         convert_model(model(), load("nvfp4", weight_format="fp6"))
-    with pytest.raises(ConfigError, match="precision.name"):
+    with pytest.raises(ConfigError, match=r"precision\.name"):
         convert_model(model(), load("nvfp4", name="fp2"))
     with pytest.raises(ConfigError, match="allowed: nearest, stochastic"):
         convert_model(model(), load("nvfp4", dgrad_rounding="up"))
@@ -117,9 +117,9 @@ def test_bf16_is_a_noop_and_bad_configs_raise():
         convert_model(model(), load("bf16", weight_format="nvfp4"))
     with pytest.raises(ConfigError, match="monitor"):
         convert_model(model(), load("nvfp4_fp4all", **{"monitor.enabled": False}))
-    with pytest.raises(ConfigError, match="precision.backend"):
+    with pytest.raises(ConfigError, match=r"precision\.backend"):
         convert_model(model(), load("fp8_cs", backend="native"))
-    with pytest.raises(ConfigError, match="precision.qaf.trigger"):
+    with pytest.raises(ConfigError, match=r"precision\.qaf.trigger"):
         PrecisionController(load("nvfp4_fp4all", **{"qaf.trigger": "never"}), 100)
 
 

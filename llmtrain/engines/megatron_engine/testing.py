@@ -26,12 +26,19 @@ def make_config(
     return cfg
 
 
-def mock_batches(n: int, mbs: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Mock data (random tokens): `n` micro-batches as the data layer yields them."""
+def mock_batches(
+    n: int, mbs: int, seq: int, vocab: int, seed: int = 0, zipf: float | None = None
+) -> list[dict]:
+    """Mock data: `n` micro-batches as the data layer yields them, of uniform random tokens, or with
+    `zipf=s` drawn from a Zipf(s) unigram law (a model can learn it without memorising the batches)."""
     gen = torch.Generator().manual_seed(seed)
+    probs = None if zipf is None else torch.arange(1, vocab + 1, dtype=torch.float64).pow(-zipf)
     out = []
     for _ in range(n):
-        t = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
+        if probs is None:
+            t = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
+        else:
+            t = torch.multinomial(probs, mbs * (seq + 1), replacement=True, generator=gen).view(mbs, seq + 1)
         out.append(
             {
                 "tokens": t[:, :-1].contiguous(),

@@ -1,0 +1,184 @@
+"""Our quantizers vs Transformer Engine on the GPU host: fraction of identical codes and scales.
+
+- FP8 current scaling vs TE's native Float8CurrentScalingQuantizer (E4M3 and E5M2).
+- NVFP4 vs TE's reference quantizer (custom_recipes.reference_nvfp4.NVFP4QuantizerRef), 1x16 and 16x16,
+  plus the column-wise RHT path; vs the native NVFP4Quantizer too where the GPU has it (Blackwell).
+- MXFP8 vs the native MXFP8Quantizer where available (Blackwell); elsewhere vs the E8M0 rule of TE's
+  own test reference (tests/pytorch/test_mxfp8_2d_quantize.py: smallest power of two >= amax/448).
+Stochastic rounding is off (its random bits differ by design). Inputs are finite: for NaN/Inf we
+propagate NaN on purpose where TE saturates / skips them (docs/precision.md).
+
+Run: pytest -m gpu tests/gpu/test_te_parity.py -s   (LLMTRAIN_PARITY_REPORT=path.json to save the table)
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+te = pytest.importorskip("transformer_engine.pytorch")  # TE's torch extension first, then its submodules
+
+from transformer_engine.pytorch.custom_recipes import reference_nvfp4, reference_utils  # noqa: E402
+
+from llmtrain.precision import hadamard, quantize  # noqa: E402
+from llmtrain.precision.hadamard import TE_SIGNS  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+REPORT: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    width = max(map(len, REPORT), default=0)
+    print("\nfraction of identical elements (ours vs TE):")
+    for k, v in sorted(REPORT.items()):
+        print(f"  {k:<{width}}  {v:.6f}")
+    if path := os.environ.get("LLMTRAIN_PARITY_REPORT"):
+        with open(path, "w") as f:
+            json.dump(REPORT, f, indent=2, sort_keys=True)
+
+
+def _tensors(dtype):
+    g = torch.Generator(device="cuda").manual_seed(11)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    out = {
+        "normal": randn(256, 1024),
+        "heavy_tail": randn(256, 512) ** 3 * 10,
+        "wide_range": torch.exp(randn(256, 512) * 8) * torch.sign(randn(256, 512)),
+        "tiny": randn(128, 256) * 1e-30,
+        "scale_overflow": randn(128, 256) * 1e-37,
+        "huge": randn(128, 256) * 1e37,
+        "one_outlier": randn(128, 512) * 1e-3,
+        "zero_blocks": randn(128, 256),
+        "all_zero": torch.zeros(128, 128, device="cuda"),
+        "subnormal": randn(128, 256) * 2.0**-12,
+    }
+    out["one_outlier"][3, 17] = 1e4
+    out["zero_blocks"][:, :64] = 0
+    out["zero_blocks"][5] = 0
+    out["subnormal"][0, 0] = 1.0
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4, device="cuda").repeat(128, 8)
+    ties[:, ::3] *= -1
+    out["e2m1_ties"] = ties
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def _record(key: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape, (key, ours.shape, theirs.shape)
+    REPORT[key] = (ours == theirs).float().mean().item()
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_current_scaling_vs_te_native(fmt, dtype):
+    import transformer_engine_torch as tex
+
+    te_dtype = tex.DType.kFloat8E4M3 if fmt == "fp8_e4m3" else tex.DType.kFloat8E5M2
+    quantizer = te.Float8CurrentScalingQuantizer(
+        te_dtype, torch.device("cuda"), rowwise=True, columnwise=False
+    )
+    for name, x in _tensors(dtype).items():
+        ref = quantizer(x)
+        q = quantize(x, fmt)
+        key = f"{fmt}/{str(dtype)[6:]}/{name}"
+        _record(key + "/codes", q.codes, ref._data.view(torch.uint8))
+        _record(key + "/scale_inv", q.scale, ref._scale_inv.view(1).float())
+    assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(fmt + "/" + str(dtype)[6:]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+def test_nvfp4_vs_te_reference(tile, dtype):
+    ref_q = reference_nvfp4.NVFP4QuantizerRef(dtype=reference_utils.Fp4Formats.E2M1, rowwise=True,
+                                              columnwise=False, quant_tile_shape=tile)  # fmt: skip
+    prefix = f"nvfp4_ref/{tile[0]}x{tile[1]}/{str(dtype)[6:]}"
+    for name, x in _tensors(dtype).items():
+        ref = ref_q.quantize(x)
+        q = quantize(x, "nvfp4", block_2d=tile == (16, 16))
+        _record(f"{prefix}/{name}/codes", q.codes, ref.data)
+        _record(f"{prefix}/{name}/block_scales", q.scale.view(torch.uint8), ref.scale.view(torch.uint8))
+        _record(f"{prefix}/{name}/amax", q.amax, ref.global_amax_row)
+    assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix))
+
+
+def test_nvfp4_rht_columnwise_vs_te_reference():
+    ref_q = reference_nvfp4.NVFP4QuantizerRef(dtype=reference_utils.Fp4Formats.E2M1, rowwise=False,
+                                              columnwise=True, with_rht=True)  # fmt: skip
+    signs = torch.tensor(TE_SIGNS, device="cuda")
+    for name, x in _tensors(torch.float32).items():
+        ref = ref_q.quantize(x)
+        q = quantize(hadamard(x.t().contiguous(), 16, signs), "nvfp4")
+        # The RHT is a 16x16 GEMM: on GPU our FP32 matmul and TE's may round differently (TF32 off).
+        _record(f"nvfp4_ref_rht/{name}/codes", q.codes, ref.data_t)
+        _record(
+            f"nvfp4_ref_rht/{name}/block_scales", q.scale.view(torch.uint8), ref.scale_t.view(torch.uint8)
+        )
+    assert min(v for k, v in REPORT.items() if k.startswith("nvfp4_ref_rht")) > 0.999
+
+
+def _mxfp8_te_test_rule(x):
+    """E8M0 = smallest power of two >= amax/448 (TE's test reference), elements = E4M3(x / scale)."""
+    rows, cols = x.shape
+    xb = x.float().view(rows, cols // 32, 32)
+    val = (xb.abs().amax(-1) / 448.0).contiguous()
+    bits = val.view(torch.int32)
+    exp, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    up = (mant > 0) & (exp != 254) & ~((exp == 0) & (mant <= 0x400000))
+    code = torch.where(val == 0, torch.zeros_like(exp), exp + up.int())
+    scale = torch.pow(2.0, code.float() - 127)
+    data = (xb / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8).view(rows, cols)
+    return data, code.to(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mxfp8_vs_te(dtype):
+    native = te.is_mxfp8_available()
+    if native:
+        import transformer_engine_torch as tex
+
+        quantizer = te.MXFP8Quantizer(tex.DType.kFloat8E4M3, rowwise=True, columnwise=False)
+    prefix = f"mxfp8_{'native' if native else 'te_test_rule'}/{str(dtype)[6:]}"
+    for name, x in _tensors(dtype).items():
+        q = quantize(x, "mxfp8")
+        if native:
+            ref = quantizer(x)
+            data, scales = ref._rowwise_data.view(torch.uint8), ref._rowwise_scale_inv.view(torch.uint8)
+            scales = scales[: x.shape[0], : x.shape[1] // 32]
+        else:
+            data, scales = _mxfp8_te_test_rule(x)
+        _record(f"{prefix}/{name}/codes", q.codes, data)
+        _record(f"{prefix}/{name}/e8m0", q.scale, scales)
+    assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix))
+
+
+@pytest.mark.skipif(not te.is_nvfp4_available(), reason="native NVFP4 needs Blackwell")
+@pytest.mark.parametrize("block_2d", [False, True])
+def test_nvfp4_vs_te_native(block_2d):
+    quantizer = te.NVFP4Quantizer(rowwise=True, columnwise=False, with_rht=False, with_post_rht_amax=False,
+                                  with_2d_quantization=block_2d, stochastic_rounding=False)  # fmt: skip
+    prefix = f"nvfp4_native/{'2d' if block_2d else '1d'}"
+    for name, x in _tensors(torch.bfloat16).items():
+        ref = quantizer(x)
+        q = quantize(x, "nvfp4", block_2d=block_2d)
+        rows, cols = x.shape
+        _record(f"{prefix}/{name}/codes", q.codes, ref._rowwise_data.view(torch.uint8)[:rows, : cols // 2])
+        scales = ref._rowwise_scale_inv.view(torch.uint8)[:rows, : cols // 16]
+        _record(f"{prefix}/{name}/block_scales", q.scale.view(torch.uint8), scales)
+    assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4"])
+def test_cuda_matches_cpu(fmt):
+    """Our implementation is device independent (same codes and scales on CPU and CUDA)."""
+    for name, x in _tensors(torch.float32).items():
+        a, b = quantize(x, fmt), quantize(x.cpu(), fmt)
+        _record(f"cuda_vs_cpu/{fmt}/{name}", a.codes.cpu(), b.codes)
+        assert torch.equal(a.codes.cpu(), b.codes) and torch.equal(a.scale.cpu(), b.scale), name
