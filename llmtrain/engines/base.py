@@ -43,6 +43,9 @@ class Engine(ABC):
     @abstractmethod
     def dp_size(self) -> int: ...
 
+    def begin_step(self, step: int) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Called before train_step with the 1-based step number (seeds per-step randomness, e.g. SR)."""
+
     @abstractmethod
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
         """Forward/backward over this DP rank's micro-batches, all-reduce, clip, optimizer step at `lr`."""

@@ -7,7 +7,7 @@ convert (model surgery, QAF toggle), monitor (sqrt(3) probe, controller). See do
 """
 
 from llmtrain.precision.config import PRECISION_NAMES, PrecisionConfig
-from llmtrain.precision.convert import convert_model, quantized_layers, set_qaf
+from llmtrain.precision.convert import begin_step, convert_model, quantized_layers, set_qaf
 from llmtrain.precision.hadamard import hadamard
 from llmtrain.precision.linear import QuantLinear
 from llmtrain.precision.monitor import PrecisionController, probe_quantization_noise
@@ -22,6 +22,7 @@ __all__ = [
     "PrecisionRecipe",
     "QuantLinear",
     "QuantizedTensor",
+    "begin_step",
     "convert_model",
     "dequantize",
     "fake_quantize",

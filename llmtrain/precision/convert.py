@@ -48,3 +48,9 @@ def set_qaf(model: nn.Module, active: bool) -> None:
     """QAF on: forward stays quantized, dgrad/wgrad in high precision. Off: all three GEMMs quantized."""
     for m in quantized_layers(model).values():
         m.qaf = bool(active)
+
+
+def begin_step(model: nn.Module, step: int) -> None:
+    """Reseed every quantized layer's stochastic rounding for optimizer step `step`."""
+    for m in quantized_layers(model).values():
+        m.begin_step(step)

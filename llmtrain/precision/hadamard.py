@@ -23,7 +23,7 @@ def hadamard_matrix(size: int, signs: torch.Tensor | None = None, device=None) -
         if signs.shape != (size,):
             raise ValueError(f"signs must have shape ({size},), got {tuple(signs.shape)}")
         h = signs.unsqueeze(1) * h
-    return h * (1.0 / size**0.5)
+    return h * (1.0 / size**0.5)  # 1/4 for size 16: exact
 
 
 def random_signs(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -31,13 +31,16 @@ def random_signs(size: int, generator: torch.Generator | None = None) -> torch.T
 
 
 def hadamard(x: torch.Tensor, size: int = 16, signs: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ (diag(signs) H / sqrt(size)) per `size`-block of the last dimension, in FP32 (FP64 for FP64 x).
+    """x @ (diag(signs) H / sqrt(size)) per `size`-block of the last dimension.
 
     Same shape and dtype as `x`; the last dimension must be a multiple of `size` (ValueError otherwise).
+    Computed in FP64 and rounded once to x's dtype: with H's entries +-1/4 (size 16) every product is exact
+    and, for BF16 inputs (and FP32 ones whose block spans less than 2**25), so is the FP64 sum. The result
+    is then the correctly rounded transform, whatever the summation order, so the GPU kernels
+    (llmtrain.precision.triton_kernels) reproduce it bit for bit.
     """
     if x.shape[-1] % size:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the Hadamard size {size}")
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    t = hadamard_matrix(size, signs, x.device).to(work)
-    out = x.to(work).reshape(-1, size) @ t
+    t = hadamard_matrix(size, signs, x.device).double()
+    out = x.double().reshape(-1, size) @ t
     return out.view(x.shape).to(x.dtype)

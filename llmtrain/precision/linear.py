@@ -34,13 +34,19 @@ class QuantLinear(nn.Module):
         self.recipe = recipe
         self.seed = seed
         self.qaf = False
+        self.step = 0
         self._generator: torch.Generator | None = None
         self._signs: torch.Tensor | None = None
 
+    def begin_step(self, step: int) -> None:
+        """Stochastic rounding in this step draws from (layer seed, step): a resumed run repeats it exactly."""
+        self.step, self._generator = int(step), None
+
     def generator(self, device: torch.device) -> torch.Generator:
-        """Stochastic-rounding RNG of this layer, seeded from (run seed, layer position)."""
+        """Stochastic-rounding RNG of this layer, seeded from (run seed, layer position, step)."""
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            seed = (self.seed * 1_000_003 + self.step) % 2**63
+            self._generator = torch.Generator(device=device).manual_seed(seed)
         return self._generator
 
     def rht_signs(self, device: torch.device) -> torch.Tensor:

@@ -118,6 +118,7 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
             if step_no in inject_nan:
                 batches = _nan_poisoned(batches)
             lr = lr_at(step)
+            engine.begin_step(step_no)
             result = engine.train_step(batches, lr)
             dt = time.perf_counter() - t0
             steps_done = step_no

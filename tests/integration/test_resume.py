@@ -81,6 +81,27 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference):
     assert losses(tmp_path) == reference
 
 
+def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
+    """nvfp4_fp4all: SR in the backward, the sqrt(3) probe, and a QAF switch after the resume point.
+
+    SR draws are seeded per (layer, step), and the QAF state is checkpointed, so a SIGKILL + resume
+    repeats every loss bit for bit.
+    """
+    args = [*ARGS, "precision=nvfp4_fp4all", "precision.qaf.trigger=fraction", "precision.qaf.fraction=0.7",
+            "precision.monitor.interval=2"]  # fmt: skip
+    ref_dir = tmp_path / "ref"
+    run_cli(*args, f"hydra.run.dir={ref_dir}", check=True)
+    records = read_metrics(ref_dir)
+    assert [r["step"] for r in records if r.get("qaf_switch")] == [7]
+    proc = subprocess.Popen(llmtrain_cmd(*args, f"hydra.run.dir={tmp_path / 'run'}"), env=cli_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for_steps(proc, tmp_path / "run", 5)  # killed after step 5: resumes at 4, SR in steps 5-7
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", check=True)
+    assert losses(tmp_path / "run") == losses(ref_dir)
+
+
 def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
     run_dir = tmp_path / "skip"
     proc = run_cli(

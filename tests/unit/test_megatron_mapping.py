@@ -126,24 +126,43 @@ def test_resolve_layout():
         settings.resolve_layout(cfg.parallel, spec, 2)
 
 
-def test_precision_settings():
+def _settings(name, capability, **precision):
+    return settings.precision_settings(
+        make_config(precision=name, overrides={"precision": precision}).precision, capability
+    )
+
+
+def test_precision_settings_native_where_te_can():
     hopper, blackwell = (9, 0), (10, 0)
-    assert settings.precision_settings(make_config(precision="bf16").precision, hopper)[0] == {}
-    kw, desc = settings.precision_settings(make_config(precision="fp8_cs").precision, hopper)
+    assert _settings("bf16", hopper)[0] == {}
+    kw, desc = _settings("fp8_cs", hopper)
     assert kw == {"fp8": "hybrid", "fp8_recipe": "tensorwise"} and "Float8CurrentScaling" in desc
-    for name in ("mxfp8", "nvfp4", "nvfp4_fp4all"):
-        with pytest.raises(UserError, match="use precision=fp8_cs or run on Blackwell"):
-            settings.precision_settings(make_config(precision=name).precision, hopper)
-    kw, _ = settings.precision_settings(make_config(precision="mxfp8").precision, blackwell)
-    assert kw == {"fp8": "e4m3", "fp8_recipe": "mxfp8"}
-    kw, desc = settings.precision_settings(make_config(precision="nvfp4").precision, blackwell)
-    assert kw["fp4"] == "e2m1" and kw["num_layers_at_end_in_bf16"] == 4 and kw["first_last_layers_bf16"]
-    with pytest.raises(ConfigError, match="backend=custom"):
-        settings.precision_settings(make_config(precision="nvfp4_fp4all").precision, blackwell)
+    assert _settings("mxfp8", blackwell)[0] == {"fp8": "e4m3", "fp8_recipe": "mxfp8"}
+    kw, desc = _settings("nvfp4", blackwell)
+    assert kw["fp4"] == "e2m1" and kw["fp4_recipe"] == "nvfp4" and "native" in desc
+    assert kw["num_layers_at_end_in_bf16"] == 4 and kw["first_last_layers_bf16"]
+
+
+def test_precision_settings_emulate_what_te_cannot_run_natively():
+    hopper, blackwell = (9, 0), (10, 0)
+    factory = "llmtrain.precision.te_custom.qfactory"
+    for name in ("mxfp8", "nvfp4", "nvfp4_fp4all"):  # Hopper: no native MX/NV formats
+        kw, desc = _settings(name, hopper)
+        assert factory in kw.values() and "emulated" in desc and "compute capability >= 10.0" in desc, name
+    assert _settings("mxfp8", hopper)[0]["fp8_recipe"] == "custom"
+    assert _settings("nvfp4", hopper)[0]["fp4_recipe"] == "custom"
+    # Knobs TE's native recipes fix, or the monitor / QAF, need our quantizers even on Blackwell.
+    kw, desc = _settings("nvfp4_fp4all", blackwell)
+    assert kw["fp4_recipe"] == "custom" and "precision.weight_block_2d" in desc
+    kw, desc = _settings("nvfp4", blackwell, rht=False)
+    assert kw["fp4_recipe"] == "custom" and "precision.rht" in desc
+    assert _settings("fp8_cs", hopper, backend="custom")[0]["fp8_recipe"] == "custom"
+    with pytest.raises(UserError, match="use precision.backend=custom"):
+        _settings("nvfp4", hopper, backend="native")
+    with pytest.raises(UserError, match="precision.rht"):
+        _settings("nvfp4", blackwell, rht=False, backend="native")
     with pytest.raises(ConfigError, match=r"precision.backend"):
-        settings.precision_settings(
-            make_config(precision="fp8_cs", overrides={"precision": {"backend": "custom"}}).precision, hopper
-        )
+        _settings("fp8_cs", hopper, backend="torch")
 
 
 def test_transformer_config_kwargs():

@@ -123,7 +123,12 @@ def test_nvfp4_rowwise_matches_te_reference(dtype, tile):
 
 
 def test_nvfp4_rht_columnwise_matches_te_reference():
-    """Columnwise (wgrad) operand with RHT: TE transposes, applies the signed 16x16 Hadamard, re-takes amax."""
+    """Columnwise (wgrad) operand with RHT: TE transposes, applies the signed 16x16 Hadamard, re-takes amax.
+
+    Our RHT is the correctly rounded FP32 transform (exact FP64 sum, one rounding); TE's reference sums in
+    FP32 in its matmul's order, so the transformed values (and the amax taken from them) can differ in the
+    last bit. On these tensors that never changes a code or a block scale; the amax agrees to 2 ulp.
+    """
     nv, _ = _load_te_reference()
     ref_q = nv.NVFP4QuantizerRef(dtype=nv.reference_utils.Fp4Formats.E2M1, rowwise=False, columnwise=True,
                                  with_rht=True)  # fmt: skip
@@ -132,7 +137,7 @@ def test_nvfp4_rht_columnwise_matches_te_reference():
         q = quantize(hadamard(x.t().contiguous(), 16, torch.tensor(TE_SIGNS)), "nvfp4")
         assert torch.equal(q.codes, ref.data_t), name
         assert torch.equal(q.scale.view(torch.uint8), ref.scale_t.view(torch.uint8)), name
-        assert torch.equal(q.amax, ref.global_amax_col), name
+        torch.testing.assert_close(q.amax, ref.global_amax_col, rtol=2.5e-7, atol=0, msg=name)
 
 
 def test_te_reference_fp4_codec_matches_ours():

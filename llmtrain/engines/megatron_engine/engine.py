@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from llmtrain import precision
 from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
 from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, settings
 from llmtrain.errors import UserError
@@ -79,7 +80,13 @@ class MegatronEngine(Engine):
         torch.cuda.set_device(dist.local_rank)
         self.device = torch.device("cuda", torch.cuda.current_device())
         capability = torch.cuda.get_device_capability(self.device)
+        precision.validate(cfg.precision, self.spec.num_layers)
         precision_kwargs, precision_desc = settings.precision_settings(cfg.precision, capability)
+        self.emulated = any(str(v).endswith("te_custom.qfactory") for v in precision_kwargs.values())
+        if self.emulated:  # our quantizers inside TE: the factory reads this recipe
+            from llmtrain.precision import te_custom
+
+            te_custom.activate(precision.PrecisionRecipe.from_config(cfg.precision), int(cfg.train.seed))
 
         self._owns_process_group = self._init_parallel(ps)
         config_kwargs = settings.transformer_config_kwargs(
@@ -191,7 +198,7 @@ class MegatronEngine(Engine):
         output = model(b["tokens"], None, None, labels=b["labels"])  # per-token loss [mbs, seq]
         return output, partial(_loss_func, b["loss_mask"])
 
-    def _run(self, micro_batches: list[MicroBatch], forward_only: bool) -> float:
+    def _run(self, micro_batches: list[MicroBatch], forward_only: bool, reduce: bool = True) -> float:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -208,7 +215,7 @@ class MegatronEngine(Engine):
             micro_batch_size=mbs,
             forward_only=forward_only,
         )
-        return self._reduce_loss(ps, data)
+        return self._reduce_loss(ps, data) if reduce else float("nan")
 
     def _reduce_loss(self, ps, data: list) -> float:
         """Mean token loss over the global batch, on every rank (only the last stage computes it)."""
@@ -219,6 +226,90 @@ class MegatronEngine(Engine):
         if self.layout.pp > 1:
             torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
         return (total[0] / total[1].clamp_min(1.0)).item()
+
+    def begin_step(self, step: int) -> None:
+        if self.emulated:
+            from llmtrain.precision import te_custom
+
+            te_custom.begin_step(step)
+
+    def set_qaf(self, active: bool) -> None:
+        if active and not self.emulated:
+            raise UserError(
+                "quantization-aware finetuning needs llmtrain's quantizers: set precision.backend=custom"
+            )
+        if self.emulated:
+            from llmtrain.precision import te_custom
+
+            te_custom.set_qaf(active)
+
+    def _quantized_weights(self) -> dict:
+        """Weights of the TE linears that run quantized (not in the BF16 first/last layers), by name."""
+        first, last = int(self.cfg.precision.bf16_layers.first), int(self.cfg.precision.bf16_layers.last)
+        out = {}
+        for model in self.models:
+            for layer in model.decoder.layers:
+                if not first <= layer.layer_number - 1 < self.spec.num_layers - last:
+                    continue
+                for name, param in layer.named_parameters():
+                    if name.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight",
+                                      "linear_fc2.weight")):  # fmt: skip
+                        out[f"layers.{layer.layer_number - 1}.{name.removesuffix('.weight')}"] = param
+        return out
+
+    def probe_quantization_noise(self, micro_batch: MicroBatch) -> dict[str, float]:
+        """sqrt(3) monitor: weight gradients of one micro-batch with the backward quantized and in BF16.
+
+        Same estimator as the torch engine (precision/monitor.py): ratio = ||G_hp|| / ||G_q - G_hp|| per
+        layer and over all. Each rank takes its local gradients (no DP reduction: the hooks and
+        finalize_model_grads are held off), squared norms are summed over DP and TP ranks and the
+        per-layer entries gathered over pipeline stages. Clobbers the gradient buffers (the caller runs
+        it after the optimizer step).
+        """
+        if not self.emulated:
+            return {}
+        from megatron.core import parallel_state as ps
+
+        from llmtrain.precision import te_custom
+
+        weights = self._quantized_weights()
+        saved_qaf = te_custom.STATE.qaf
+        saved = (self.config.finalize_model_grads_func, self.config.grad_sync_func)
+        self.config.finalize_model_grads_func, self.config.grad_sync_func = None, None
+        grads = {}
+        try:
+            for hp in (False, True):
+                te_custom.set_qaf(hp)
+                for m in self.ddp_models:
+                    m.zero_grad_buffer()
+                with contextlib.ExitStack() as stack:
+                    for m in self.ddp_models:
+                        stack.enter_context(m.no_sync())
+                    self._run([micro_batch], forward_only=False, reduce=False)
+                grads[hp] = [p.main_grad.detach().float().clone() for p in weights.values()]
+        finally:
+            te_custom.set_qaf(saved_qaf)
+            self.config.finalize_model_grads_func, self.config.grad_sync_func = saved
+            for m in self.ddp_models:
+                m.zero_grad_buffer()
+        sq = torch.stack(
+            [torch.stack([hp.square().sum(), (q - hp).square().sum()]) for q, hp in zip(grads[False], grads[True])]
+        ) if weights else torch.zeros(0, 2, device=self.device)  # fmt: skip
+        torch.distributed.all_reduce(sq, group=ps.get_data_parallel_group(with_context_parallel=True))
+        torch.distributed.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+        per_stage = dict(zip(weights, sq.tolist()))
+        if self.layout.pp > 1:
+            gathered = [None] * self.layout.pp
+            torch.distributed.all_gather_object(
+                gathered, per_stage, group=ps.get_pipeline_model_parallel_group()
+            )
+            per_stage = {k: v for part in gathered for k, v in part.items()}
+        if not per_stage:
+            return {}
+        out = {k: (v[0] ** 0.5 / v[1] ** 0.5 if v[1] > 0 else float("inf")) for k, v in per_stage.items()}
+        total = [sum(v[i] for v in per_stage.values()) for i in (0, 1)]
+        out["all"] = total[0] ** 0.5 / total[1] ** 0.5 if total[1] > 0 else float("inf")
+        return out
 
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
         for m in self.ddp_models:

@@ -82,94 +82,102 @@ def resolve_layout(parallel, spec: ModelSpec, world_size: int) -> Layout:
     return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp)
 
 
-_NATIVE_HINT = "use precision.backend=custom once the emulation issue lands"
+# TE's native recipes and the knobs they fix (anything else needs our quantizers: precision.backend=custom).
+_EXACT = {"quantize_fprop": True, "quantize_dgrad": True, "quantize_wgrad": True}
+NATIVE_RECIPES = {
+    "fp8_cs": ("Float8CurrentScaling", (8, 9), {
+        **_EXACT, "weight_format": "fp8_e4m3", "activation_format": "fp8_e4m3", "rht": False,
+        "fprop_rounding": "nearest", "dgrad_rounding": "nearest", "wgrad_rounding": "nearest"}),
+    "mxfp8": ("MXFP8BlockScaling", (10, 0), {
+        **_EXACT, "weight_format": "mxfp8", "activation_format": "mxfp8", "grad_format": "mxfp8",
+        "rht": False, "weight_block_2d": False, "fprop_rounding": "nearest", "dgrad_rounding": "nearest",
+        "wgrad_rounding": "nearest"}),
+    # TE's NVFP4BlockScaling defaults: 16x16 weight tiles, RHT (TE's signs) on the wgrad inputs, SR on grads.
+    "nvfp4": ("NVFP4BlockScaling", (10, 0), {
+        **_EXACT, "weight_format": "nvfp4", "activation_format": "nvfp4", "grad_format": "nvfp4",
+        "weight_block_2d": True, "rht": True, "rht_size": 16, "rht_signs": "te", "sr_operands": "grad",
+        "fprop_rounding": "nearest", "dgrad_rounding": "stochastic", "wgrad_rounding": "stochastic"}),
+}  # fmt: skip
+NATIVE_RECIPES["nvfp4_fp4all"] = NATIVE_RECIPES["nvfp4"]
+BACKENDS = ["auto", "native", "custom"]
 
 
-def _require(prec, name: str, expected: dict) -> None:
-    """TE's native recipes fix these knobs; a config that changes them cannot run natively."""
-    for key, want in expected.items():
-        got = prec[key]
-        if got != want:
-            raise ConfigError(
-                f"precision.{key}", got, f"TE's native {name} recipe fixes it to {want!r}; {_NATIVE_HINT}"
-            )
+def native_mismatch(prec, capability: tuple[int, int]) -> str | None:
+    """Why TE's native recipe cannot run this precision config on this GPU (None: it can)."""
+    recipe, min_cc, fixed = NATIVE_RECIPES[prec.name]
+    if tuple(capability) < min_cc:
+        return f"TE's native {recipe} needs compute capability >= {min_cc[0]}.{min_cc[1]}, this GPU is sm_{capability[0]}{capability[1]}"
+    if prec.name == "fp8_cs" and prec.grad_format not in ("fp8_e5m2", "fp8_e4m3"):
+        return f"TE's native {recipe} takes FP8 gradients only (precision.grad_format={prec.grad_format})"
+    for key, want in fixed.items():
+        if prec[key] != want:
+            return f"TE's native {recipe} fixes precision.{key} to {want!r} (got {prec[key]!r})"
+    if prec.monitor.enabled or prec.qaf.trigger != "off":
+        return "the sqrt(3) monitor and the QAF switch need llmtrain's quantizers"
+    return None
+
+
+def resolve_backend(prec, capability: tuple[int, int]) -> tuple[str, str | None]:
+    """-> ("native" | "custom", why native was not taken). auto: native where TE can, else custom."""
+    if prec.backend not in BACKENDS:
+        raise ConfigError(
+            "precision.backend",
+            prec.backend,
+            "the Megatron engine runs TE's native recipes or llmtrain's quantizers inside TE "
+            "(torch is the torch engine's back end)",
+            BACKENDS,
+        )
+    if prec.name == "bf16":
+        return "native", None
+    why = native_mismatch(prec, capability)
+    if prec.backend == "native" and why:
+        raise UserError(
+            f"precision={prec.name} precision.backend=native: {why}; use precision.backend=custom "
+            "(llmtrain's quantizers inside TE, any GPU) or auto"
+        )
+    if prec.backend == "custom" or why:
+        return "custom", why
+    return "native", None
+
+
+def _native_kwargs(prec) -> tuple[dict, str]:
+    if prec.name == "fp8_cs":
+        fmt = "hybrid" if prec.grad_format == "fp8_e5m2" else "e4m3"
+        desc = f"TE native FP8 current scaling (Float8CurrentScaling, {fmt.upper()})"
+        return {"fp8": fmt, "fp8_recipe": "tensorwise"}, desc
+    if prec.name == "mxfp8":
+        return {"fp8": "e4m3", "fp8_recipe": "mxfp8"}, "TE native MXFP8 (MXFP8BlockScaling)"
+    return {"fp4": "e2m1", "fp4_recipe": "nvfp4"}, "TE native NVFP4 (NVFP4BlockScaling)"
+
+
+def _custom_kwargs(prec) -> tuple[dict, str]:
+    from llmtrain.precision.recipe import PrecisionRecipe
+
+    # Megatron's FP4 context when any operand is FP4, its FP8 context otherwise; both call our factory.
+    factory = "llmtrain.precision.te_custom.qfactory"
+    formats = {prec.weight_format, prec.activation_format, prec.grad_format}
+    if "nvfp4" in formats:
+        kwargs = {"fp4": "e2m1", "fp4_recipe": "custom", "fp4_quantizer_factory": factory}
+    else:
+        kwargs = {"fp8": "e4m3", "fp8_recipe": "custom", "fp8_quantizer_factory": factory}
+    desc = f"emulated {prec.name} (llmtrain Triton quantizers in TE CustomRecipe; {PrecisionRecipe.from_config(prec).describe()})"
+    return kwargs, desc
 
 
 def precision_settings(prec, capability: tuple[int, int]) -> tuple[dict, str]:
-    """TransformerConfig fields for the precision recipe, and a description of what runs.
+    """TransformerConfig fields for the precision recipe, and a description of what runs (and why).
 
     capability: the GPU's CUDA compute capability, e.g. (9, 0) for Hopper.
     """
-    name, backend = prec.name, prec.backend
-    if backend not in ("auto", "native"):
-        raise ConfigError(
-            "precision.backend",
-            backend,
-            "the Megatron engine runs TE's native recipes only (custom/emulated back end not implemented yet)",
-            ["auto", "native"],
-        )
     sm = f"sm_{capability[0]}{capability[1]}"
-    if name == "bf16":
+    if prec.name not in ("bf16", *NATIVE_RECIPES):
+        raise ConfigError("precision.name", prec.name, "unknown precision", ["bf16", *NATIVE_RECIPES])
+    backend, why = resolve_backend(prec, capability)
+    if prec.name == "bf16":
         return {}, f"TE native BF16 on {sm}"
-    if name in ("mxfp8", "nvfp4", "nvfp4_fp4all") and tuple(capability) < (10, 0):
-        recipe = "MXFP8BlockScaling" if name == "mxfp8" else "NVFP4BlockScaling"
-        raise UserError(
-            f"precision={name}: TE's native {recipe} needs compute capability >= 10.0 (Blackwell), this GPU "
-            f"is {sm}; use precision=fp8_cs or run on Blackwell; emulation arrives with precision.backend=custom"
-        )
-    exact = {"quantize_fprop": True, "quantize_dgrad": True, "quantize_wgrad": True}
-    if prec.monitor.enabled or prec.qaf.trigger != "off":
-        raise ConfigError(
-            "precision.monitor.enabled",
-            prec.monitor.enabled,
-            f"the sqrt(3) monitor and QAF switch are not available with TE's native recipes; {_NATIVE_HINT}",
-        )
-    if name == "fp8_cs":
-        _require(
-            prec,
-            "Float8CurrentScaling",
-            {
-                **exact,
-                "weight_format": "fp8_e4m3",
-                "activation_format": "fp8_e4m3",
-                "rht": False,
-                "fprop_rounding": "nearest",
-                "dgrad_rounding": "nearest",
-                "wgrad_rounding": "nearest",
-            },
-        )
-        fmt = "hybrid" if prec.grad_format == "fp8_e5m2" else "e4m3"
-        if prec.grad_format not in ("fp8_e5m2", "fp8_e4m3"):
-            raise ConfigError(
-                "precision.grad_format", prec.grad_format, "FP8 gradients only", ["fp8_e5m2", "fp8_e4m3"]
-            )
-        kwargs = {"fp8": fmt, "fp8_recipe": "tensorwise"}
-        desc = f"TE native FP8 current scaling (Float8CurrentScaling, {fmt.upper()})"
-    elif name == "mxfp8":
-        _require(prec, "MXFP8BlockScaling", {**exact, "rht": False, "weight_block_2d": False})
-        kwargs = {"fp8": "e4m3", "fp8_recipe": "mxfp8"}
-        desc = "TE native MXFP8 (MXFP8BlockScaling)"
-    elif name in ("nvfp4", "nvfp4_fp4all"):
-        # TE's NVFP4BlockScaling defaults: 16x16 weight tiles, RHT on wgrad inputs, SR on gradients.
-        _require(
-            prec,
-            "NVFP4BlockScaling",
-            {
-                **exact,
-                "weight_block_2d": True,
-                "rht": True,
-                "rht_size": 16,
-                "fprop_rounding": "nearest",
-                "dgrad_rounding": "stochastic",
-                "wgrad_rounding": "stochastic",
-            },
-        )
-        kwargs = {"fp4": "e2m1", "fp4_recipe": "nvfp4"}
-        desc = "TE native NVFP4 (NVFP4BlockScaling)"
-    else:
-        raise ConfigError(
-            "precision.name", name, "unknown precision", ["bf16", "fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all"]
-        )
+    kwargs, desc = _native_kwargs(prec) if backend == "native" else _custom_kwargs(prec)
+    if why and prec.backend == "auto":
+        desc += f" [not native: {why}]"
     first, last = int(prec.bf16_layers.first), int(prec.bf16_layers.last)
     if first or last:
         kwargs.update(

@@ -93,6 +93,9 @@ class TorchEngine(Engine):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return model_loss(module, self._to_device(mb))
 
+    def begin_step(self, step: int) -> None:
+        precision.begin_step(self.model, step)
+
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
         module = self.ddp or self.model
         self.model.train()

@@ -1,0 +1,143 @@
+"""llmtrain's quantizers inside Transformer Engine: the `precision.backend=custom` path of the Megatron engine.
+
+TE's `CustomRecipe(qfactory=...)` asks a factory for one quantizer per tensor slot of every TE linear
+(roles: input, weight, grad_output; outputs and grad-inputs stay high precision). The factory here
+answers from the active PrecisionRecipe with a `HybridQuantizer` whose two directions are
+`FakeQuantizer`s: each holds the tensor quantized-then-dequantized by the Triton kernels, blocked along
+the axis its GEMM reduces over:
+
+    input        row-wise (fprop x, blocks along features)   column-wise (wgrad x, along tokens, RHT)
+    weight       row-wise (fprop W, along in_features)       column-wise (dgrad W, along out_features)
+    grad_output  row-wise (dgrad dy, along out_features)     column-wise (wgrad dy, along tokens, RHT)
+
+TE then runs plain BF16 cuBLAS GEMMs on those values (its general_gemm unwraps hybrid/identity tensors),
+so gradient accumulation fusion, TP/SP communication and FP32 main grads work unchanged. The emulated
+GEMM therefore sees BF16 operands: exact for MXFP8 and for an NVFP4 element times its E4M3 block scale;
+the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding (<= 2**-9 relative),
+small against the formats' own steps. The RHT is applied to both wgrad operands along the token axis,
+which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
+
+QAF: while `STATE.qaf` is set, the backward directions (column-wise input and weight, both grad_output
+directions) pass through in high precision, the forward (row-wise input and weight) stays quantized.
+
+Megatron-Core finds the factory by its dotted path `llmtrain.precision.te_custom.qfactory`
+(TransformerConfig.fp4_quantizer_factory / fp8_quantizer_factory); the engine calls `activate()` with
+the run's PrecisionRecipe before building the model. Imported only on a CUDA machine with TE.
+"""
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import transformer_engine.pytorch  # noqa: F401  (TE's torch extension before its submodules)
+from transformer_engine.pytorch.tensor.hybrid_tensor import HybridQuantizer
+from transformer_engine.pytorch.tensor.identity_tensor import IdentityQuantizer
+
+from llmtrain.precision.hadamard import TE_SIGNS, random_signs
+from llmtrain.precision.recipe import Operand, PrecisionRecipe
+from llmtrain.precision.triton_kernels import fake_quantize_2d
+
+FACTORY_PATH = "llmtrain.precision.te_custom.qfactory"
+
+
+@dataclass
+class EmulationState:
+    """What every FakeQuantizer of this process reads at quantize time."""
+
+    recipe: PrecisionRecipe | None = None
+    seed: int = 0
+    qaf: bool = False
+    step: int = 0
+    calls: int = 0  # quantize calls with stochastic rounding in this step (seeds stay reproducible)
+    rht_signs: torch.Tensor = field(default_factory=lambda: torch.tensor(TE_SIGNS))
+
+    def next_seed(self) -> int:
+        self.calls += 1
+        key = f"{self.seed}/{self.step}/{self.calls}".encode()
+        return zlib.crc32(key) & 0x7FFFFFFF
+
+
+STATE = EmulationState()
+
+
+def activate(recipe: PrecisionRecipe, seed: int) -> None:
+    """Use `recipe` for every quantizer the factory makes from now on (call before building the model)."""
+    STATE.recipe, STATE.seed, STATE.qaf, STATE.step, STATE.calls = recipe, int(seed), False, 0, 0
+    if recipe.rht_signs == "random":
+        STATE.rht_signs = random_signs(recipe.rht_size, torch.Generator().manual_seed(int(seed) + 1))
+    else:
+        STATE.rht_signs = torch.tensor(TE_SIGNS)
+
+
+def begin_step(step: int) -> None:
+    """Stochastic-rounding seeds derive from (run seed, step, call index): a resumed run draws the same."""
+    STATE.step, STATE.calls = int(step), 0
+
+
+def set_qaf(active: bool) -> None:
+    STATE.qaf = bool(active)
+
+
+class FakeQuantizer(IdentityQuantizer):
+    """One GEMM direction of one tensor: holds fake_quantize_2d(tensor) in the tensor's dtype."""
+
+    def __init__(self, operand: Operand, axis: int, *, rht: bool = False, backward: bool = False):
+        super().__init__()
+        self.operand, self.axis, self.rht, self.backward = operand, axis, rht, backward
+
+    def copy(self) -> "FakeQuantizer":
+        q = FakeQuantizer(self.operand, self.axis, rht=self.rht, backward=self.backward)
+        q.rowwise_usage, q.columnwise_usage = self.rowwise_usage, self.columnwise_usage
+        q.internal, q.optimize_for_gemm = self.internal, self.optimize_for_gemm
+        return q
+
+    def _maybe_cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        data = tensor.detach()
+        if self.backward and STATE.qaf:
+            return data  # QAF: backward operands in high precision
+        x2 = data.reshape(-1, data.shape[-1])
+        if self.rht and x2.shape[0] % 16:
+            raise ValueError(
+                f"the random Hadamard transform needs a token count divisible by 16, got {x2.shape[0]}; "
+                "use a sequence length (x micro-batch size) that is a multiple of 16, or precision.rht=false"
+            )
+        op = self.operand
+        seed = STATE.next_seed() if op.rounding == "stochastic" else 0
+        out = fake_quantize_2d(
+            x2,
+            op.fmt,
+            axis=self.axis,
+            rounding=op.rounding,
+            block_2d=op.block_2d,
+            rht_signs=STATE.rht_signs if self.rht else None,
+            seed=seed,
+            out_dtype=data.dtype,
+        )
+        return out.view(data.shape)
+
+
+def _direction(operand: Operand, axis: int, *, rht: bool = False, backward: bool = False):
+    if not operand.quantized:
+        return IdentityQuantizer()
+    return FakeQuantizer(operand, axis, rht=rht, backward=backward)
+
+
+def qfactory(role):
+    """TE CustomRecipe factory: one quantizer per (module, tensor) slot, from the active recipe."""
+    r = STATE.recipe
+    tensor_type = getattr(role, "tensor_type", "") if role is not None else ""
+    linear = role is not None and getattr(role, "module_type", "") in ("linear", "grouped_linear")
+    if r is None:
+        raise RuntimeError(
+            "llmtrain.precision.te_custom.activate(recipe, seed) must run before the model is built"
+        )
+    if not linear or tensor_type not in ("input", "weight", "grad_output"):
+        return IdentityQuantizer()
+    if tensor_type == "input":
+        row, col = _direction(r.fprop_x, 1), _direction(r.wgrad_x, 0, rht=r.rht, backward=True)
+    elif tensor_type == "weight":
+        row, col = _direction(r.fprop_w, 1), _direction(r.dgrad_w, 0, backward=True)
+    else:
+        row = _direction(r.dgrad_dy, 1, backward=True)
+        col = _direction(r.wgrad_dy, 0, rht=r.rht, backward=True)
+    return HybridQuantizer(rowwise_quantizer=row, columnwise_quantizer=col)

@@ -1,0 +1,260 @@
+"""Fused quantize-dequantize ("fake quantization") kernels in Triton, bit-exact with llmtrain.precision.
+
+One kernel serves every format: per-tensor FP8 (E4M3 / E5M2, current scaling), MXFP8 (E8M0 scale per 32)
+and NVFP4 (FP32 tensor scale + E4M3 scale per 16 or per 16x16 tile), round-to-nearest-even or stochastic
+rounding (Philox, seeded), and an optional 16-point random Hadamard transform along the quantized axis.
+It quantizes a 2-D tensor along either axis in place of memory order: `axis=1` gives the row-wise
+operand (blocks along the last dimension), `axis=0` the column-wise one (blocks along the first, e.g. the
+token dimension of a wgrad operand), so no transpose is ever materialized.
+
+The output holds the dequantized values in the output dtype. In FP32 they equal
+`llmtrain.precision.fake_quantize` bit for bit (tests/gpu/test_triton_kernels.py; on the CPU the same test
+runs under TRITON_INTERPRET=1): the scale arithmetic repeats scaling.py's FP32 operations in the same order
+(IEEE division via div_rn, never Triton's approximate `/`), and rounding onto a grid is done on the bits.
+
+Per-tensor scales need the tensor's amax first: a small reduction kernel (with the RHT applied when the
+quantized values are the transformed ones) writes it, then the quantize kernel reads it.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Format ids (constexpr switch inside the kernel) and their grids: (ebits-derived emin, mantissa bits, max).
+FP8_E4M3, FP8_E5M2, MXFP8, NVFP4 = 0, 1, 2, 3
+FORMAT_IDS = {"fp8_e4m3": FP8_E4M3, "fp8_e5m2": FP8_E5M2, "mxfp8": MXFP8, "nvfp4": NVFP4}
+BLOCKS = {"mxfp8": 32, "nvfp4": 16}
+FP32_MAX = 3.4028234663852886e38
+RCP_448 = 0.002232142956927419  # fp32(1/448)
+RCP_6 = 0.1666666716337204  # fp32(1/6)
+RCP_2688 = 0.0003720238264929503  # fp32(1/2688)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _div(a, b):
+    """IEEE FP32 division (Triton's `/` is approximate on the GPU)."""
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _round_to_grid(
+    v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, u, STOCHASTIC: tl.constexpr
+):
+    """formats.round_to_format: saturate at +-MAXV, then round v/ulp to an integer (NaN stays NaN)."""
+    v = tl.where(v > MAXV, MAXV, tl.where(v < -MAXV, -MAXV, v))
+    exp_bits = v.to(tl.int32, bitcast=True) & 0x7F800000
+    ulp_bits = tl.maximum(exp_bits, (EMIN + 127) << 23) - (MBITS << 23)
+    t = v * (0x7F000000 - ulp_bits).to(tl.float32, bitcast=True)  # v / ulp, exact
+    if STOCHASTIC:
+        q = tl.floor(t)
+        q = q + tl.where(u < t - q, 1.0, 0.0)
+    else:
+        q = (t + 12582912.0) - 12582912.0  # + 1.5 * 2**23: round half to even for |t| < 2**22
+    return q * ulp_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pow2(e):
+    """2**(e - 127) for biased exponents e in [0, 254] (FP32 bits; 2**-127 is a subnormal)."""
+    return tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_ceil(val):
+    """formats.e8m0_from_float_ceil: smallest power of two >= val as a biased exponent; 255 = NaN."""
+    bits = val.to(tl.int32, bitcast=True)
+    exp = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    up = (mant > 0) & (exp != 0xFE) & ~((exp == 0) & (mant <= 0x400000))
+    code = exp + up.to(tl.int32)
+    code = tl.where(val == 0, 0, code)
+    finite = (val == val) & (tl.abs(val) < float("inf"))
+    return tl.where(finite, code, 255)
+
+
+@triton.jit
+def _round_to_bf16(y):
+    """y rounded to the nearest BF16 (ties to even), still in FP32; the cast to BF16 is then exact."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(y == y, bits.to(tl.float32, bitcast=True), y)
+
+
+@triton.jit
+def _fwht16(x):
+    """x @ H16 (Sylvester) along the last axis of a [N, 16] tensor, butterfly by butterfly."""
+    n: tl.constexpr = x.shape[0]
+    y = tl.reshape(x, (n, 1, 2, 8))
+    a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+    y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    y = tl.reshape(y, (n, 2, 2, 4))
+    a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+    y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    y = tl.reshape(y, (n, 4, 2, 2))
+    a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+    y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    y = tl.reshape(y, (n, 8, 2, 1))
+    a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+    y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    return tl.reshape(y, (n, 16))
+
+
+@triton.jit
+def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
+               RHT: tl.constexpr):  # fmt: skip
+    """The [BR, BC] tile of program (pid 0, pid 1) in FP32, zero-padded, RHT'd along C when asked."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RHT:
+        # hadamard.hadamard: exact FP64 sum of (+-x/4) terms, rounded once to FP32.
+        signs = tl.load(signs_ptr + tl.arange(0, 16)).to(tl.float64)
+        xb = tl.reshape(x.to(tl.float64), (BR * BC // 16, 16)) * signs[None, :]
+        x = tl.reshape((_fwht16(xb) * 0.25).to(tl.float32), (BR, BC))
+    return x, offs, mask, rows, cols
+
+
+@triton.jit
+def _amax_kernel(x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
+                 RHT: tl.constexpr):  # fmt: skip
+    """amax_ptr[0] = max |x| over the tensor (after the RHT when RHT); NaN counts as +inf."""
+    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    a = tl.abs(x)
+    a = tl.where(a == a, a, float("inf"))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0))
+
+
+@triton.jit
+def _block_amax(a, BR: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr):
+    """|x| max per 1 x BLOCK (or BLOCK x BLOCK) block, as a [BR, BC // BLOCK, 1] tensor; NaN -> NaN."""
+    nan = tl.where(a == a, 0.0, 1.0)
+    if BLOCK_2D:
+        t = tl.reshape(a, (BR // BLOCK, BLOCK, BC // BLOCK, BLOCK))
+        n = tl.reshape(nan, (BR // BLOCK, BLOCK, BC // BLOCK, BLOCK))
+        m = tl.max(tl.max(t, axis=3), axis=1)
+        has_nan = tl.max(tl.max(n, axis=3), axis=1)
+        m = tl.where(has_nan > 0, float("nan"), m)
+        m = tl.broadcast_to(m[:, None, :], (BR // BLOCK, BLOCK, BC // BLOCK))
+        return tl.reshape(m, (BR, BC // BLOCK, 1))
+    t = tl.reshape(a, (BR, BC // BLOCK, BLOCK))
+    m = tl.max(t, axis=2, keep_dims=True)
+    has_nan = tl.max(tl.reshape(nan, (BR, BC // BLOCK, BLOCK)), axis=2, keep_dims=True)
+    return tl.where(has_nan > 0, float("nan"), m)
+
+
+@triton.jit
+def _fake_quant_kernel(
+    x_ptr, out_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed,
+    FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, RHT: tl.constexpr,
+    STOCHASTIC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    u = tl.zeros((BR, BC), dtype=tl.float32)
+    if STOCHASTIC:
+        u = tl.rand(seed, rows[:, None] * C + cols[None, :])
+    if FMT == 0 or FMT == 1:  # per-tensor current scaling (scaling.per_tensor_fp8)
+        MAXV: tl.constexpr = 448.0 if FMT == 0 else 57344.0
+        amax = tl.load(amax_ptr)
+        scale = _div(MAXV, amax)
+        scale = tl.where(scale == float("inf"), FP32_MAX, scale)
+        scale = tl.where(amax == 0, 1.0, scale)
+        scale = tl.where(amax < float("inf"), scale, float("nan"))
+        if FMT == 0:
+            elems = _round_to_grid(x * scale, -6, 3, 448.0, u, STOCHASTIC)
+        else:
+            elems = _round_to_grid(x * scale, -14, 2, 57344.0, u, STOCHASTIC)
+        y = elems * _div(1.0, scale)
+    else:
+        NB: tl.constexpr = BC // BLOCK
+        bmax = _block_amax(tl.abs(x), BR, BC, BLOCK, BLOCK_2D)  # [BR, NB, 1]
+        xb = tl.reshape(x, (BR, NB, BLOCK))
+        ub = tl.reshape(u, (BR, NB, BLOCK))
+        if FMT == 2:  # MXFP8 (scaling.mxfp8)
+            code = _e8m0_ceil(bmax * RCP_448)
+            recip = tl.where(code == 255, float("nan"), _pow2(254 - tl.minimum(code, 254)))
+            elems = _round_to_grid(xb * recip, -6, 3, 448.0, ub, STOCHASTIC)
+            dec = tl.where(code == 255, float("nan"), _pow2(tl.minimum(code, 254)))
+            y = tl.reshape(elems * dec, (BR, BC))
+        else:  # NVFP4 (scaling.nvfp4 + quantize._dequantize_elems)
+            amax = tl.load(amax_ptr)
+            s_enc = tl.minimum(_div(2688.0, amax), FP32_MAX)
+            s_enc = tl.where((amax == 0) | (s_enc == 0), 1.0, s_enc)
+            s_enc = tl.where(amax < float("inf"), s_enc, float("nan"))
+            s_dec = _div(1.0, s_enc)
+            s_blk = _round_to_grid(bmax * (s_enc * RCP_6), -6, 3, 448.0, bmax, False)
+            enc = tl.minimum(_div(1.0, s_blk * s_dec), FP32_MAX)
+            elems = _round_to_grid(xb * enc, 0, 1, 6.0, ub, STOCHASTIC)
+            s_amax = s_blk * amax
+            final = tl.where(tl.abs(s_amax) == float("inf"), s_blk * (amax * RCP_2688), s_amax * RCP_2688)
+            y = tl.reshape(elems * final, (BR, BC))
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        y = _round_to_bf16(y)  # explicit RNE: the same bits on the GPU and in the interpreter
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile(axis: int, block: int, block_2d: bool) -> tuple[int, int]:
+    """(BR, BC): BC (quantized axis) spans whole blocks; the longer side follows memory order."""
+    if axis == 1:  # quantized axis contiguous: wide tiles
+        return (block if block_2d else 16), 256
+    return 128, (2 * block if block < 32 else block)  # quantized axis strided: tall tiles
+
+
+def fake_quantize_2d(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    axis: int = 1,
+    rounding: str = "nearest",
+    block_2d: bool = False,
+    rht_signs: torch.Tensor | None = None,
+    seed: int = 0,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize a 2-D tensor with blocks along `axis` (1: rows' last dim, 0: columns).
+
+    Equals `fake_quantize(x, fmt, ...)` (axis=1) or `fake_quantize(x.t(), ...).t()` (axis=0), with
+    `hadamard(., 16, rht_signs)` applied along the quantized axis first when rht_signs is given (the
+    values are then those of the transformed tensor). Stochastic rounding draws from Philox(seed).
+    """
+    if x.ndim != 2:
+        raise ValueError(f"fake_quantize_2d takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if fmt not in FORMAT_IDS:
+        raise ValueError(f"fmt={fmt!r}: allowed values are {', '.join(FORMAT_IDS)}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding={rounding!r}: allowed values are nearest, stochastic")
+    if axis not in (0, 1):
+        raise ValueError(f"axis={axis}: allowed values are 0, 1")
+    block = BLOCKS.get(fmt, 16)
+    block_2d = bool(block_2d) and fmt in BLOCKS
+    R, C = (x.shape[0], x.shape[1]) if axis == 1 else (x.shape[1], x.shape[0])
+    stride_r, stride_c = (x.stride(0), x.stride(1)) if axis == 1 else (x.stride(1), x.stride(0))
+    if out is None:
+        out = torch.empty_strided(x.shape, x.stride(), dtype=out_dtype or x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    rht = rht_signs is not None
+    signs = (
+        rht_signs.to(device=x.device, dtype=torch.float32).contiguous()
+        if rht
+        else torch.empty(16, device=x.device, dtype=torch.float32)
+    )
+    br, bc = _tile(axis, block, block_2d)
+    grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+    amax = torch.zeros(1, device=x.device, dtype=torch.float32)
+    if fmt != "mxfp8":
+        _amax_kernel[grid](x, signs, amax, R, C, stride_r, stride_c, BR=br, BC=bc, RHT=rht)
+    _fake_quant_kernel[grid](
+        x, out, signs, amax, R, C, stride_r, stride_c, seed,
+        FMT=FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=block_2d, RHT=rht,
+        STOCHASTIC=rounding == "stochastic", BR=br, BC=bc,
+    )  # fmt: skip
+    return out

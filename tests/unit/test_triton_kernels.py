@@ -1,0 +1,128 @@
+"""The Triton fake-quantization kernels against the reference quantizers, bit for bit.
+
+On a GPU the kernels run natively; on the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set
+here before the kernels are defined), which executes the same kernel code with NumPy.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on inf/NaN
+
+from llmtrain.precision import fake_quantize, hadamard  # noqa: E402
+from llmtrain.precision.hadamard import TE_SIGNS  # noqa: E402
+from llmtrain.precision.triton_kernels import fake_quantize_2d  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ["fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4"]
+
+
+def _inputs(dtype):
+    g = torch.Generator().manual_seed(3)
+    # Shapes that are not multiples of the tiles (or of the blocks, for the partial-block padding).
+    base = {
+        "normal": torch.randn(48, 96, generator=g),
+        "heavy_tail": torch.randn(40, 64, generator=g) ** 3 * 10,
+        "wide_range": torch.exp(torch.randn(32, 64, generator=g) * 6)
+        * torch.sign(torch.randn(32, 64, generator=g)),
+        "ragged": torch.randn(37, 50, generator=g),
+        "tiny": torch.randn(32, 32, generator=g) * 1e-30,
+        "zero_blocks": torch.randn(32, 64, generator=g),
+        "all_zero": torch.zeros(16, 32),
+    }
+    base["zero_blocks"][:, :32] = 0
+    base["normal"][3, 17] = 1e4  # one outlier
+    return {k: v.to(dtype).to(DEVICE) for k, v in base.items()}
+
+
+def _reference(x, fmt, axis, block_2d, signs):
+    xt = x if axis == 1 else x.t().contiguous()
+    cols = xt.shape[1]
+    if signs is not None:  # a ragged axis is transformed (and quantized) zero-padded to whole blocks
+        xt = hadamard(torch.nn.functional.pad(xt.float(), (0, -cols % 16)), 16, signs)
+    y = fake_quantize(xt.float(), fmt, block_2d=block_2d)[:, :cols]
+    return y if axis == 1 else y.t()
+
+
+def _assert_bitwise(ours, ref, what):
+    same = (ours == ref) | (ours.isnan() & ref.isnan())
+    assert bool(same.all()), f"{what}: {int((~same).sum())} of {same.numel()} differ"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rtn_matches_reference_bitwise(fmt, axis, dtype):
+    for name, x in _inputs(dtype).items():
+        ours = fake_quantize_2d(x, fmt, axis=axis, out_dtype=torch.float32)
+        _assert_bitwise(ours, _reference(x, fmt, axis, False, None), f"{fmt} axis={axis} {name}")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_2d_blocks_match_reference_and_agree_across_axes(fmt, axis):
+    for name, x in _inputs(torch.bfloat16).items():
+        ours = fake_quantize_2d(x, fmt, axis=axis, block_2d=True, out_dtype=torch.float32)
+        _assert_bitwise(ours, _reference(x, fmt, axis, True, None), f"{fmt} 2d axis={axis} {name}")
+        # Square tiles: the row-wise and column-wise operands hold the very same values (W and W^T).
+        other = fake_quantize_2d(x, fmt, axis=1 - axis, block_2d=True, out_dtype=torch.float32)
+        _assert_bitwise(ours, other, f"{fmt} 2d transpose {name}")
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_rht_then_nvfp4_matches_reference(axis):
+    signs = torch.tensor(TE_SIGNS)
+    for name, x in _inputs(torch.bfloat16).items():
+        ours = fake_quantize_2d(x, "nvfp4", axis=axis, rht_signs=signs, out_dtype=torch.float32)
+        _assert_bitwise(ours, _reference(x, "nvfp4", axis, False, signs), f"rht axis={axis} {name}")
+
+
+def test_bf16_output_is_the_rounded_fp32_output():
+    x = _inputs(torch.bfloat16)["normal"]
+    ours = fake_quantize_2d(x, "nvfp4", axis=0)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, fake_quantize_2d(x, "nvfp4", axis=0, out_dtype=torch.float32).bfloat16())
+
+
+def test_non_finite_inputs_propagate_nan_like_the_reference():
+    x = torch.randn(32, 64, device=DEVICE)
+    x[1, 5] = float("nan")
+    x[7, 40] = float("inf")
+    for fmt in FORMATS:
+        ours = fake_quantize_2d(x, fmt, out_dtype=torch.float32)
+        ref = fake_quantize(x, fmt)
+        assert torch.equal(ours.isnan(), ref.isnan()), fmt
+        _assert_bitwise(ours, ref, f"{fmt} non-finite")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "fp8_e4m3"])
+def test_stochastic_rounding_is_unbiased_and_seeded(fmt):
+    # Values strictly between grid points: the mean of many SR draws approaches the input (unbiased),
+    # while every single draw lies on one of the two neighbouring RTN grid points.
+    torch.manual_seed(0)
+    x = (torch.rand(64, 256) * 2 - 1).to(DEVICE)
+    draws = torch.stack([fake_quantize_2d(x, fmt, rounding="stochastic", seed=s, out_dtype=torch.float32)
+                         for s in range(64)])  # fmt: skip
+    rtn = fake_quantize(x, fmt)
+    err_sr = (draws.mean(0) - x).abs().mean().item()
+    err_rtn = (rtn - x).abs().mean().item()
+    # 64 draws shrink the bias of one draw by ~8x; RTN's error does not shrink at all.
+    assert err_sr < err_rtn / 3, (err_sr, err_rtn)
+    again = fake_quantize_2d(x, fmt, rounding="stochastic", seed=5, out_dtype=torch.float32)
+    assert torch.equal(again, draws[5])
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_argument_errors():
+    x = torch.randn(4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="fmt='int4'"):
+        fake_quantize_2d(x, "int4")
+    with pytest.raises(ValueError, match="rounding="):
+        fake_quantize_2d(x, "nvfp4", rounding="up")
+    with pytest.raises(ValueError, match="2-D"):
+        fake_quantize_2d(x.view(2, 2, 32), "nvfp4")
