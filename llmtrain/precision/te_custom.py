@@ -64,9 +64,10 @@ def activate(recipe: PrecisionRecipe, seed: int) -> None:
     """Use `recipe` for every quantizer the factory makes from now on (call before building the model)."""
     STATE.recipe, STATE.seed, STATE.qaf, STATE.step, STATE.calls = recipe, int(seed), False, 0, 0
     if recipe.rht_signs == "random":
-        STATE.rht_signs = random_signs(recipe.rht_size, torch.Generator().manual_seed(int(seed) + 1))
+        signs = random_signs(recipe.rht_size, torch.Generator().manual_seed(int(seed) + 1))
     else:
-        STATE.rht_signs = torch.tensor(TE_SIGNS)
+        signs = torch.tensor(TE_SIGNS)
+    STATE.rht_signs = signs.to(torch.cuda.current_device())  # once, not a host copy per quantize call
 
 
 def begin_step(step: int) -> None:

@@ -49,16 +49,62 @@ def test_build_and_step(precision):
     dispose(engine)
 
 
-@pytest.mark.parametrize("precision", ["mxfp8", "nvfp4"])
-def test_block_scaled_recipes(precision):
-    if torch.cuda.get_device_capability() < (10, 0):
-        with pytest.raises(UserError, match="use precision=fp8_cs or run on Blackwell") as info:
-            engine_for(precision)
-        record(f"error_{precision}", {"message": str(info.value)})
-        return
-    engine = engine_for(precision, overrides={"precision": {"bf16_layers": {"last": 1}}})
-    r = engine.train_step(mock_batches(2, 2, 256, 4096), lr=1e-3)
+@pytest.mark.parametrize("precision", ["mxfp8", "nvfp4", "nvfp4_fp4all"])
+def test_block_scaled_recipes_train_native_or_emulated(precision):
+    """Blackwell runs TE's native MXFP8/NVFP4; elsewhere (and for knobs TE lacks) our Triton quantizers."""
+    over = {"precision": {"bf16_layers": {"last": 1}}} if precision == "nvfp4" else None
+    engine = engine_for(precision, overrides=over)
+    batches = mock_batches(2, 2, 256, 4096)
+    results = [engine.train_step(batches, lr=1e-3) for _ in range(8)]
+    losses = [r.loss for r in results]
+    native = torch.cuda.get_device_capability() >= (10, 0) and precision != "nvfp4_fp4all"
+    record(f"step_{precision}", {"backend": engine.backend_description, "losses": losses})
+    assert ("emulated" in engine.backend_description) != native, engine.backend_description
+    assert all(math.isfinite(r.grad_norm) and not r.skipped for r in results)
+    assert losses[-1] < losses[0] - 0.5
+    dispose(engine)
+
+
+def test_native_backend_refuses_what_this_gpu_cannot_run():
+    if torch.cuda.get_device_capability() >= (10, 0):
+        pytest.skip("Blackwell runs MXFP8/NVFP4 natively")
+    with pytest.raises(UserError, match=r"precision\.backend=custom") as info:
+        engine_for("mxfp8", overrides={"precision": {"backend": "native"}})
+    record("error_native_mxfp8", {"message": str(info.value)})
+
+
+def test_emulated_monitor_and_qaf_switch():
+    """sqrt(3) probe: finite per-layer ratios; QAF then trains with the backward in BF16."""
+    engine = engine_for("nvfp4_fp4all")
+    batches = mock_batches(2, 2, 256, 4096)
+    for step in (1, 2):
+        engine.begin_step(step)
+        engine.train_step(batches, lr=1e-3)
+    ratios = engine.probe_quantization_noise(batches[0])
+    assert set(ratios) == {
+        *(
+            f"layers.{i}.{m}"
+            for i in range(4)
+            for m in (
+                "self_attention.linear_qkv",
+                "self_attention.linear_proj",
+                "mlp.linear_fc1",
+                "mlp.linear_fc2",
+            )
+        ),
+        "all",
+    }
+    assert all(0 < v < float("inf") for v in ratios.values()), ratios
+    engine.set_qaf(True)
+    ratios_qaf = engine.probe_quantization_noise(batches[0])
+    engine.begin_step(3)
+    r = engine.train_step(batches, lr=1e-3)
+    record("monitor_nvfp4_fp4all", {"ratios": ratios, "after_qaf_loss": r.loss})
     assert math.isfinite(r.loss) and not r.skipped
+    assert all(0 < v < float("inf") for v in ratios_qaf.values())  # the probe sets its own mode
+    from llmtrain.precision import te_custom
+
+    assert te_custom.STATE.qaf  # the probe put the QAF flag back
     dispose(engine)
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU-side checks, run on a GPU host once Transformer Engine, Megatron-Core and Hydra are installed
+# (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
+#
+#   OUT=gpu-results bash scripts/gpu_check.sh tests          # kernels natively, then pytest -m gpu tests/gpu
+#   OUT=gpu-results bash scripts/gpu_check.sh bench train1b  # proxy benchmark; 1B bf16 vs nvfp4 on real data
+#
+# Every stage has its own time limit, so one that hangs or fails leaves the others their time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+export PYTHONPATH=/opt/gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1  # never NVLink multicast on shared hosts
+py=${PYTHON:-python3}
+
+stage_tests() {
+  { nvidia-smi -L; $py -c "import torch, triton, transformer_engine.pytorch, transformer_engine as te, megatron.core as mc
+print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__version__, 'Megatron-Core', mc.__version__,
+      'cc', torch.cuda.get_device_capability())"; } >"$out/env.txt" 2>&1
+  timeout 180 $py -m pytest -q -rA tests/unit/test_triton_kernels.py >"$out/triton_kernels.log" 2>&1
+  echo "triton kernels: rc=$?" >>"$out/env.txt"
+  LLMTRAIN_TEST_RESULTS=$out/gpu_results.jsonl LLMTRAIN_PARITY_REPORT=$out/te_parity.json \
+    timeout "${TESTS_TIMEOUT:-330}" $py -m pytest -m gpu -q -rA -s --durations=15 tests/gpu >"$out/gpu_tests.log" 2>&1
+  echo "gpu tests: rc=$?" >>"$out/env.txt"
+}
+
+stage_bench() {
+  timeout "${BENCH_TIMEOUT:-330}" $py scripts/bench.py --precisions bf16,fp8_cs,mxfp8,nvfp4 --kernels \
+    --mb "${BENCH_MB:-4}" --steps "${BENCH_STEPS:-5}" --warmup 2 --out "$out/bench.json" --md "$out/bench.md" \
+    >"$out/bench.log" 2>&1
+  echo "bench: rc=$?" >>"$out/bench.log"
+}
+
+stage_train1b() {
+  # The 1B debug model on the shipped corpus through the CLI, bf16 vs nvfp4 (emulated on Hopper).
+  for p in bf16 nvfp4; do
+    timeout "${TRAIN_TIMEOUT:-150}" $py -m llmtrain recipe=llama3_1b engine=megatron precision=$p \
+      model.seq_length=1024 train.global_batch_size=16 train.micro_batch_size=4 train.steps="${TRAIN_STEPS:-200}" \
+      optim.warmup_steps=20 train.eval_interval=50 train.eval_steps=4 train.checkpoint_interval=100 \
+      logging.console=plain logging.wandb.mode=disabled data.cache_dir=/tmp/llmtrain-cache \
+      hydra.run.dir=/tmp/llmtrain-runs/1b-$p >>"$out/train1b.log" 2>&1
+    echo "train1b $p: rc=$?" >>"$out/train1b.log"
+    cp /tmp/llmtrain-runs/1b-$p/metrics.jsonl "$out/metrics_1b_$p.jsonl" 2>/dev/null
+  done
+}
+
+for stage in "$@"; do
+  "stage_$stage"
+done
