@@ -22,14 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
+from llmtrain.precision import scaling
+
 # Format ids (constexpr switch inside the kernel) and their grids: (ebits-derived emin, mantissa bits, max).
 FP8_E4M3, FP8_E5M2, MXFP8, NVFP4 = 0, 1, 2, 3
 FORMAT_IDS = {"fp8_e4m3": FP8_E4M3, "fp8_e5m2": FP8_E5M2, "mxfp8": MXFP8, "nvfp4": NVFP4}
 BLOCKS = {"mxfp8": 32, "nvfp4": 16}
-FP32_MAX = 3.4028234663852886e38
-RCP_448 = 0.002232142956927419  # fp32(1/448)
-RCP_6 = 0.1666666716337204  # fp32(1/6)
-RCP_2688 = 0.0003720238264929503  # fp32(1/2688)
+# The reference's FP32 constants (tl.constexpr: the only globals a kernel may read).
+FP32_MAX = tl.constexpr(scaling.FP32_MAX)
+RCP_448 = tl.constexpr(scaling.RCP_448)
+RCP_6 = tl.constexpr(scaling.RCP_6)
+RCP_2688 = tl.constexpr(scaling.RCP_2688)
 
 
 def interpreted() -> bool:
