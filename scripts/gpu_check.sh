@@ -18,10 +18,12 @@ stage_tests() {
   { nvidia-smi -L; $py -c "import torch, triton, transformer_engine.pytorch, transformer_engine as te, megatron.core as mc
 print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__version__, 'Megatron-Core', mc.__version__,
       'cc', torch.cuda.get_device_capability())"; } >"$out/env.txt" 2>&1
-  timeout 180 $py -m pytest -q -rA tests/unit/test_triton_kernels.py >"$out/triton_kernels.log" 2>&1
+  timeout "${KERNELS_TIMEOUT:-180}" $py -m pytest -q -rA tests/unit/test_triton_kernels.py >"$out/triton_kernels.log" 2>&1
   echo "triton kernels: rc=$?" >>"$out/env.txt"
+  # GPU_TESTS / GPU_TESTS_K narrow the run, e.g. GPU_TESTS=tests/gpu/test_megatron_engine.py GPU_TESTS_K=emulated
   LLMTRAIN_TEST_RESULTS=$out/gpu_results.jsonl LLMTRAIN_PARITY_REPORT=$out/te_parity.json \
-    timeout "${TESTS_TIMEOUT:-330}" $py -m pytest -m gpu -q -rA -s --durations=15 tests/gpu >"$out/gpu_tests.log" 2>&1
+    timeout "${TESTS_TIMEOUT:-330}" $py -m pytest -m gpu -q -rA -s --durations=15 ${GPU_TESTS:-tests/gpu} \
+    ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} >"$out/gpu_tests.log" 2>&1
   echo "gpu tests: rc=$?" >>"$out/env.txt"
 }
 
