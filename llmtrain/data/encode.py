@@ -3,34 +3,43 @@
 Output matches Megatron-LM's preprocess_data with a HuggingFaceTokenizer: `tokenizer(text).input_ids`
 (post-processor special tokens included), then EOD appended to every non-empty document.
 
-Fast path (same ids, ~3x less CPU on prose): a document is cut before every " " that precedes an ASCII
-letter or digit. For the pre-tokenizers in CHUNKABLE_PATTERNS, such a position always starts a new
-pre-token (every alternative of those regexes takes at most one leading space, and whitespace runs stop
-before the space of the next word), and the lookaheads see the same thing at a chunk end as in the
-whole text; BPE works per pre-token, so the ids of a document are the concatenation of the ids of its
-chunks. Chunks repeat a lot (Zipf), so each distinct chunk is encoded once (batched, in Rust) and
-remembered. Documents holding an added token's text go through the tokenizer whole, and a sample of
-documents is re-encoded whole and compared, so a violated assumption stops the run instead of writing
-different data.
+Fast path (same ids, a fraction of the CPU on prose), for byte-level BPE tokenizers whose pre-tokenizer
+is GPT-2's or Llama 3's regex (CHUNKABLE_PATTERNS). A document is cut before every " " followed by a
+non-space character. Such a position always starts a new pre-token: in those regexes a space inside or
+at the end of a pre-token only occurs in a whitespace run, and a run stops before the space of the next
+word (`\\s+(?!\\S)` backs off by one); the only lookahead sees a space there in the whole text and the end
+of the string in the chunk, and passes both. BPE works per pre-token, so the ids of a document are the
+ids of its chunks, one after the other. Chunks repeat a lot (Zipf), so each distinct chunk is encoded
+once and remembered: new chunks are encoded many at a time, joined into long strings (by the same
+argument) and cut apart again where the byte lengths of their tokens reach the chunk boundaries, which
+must coincide; the ids of a batch are then gathered with numpy. Documents holding an added token's text
+go through the tokenizer whole, and a sample of documents is re-encoded whole and compared, so a violated
+assumption stops the run instead of writing different data.
 """
 
 import json
 import os
 import re
-from itertools import chain
+from itertools import chain, islice, pairwise
 
 import numpy as np
+
+from llmtrain.data.sources import Problem, parse_jsonl
+from llmtrain.errors import UserError
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_PATTERN = (  # also tiktoken's cl100k_base
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 CHUNKABLE_PATTERNS = (GPT2_PATTERN, LLAMA3_PATTERN)
-CHUNK_SPLIT = re.compile(r"(?= [A-Za-z0-9])")
+# Python's \s (str.isspace) is a superset of the Rust regex's \s, so every cut is also a cut for Rust.
+CHUNK_SPLIT = re.compile(r"(?= \S)")
+IRREGULAR = re.compile(r" (?:\s|\Z)")  # a space that does not start a chunk
 VERIFY_EVERY = 16  # batches between two whole-document checks of the fast path
+JOIN_CHARS = 1 << 16  # text per joined string when learning new chunks
 
 
-class FastPathMismatch(RuntimeError):
+class FastPathMismatch(UserError):
     pass
 
 
@@ -59,96 +68,218 @@ def chunkable(tokenizer_json: dict) -> bool:
     )
 
 
-class Encoder:
-    """Callable: list of texts -> (tokens, lengths, bad). `bad` documents could not be encoded (lone
-    surrogates) and are dropped; a document that encodes to nothing gets length 0 (the caller drops it)."""
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
-    def __init__(self, tok, eos_id: int | None, dtype, fast: bool = True, cache_entries: int = 400_000):
+
+class Encoder:
+    """Callable: list of texts -> (tokens, lengths, bad). `lengths` has one entry per text (EOD included,
+    0 for a text without tokens); `bad` lists the texts that could not be encoded (lone surrogates)."""
+
+    def __init__(self, tok, eos_id: int | None, dtype, fast: bool = True, max_chunks: int = 1_000_000):
         self.tok, self.eos, self.dtype = tok, eos_id, np.dtype(dtype)
         spec = json.loads(tok.to_str())
         self.fast = fast and chunkable(spec)
         # Added tokens are matched on the raw text before pre-tokenization: such documents skip chunking.
         self.added_prefixes = sorted({t["content"][:2] for t in spec.get("added_tokens", []) if t["content"]})
-        self.cache: dict[str, list[int]] = {}
-        self.cache_entries = cache_entries
+        self.max_chunks = max_chunks  # bounds the memory of the chunk cache
         self.batches = 0
+        if self.fast:  # byte-level vocabulary: one character of a token is one byte of text
+            vocab = tok.get_vocab(with_added_tokens=False)
+            self.token_bytes = np.zeros(max(vocab.values()) + 1, np.int64)
+            self.token_bytes[list(vocab.values())] = [len(piece) for piece in vocab]
+        self._clear()
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    def _clear(self) -> None:
+        """Chunk cache. `spaced` maps a piece p to the ids of " " + p (the common case, no string built),
+        `exact` maps a chunk to its own ids; both give k: the ids are store[starts[k] : starts[k] + lens[k]]."""
+        self.spaced: dict[str, int] = {}
+        self.exact: dict[str, int] = {}
+        self.store = np.empty(1 << 16, self.dtype)
+        self.used = 0
+        self.starts = np.empty(1 << 14, np.int64)
+        self.lens = np.empty(1 << 14, np.int64)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         self.batches += 1
-        if self.fast:
+        if self.fast and texts:
             try:
                 return self._fast(texts)
-            except (TypeError, ValueError):  # a str the Rust side rejects: the slow path sorts it out
+            except (TypeError, ValueError):  # a str the Rust side rejects: the whole path sorts it out
                 pass
         return self._whole(texts)
 
-    def _finish(self, docs: list[list[int]], bad: int) -> tuple[np.ndarray, np.ndarray, int]:
-        flat: list[int] = []
-        lengths = np.empty(len(docs), dtype=np.int32)
-        eos = self.eos
-        for i, ids in enumerate(docs):
-            if ids:
-                flat += ids
-                if eos is not None:
-                    flat.append(eos)
-                lengths[i] = len(ids) + (eos is not None)
-            else:
-                lengths[i] = 0
-        return np.array(flat, dtype=self.dtype), lengths, bad
+    def _with_eos(self, tokens: np.ndarray, doc_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.eos is None:
+            return tokens.astype(self.dtype, copy=False), doc_lens.astype(np.int32)
+        has = doc_lens > 0
+        lengths = doc_lens + has
+        ends = np.cumsum(lengths)
+        out = np.empty(int(ends[-1]) if ends.size else 0, self.dtype)
+        is_token = np.ones(out.size, bool)
+        is_token[ends[has] - 1] = False
+        out[is_token] = tokens
+        out[~is_token] = self.eos
+        return out, lengths.astype(np.int32)
 
-    def _whole(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-        bad = 0
+    def _whole(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        bad: list[int] = []
         try:
-            encodings = self.tok.encode_batch_fast(texts)
+            ids = [e.ids for e in self.tok.encode_batch_fast(texts)]
         except (TypeError, ValueError):  # lone surrogates: find and drop the culprits
-            ok = []
-            for t in texts:
-                try:
-                    t.encode("utf-8")
-                    ok.append(t)
-                except UnicodeEncodeError:
-                    bad += 1
-            encodings = self.tok.encode_batch_fast(ok)
-        return self._finish([e.ids for e in encodings], bad)
+            bad = [i for i, t in enumerate(texts) if not _encodable(t)]
+            skip = set(bad)
+            ok = iter(self.tok.encode_batch_fast([t for i, t in enumerate(texts) if i not in skip]))
+            ids = [[] if i in skip else next(ok).ids for i in range(len(texts))]
+        doc_lens = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(chain.from_iterable(ids), self.dtype, int(doc_lens.sum()))
+        return (*self._with_eos(flat, doc_lens), bad)
 
-    def _fast(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-        prefixes = self.added_prefixes
-        special = {i for i, t in enumerate(texts) if any(p in t for p in prefixes)} if prefixes else set()
-        chunked = [[] if i in special else CHUNK_SPLIT.split(t) for i, t in enumerate(texts)]
-        cache = self.cache
-        missing = list(set().union(*chunked).difference(cache.keys()))
-        if missing:
-            if len(cache) + len(missing) > self.cache_entries:
-                cache.clear()  # bounded memory; frequent chunks come back quickly
-            cache.update(zip(missing, [e.ids for e in self.tok.encode_batch_fast(missing)]))
-        whole = dict(zip(special, (e.ids for e in self.tok.encode_batch_fast([texts[i] for i in special]))))
-        get, eos = cache.__getitem__, self.eos
-        flat: list[int] = []
-        lengths = np.empty(len(texts), dtype=np.int32)
-        for i, chunks in enumerate(chunked):
-            start = len(flat)
-            if i in whole:
-                flat += whole[i]
+    def _fast(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        # Each document becomes `exact` chunks followed by `spaced` pieces. A regular document (every
+        # " " followed by a non-space) is cut by str.split(" "): a first exact chunk, then pieces that
+        # each stand for " " + piece. Others are cut by CHUNK_SPLIT (several times slower), and a
+        # document holding an added token's text stays whole.
+        prefixes, irregular, split = self.added_prefixes, IRREGULAR.search, CHUNK_SPLIT.split
+        exact: list[str] = []
+        regular: list[list[str]] = []
+        n_exact = np.ones(len(texts), np.int64)
+        n_spaced = np.zeros(len(texts), np.int64)
+        for i, t in enumerate(texts):
+            if prefixes and any(p in t for p in prefixes):
+                exact.append(t)
+            elif irregular(t):
+                chunks = split(t)
+                exact += chunks
+                n_exact[i] = len(chunks)
             else:
-                flat.extend(chain.from_iterable(map(get, chunks)))
-            if eos is not None and len(flat) > start:
-                flat.append(eos)
-            lengths[i] = len(flat) - start
-        if self.batches % VERIFY_EVERY == 1 and texts:
-            self._verify(texts, flat, lengths)
-        return np.array(flat, dtype=self.dtype), lengths, 0
+                pieces = t.split(" ")
+                exact.append(pieces[0])
+                regular.append(pieces)
+                n_spaced[i] = len(pieces) - 1
+        spaced = list(chain.from_iterable(islice(p, 1, None) for p in regular))
+        new_spaced = set(spaced).difference(self.spaced)
+        new_exact = set(exact).difference(self.exact)
+        if len(self.spaced) + len(self.exact) + len(new_spaced) + len(new_exact) > self.max_chunks:
+            self._clear()  # bounded memory; frequent chunks come back quickly
+            new_spaced, new_exact = set(spaced), set(exact)
+        if new_spaced:
+            keys = list(new_spaced)
+            self._learn(self.spaced, keys, [" " + p for p in keys], joinable=True)
+        if new_exact:
+            keys = list(new_exact)
+            self._learn(self.exact, keys, keys)
+        per_doc = n_exact + n_spaced  # >= 1
+        firsts = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+        is_exact = np.arange(firsts.size) - firsts < np.repeat(n_exact, per_doc)
+        cid = np.empty(firsts.size, np.int64)
+        cid[is_exact] = np.fromiter(map(self.exact.__getitem__, exact), np.int64, len(exact))
+        cid[~is_exact] = np.fromiter(map(self.spaced.__getitem__, spaced), np.int64, len(spaced))
+        lens = self.lens[cid]
+        ends = np.cumsum(lens)
+        src = np.repeat(self.starts[cid] - (ends - lens), lens) + np.arange(int(ends[-1]))
+        doc_lens = np.add.reduceat(lens, np.cumsum(per_doc) - per_doc)
+        tokens, lengths = self._with_eos(self.store[src], doc_lens)
+        if self.batches % VERIFY_EVERY == 1:
+            self._verify(texts, tokens, lengths)
+        return tokens, lengths, []
 
-    def _verify(self, texts: list[str], flat: list[int], lengths: np.ndarray) -> None:
+    def _learn(self, table: dict[str, int], keys: list[str], texts: list[str], joinable=False) -> None:
+        """Encode new chunks (`texts`, each alone) and remember their ids under `keys` in `table`.
+        Chunks that start with " " + non-space (all of them when `joinable`) are encoded joined."""
+        if not joinable:
+            prefixes = self.added_prefixes
+            join, alone = [], []
+            for i, c in enumerate(texts):
+                ok = len(c) > 1 and c[0] == " " and not c[1].isspace()
+                (join if ok and not any(p in c for p in prefixes) else alone).append(i)
+            if alone:
+                ids = [e.ids for e in self.tok.encode_batch_fast([texts[i] for i in alone])]
+                lens = np.fromiter(map(len, ids), np.int64, len(ids))
+                flat = np.fromiter(chain.from_iterable(ids), np.int64, int(lens.sum()))
+                self._add(table, [keys[i] for i in alone], flat, lens)
+            keys, texts = [keys[i] for i in join], [texts[i] for i in join]
+        if texts:
+            self._add(table, keys, *self._encode_joined(texts))
+
+    def _encode_joined(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of each text encoded alone (concatenated) and their counts, for texts that each start with
+        " " + non-space: joined into long strings, encoded, cut where the token bytes reach a text end."""
+        sizes = np.fromiter(map(len, texts), np.int64, len(texts))
+        group = (np.cumsum(sizes) - 1) // JOIN_CHARS
+        bounds = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), len(texts)]
+        groups = [texts[a:b] for a, b in pairwise(bounds)]
+        joined = ["".join(g) for g in groups]
+        prefixes = self.added_prefixes
+        encodings = self.tok.encode_batch_fast(joined)
+        all_ids, all_lens = [], []
+        for g, j, e in zip(groups, joined, encodings):
+            if any(p in j for p in prefixes):  # an added token's text across a join: encode one by one
+                ids = [x.ids for x in self.tok.encode_batch_fast(g)]
+                all_lens.append(np.fromiter(map(len, ids), np.int64, len(ids)))
+                all_ids.append(np.fromiter(chain.from_iterable(ids), np.int64, int(all_lens[-1].sum())))
+                continue
+            ids = np.array(e.ids, np.int64)
+            tok_end = np.cumsum(self.token_bytes[ids])
+            nbytes = map(len, g) if j.isascii() else map(len, map(str.encode, g))
+            text_end = np.cumsum(np.fromiter(nbytes, np.int64, len(g)))
+            k = np.searchsorted(tok_end, text_end)
+            if k[-1] >= tok_end.size or not np.array_equal(tok_end[k], text_end):
+                raise FastPathMismatch(
+                    "prepare: a token crosses a chunk boundary, so the chunked fast path does not hold for "
+                    "this tokenizer; rerun with fast=false (and please report the tokenizer)"
+                )
+            all_ids.append(ids)
+            all_lens.append(np.diff(k + 1, prepend=0))
+        return np.concatenate(all_ids), np.concatenate(all_lens)
+
+    def _add(self, table: dict[str, int], keys: list[str], ids: np.ndarray, lens: np.ndarray) -> None:
+        n0, n = len(self.spaced) + len(self.exact), len(keys)
+        while self.used + ids.size > self.store.size:
+            self.store = np.resize(self.store, 2 * self.store.size)
+        while n0 + n > self.starts.size:
+            self.starts = np.resize(self.starts, 2 * self.starts.size)
+            self.lens = np.resize(self.lens, 2 * self.lens.size)
+        self.store[self.used : self.used + ids.size] = ids
+        self.starts[n0 : n0 + n] = self.used + np.cumsum(lens) - lens
+        self.lens[n0 : n0 + n] = lens
+        self.used += ids.size
+        table.update(zip(keys, range(n0, n0 + n)))
+
+    def _verify(self, texts: list[str], tokens: np.ndarray, lengths: np.ndarray) -> None:
         i = (self.batches // VERIFY_EVERY) % len(texts)
         start = int(lengths[:i].sum())
         expect = self.tok.encode(texts[i]).ids
         if expect and self.eos is not None:
             expect.append(self.eos)
-        if flat[start : start + int(lengths[i])] != expect:
+        if tokens[start : start + int(lengths[i])].tolist() != expect:
             raise FastPathMismatch(
                 "prepare: the chunked fast path disagrees with the tokenizer on a document; "
                 "rerun with fast=false (and please report the tokenizer)"
             )
+
+
+def encode_job(encoder: Encoder, texts, jsonl, first_line: int, text_key: str):
+    """One batch: parse (raw JSON lines), encode -> (tokens, lengths of written documents, problems)."""
+    lines = None
+    problems: list[Problem] = []
+    if jsonl is not None:
+        texts, lines, problems = parse_jsonl(jsonl, first_line, text_key)
+    tokens, lengths, bad = encoder(texts)
+    if bad or not lengths.all():
+        where = (
+            [str(n) for n in lines] if lines else [f"document {i + 1} of a batch" for i in range(len(texts))]
+        )
+        problems += [("non_utf8", where[i], "cannot be encoded as UTF-8") for i in bad]
+        skip = set(bad)
+        zero = np.flatnonzero(lengths == 0)
+        problems += [("empty", where[i], "no tokens") for i in zero if i not in skip]
+        lengths = lengths[lengths > 0]
+    return tokens, lengths, problems
 
 
 _WORKER: dict = {}
@@ -162,5 +293,5 @@ def init_worker(tokenizer_file: str, eos_id: int | None, dtype: str, fast: bool)
     _WORKER["encoder"] = Encoder(Tokenizer.from_file(tokenizer_file), eos_id, dtype, fast)
 
 
-def encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    return _WORKER["encoder"](texts)
+def encode_in_worker(texts, jsonl, first_line: int, text_key: str):
+    return encode_job(_WORKER["encoder"], texts, jsonl, first_line, text_key)

@@ -14,9 +14,9 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,11 @@ import numpy as np
 from llmtrain.data import encode as enc
 from llmtrain.data.indexed import IndexedWriter, optimal_dtype, write_index
 from llmtrain.data.progress import Progress
-from llmtrain.data.sources import MALFORMED, Reader, Source, expand_inputs
+from llmtrain.data.sources import MALFORMED, Reader, Report, Source, expand_inputs
 from llmtrain.data.tokenizer import eos_token, file_sha256, load_tokenizer, tokenizer_path, vocab_size
 from llmtrain.errors import ConfigError, UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of state.json positions: 2 counts JSON lines, blank ones included
 
 
 @dataclass
@@ -47,16 +47,6 @@ class PrepareOptions:
     commit_mb: float = 64.0  # output written between two resumable commits
     progress: bool = True
     fast: bool = True  # chunked fast path where it is exact for the tokenizer (see encode.py)
-
-
-@dataclass
-class Batch:
-    texts: list[str]
-    source: int  # index of the source of the last record in the batch
-    records: int  # records of that source consumed once this batch is written
-    nbytes: int
-    stats: Counter = field(default_factory=Counter)  # malformed records met while reading this batch
-    sha256: str | None = None  # set on the last batch of a source: the hash of all its bytes
 
 
 def output_paths(output: str) -> dict[str, Path]:
@@ -93,30 +83,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _batches(readers: list[Reader], start: tuple[int, int], batch_bytes: int) -> Iterator[Batch]:
-    src0, skip0 = start
-    texts: list[str] = []
-    nbytes = 0
-    stats: Counter = Counter()
-    for si in range(src0, len(readers)):
-        reader = readers[si]
-        skip = skip0 if si == src0 else 0
-        reader.stats = stats
-        records = skip
-        for text in reader.records(skip):
-            records += 1
-            if text is not None:
-                texts.append(text)
-                nbytes += len(text)
-            if nbytes >= batch_bytes:
-                yield Batch(texts, si, records, nbytes, stats)
-                texts, nbytes, stats = [], 0, Counter()
-                reader.stats = stats
-        # A batch boundary at every source end keeps the position (source, records) simple.
-        yield Batch(texts, si, records, nbytes, stats, sha256=reader.sha256)
-        texts, nbytes, stats = [], 0, Counter()
-
-
 def _fingerprint(opts: PrepareOptions, sources: list[Source], tok_sha: str, eos_id, dtype) -> str:
     key = {
         "version": FORMAT_VERSION,
@@ -130,19 +96,19 @@ def _fingerprint(opts: PrepareOptions, sources: list[Source], tok_sha: str, eos_
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _executor(opts: PrepareOptions, tok_file: str, eos_id, dtype) -> tuple[Executor, object, int]:
-    """Tokenizer workers: processes with one Rust thread and one chunk cache each (the Python half of
-    encoding runs in parallel too), or threads of this process when workers < 0 (inside a trainer,
-    which must not fork), one Encoder per thread."""
+def _executor(opts: PrepareOptions, tok_file: str, eos_id, dtype) -> tuple[Executor, Callable, int]:
+    """Tokenizer workers: processes with one Rust thread and one chunk cache each (JSON parsing and the
+    Python half of encoding run in parallel too), or threads of this process when workers < 0 (inside
+    a trainer, which must not fork), one Encoder per thread."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if opts.workers < 0:
         tok = load_tokenizer(tok_file)
         local = threading.local()
 
-        def run(texts):
+        def run(*job):
             if not hasattr(local, "encoder"):
                 local.encoder = enc.Encoder(tok, eos_id, dtype, opts.fast)
-            return local.encoder(texts)
+            return enc.encode_job(local.encoder, *job)
 
         return ThreadPoolExecutor(cores), run, cores
     n = opts.workers or cores
@@ -160,7 +126,7 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     from filelock import FileLock
 
     paths = output_paths(opts.output)
-    tok_file = tokenizer_path(opts.tokenizer, "tokenizer")
+    tok_file = tokenizer_path(opts.tokenizer, "tokenizer").resolve()
     tok = load_tokenizer(str(tok_file), "tokenizer")
     eos_name, eos_id = eos_token(str(tok_file), opts.eos, "tokenizer") if opts.append_eos else (None, None)
     dtype = optimal_dtype(vocab_size(tok))
@@ -207,14 +173,13 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
 
 
 def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype, log) -> dict:
-    readers = [Reader(s, opts.text_key, opts.txt_mode, opts.strict, warn=log) for s in sources]
+    report = Report(opts.strict, warn=log)
     writer = IndexedWriter(
         paths["work_bin"], paths["work_lens"], dtype, state["bin_bytes"], state["documents"]
     )
     stats = Counter(state["stats"])
     per_source: dict[str, dict] = state["sources"]
-    total_bytes = sum(s.size for s in sources)
-    progress = Progress(total_bytes, enabled=opts.progress, done_bytes=state["bytes_in"])
+    progress = Progress(sum(s.size for s in sources), enabled=opts.progress, done_bytes=state["bytes_in"])
     t0 = time.perf_counter()
     new_tokens = 0
     commit_bytes = int(opts.commit_mb * (1 << 20))
@@ -226,12 +191,10 @@ def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype
     def drain_one():
         nonlocal new_tokens, since_commit
         batch, fut = inflight.popleft()
-        tokens, lengths, bad = fut.result()
-        batch.stats["non_utf8"] += bad
-        empty = int(np.count_nonzero(lengths == 0)) - bad
-        batch.stats["empty"] += empty
-        if empty or bad:
-            lengths = lengths[lengths > 0]
+        tokens, lengths, problems = fut.result() if fut else (np.zeros(0, dtype), np.zeros(0, np.int32), [])
+        path = sources[batch.source].path
+        for problem in problems:  # found by the worker (JSON lines); raises in strict mode
+            report(path, problem, batch.stats)
         writer.write(tokens, lengths)
         stats.update(batch.stats)
         state["documents"] += int(lengths.size)
@@ -240,30 +203,35 @@ def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype
         new_tokens += int(tokens.size)
         since_commit += tokens.nbytes
         progress.update(batch.nbytes, state["documents"], state["tokens"])
-        src = per_source.setdefault(
-            str(batch.source), {"path": sources[batch.source].path, "documents": 0, "tokens": 0}
-        )
+        src = per_source.setdefault(str(batch.source), {"path": path, "documents": 0, "tokens": 0})
         src["documents"] += int(lengths.size)
         src["tokens"] += int(tokens.size)
         for k, v in batch.stats.items():
             src[k] = src.get(k, 0) + v
         state["source"], state["records"] = batch.source, batch.records
-        if batch.sha256:
-            src.update(records=batch.records, sha256=batch.sha256)
+        if batch.sha256:  # the source is done: the next position is the start of the next one
+            src["sha256"] = batch.sha256
+            state["source"], state["records"] = batch.source + 1, 0
         if since_commit >= commit_bytes:
             _commit(writer, state, stats, per_source, paths)
             since_commit = 0
 
+    batch_bytes = max(int(opts.batch_mb * (1 << 20)), 1)
     try:
-        for batch in _batches(readers, (state["source"], state["records"]), int(opts.batch_mb * (1 << 20))):
-            inflight.append((batch, ex.submit(fn, batch.texts)))
-            if len(inflight) >= window:
-                drain_one()
+        for si in range(state["source"], len(sources)):
+            reader = Reader(sources[si], si, report, opts.text_key, opts.txt_mode)
+            skip = state["records"] if si == state["source"] else 0
+            for batch in reader.batches(skip, batch_bytes):
+                job = batch.texts, batch.jsonl, batch.first_line, opts.text_key
+                inflight.append((batch, ex.submit(fn, *job) if batch.texts or batch.jsonl else None))
+                if len(inflight) >= window:
+                    drain_one()
         while inflight:
             drain_one()
     finally:
         for _, fut in inflight:
-            fut.cancel()
+            if fut:
+                fut.cancel()
         ex.shutdown(wait=True, cancel_futures=True)
         progress.close()
     _commit(writer, state, stats, per_source, paths)
@@ -288,17 +256,16 @@ def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype
         "tokenizer": {
             "path": tok_file,
             "sha256": tok_sha,
-            "vocab_size": None,
+            "vocab_size": vocab_size(load_tokenizer(tok_file)),
             "eos": eos_name,
             "eos_id": eos_id,
         },
         "text_key": opts.text_key,
         "malformed": {k: stats.get(k, 0) for k in MALFORMED},
-        "sources": [per_source[k] for k in sorted(per_source, key=int)],
-        "seconds": round(elapsed, 3),
+        "sources": [{**{k: 0 for k in MALFORMED}, **per_source[k]} for k in sorted(per_source, key=int)],
+        "seconds": round(elapsed, 3),  # of the last (resumed) run
         "tokens_per_second": round(new_tokens / max(elapsed, 1e-9)),
     }
-    manifest["tokenizer"]["vocab_size"] = vocab_size(load_tokenizer(tok_file))
     _write_json(paths["work_manifest"], manifest)
     state["phase"] = "finalizing"
     _write_json(paths["state"], state)
