@@ -210,3 +210,45 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(tmp_path, tokdir):
     assert files(out) == files(tmp_path / "reference")
     assert manifest["documents"] == reference["documents"] == 1189
     assert manifest["malformed"] == reference["malformed"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_resume_after_a_crash_counts_every_record_once(tmp_path, tokdir, golden_texts, monkeypatch, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmtrain.data import pipeline
+
+    texts = [golden_texts[i % len(golden_texts)][: 50 + i] for i in range(300)]  # several per batch
+    if fmt == "jsonl":
+        lines = [json.dumps({"text": t}).encode() for t in texts]
+        for i in range(0, len(lines), 9):  # malformed records and blank lines all along the file
+            lines[i] = MALFORMED_LINES[1 + (i // 9) % 8]
+        path = tmp_path / "in.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        values = [None if i % 11 == 0 else ("" if i % 13 == 0 else t) for i, t in enumerate(texts)]
+        path = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"text": values}), path, row_group_size=7)
+    opts = {"batch_mb": 0.002, "commit_mb": 0.001, "workers": 1}
+    reference = run_prepare(path, tokdir, tmp_path / "reference", **opts)
+
+    real_write, calls = pipeline.IndexedWriter.write, []
+
+    def crash_after_some_batches(self, tokens, lengths):
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("simulated crash")
+        real_write(self, tokens, lengths)
+
+    monkeypatch.setattr(pipeline.IndexedWriter, "write", crash_after_some_batches)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_prepare(path, tokdir, tmp_path / "out", **opts)
+    monkeypatch.undo()
+    logs: list[str] = []
+    # Another batch size: the resume position falls inside a block of the new run.
+    manifest = run_prepare(path, tokdir, tmp_path / "out", logs, **{**opts, "batch_mb": 0.0031})
+    assert any(m.startswith("resuming") for m in logs), logs
+    assert files(tmp_path / "out") == files(tmp_path / "reference")
+    assert manifest["malformed"] == reference["malformed"] and sum(manifest["malformed"].values()) > 10
+    assert manifest["sources"] == reference["sources"]
