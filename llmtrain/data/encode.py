@@ -20,7 +20,7 @@ assumption stops the run instead of writing different data.
 import json
 import os
 import re
-from itertools import chain, islice, pairwise
+from itertools import chain, islice, pairwise, repeat
 
 import numpy as np
 
@@ -162,23 +162,14 @@ class Encoder:
                 regular.append(pieces)
                 n_spaced[i] = len(pieces) - 1
         spaced = list(chain.from_iterable(islice(p, 1, None) for p in regular))
-        new_spaced = set(spaced).difference(self.spaced)
-        new_exact = set(exact).difference(self.exact)
-        if len(self.spaced) + len(self.exact) + len(new_spaced) + len(new_exact) > self.max_chunks:
+        if len(self.spaced) + len(self.exact) > self.max_chunks:
             self._clear()  # bounded memory; frequent chunks come back quickly
-            new_spaced, new_exact = set(spaced), set(exact)
-        if new_spaced:
-            keys = list(new_spaced)
-            self._learn(self.spaced, keys, [" " + p for p in keys], joinable=True)
-        if new_exact:
-            keys = list(new_exact)
-            self._learn(self.exact, keys, keys)
         per_doc = n_exact + n_spaced  # >= 1
         firsts = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
         is_exact = np.arange(firsts.size) - firsts < np.repeat(n_exact, per_doc)
         cid = np.empty(firsts.size, np.int64)
-        cid[is_exact] = np.fromiter(map(self.exact.__getitem__, exact), np.int64, len(exact))
-        cid[~is_exact] = np.fromiter(map(self.spaced.__getitem__, spaced), np.int64, len(spaced))
+        cid[is_exact] = self._lookup(self.exact, exact, spaced=False)
+        cid[~is_exact] = self._lookup(self.spaced, spaced, spaced=True)
         lens = self.lens[cid]
         ends = np.cumsum(lens)
         src = np.repeat(self.starts[cid] - (ends - lens), lens) + np.arange(int(ends[-1]))
@@ -187,6 +178,16 @@ class Encoder:
         if self.batches % VERIFY_EVERY == 1:
             self._verify(texts, tokens, lengths)
         return tokens, lengths, []
+
+    def _lookup(self, table: dict[str, int], keys: list[str], spaced: bool) -> np.ndarray:
+        """Cache ids of `keys`, learning the missing ones first."""
+        cid = np.fromiter(map(table.get, keys, repeat(-1)), np.int64, len(keys))
+        missing = np.flatnonzero(cid < 0).tolist()
+        if missing:
+            new = list(dict.fromkeys([keys[i] for i in missing]))  # distinct, in order
+            self._learn(table, new, [" " + k for k in new] if spaced else new, joinable=spaced)
+            cid[missing] = [table[keys[i]] for i in missing]
+        return cid
 
     def _learn(self, table: dict[str, int], keys: list[str], texts: list[str], joinable=False) -> None:
         """Encode new chunks (`texts`, each alone) and remember their ids under `keys` in `table`.
