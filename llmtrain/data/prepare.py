@@ -4,6 +4,8 @@ Tokenizes jsonl / json / parquet / txt files (globs, directories, .gz/.xz/.bz2) 
 `datasets` dataset into a Megatron indexed dataset PREFIX.bin + PREFIX.idx, with PREFIX.manifest.json
 (sources and their hashes, tokenizer hash, counts, malformed records). Overrides use Hydra's syntax
 (`input=[a.jsonl,b.parquet]`). Errors the user can fix print one line and exit with code 2.
+Output is byte-identical to Megatron-LM's tools/preprocess_data.py (HuggingFaceTokenizer, --append-eod).
+Formats, the malformed-input policy, resume and the manifest: docs/data.md.
 """
 
 import sys

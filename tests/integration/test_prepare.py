@@ -231,7 +231,7 @@ def test_resume_after_a_crash_counts_every_record_once(tmp_path, tokdir, golden_
         path = tmp_path / "in.parquet"
         pq.write_table(pa.table({"text": values}), path, row_group_size=7)
     opts = {"batch_mb": 0.002, "commit_mb": 0.001, "workers": 1}
-    reference = run_prepare(path, tokdir, tmp_path / "reference", **opts)
+    reference = run_prepare(path, tokdir, tmp_path / "reference", **{**opts, "workers": 2})  # order kept
 
     real_write, calls = pipeline.IndexedWriter.write, []
 
