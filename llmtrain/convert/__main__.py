@@ -18,15 +18,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser(
-        "import", help="HF Llama directory -> llmtrain checkpoint (step 0, model weights only)"
+        "import",
+        help="HF Llama directory -> llmtrain checkpoint (step 0, model weights only; torch: safetensors,"
+        " megatron: Megatron-Core dist checkpoint)",
     )
     imp.add_argument("hf_dir", help="directory with config.json and model*.safetensors (sharded or not)")
     imp.add_argument("out", help="checkpoint directory to create (use it as train.init_from=OUT)")
     imp.add_argument(
         "--engine", default="torch", choices=["torch", "megatron"], help="engine layout (default torch)"
     )
-    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size (megatron engine)")
-    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (megatron engine)")
+    imp.add_argument(
+        "--tp", type=int, default=1, help="megatron engine: tensor-parallel size the weights are sharded for"
+    )
+    imp.add_argument(
+        "--pp", type=int, default=1, help="megatron engine: pipeline-parallel size (checked, recorded)"
+    )
     imp.add_argument("--name", default=None, help="model.name to record (default: the HF directory name)")
     imp.add_argument("--force", action="store_true", help="replace OUT if it exists")
 

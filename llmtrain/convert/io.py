@@ -253,17 +253,22 @@ def write_checkpoint(
     `config` is a plain dict (at least {"model": {...}}); `extra_files` maps names inside the checkpoint to
     files or directories to copy in (e.g. the tokenizer).
     """
-    from omegaconf import OmegaConf
-
     dest = Path(dest).expanduser().resolve()
     with atomic_output_dir(dest, force) as tmp:
         save_model_file(state, tmp / MODEL_FILE)
-        (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-        for name, src in (extra_files or {}).items():
-            if Path(src).is_dir():
-                shutil.copytree(src, tmp / name)
-            else:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, tmp / name)
+        write_config_and_files(tmp, config, extra_files)
         write_manifest(tmp, step, engine)
     return dest
+
+
+def write_config_and_files(step_dir: Path, config: dict, extra_files: dict[str, Path] | None = None) -> None:
+    """config.yaml from a plain dict, plus `extra_files` ({name inside step_dir: file or dir}) copied in."""
+    from omegaconf import OmegaConf
+
+    (step_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    for name, src in (extra_files or {}).items():
+        if Path(src).is_dir():
+            shutil.copytree(src, step_dir / name)
+        else:
+            (step_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, step_dir / name)

@@ -1,4 +1,4 @@
-"""Megatron engine checkpoints for `export` (and the plan for `import --engine megatron`).
+"""Megatron engine checkpoints: read them for `export`, write them for `import --engine megatron`.
 
 The per-tensor layout (fused QKV grouped per KV group, fused [gate; up] fc1, norms fused into TE linears, TP
 splits) lives in the engine, `llmtrain.engines.megatron_engine.mapping`; this module only adapts a
@@ -8,16 +8,23 @@ Megatron-Core `dist_checkpointing` checkpoint to it:
     so a checkpoint of any TP/PP layout reads back whole on one process (`load_tensors_metadata` + `load`);
   * Megatron-Core stores a transformer block's layers stacked (`decoder.layers.<name>` of shape [L, ...]) or
     per layer (`decoder.layers.<i>.<name>`): `unstack_layers` gives per-layer keys either way;
-  * the optimizer, RNG and TE `_extra_state` entries are skipped.
+  * the optimizer, RNG and TE `_extra_state` entries are skipped;
+  * an import writes the same format from one process: every TP rank's slice (`mapping.tp_shard`) as the
+    ShardedTensor the engine's GPTModel would give it (`sharded_tensors`), model weights only, FP32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import re
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+from llmtrain.convert import hf
+from llmtrain.convert.io import atomic_output_dir, write_config_and_files, write_manifest
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.spec import ModelSpec
 
@@ -138,17 +145,120 @@ def _ensure_process_group() -> bool:
     return True
 
 
+_LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def check_layout(spec: ModelSpec, tp: int, pp: int):
+    """The engine's own layout rules (heads, KV groups, vocab and layers divisible...) for --tp/--pp."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.config.schema import ParallelConfig
+    from llmtrain.engines.megatron_engine.settings import resolve_layout
+
+    return resolve_layout(OmegaConf.structured(ParallelConfig(tp=tp, pp=pp)), spec, world_size=tp * pp)
+
+
+def _sharded(key: str, data: torch.Tensor, layer_axis: list, *tp_axis: tuple[int, int, int]):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return ShardedTensor.from_rank_offsets(
+        key, data.contiguous(), *layer_axis, *tp_axis, prepend_axis_num=len(layer_axis)
+    )
+
+
+def sharded_tensors(full: dict[str, torch.Tensor], num_layers: int, tp: int) -> dict:
+    """Every TP rank's slice of the full Megatron weights as the ShardedTensor Megatron-Core's GPTModel gives
+    that rank (`sharded_state_dict()` with the engine's metadata): a layer's tensors share one key with a
+    leading layer axis at the global layer index; a TP-split weight is `tp` chunks along its split dim; the
+    fused fc1 is stored as [gate; up] whatever the TP size (rank r holds chunks r and tp+r of 2*tp); norms
+    are stored once. PP stages only choose which layers a rank holds, which the global offsets already fix.
+    """
+    from llmtrain.engines.megatron_engine import mapping
+
+    out = {}
+    for name, whole in full.items():
+        m = _LAYER_INDEX.match(name)
+        key = f"decoder.layers.{m.group(2)}" if m else name
+        layer_axis = [(0, int(m.group(1)), num_layers)] if m else []
+        lead = len(layer_axis)
+        slices = [mapping.tp_shard(name, whole, tp, r) for r in range(tp)]
+        if slices[0].shape == whole.shape:  # replicated over TP ranks, or tp=1
+            shards = [_sharded(key, whole, layer_axis)]
+        elif name.endswith(".mlp.linear_fc1.weight"):
+            shards = [
+                _sharded(key, half, layer_axis, (lead, r + i * tp, 2 * tp))
+                for r, s in enumerate(slices)
+                for i, half in enumerate(s.chunk(2, 0))
+            ]
+        else:
+            dim = next(d for d, (a, b) in enumerate(zip(slices[0].shape, whole.shape)) if a != b)
+            shards = [_sharded(key, s, layer_axis, (lead + dim, r, tp)) for r, s in enumerate(slices)]
+        out |= {f"{name}#{i}": sh for i, sh in enumerate(shards)}
+    return out
+
+
+@contextlib.contextmanager
+def _cpu_stand_ins(active: bool):
+    """Megatron-Core's saver syncs CUDA after its (here CPU-to-CPU) copies and puts a one-element flag on
+    the current CUDA device for an all-reduce. In a conversion's own gloo group, on any machine, both
+    become CPU no-ops; inside someone else's (NCCL) job nothing is changed."""
+    if not active:
+        yield
+        return
+    with (
+        mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None),
+        mock.patch.object(torch.cuda, "current_device", lambda: "cpu"),
+    ):
+        yield
+
+
+def _require_writer() -> None:
+    if importlib.util.find_spec("megatron.core") is None:
+        raise UserError("import --engine megatron needs megatron-core: pip install megatron-core")
+    if importlib.util.find_spec("psutil") is None:  # its forked file writers die without it
+        raise UserError(
+            "import --engine megatron needs psutil (Megatron-Core's checkpoint writer uses it): pip install psutil"
+        )
+
+
+def save_dist_checkpoint(sharded: dict, directory: Path) -> None:
+    """Megatron-Core torch_dist checkpoint of `sharded` in the empty `directory`, from one process."""
+    from megatron.core import dist_checkpointing
+
+    from llmtrain.engines.megatron_engine.settings import CKPT_METADATA
+
+    owns_group = _ensure_process_group()
+    try:
+        with _cpu_stand_ins(owns_group or not torch.cuda.is_available()):
+            dist_checkpointing.save(sharded, str(directory), content_metadata=dict(CKPT_METADATA))
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
 def import_to_megatron(
     files, spec: ModelSpec, out: Path, *, config: dict, tp: int, pp: int, force: bool, extra
-):
-    """HF weights -> a Megatron engine checkpoint (dist_checkpointing). Not implemented yet.
+) -> Path:
+    """HF weights -> a Megatron engine checkpoint dir (step 0, model only, FP32) for the layout tp x pp.
 
-    The engine already starts from HF weights in any TP/PP layout (`train.init_from=HF_DIR engine=megatron`:
-    each rank takes its shard through mapping.tp_shard), and its first checkpoint is then a Megatron one. A
-    standalone import would run the engine under torchrun (tp*pp GPUs), load_reference_state_dict, and save
-    through the loop's CheckpointManager layout with step 0.
+    `out/megatron/` is a Megatron-Core dist checkpoint (torch_dist) whose tensors are split into the TP
+    shards the engine's ranks hold; `train.init_from=out` starts the engine from it in any layout.
     """
-    raise UserError(
-        "import --engine megatron is not implemented; start the Megatron engine straight from the HF"
-        " directory with train.init_from=HF_DIR (any parallel.tp/pp), or import with --engine torch"
-    )
+    from llmtrain.engines.megatron_engine import mapping
+
+    check_layout(spec, tp, pp)
+    _require_writer()
+    state = {
+        k: v.float()
+        for k, v in hf.iter_hf_tensors(files)
+        if not (spec.tie_embeddings and k == "lm_head.weight")
+    }
+    full = mapping.reference_to_megatron(state, spec)
+    del state  # the un-fused q/k/v and gate/up copies
+    config = config | {"engine": {"name": "megatron"}, "parallel": {"tp": tp, "pp": pp}}
+    with atomic_output_dir(out, force) as tmp:
+        (tmp / SUBDIR).mkdir()
+        save_dist_checkpoint(sharded_tensors(full, spec.num_layers, tp), tmp / SUBDIR)
+        write_config_and_files(tmp, config, extra)
+        write_manifest(tmp, 0, "megatron", extra={"layout": {"tp": tp, "pp": pp}})
+    return out

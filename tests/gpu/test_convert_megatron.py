@@ -4,6 +4,8 @@ The engine starts from a tiny random transformers model (the `tiny` model shapes
 batches must match transformers' FP32 loss within BF16 tolerance. It then saves a checkpoint (Megatron-Core
 dist_checkpointing, TP=2 shards); `llmtrain.convert.export_hf` reads it back on one process and the exported
 directory must hold exactly the BF16-rounded original weights and give transformers' loss again.
+The same HF directory imported with `python -m llmtrain.convert import --engine megatron --tp 2` must start
+the TP=2 engine with exactly the same loss as the HF directory itself.
 This file is also the torchrun worker. Skipped with fewer than 2 GPUs.
 """
 
@@ -37,19 +39,21 @@ def worker(args) -> None:
 
     dist = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     cfg = make_config(
-        "tiny", "bf16", "single", {"parallel": {"tp": args.tp}, "train": {"init_from": args.hf}}
+        "tiny", "bf16", "single", {"parallel": {"tp": args.tp}, "train": {"init_from": args.init}}
     )
-    engine = MegatronEngine(cfg, dist)  # loads the HF weights, each TP rank its shard
+    engine = MegatronEngine(cfg, dist)  # loads the weights, each TP rank its shard
     loss = engine.eval_loss(mock_batches(N_MB, 1, SEQ, cfg.model.vocab_size))
-    step_dir = Path(args.save)
+    if args.save:
+        step_dir = Path(args.save)
+        if dist.is_main:
+            step_dir.mkdir(parents=True)
+        engine.barrier()
+        engine.save(step_dir)
+        engine.barrier()
+        if dist.is_main:
+            (step_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            io.write_manifest(step_dir, step=0, engine="megatron")
     if dist.is_main:
-        step_dir.mkdir(parents=True)
-    engine.barrier()
-    engine.save(step_dir)
-    engine.barrier()
-    if dist.is_main:
-        (step_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        io.write_manifest(step_dir, step=0, engine="megatron")
         Path(args.out).write_text(json.dumps({"loss": loss, "backend": engine.backend_description}))
     engine.close()
 
@@ -95,9 +99,22 @@ def test_hf_import_tp2_and_export(tmp_path):
         "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
-    cmd += ["--hf", str(tmp_path / "hf"), "--save", str(step_dir), "--out", str(out), "--tp", "2"]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    subprocess.run(
+        [*cmd, "--init", str(tmp_path / "hf"), "--save", str(step_dir), "--out", str(out), "--tp", "2"],
+        check=True,
+        env=env,
+        cwd=ROOT,
+    )
     mg_loss = json.loads(out.read_text())["loss"]
+
+    # The offline import into the engine's own format (TP=2 shards) starts the engine identically.
+    imported, out2 = tmp_path / "imported", tmp_path / "imported.json"
+    convert = [sys.executable, "-m", "llmtrain.convert", "import", str(tmp_path / "hf"), str(imported)]
+    subprocess.run([*convert, "--engine", "megatron", "--tp", "2"], check=True, env=env, cwd=ROOT)
+    subprocess.run(
+        [*cmd, "--init", str(imported), "--out", str(out2), "--tp", "2"], check=True, env=env, cwd=ROOT
+    )
+    imported_loss = json.loads(out2.read_text())["loss"]
 
     exported = export_hf(step_dir, tmp_path / "hf_out", with_tokenizer=False)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True).eval()
@@ -109,19 +126,21 @@ def test_hf_import_tp2_and_export(tmp_path):
         {
             "hf_fp32_loss": ref_loss,
             "megatron_tp2_bf16_loss": mg_loss,
+            "megatron_tp2_from_import_loss": imported_loss,
             "exported_loss": back_loss,
             "exact": exact,
         },
     )
     assert abs(mg_loss - ref_loss) < TOL
+    assert imported_loss == mg_loss  # same FP32 weights, same BF16 rounding, same TP=2 shards
     assert exact  # the export holds the engine's BF16 weights, i.e. the HF weights rounded to BF16
     assert abs(back_loss - ref_loss) < TOL
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--hf", required=True)
-    p.add_argument("--save", required=True)
+    p.add_argument("--init", required=True, help="train.init_from: HF dir or llmtrain checkpoint")
+    p.add_argument("--save", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=2)
     worker(p.parse_args())

@@ -1,7 +1,7 @@
 """HF <-> llmtrain round trips against transformers (CPU, FP32, offline).
 
-Tolerance: logits compared with atol=1e-5, rtol=0 (FP32; the two implementations do the same math, so the
-measured difference is ~0 to 1e-6).
+Tolerance: logits compared with atol=1e-5, rtol=0 (FP32; the two implementations do the same math; the
+differences measured are printed, `pytest -s` shows them: about 1e-7 or exactly 0).
 """
 
 import json
@@ -77,6 +77,7 @@ def test_hf_import_logits_export_reload(tmp_path, tied):
     ours = llmtrain_model(ckpt)
     with torch.no_grad():
         diff = (ours(TOKENS) - ref).abs().max().item()
+    print(f"tied={tied}: torch engine model vs transformers logits, max abs diff {diff:.3g}")
     assert diff <= ATOL, diff
 
     out = api.export_hf(ckpt, tmp_path / "export", max_shard_size="50KB")
@@ -89,6 +90,7 @@ def test_hf_import_logits_export_reload(tmp_path, tied):
     assert config["rope_theta"] == 50000.0 and config["tie_word_embeddings"] is tied
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     diff2 = (hf_logits(reloaded, TOKENS) - ref).abs().max().item()
+    print(f"tied={tied}: import -> export -> transformers vs original, max abs diff {diff2:.3g}")
     assert diff2 <= ATOL, diff2
 
 
@@ -174,6 +176,7 @@ def test_trained_checkpoint_round_trip_with_tokenizer(tmp_path, trained):
     out = api.export_hf(run, tmp_path / "hf_out", dtype="float32")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     diff = (hf_logits(hf_model, tokens) - ref).abs().max().item()
+    print(f"trained checkpoint -> export -> transformers vs llmtrain logits, max abs diff {diff:.3g}")
     assert diff <= ATOL, diff
     assert (out / "model.safetensors").is_file()  # 1.4 MB < 5GB: a single file, no index
 
@@ -257,12 +260,98 @@ def test_cli_import_export_and_errors(tmp_path, capsys):
     assert convert_main(["import", str(hf_dir), str(tmp_path / "ck2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model_type='gpt2' is not supported" in err
-    # Megatron import is not available yet: a clear line, nothing written.
+    # A layout the model does not allow (4 heads, 2 KV groups): the engine's own rule, nothing written.
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     assert (
-        convert_main(["import", str(hf_dir), str(tmp_path / "ck3"), "--engine", "megatron", "--tp", "2"]) == 2
+        convert_main(["import", str(hf_dir), str(tmp_path / "ck3"), "--engine", "megatron", "--tp", "3"]) == 2
     )
-    assert "Megatron engine" in capsys.readouterr().err and not (tmp_path / "ck3").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parallel.tp=3: must divide the attention heads (4)" in err
+    assert not (tmp_path / "ck3").exists()
+
+
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[: keep(len(data))])
+
+
+def _edit_config(hf_dir, **changes):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(cfg | changes))
+
+
+# Each case breaks a copy of a good sharded HF dir: (how, text expected in the one error line).
+BAD_INPUTS = {
+    "missing_shard": (
+        lambda d: (d / "model-00002-of-00010.safetensors").unlink(),
+        "missing shard model-00002-of-00010.safetensors",
+    ),
+    "truncated_shard_data": (
+        lambda d: _truncate(d / "model-00003-of-00010.safetensors", lambda n: n - 100),
+        "model-00003-of-00010.safetensors (Error while deserializing header: incomplete metadata",
+    ),
+    "truncated_shard_header": (
+        lambda d: _truncate(d / "model-00001-of-00010.safetensors", lambda n: 20),
+        "the file is corrupt or not safetensors",
+    ),
+    "model_type_mistral": (
+        lambda d: _edit_config(d, model_type="mistral"),
+        "model_type='mistral' is not supported; only Llama",
+    ),
+    "model_type_gpt2": (lambda d: _edit_config(d, model_type="gpt2"), "model_type='gpt2' is not supported"),
+    "config_not_json": (
+        lambda d: (d / "config.json").write_text('{"model_type": "llama",'),
+        "config.json is not valid JSON",
+    ),
+    "shape_mismatch": (
+        lambda d: _edit_config(d, intermediate_size=128),
+        "shape mismatch for layers.0.mlp.gate_proj.weight: checkpoint [160, 64] vs model [128, 64]",
+    ),
+    "llama31_rope_scaling": (
+        lambda d: _edit_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+        "unsupported Llama variant: rope scaling 'llama3'",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def good_hf_dir(tmp_path_factory):
+    return make_hf_model(tmp_path_factory.mktemp("good"))[1]
+
+
+@pytest.mark.parametrize("engine", ["torch", "megatron"])
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_cli_bad_hf_dir_one_line_exit_2_nothing_written(tmp_path, capsys, good_hf_dir, case, engine):
+    import shutil
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(good_hf_dir, hf_dir)
+    breaks, expected = BAD_INPUTS[case]
+    breaks(hf_dir)
+    assert convert_main(["import", str(hf_dir), str(tmp_path / "out" / "ck"), "--engine", engine]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # not even the output's parent
+
+
+def test_cli_missing_paths_and_existing_outputs(tmp_path, capsys, good_hf_dir):
+    def fails(*args, expected):
+        assert convert_main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+
+    fails("import", str(tmp_path / "nope"), str(tmp_path / "ck"), expected="nope is not a directory")
+    fails("import", str(tmp_path), str(tmp_path / "ck"), expected="config.json not found")
+    fails("export", str(tmp_path / "nope"), str(tmp_path / "ex"), expected="nope does not exist")
+    fails("export", str(good_hf_dir), str(tmp_path / "ex"), expected="no llmtrain checkpoint at")
+    assert list(tmp_path.iterdir()) == []
+    # An existing output is never touched without --force (import and export, either engine).
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "keep.txt").write_text("mine")
+    for engine in ("torch", "megatron"):
+        fails("import", str(good_hf_dir), str(tmp_path / "ck"), "--engine", engine, expected="already exists")
+    fails("export", str(tmp_path / "ck"), str(tmp_path / "ck"), expected="already exists")
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.slow
@@ -311,6 +400,7 @@ def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     tokens = mbs[0]["tokens"]
     diff = (hf_logits(reloaded, tokens) - llmtrain_model(run_dir)(tokens).detach()).abs().max().item()
+    print(f"CLI-trained run -> export -> transformers vs llmtrain logits, max abs diff {diff:.3g}")
     assert diff <= ATOL, diff
 
 

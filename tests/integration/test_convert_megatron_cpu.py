@@ -2,8 +2,9 @@
 
 Megatron-Core's local (non-TE) layer spec runs on the CPU once two CUDA-only calls are stubbed (the RoPE
 table's device and the CUDA RNG tracker used for attention dropout, which is 0 here). This checks the fused
-QKV / fc1 layouts, norm placement and RoPE convention of `engines.megatron_engine.mapping` and the export
-adapter `convert.megatron.from_megatron` against transformers; TP=2 with TE runs in
+QKV / fc1 layouts, norm placement and RoPE convention of `engines.megatron_engine.mapping`, the export
+adapter `convert.megatron.from_megatron` and the dist checkpoint `import --engine megatron` writes (read by
+Megatron-Core itself into its model) against transformers; TP=2 with TE runs in
 tests/gpu/test_convert_megatron.py. Tolerance: FP32, atol=1e-5.
 """
 
@@ -111,7 +112,7 @@ def mcore_logits(model, tokens):
         return model(tokens, pos, mask).float()
 
 
-def test_hf_to_mcore_logits_and_back(tmp_path, mcore_cpu):
+def tiny_hf_model():
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=100,
@@ -129,8 +130,16 @@ def test_hf_to_mcore_logits_and_back(tmp_path, mcore_cpu):
         for n, p in hf_model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+    return hf_model
+
+
+TOKENS = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def test_hf_to_mcore_logits_and_back(tmp_path, mcore_cpu):
+    hf_model = tiny_hf_model()
     hf_model.save_pretrained(str(tmp_path / "hf"))
-    tokens = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    tokens = TOKENS
     with torch.no_grad():
         ref = hf_model(tokens).logits
 
@@ -159,3 +168,61 @@ def test_hf_to_mcore_logits_and_back(tmp_path, mcore_cpu):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     with torch.no_grad():
         assert (reloaded(tokens).logits - ref).abs().max().item() <= ATOL
+
+
+def test_import_megatron_tp2_loads_into_mcore_and_exports(tmp_path, mcore_cpu):
+    """`import --engine megatron --tp 2 --pp 2`: a dist checkpoint split into the TP=2 shards, which
+    Megatron-Core's own loader reads into its (TP=1) GPTModel with transformers' logits, which
+    `train.init_from` (api.load_state) reads back bit for bit, and which exports to transformers again."""
+    pytest.importorskip("psutil")  # Megatron-Core's checkpoint writer needs it
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from llmtrain.convert.__main__ import main as convert_main
+    from llmtrain.engines.megatron_engine.settings import CKPT_METADATA
+
+    hf_model = tiny_hf_model()
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        ref = hf_model(TOKENS).logits
+    out = tmp_path / "mg"
+    args = ["import", str(tmp_path / "hf"), str(out), "--engine", "megatron", "--tp", "2", "--pp", "2"]
+    assert convert_main(args) == 0
+    manifest = io.read_manifest(out)
+    assert (manifest["engine"], manifest["layout"]) == ("megatron", {"tp": 2, "pp": 2})
+    io.verify_files(out, manifest)
+
+    # The TP layout is in the file: per layer, 2 chunks of each TP-split weight, 4 of the fused fc1, 1 norm.
+    chunks = {
+        k: len(v.chunks)
+        for k, v in FileSystemReader(str(out / "megatron")).read_metadata().state_dict_metadata.items()
+    }
+    assert chunks["decoder.layers.self_attention.linear_qkv.weight"] == 2 * 2
+    assert chunks["decoder.layers.mlp.linear_fc1.weight"] == 2 * 4
+    assert chunks["decoder.layers.mlp.linear_fc1.layer_norm_weight"] == 2
+    assert chunks["embedding.word_embeddings.weight"] == 2
+
+    spec, state, _ = api.load_state(out)
+    _, hf_state, _ = api.load_state(tmp_path / "hf")
+    assert state.keys() == hf_state.keys() and all(torch.equal(state[k], hf_state[k]) for k in hf_state)
+
+    model = build_gpt(spec, spec.vocab_size)
+    wanted = {
+        k: v
+        for k, v in model.sharded_state_dict(metadata=dict(CKPT_METADATA)).items()
+        if not isinstance(v, ShardedObject)  # TE/linear _extra_state: not weights, not imported
+    }
+    loaded = dist_checkpointing.load(wanted, str(out / "megatron"))
+    missing, _ = model.load_state_dict(loaded, strict=False)
+    assert all(k.endswith("_extra_state") for k in missing), missing
+    diff = (mcore_logits(model, TOKENS) - ref).abs().max().item()
+    print(f"import --engine megatron (TP=2 file) in Megatron-Core vs transformers: max abs diff {diff:.3g}")
+    assert diff <= ATOL, diff
+
+    exported = api.export_hf(out, tmp_path / "exported", with_tokenizer=False)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True).eval()
+    with torch.no_grad():
+        diff2 = (back(TOKENS).logits - ref).abs().max().item()
+    print(f"megatron import -> export -> transformers: max abs diff {diff2:.3g}")
+    assert diff2 <= ATOL, diff2

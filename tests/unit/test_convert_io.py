@@ -235,3 +235,15 @@ def test_megatron_checkpoint_without_dist_dir(tmp_path):
         CheckpointError, match=r"no Megatron-Core checkpoint \(megatron/metadata.json missing\)"
     ):
         io.load_model_state(step_dir)
+
+
+def test_megatron_import_without_psutil_is_one_line(tmp_path, monkeypatch):
+    """Megatron-Core's checkpoint writer forks workers that die without psutil (the save would then wait
+    forever): the import refuses up front, before reading weights or creating the output."""
+    real = megatron.importlib.util.find_spec
+    monkeypatch.setattr(
+        megatron.importlib.util, "find_spec", lambda name: None if name == "psutil" else real(name)
+    )
+    with pytest.raises(UserError, match=r"needs psutil .* pip install psutil"):
+        megatron.import_to_megatron({}, SPEC, tmp_path / "out", config={}, tp=2, pp=1, force=False, extra={})
+    assert list(tmp_path.iterdir()) == []
