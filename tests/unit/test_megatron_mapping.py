@@ -208,3 +208,19 @@ def test_import_is_lazy_and_cpu_fails_cleanly():
         "        raise AssertionError('expected UserError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_checkpoint_write_results_stay_in_process():
+    """Megatron's writer must not depend on a Manager process that a preemption SIGTERM kills (see
+    checkpoint._in_process_results_queue); fails if Megatron renames the hook we set."""
+    import queue
+    import warnings
+
+    from llmtrain.engines.megatron_engine import checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    checkpoint._in_process_results_queue()
+    assert isinstance(filesystem_async._results_queue, queue.Queue)

@@ -33,11 +33,29 @@ def _dp_group():
     return ps.get_data_parallel_group(with_context_parallel=True)
 
 
+def _in_process_results_queue() -> None:
+    """Keep the write results in this process.
+
+    Megatron's torch_dist writer hands its results through a queue served by a spawned
+    multiprocessing.Manager process, which exists for asynchronous saves. Ours are synchronous, and a
+    SIGTERM to the whole process group (SLURM preemption or time limit, `timeout`) kills that helper just
+    when the final checkpoint is being written: seen on the GPU host as ConnectionRefusedError in
+    write_preloaded_data_multithread. A thread-safe in-process queue does the same job and cannot die.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save(models: list, optimizer, directory: Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
+    _in_process_results_queue()
     path = directory / SUBDIR
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
