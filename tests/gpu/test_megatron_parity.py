@@ -25,8 +25,11 @@ if torch.cuda.is_available():
 
 STEPS, WARMUP, LR, SEQ = 50, 10, 3e-4, 1024
 # BF16 tolerances: the two stacks round differently (TE fused kernels vs eager torch): 0.02 nats on the
-# same batch at the same weights, and 1% relative per step along the 50-step curves.
-INIT_TOL, CURVE_RTOL = 0.02, 0.01
+# same batch at the same weights. Along the curves the warm-up passes through a loss spike (12 -> 14 ->
+# 10 in the first steps) that amplifies those rounding differences; measured on an H200 (2026-12-01):
+# max 1.05% relative at step 11, <= 0.21% over steps 15-50. Bounds: 1.5% in the first TRANSIENT steps,
+# 0.5% after (a first guess of 1% everywhere was too tight for the spike).
+INIT_TOL, TRANSIENT, TRANSIENT_RTOL, CURVE_RTOL = 0.02, 15, 0.015, 0.005
 
 
 def lr_at(step: int) -> float:
@@ -124,5 +127,6 @@ def test_torch_vs_megatron_same_weights():
     assert mapping_exact
     assert abs(m_init - t_fp32) < INIT_TOL
     assert math.isclose(t_curve[0], m_curve[0], abs_tol=INIT_TOL)
-    assert max(rel) < CURVE_RTOL
+    assert max(rel[:TRANSIENT]) < TRANSIENT_RTOL
+    assert max(rel[TRANSIENT:]) < CURVE_RTOL
     assert m_curve[-1] < m_curve[0] - 1.0  # it learns (the unigram law)
