@@ -262,7 +262,7 @@ def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype
         },
         "text_key": opts.text_key,
         "malformed": {k: stats.get(k, 0) for k in MALFORMED},
-        "sources": [{**{k: 0 for k in MALFORMED}, **per_source[k]} for k in sorted(per_source, key=int)],
+        "sources": [_source_summary(per_source[k]) for k in sorted(per_source, key=int)],
         "seconds": round(elapsed, 3),  # of the last (resumed) run
         "tokens_per_second": round(new_tokens / max(elapsed, 1e-9)),
     }
@@ -270,6 +270,11 @@ def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype
     state["phase"] = "finalizing"
     _write_json(paths["state"], state)
     return _publish(paths, log)
+
+
+def _source_summary(src: dict) -> dict:
+    keys = ("path", "sha256", "documents", "tokens")
+    return {**{k: src.get(k) for k in keys}, "malformed": {k: src.get(k, 0) for k in MALFORMED}}
 
 
 def _commit(writer: IndexedWriter, state, stats, per_source, paths) -> None:
