@@ -240,22 +240,39 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(env, reference,
     assert losses(run_dir) == losses(reference)
 
 
-def test_failing_job_is_not_requeued(env, tmp_path):
+def test_job_failing_mid_training_is_not_requeued(env, tmp_path):
+    """A real error after training started (the loss diverges at step 50, after the step-40 checkpoint):
+    exit status 3, the job ends FAILED once and stays so, although it was submitted with --requeue."""
     run_dir = tmp_path / "run"
-    job = sbatch_template(env, run_dir, *RUN, "model.vocab_size=64")  # smaller than the tokenizer: fails
+    nan = ["train.inject_nan_steps=[50,51]", "train.nan.max_skips=1"]
+    (job,), _ = submit(env, *RUN, *SUBMIT, *nan, f"hydra.run.dir={run_dir}")
     info = wait_done(env, job, run_dir, expect="FAILED")
-    assert info["ExitCode"] != "0:0" and info["Restarts"] == "0"
-    assert "error: model.vocab_size=64" in logs_of(run_dir)  # the one-line user error, from the ranks
+    assert info["ExitCode"] == "3:0" and info["Restarts"] == "0"
+    log = logs_of(run_dir)
+    assert "error: training diverged: 2 non-finite steps (train.nan.max_skips=1)" in log
+    assert "requeueing" not in log
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
     time.sleep(2)
     info = job_info(env, job)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0")
 
 
-def test_launch_cancel_all_cancels_the_tracked_jobs(env, tmp_path):
+def test_cancel_mid_training_checkpoints_and_is_not_requeued(env, tmp_path):
+    """`python -m llmtrain.launch cancel --all` while the ranks train: the SIGTERM from scancel makes them
+    checkpoint the step they are at; the job is not requeued (a cancel must stay a cancel)."""
     run_dir = tmp_path / "run"
     (job,), _ = submit(env, *RUN, *SUBMIT, f"hydra.run.dir={run_dir}")
+    wait_steps(run_dir, 3)
     out = sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "--all").stdout
     assert job in out.split()
     info = wait_for(env, job, FINAL, run_dir, timeout=60)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
+    wait_log(run_dir / "logs" / f"llmtrain-tiny-{job}" / "rank0.log", "not requeueing job")
+    log = logs_of(run_dir)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (\S+)", log)
+    assert stopped, log
+    step = int(stopped.group(1))
+    assert 3 <= step < STEPS and stopped.group(2).endswith(f"step_{step:08d}")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert f"not requeueing job {job}: it is " in log
     assert "no active jobs" in sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "--all").stdout
