@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: perplexity on the held-out split, optionally lm-eval harness tasks.
 
     python -m llmtrain.eval CHECKPOINT [--steps 10] [--micro-batch-size 8] [--seq-length 256]
-    python -m llmtrain.eval CHECKPOINT --lm-eval hellaswag,arc_easy [--limit 100]   # needs `pip install lm-eval`
+    python -m llmtrain.eval CHECKPOINT --lm-eval hellaswag,arc_easy [--limit 100]   # needs lm-eval[hf]
 
 CHECKPOINT: an llmtrain run dir / checkpoints/ dir / step dir, or a Hugging Face Llama directory. Prints one
 JSON line: {"checkpoint", "step", "valid_loss", "perplexity", "tokens", ...}. Errors: one line, exit code 2.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -122,12 +121,33 @@ def evaluate(
     return {"checkpoint": str(source), "step": step, **result, "seq_length": int(cfg.model.seq_length)}
 
 
-def lm_eval_tasks(source: str | Path, tasks: list[str], limit: int | None, device: str, dtype: str) -> dict:
-    """lm-eval harness tasks through its `hf` model; an llmtrain checkpoint is exported to a temp dir first."""
+def lm_eval_task_manager(tasks: list[str | dict]):
+    """lm-eval's TaskManager once lm-eval (with its hf extra) imports and knows every named task."""
     try:
-        import lm_eval
+        import lm_eval.models.huggingface  # noqa: F401 (the `hf` model; it needs lm-eval's hf extra)
+        from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise UserError("--lm-eval needs the lm-eval package: pip install lm-eval") from e
+        raise UserError(f"--lm-eval needs lm-eval with its hf extra ({e}): pip install 'lm-eval[hf]'") from e
+    task_manager = TaskManager()
+    known = set(task_manager.all_tasks)
+    if unknown := [t for t in tasks if isinstance(t, str) and t not in known]:
+        raise UserError(
+            f"--lm-eval {unknown[0]}: not an lm-eval task, group or tag ({len(known)} known);"
+            " list them with `lm-eval ls tasks`"
+        )
+    return task_manager
+
+
+def lm_eval_tasks(
+    source: str | Path, tasks: list[str | dict], limit: int | None, device: str, dtype: str, task_manager=None
+) -> dict:
+    """lm-eval harness tasks through its `hf` model; an llmtrain checkpoint is exported to a temp dir first.
+
+    tasks: registered task/group names, or task config dicts (lm-eval's YAML keys) for local tasks.
+    """
+    task_manager = task_manager or lm_eval_task_manager(tasks)
+    import lm_eval
+
     from llmtrain.convert import api
 
     if device == "auto":
@@ -143,6 +163,7 @@ def lm_eval_tasks(source: str | Path, tasks: list[str], limit: int | None, devic
             model_args=f"pretrained={hf_dir},dtype={dtype},device={device}",
             tasks=tasks,
             limit=limit,
+            task_manager=task_manager,
         )
     return {
         task: {k: v for k, v in metrics.items() if isinstance(v, int | float)}
@@ -151,7 +172,8 @@ def lm_eval_tasks(source: str | Path, tasks: list[str], limit: int | None, devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # No HF_HUB_OFFLINE here: perplexity reads only local files, and lm-eval tasks may need to download
+    # their datasets (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 make them use the cache only).
     p = argparse.ArgumentParser(prog="python -m llmtrain.eval", description=__doc__.split("\n")[0])
     p.add_argument(
         "checkpoint", help="llmtrain run dir / checkpoints/ / step dir, or a Hugging Face Llama dir"
@@ -173,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
     try:
+        tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
+        task_manager = lm_eval_task_manager(tasks) if tasks else None  # fail before the perplexity run
         result = evaluate(
             args.checkpoint,
             steps=args.steps,
@@ -182,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
         )
-        if args.lm_eval:
-            tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
-            result["lm_eval"] = lm_eval_tasks(args.checkpoint, tasks, args.limit, args.device, args.dtype)
+        if tasks:
+            result["lm_eval"] = lm_eval_tasks(
+                args.checkpoint, tasks, args.limit, args.device, args.dtype, task_manager
+            )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return UserError.exit_code

@@ -5,6 +5,7 @@ differences measured are printed, `pytest -s` shows them: about 1e-7 or exactly 
 """
 
 import json
+import lzma
 import math
 import os
 
@@ -20,6 +21,7 @@ from llmtrain.data import build_data, load_tokenizer  # noqa: E402
 from llmtrain.errors import CheckpointError, UserError  # noqa: E402
 from llmtrain.models.llama import LlamaModel, causal_lm_loss  # noqa: E402
 from llmtrain.models.spec import ModelSpec  # noqa: E402
+from tests.helpers import REPO  # noqa: E402
 
 ATOL = 1e-5
 
@@ -221,6 +223,51 @@ def test_eval_perplexity(trained):
         res["perplexity"], math.exp(res["valid_loss"])
     )
     assert res["perplexity"] < 4096  # better than uniform after a few steps
+
+
+def test_eval_cli_lm_eval_errors_come_before_the_perplexity_run(trained, capsys, monkeypatch):
+    import sys
+
+    from llmtrain.eval import main as eval_main
+
+    _, run, _ = trained
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    assert eval_main([str(run), "--steps", "1", "--lm-eval", "hellaswag"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "pip install 'lm-eval[hf]'" in err, err
+
+
+def test_eval_lm_eval_local_task(tmp_path, trained):
+    """Where lm-eval[hf] is installed: the checkpoint is exported to a temp HF dir and scored by lm-eval's
+    `hf` model on a local two-choice task (true continuation of a corpus line vs another line's)."""
+    pytest.importorskip("lm_eval.models.huggingface")
+    from llmtrain.eval import lm_eval_tasks
+
+    _, run, _ = trained
+    with lzma.open(REPO / "llmtrain" / "corpus" / "kjv.jsonl.xz", "rt") as f:
+        words = json.loads(f.readline())["text"].split()[10:200]
+    rows = []
+    for i in range(10):  # 6 words of context, then 6 words: its own or those of 5 lines later
+        own, other = words[12 * i : 12 * i + 12], words[12 * (i + 5) : 12 * (i + 5) + 12]
+        rows.append(
+            {"context": " ".join(own[:6]), "choices": [" " + " ".join(own[6:]), " " + " ".join(other[6:])]}
+        )
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r | {"label": 0}) + "\n" for r in rows))
+    task = {
+        "task": "llmtrain_local_continuation",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "task.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc"}],
+    }
+    res = lm_eval_tasks(run, [task], limit=None, device="cpu", dtype="float32")
+    print(f"lm-eval local task: {res}")
+    metrics = res["llmtrain_local_continuation"]
+    assert metrics["sample_len"] == 10 and 0.0 <= metrics["acc,none"] <= 1.0
 
 
 def test_error_missing_shard(tmp_path):
