@@ -10,9 +10,10 @@ modern English words, invented words (a character-trigram model of its vocabular
 so the number of distinct words grows with the corpus as in real text) and numbers.
 
 Each tool runs as its own command with the same number of workers (`--workers`, default 2) on the same
-input; wall time is the whole command (start-up included). Peak memory: the largest RSS of any one
-process, and the peak of the RSS summed over the process tree (sampled every 20 ms; shared pages count
-once per process). The outputs are compared byte for byte (.bin and .idx). Results go to
+input; wall time is the whole command (start-up included), CPU time that of all its processes, and the
+load average before each run shows other work on the machine (which inflates wall times). Peak memory:
+the largest RSS of any one process, and the peak of the RSS summed over the process tree (sampled every
+20 ms; pages shared after fork count once per process). The outputs are compared byte for byte (.bin and .idx). Results go to
 WORKDIR/results.json and WORKDIR/results.md, and the table is printed.
 """
 
@@ -210,8 +211,10 @@ def _tree_rss_kb(root: int) -> int:
 
 
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
-    """Run `cmd`; wall seconds, peak tree RSS (sampled) and the largest single-process RSS (rusage)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `cmd`: wall seconds, CPU seconds of the process tree, peak tree RSS (sampled) and the largest
+    single-process RSS (rusage), and the load average just before (other work on the machine)."""
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log or os.devnull, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -232,12 +235,17 @@ def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = Non
     if rc:
         tail = log.read_text()[-2000:] if log else ""
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{tail}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
         "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "load_before": round(load, 2),
         "peak_tree_rss_mb": round(peak / 1024, 1),
         # ru_maxrss of children is a running maximum: only meaningful when it grew in this run.
-        "max_process_rss_mb": round(after / 1024, 1) if after > before else None,
+        "max_process_rss_mb": round(after.ru_maxrss / 1024, 1)
+        if after.ru_maxrss > before.ru_maxrss
+        else None,
     }
 
 
@@ -304,21 +312,31 @@ def corpus_stats(path: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
-    rows = ["| tool | wall s | tokens | tokens/s | peak RSS, tree (MB) | peak RSS, one process (MB) |"]
-    rows.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = [
+        "| tool | wall s | tokens/s (wall) | CPU s | tokens per CPU s | peak RSS, all processes (MB) "
+        "| peak RSS, one process (MB) | load before |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name in ("llmtrain", "megatron"):
         for r in results.get(name, []):
             rows.append(
-                f"| {name} | {r['wall_s']:.2f} | {r['tokens']:,} | {r['tokens'] / r['wall_s'] / 1e6:.2f}M | "
-                f"{r['peak_tree_rss_mb']:.0f} | {r['max_process_rss_mb'] or '-'} |"
+                f"| {name} | {r['wall_s']:.2f} | {r['tokens'] / r['wall_s'] / 1e6:.2f}M | {r['cpu_s']:.1f} | "
+                f"{r['tokens'] / r['cpu_s'] / 1e6:.2f}M | {r['peak_tree_rss_mb']:.0f} | "
+                f"{r['max_process_rss_mb'] or '-'} | {r['load_before']} |"
             )
-    lines = [f"input: {results['input']} ({results['input_mb']:.1f} MB), workers={results['workers']}", ""]
-    lines += rows
+    r0 = results["llmtrain"][0]
+    lines = [
+        f"input: {results['input']} ({results['input_mb']:.1f} MB, {r0['documents']:,} documents, "
+        f"{r0['tokens']:,} tokens), workers={results['workers']}, cores={results['cores']}",
+        "",
+        *rows,
+    ]
     if "speedup" in results:
         lines += [
             "",
-            f"speedup (best wall, Megatron / ours): {results['speedup']:.2f}x; "
-            f".bin identical: {results['bin_identical']}; .idx identical: {results['idx_identical']}",
+            f"speedup, best wall time (Megatron / llmtrain): {results['speedup']:.2f}x; "
+            f"CPU time: {results['cpu_ratio']:.2f}x; .bin identical: {results['bin_identical']}; "
+            f".idx identical: {results['idx_identical']}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -366,6 +384,8 @@ def main() -> None:
         results["idx_identical"] = same_bytes(f"{work}/ours.idx", meg + ".idx")
         best = {k: min(r["wall_s"] for r in results[k]) for k in ("llmtrain", "megatron")}
         results["speedup"] = round(best["megatron"] / best["llmtrain"], 3)
+        cpu = {k: min(r["cpu_s"] for r in results[k]) for k in ("llmtrain", "megatron")}
+        results["cpu_ratio"] = round(cpu["megatron"] / cpu["llmtrain"], 3)
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     (work / "results.md").write_text(table)
