@@ -247,3 +247,34 @@ def test_megatron_import_without_psutil_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"needs psutil .* pip install psutil"):
         megatron.import_to_megatron({}, SPEC, tmp_path / "out", config={}, tp=2, pp=1, force=False, extra={})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_sharded_tensors_tile_the_full_weights(tp):
+    """The ShardedTensors an import writes cover every stored (layer-stacked) tensor exactly once and
+    reassemble to it; a TP-split weight is `tp` shards, the fused fc1 2*tp, a norm one."""
+    pytest.importorskip("megatron.core")
+    from llmtrain.engines.megatron_engine.mapping import reference_to_megatron
+
+    full = reference_to_megatron(_state(_model()), SPEC)
+    sharded = megatron.sharded_tensors(full, SPEC.num_layers, tp)
+    stored, cover, count = {}, {}, {}
+    for sh in sharded.values():
+        if sh.key not in stored:
+            stored[sh.key] = torch.full(sh.global_shape, float("nan"))
+            cover[sh.key] = torch.zeros(sh.global_shape)
+        index = tuple(
+            slice(o, o + n) for o, n in zip(sh.global_offset, (1,) * sh.prepend_axis_num + sh.local_shape)
+        )
+        stored[sh.key][index] = sh.data.reshape((1,) * sh.prepend_axis_num + sh.local_shape)
+        cover[sh.key][index] += 1
+        count[sh.key] = count.get(sh.key, 0) + 1
+    assert all(bool((c == 1).all()) for c in cover.values())  # each element written exactly once
+    stacked = megatron.unstack_layers(stored, SPEC.num_layers)
+    assert stacked.keys() == full.keys() and all(torch.equal(stacked[k], full[k]) for k in full)
+    layers = SPEC.num_layers
+    assert count["decoder.layers.self_attention.linear_qkv.weight"] == layers * tp
+    assert count["decoder.layers.mlp.linear_fc2.weight"] == layers * tp
+    assert count["decoder.layers.mlp.linear_fc1.weight"] == layers * (2 * tp if tp > 1 else 1)
+    assert count["decoder.layers.self_attention.linear_qkv.layer_norm_weight"] == layers
+    assert count["embedding.word_embeddings.weight"] == tp
