@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,12 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(tmp_path, tokdir):
     assert files(out) == files(tmp_path / "reference")
     assert manifest["documents"] == reference["documents"] == 1189
     assert manifest["malformed"] == reference["malformed"]
+    with warnings.catch_warnings():  # megatron.core warns about missing GPU libraries
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    ds = IndexedDataset(str(out))  # Megatron reads it back
+    assert len(ds) == 1189 and int(ds[1188][-1]) == 0  # every document ends with EOS (id 0)
+    assert sum(len(ds[i]) for i in range(len(ds))) == manifest["tokens"]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
