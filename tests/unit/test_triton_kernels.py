@@ -1,16 +1,12 @@
 """The Triton fake-quantization kernels against the reference quantizers, bit for bit.
 
-On a GPU the kernels run natively; on the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set
-here before the kernels are defined), which executes the same kernel code with NumPy.
+On a GPU the kernels run natively; on the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before anything imports triton), which executes the same kernel code with NumPy.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on inf/NaN
 
