@@ -225,10 +225,10 @@ def save_dist_checkpoint(sharded: dict, directory: Path) -> None:
     """Megatron-Core torch_dist checkpoint of `sharded` in the empty `directory`, from one process."""
     from megatron.core import dist_checkpointing
 
-    from llmtrain.engines.megatron_engine.checkpoint import _in_process_results_queue
+    from llmtrain.engines.megatron_engine.checkpoint import keep_write_results_in_process
     from llmtrain.engines.megatron_engine.settings import CKPT_METADATA
 
-    _in_process_results_queue()  # as the engine saves: no Manager helper process to spawn or lose
+    keep_write_results_in_process()  # as the engine saves: no Manager helper process to spawn or lose
     owns_group = _ensure_process_group()
     try:
         with _cpu_stand_ins(owns_group or not torch.cuda.is_available()):

@@ -157,9 +157,9 @@ def test_precision_settings_emulate_what_te_cannot_run_natively():
     kw, desc = _settings("nvfp4", blackwell, rht=False)
     assert kw["fp4_recipe"] == "custom" and "precision.rht" in desc
     assert _settings("fp8_cs", hopper, backend="custom")[0]["fp8_recipe"] == "custom"
-    with pytest.raises(UserError, match="use precision.backend=custom"):
+    with pytest.raises(UserError, match=r"use precision\.backend=custom"):
         _settings("nvfp4", hopper, backend="native")
-    with pytest.raises(UserError, match="precision.rht"):
+    with pytest.raises(UserError, match=r"precision\.rht"):
         _settings("nvfp4", blackwell, rht=False, backend="native")
     with pytest.raises(ConfigError, match=r"precision.backend"):
         _settings("fp8_cs", hopper, backend="torch")
@@ -212,7 +212,7 @@ def test_import_is_lazy_and_cpu_fails_cleanly():
 
 def test_checkpoint_write_results_stay_in_process():
     """Megatron's writer must not depend on a Manager process that a preemption SIGTERM kills (see
-    checkpoint._in_process_results_queue); fails if Megatron renames the hook we set."""
+    checkpoint.keep_write_results_in_process); fails if Megatron renames the hook we set."""
     import queue
     import warnings
 
@@ -222,5 +222,5 @@ def test_checkpoint_write_results_stay_in_process():
         warnings.simplefilter("ignore")
         from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    checkpoint._in_process_results_queue()
+    checkpoint.keep_write_results_in_process()
     assert isinstance(filesystem_async._results_queue, queue.Queue)

@@ -33,7 +33,7 @@ def _dp_group():
     return ps.get_data_parallel_group(with_context_parallel=True)
 
 
-def _in_process_results_queue() -> None:
+def keep_write_results_in_process() -> None:
     """Keep the write results in this process.
 
     Megatron's torch_dist writer hands its results through a queue served by a spawned
@@ -55,7 +55,7 @@ def save(models: list, optimizer, directory: Path) -> None:
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    _in_process_results_queue()
+    keep_write_results_in_process()
     path = directory / SUBDIR
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
