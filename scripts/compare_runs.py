@@ -1,9 +1,10 @@
 """Compare runs: loss curves and relative loss gap to a baseline (PNG), and a markdown table.
 
-    python scripts/compare_runs.py multirun/2026-11-25/precision_sweep --baseline bf16 --out docs/results
+    python scripts/compare_runs.py multirun/2026-12-01/12-53-33 --baseline bf16 --out docs/results
 
 Reads each run's metrics.jsonl (and config.yaml / .hydra/overrides.yaml for labels). Writes
-<out>/loss_curves.png, <out>/loss_gap.png and <out>/table.md; prints the table.
+<out>/loss_curves.png, <out>/loss_gap.png, <out>/sqrt3.png (when a run logged the sqrt(3) monitor) and
+<out>/table.md; prints the table.
 """
 
 import argparse
@@ -14,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmtrain.analysis.runs import find_runs, summary_table
 from llmtrain.errors import UserError
+
+# The first steps fall from ~ln(vocab); leaving them out of the y range keeps the differences visible.
+SKIP_FRACTION = 0.2
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -26,41 +30,116 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs, baseline, out: Path, window: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _colors(runs, baseline) -> dict[str, object]:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for run in runs:
-        steps, loss = run.series("loss")
-        ax.plot(steps, smooth(loss, window), label=run.label, lw=1.2)
-        if run.qaf_step:
-            ax.axvline(run.qaf_step, ls=":", lw=0.8, color=ax.lines[-1].get_color())
-    ax.set(xlabel="step", ylabel=f"train loss (moving mean, {window} steps)", title="Loss curves")
-    ax.legend(fontsize=7)
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    others = [r for r in runs if r is not baseline]
+    colors = {r.label: cmap(i % cmap.N) for i, r in enumerate(others)}
+    colors[baseline.label] = "black"
+    return colors
+
+
+def _set_ylim(ax, values: list[float], pad: float = 0.05) -> None:
+    if values:
+        lo, hi = min(values), max(values)
+        margin = (hi - lo) * pad or abs(hi) * pad or 1.0
+        ax.set_ylim(lo - margin, hi + margin)
+
+
+def _finish(fig, ax, path: Path, outside: bool = False) -> None:
+    if outside:  # many overlapping lines: keep the legend off the data
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def plot_losses(runs, baseline, colors, out: Path, window: int) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 5))
+    visible = []
+    for run in runs:
+        c, lw = colors[run.label], 2.0 if run is baseline else 1.1
+        steps, loss = run.series("loss")
+        smoothed = smooth(loss, window)
+        ax_t.plot(steps, smoothed, label=run.label, color=c, lw=lw)
+        skip = steps[-1] * SKIP_FRACTION if steps else 0
+        visible += [v for s, v in zip(steps, smoothed) if s >= skip]
+        if run.qaf_step:
+            ax_t.axvline(run.qaf_step, ls=":", lw=0.8, color=c)
+        vsteps, vloss = run.series("val_loss")
+        ax_v.plot(vsteps, vloss, marker="o", ms=3, label=run.label, color=c, lw=lw)
+    _set_ylim(ax_t, visible)
+    ax_t.set(xlabel="step", ylabel=f"train loss (moving mean, {window} steps)", title="Train loss")
+    ax_v.set(xlabel="step", ylabel="validation loss", title="Validation loss")
+    ax_v.grid(alpha=0.3)
+    _finish(fig, ax_t, out / "loss_curves.png")
     plt.close(fig)
+
+
+def plot_gap(runs, baseline, colors, out: Path, window: int) -> None:
+    """Per-step relative gap of the smoothed train loss (lines) and of the val loss (markers)."""
+    import matplotlib.pyplot as plt
 
     base_steps, base_loss = baseline.series("loss")
     base = dict(zip(base_steps, smooth(base_loss, window)))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    base_val = dict(zip(*baseline.series("val_loss")))
+    skip = max(window, base_steps[-1] * SKIP_FRACTION if base_steps else 0)
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    visible = []
     for run in runs:
         if run is baseline:
             continue
+        c = colors[run.label]
         steps, loss = run.series("loss")
         pts = [(s, 100 * (v - base[s]) / base[s]) for s, v in zip(steps, smooth(loss, window)) if s in base]
-        ax.plot([s for s, _ in pts], [g for _, g in pts], label=run.label, lw=1.2)
+        pts = [(s, g) for s, g in pts if s >= skip]
+        ax.plot([s for s, _ in pts], [g for _, g in pts], label=run.label, color=c, lw=1.1)
+        visible += [g for _, g in pts]
+        val = [
+            (s, 100 * (v - base_val[s]) / base_val[s])
+            for s, v in zip(*run.series("val_loss"))
+            if s in base_val
+        ]
+        ax.plot([s for s, _ in val], [g for _, g in val], ls="none", marker="o", ms=4, color=c)
+        visible += [g for _, g in val]
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(xlabel="step", ylabel=f"relative train-loss gap to {baseline.label} (%)", title="Gap to baseline")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss_gap.png", dpi=120)
+    _set_ylim(ax, [*visible, 0.0])
+    ax.set(
+        xlabel="step",
+        ylabel=f"loss gap to {baseline.label} (%)",
+        title=f"Relative loss gap to {baseline.label}: train (lines, moving mean of {window}), validation (dots)",
+    )
+    _finish(fig, ax, out / "loss_gap.png", outside=True)
     plt.close(fig)
+
+
+def plot_sqrt3(runs, colors, out: Path) -> bool:
+    """Gradient-to-noise ratio of the sqrt(3) monitor (sqrt3/all) for the runs that logged it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    monitored = [r for r in runs if r.series("sqrt3/all")[0]]
+    if not monitored:
+        (out / "sqrt3.png").unlink(missing_ok=True)  # a stale plot from an earlier comparison
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for run in monitored:
+        ax.plot(*run.series("sqrt3/all"), marker=".", label=run.label, color=colors[run.label], lw=1.1)
+        if run.qaf_step:
+            ax.axvline(run.qaf_step, ls=":", lw=0.8, color=colors[run.label])
+    ax.axhline(monitored[0].sqrt3_threshold, color="k", ls="--", lw=0.8, label="threshold")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set(xlabel="step", ylabel="||G_hp|| / ||G_q - G_hp|| (all quantized layers)", title="sqrt(3) monitor")
+    _finish(fig, ax, out / "sqrt3.png")
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -71,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=10, help="moving-mean window for train loss")
     args = ap.parse_args(argv)
     try:
+        if args.window < 1:
+            raise UserError(f"--window {args.window}: must be >= 1 (steps in the moving mean)")
         runs = find_runs(args.runs)
         baseline = next((r for r in runs if r.label == args.baseline), None) or next(
             (r for r in runs if r.label.startswith(args.baseline)), None
@@ -82,12 +163,20 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         table = summary_table(runs, baseline, args.window)
         (args.out / "table.md").write_text(table)
-        plot(runs, baseline, args.out, args.window)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        colors = _colors(runs, baseline)
+        plot_losses(runs, baseline, colors, args.out, args.window)
+        plot_gap(runs, baseline, colors, args.out, args.window)
+        written = ["loss_curves.png", "loss_gap.png"] + (
+            ["sqrt3.png"] if plot_sqrt3(runs, colors, args.out) else []
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table)
-    print(f"wrote {args.out / 'loss_curves.png'}, {args.out / 'loss_gap.png'}, {args.out / 'table.md'}")
+    print("wrote " + ", ".join(str(args.out / f) for f in [*written, "table.md"]))
     return 0
 
 

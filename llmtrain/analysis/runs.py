@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +23,13 @@ class Run:
         pts = [(r["step"], r[key]) for r in self.records if r.get(key) is not None and not r.get("skipped")]
         return [s for s, _ in pts], [v for _, v in pts]
 
-    def final(self, key: str, window: int = 1) -> float | None:
-        """Mean of the last `window` logged values (smooths noisy per-step train loss)."""
-        _, values = self.series(key)
-        values = [v for v in values if math.isfinite(v)]
-        return sum(values[-window:]) / len(values[-window:]) if values else None
-
     @property
     def qaf_step(self) -> int | None:
         return next((r["step"] for r in self.records if r.get("qaf_switch")), None)
+
+    @property
+    def sqrt3_threshold(self) -> float:
+        return float(self.config.get("precision", {}).get("monitor", {}).get("threshold", math.sqrt(3)))
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -46,7 +46,10 @@ def _overrides(run_dir: Path) -> list[str]:
 
 
 def _short(override: str) -> str:
-    return override.removeprefix("precision=").removeprefix("precision.")
+    """`precision=study/nvfp4_last0` -> `nvfp4_last0`, `precision.rht=false` -> `rht=false`."""
+    if override.startswith("precision="):
+        return override.removeprefix("precision=").rpartition("/")[2]  # a variant in a subfolder
+    return override.removeprefix("precision.")
 
 
 def label_runs(runs: list["Run"]) -> None:
@@ -57,6 +60,15 @@ def label_runs(runs: list["Run"]) -> None:
     for run, overrides in zip(runs, per_run):
         parts = [_short(overrides[k]) for k in varying if k in overrides]
         run.label = " ".join(parts) or run.config.get("precision", {}).get("name", run.path.name)
+    counts = Counter(r.label for r in runs)
+    for run in runs:
+        if counts[run.label] > 1:  # e.g. the same precision from two sweeps: tell them apart by directory
+            run.label = f"{run.label} ({run.path.parent.name}/{run.path.name})"
+
+
+def _natural_key(path: Path) -> list:
+    """Sweep job dirs in job order (2 before 10), not in string order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 def load_run(run_dir: Path, label: str | None = None) -> Run:
@@ -84,7 +96,7 @@ def find_runs(roots: list[Path]) -> list[Run]:
         dirs = (
             [root]
             if (root / "metrics.jsonl").is_file()
-            else sorted(p.parent for p in root.rglob("metrics.jsonl"))
+            else sorted((p.parent for p in root.rglob("metrics.jsonl")), key=_natural_key)
         )
         runs.extend(load_run(d) for d in dirs)
     if not runs:
@@ -93,8 +105,17 @@ def find_runs(roots: list[Path]) -> list[Run]:
     return runs
 
 
+def _mean_at(run: Run, key: str, steps: list[int]) -> float | None:
+    """Mean of `key` over exactly these steps, or None if the run lacks one of them."""
+    by_step = dict(zip(*run.series(key)))
+    if not steps or any(s not in by_step for s in steps):
+        return None
+    return sum(by_step[s] for s in steps) / len(steps)
+
+
 def summary_table(runs: list[Run], baseline: Run, window: int = 10) -> str:
-    base_train, base_val = baseline.final("loss", window), baseline.final("val_loss")
+    """One row per run. Gaps compare with the baseline at the same steps, so a shorter (or unfinished)
+    run is compared with the baseline where it stopped, not with the baseline's end."""
     rows = [
         "| run | steps | final train loss | gap vs baseline | final val loss | val gap | tokens/s | QAF step |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -107,12 +128,21 @@ def summary_table(runs: list[Run], baseline: Run, window: int = 10) -> str:
         return format(value, fmt) if value is not None else "n/a"
 
     for run in runs:
-        train, val = run.final("loss", window), run.final("val_loss")
+        train_steps = run.series("loss")[0][-window:]
+        val_steps = run.series("val_loss")[0][-1:]
+        train, val = _mean_at(run, "loss", train_steps), _mean_at(run, "val_loss", val_steps)
+        base_train, base_val = (
+            _mean_at(baseline, "loss", train_steps),
+            _mean_at(baseline, "val_loss", val_steps),
+        )
         steps = run.records[-1]["step"] if run.records else 0
         rows.append(
             f"| {run.label} | {steps} | {num(train, '.4f')} | {gap(train, base_train)} | {num(val, '.4f')} "
             f"| {gap(val, base_val)} | {num(run.tokens_per_s, ',.0f')} | {run.qaf_step or '-'} |"
         )
-    return (
-        "\n".join(rows) + f"\n\nTrain loss = mean of the last {window} steps; baseline: {baseline.label}.\n"
+    notes = (
+        f"Train loss: mean of the last {window} logged steps; val loss: the last evaluation; gaps: relative "
+        f"to {baseline.label} at the same steps; tokens/s: median step after the first 20% of the run (no "
+        "eval); QAF step: the step that switched to quantization-aware finetuning."
     )
+    return "\n".join(rows) + "\n\n" + notes + "\n"
