@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from llmtrain.config.resolvers import register_resolvers
@@ -124,8 +125,8 @@ def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
     override = next((o for o in overrides if full_key and o.lstrip("+~").split("=")[0] == full_key), None)
     if m := re.search(r"Could not find '([^']+)/([^']+)'", text):
         group, option = m.group(1), m.group(2)
-        available = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        allowed = ", ".join(a for a in available if not a.endswith("_schema"))
+        available = re.findall(r"^\t(\S+)$", text, flags=re.M)  # text holds Hydra's list twice
+        allowed = ", ".join(dict.fromkeys(a for a in available if not a.endswith("_schema")))
         return f"{group}={option}: no such {group} config (allowed: {allowed})"
     if m := re.search(r"Key '([^']+)' (?:is )?not in", text):
         parent, _, leaf = full_key.rpartition(".") if full_key else ("", "", m.group(1))
@@ -143,15 +144,30 @@ def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
 INSPECT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve")
 
 
+def _config_sweep(point: list[str]) -> list[str]:
+    """A recipe's own sweep (`hydra.sweeper.params`) as overrides; the command line wins on the same key."""
+    try:
+        cfg = compose(config_name="train", overrides=point, return_hydra_config=True)
+    except Exception:
+        return []  # the point's own composition below reports the problem
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    given = {o.lstrip("+~").split("=", 1)[0] for o in point}
+    return [f"{key}={value}" for key, value in params.items() if key not in given]
+
+
 def preflight(argv: list[str]) -> None:
     overrides = _user_overrides(argv)
     inspect_only = any(a in INSPECT_FLAGS for a in argv)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     try:
         points = _sweep_points(overrides)
     except Exception as e:
         raise UserError(f"cannot parse overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        if multirun:  # every point of a recipe-defined sweep is checked before the first one trains
+            points = [p for point in points for p in _sweep_points(point + _config_sweep(point))]
+            points = points[:MAX_VALIDATED_SWEEP_POINTS]
         for point in points:
             try:
                 cfg = compose(config_name="train", overrides=point)
@@ -205,6 +221,12 @@ def run(cfg) -> None:
             f"checkpoint {summary.checkpoint} | config {run_dir / 'config.yaml'}",
             flush=True,
         )
+    if summary.stopped_by and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # A stop signal ends the sweep, not just this point (Hydra would start the next one). Rerunning the
+        # same command with hydra.sweep.dir=<this sweep's dir> resumes every point from its checkpoint.
+        if dist.is_main:
+            print(f"sweep stopped by {summary.stopped_by}: the remaining points were not started", flush=True)
+        raise SystemExit(0)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")

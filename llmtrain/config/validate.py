@@ -2,15 +2,12 @@
 
 from pathlib import Path
 
+from llmtrain import precision
 from llmtrain.config.estimate import layout_of
 from llmtrain.engines.select import ENGINES
 from llmtrain.errors import ConfigError
-from llmtrain.precision.config import BACKENDS, PRECISION_NAMES
 from llmtrain.train.schedule import SCHEDULES
 
-FORMATS = ["bf16", "fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4"]
-ROUNDINGS = ["nearest", "stochastic"]
-QAF_TRIGGERS = ["off", "sqrt3", "fraction"]
 RECOMPUTE = ["none", "selective", "full"]
 WANDB_MODES = ["offline", "online", "disabled"]
 CONSOLES = ["rich", "plain"]
@@ -60,23 +57,6 @@ def validate_model(m) -> None:
     )
     if (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.hidden_size", m.hidden_size, "head dimension must be even for RoPE")
-
-
-def validate_precision(p) -> None:
-    _choice("precision.name", p.name, PRECISION_NAMES)
-    _choice("precision.backend", p.backend, BACKENDS)
-    for role in ("weight_format", "activation_format", "grad_format"):
-        _choice(f"precision.{role}", p[role], FORMATS)
-    for gemm in ("fprop", "dgrad", "wgrad"):
-        _choice(f"precision.{gemm}_rounding", p[f"{gemm}_rounding"], ROUNDINGS)
-    _choice("precision.qaf.trigger", p.qaf.trigger, QAF_TRIGGERS)
-    if not 0.0 < p.qaf.fraction <= 1.0:
-        raise ConfigError("precision.qaf.fraction", p.qaf.fraction, "must be in (0, 1]")
-    for end in ("first", "last"):
-        if p.bf16_layers[end] < 0:
-            raise ConfigError(f"precision.bf16_layers.{end}", p.bf16_layers[end], "must be >= 0")
-    if p.rht and p.rht_size != 16:
-        raise ConfigError("precision.rht_size", p.rht_size, "only 16-point transforms are supported", [16])
 
 
 def validate_parallel(cfg, world: int, engine: str) -> None:
@@ -152,7 +132,7 @@ def validate_data(d) -> None:
 def validate(cfg, *, world: int, engine: str) -> None:
     _choice("engine.name", cfg.engine.name, ENGINES)
     validate_model(cfg.model)
-    validate_precision(cfg.precision)
+    precision.validate(cfg.precision, num_layers=cfg.model.num_layers)  # the precision layer's own rules
     t = cfg.train
     _positive("train.steps", t.steps)
     _positive("train.global_batch_size", t.global_batch_size)

@@ -93,7 +93,7 @@ class PrecisionRecipe:
 
 def _choice(key: str, value, allowed: list) -> None:
     if value not in allowed:
-        raise ConfigError(key, value, "unknown value", allowed)
+        raise ConfigError(key, value, "not a valid choice", allowed)
 
 
 def validate(cfg, num_layers: int | None = None) -> None:

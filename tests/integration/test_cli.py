@@ -111,3 +111,29 @@ def test_metrics_are_json_lines(tmp_path):
     run_cli(*FAST, "train.steps=2", f"hydra.run.dir={tmp_path}", check=True)
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_sigterm_stops_a_local_sweep_and_the_same_command_resumes_it(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import REPO, cli_env, llmtrain_cmd
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *FAST, "optim.lr=1e-3,3e-3", "train.steps=200", "train.checkpoint_interval=50",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.Popen(llmtrain_cmd(*args), env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    metrics = sweep / "0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "remaining points were not started" in out
+    assert not (sweep / "1").exists()  # the second point never started
+    done = len(read_metrics(sweep / "0"))
+    budget = done + 5  # shorter than the first command's, to keep the test quick
+    run_cli(*args[:-3], f"train.steps={budget}", f"hydra.sweep.dir={sweep}", check=True)
+    assert len(read_metrics(sweep / "1")) == budget
+    assert read_metrics(sweep / "0")[done]["step"] == done + 1  # point 0 went on from its checkpoint

@@ -14,8 +14,14 @@ CASES = [
     (["train.foo=1"], "train.foo=1: unknown key 'foo' in train (allowed: check_memory"),
     (["+foo=1"], "foo=1: unknown key 'foo' (allowed: cluster, data"),
     (["train.steps=abc"], "train.steps=abc: Value 'abc' of type 'str' could not be converted to Integer"),
-    (["precision=fp7"], "precision=fp7: no such precision config (allowed: bf16, fp8_cs, mxfp8, nvfp4"),
-    (["recipe=nope"], "recipe=nope: no such recipe config (allowed: llama3_1b, llama3_8b, research_8b, tiny"),
+    (
+        ["precision=fp7"],
+        "precision=fp7: no such precision config (allowed: bf16, fp8_cs, mxfp8, nvfp4, nvfp4_fp4all)",
+    ),
+    (
+        ["recipe=nope"],
+        "recipe=nope: no such recipe config (allowed: llama3_1b, llama3_8b, precision_sweep, research_8b, tiny)",
+    ),
     (["precision.name=fp16"], "precision.name='fp16': not a valid choice (allowed: bf16, fp8_cs"),
     (
         ["precision.grad_format=fp16"],
@@ -81,3 +87,11 @@ def test_sweep_points_are_each_validated():
 def test_valid_overrides_pass():
     preflight(["recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
     preflight(["recipe=llama3_8b", "precision=nvfp4", "dry_run=true"])
+
+
+def test_a_recipe_defined_sweep_is_validated_before_any_point_runs():
+    # recipes/precision_sweep.yaml sweeps precision variants with hydra.sweeper.params; on a 1-layer model
+    # its "last 1 layer in BF16" points quantize nothing, which preflight must catch up front.
+    with pytest.raises(UserError, match=r"precision\.bf16_layers=.*keeps all 1 transformer layers"):
+        preflight(["-m", "recipe=precision_sweep", "model.num_layers=1"])
+    preflight(["-m", "recipe=precision_sweep", "precision=bf16,fp8_cs", "model.num_layers=1"])  # CLI wins
