@@ -24,7 +24,7 @@ from itertools import chain, islice, pairwise, repeat
 
 import numpy as np
 
-from llmtrain.data.sources import Problem, parse_jsonl
+from llmtrain.data.sources import Problem, encodable, parse_jsonl
 from llmtrain.errors import UserError
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -66,14 +66,6 @@ def chunkable(tokenizer_json: dict) -> bool:
         and not byte_level.get("use_regex", True)
         and not byte_level.get("add_prefix_space")
     )
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Encoder:
@@ -131,7 +123,7 @@ class Encoder:
         try:
             ids = [e.ids for e in self.tok.encode_batch_fast(texts)]
         except (TypeError, ValueError):  # lone surrogates: find and drop the culprits
-            bad = [i for i, t in enumerate(texts) if not _encodable(t)]
+            bad = [i for i, t in enumerate(texts) if not encodable(t)]
             skip = set(bad)
             ok = iter(self.tok.encode_batch_fast([t for i, t in enumerate(texts) if i not in skip]))
             ids = [[] if i in skip else next(ok).ids for i in range(len(texts))]

@@ -143,7 +143,7 @@ def parse_jsonl(data: bytes, first_line: int, key: str) -> tuple[list[str], list
             continue
         text = check_text(obj.get(key), key, str(n), problems)
         # A \ud800-\udfff escape can leave a lone surrogate: valid JSON, but no UTF-8 (or tokens) for it.
-        if text is not None and ("\\ud" in line or "\\uD" in line) and not _encodable(text):
+        if text is not None and ("\\ud" in line or "\\uD" in line) and not encodable(text):
             problems.append(("non_utf8", str(n), "lone surrogate escape (\\ud800-\\udfff)"))
             text = None
         if text is not None:
@@ -153,7 +153,8 @@ def parse_jsonl(data: bytes, first_line: int, key: str) -> tuple[list[str], list
     return texts, numbers, problems
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """False for text holding lone surrogates (from JSON \\ud800 escapes): it has no UTF-8 form."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -297,7 +298,7 @@ class Reader:
             where = f"item {i}"
             if not isinstance(obj, dict):
                 yield ("missing_field", where, "not a JSON object"), where
-            elif isinstance(text := obj.get(self.text_key), str) and text and not _encodable(text):
+            elif isinstance(text := obj.get(self.text_key), str) and text and not encodable(text):
                 yield ("non_utf8", where, "lone surrogate escape (\\ud800-\\udfff)"), where
             else:
                 yield obj.get(self.text_key), where
