@@ -82,7 +82,7 @@ class MegatronEngine(Engine):
         capability = torch.cuda.get_device_capability(self.device)
         precision.validate(cfg.precision, self.spec.num_layers)
         precision_kwargs, precision_desc = settings.precision_settings(cfg.precision, capability)
-        self.emulated = any(str(v).endswith("te_custom.qfactory") for v in precision_kwargs.values())
+        self.emulated = settings.resolve_backend(cfg.precision, capability)[0] == "custom"
         if self.emulated:  # our quantizers inside TE: the factory reads this recipe
             from llmtrain.precision import te_custom
 
