@@ -37,8 +37,6 @@ from llmtrain.precision.hadamard import TE_SIGNS, random_signs
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
 from llmtrain.precision.triton_kernels import fake_quantize_2d
 
-FACTORY_PATH = "llmtrain.precision.te_custom.qfactory"
-
 
 @dataclass
 class EmulationState:

@@ -16,8 +16,6 @@ Per-tensor scales need the tensor's amax first: a small reduction kernel (with t
 quantized values are the transformed ones) writes it, then the quantize kernel reads it.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -33,10 +31,6 @@ FP32_MAX = tl.constexpr(scaling.FP32_MAX)
 RCP_448 = tl.constexpr(scaling.RCP_448)
 RCP_6 = tl.constexpr(scaling.RCP_6)
 RCP_2688 = tl.constexpr(scaling.RCP_2688)
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
