@@ -99,7 +99,7 @@ NATIVE_RECIPES = {
         "fprop_rounding": "nearest", "dgrad_rounding": "stochastic", "wgrad_rounding": "stochastic"}),
 }  # fmt: skip
 NATIVE_RECIPES["nvfp4_fp4all"] = NATIVE_RECIPES["nvfp4"]
-BACKENDS = ["auto", "native", "custom"]
+MEGATRON_BACKENDS = ["auto", "native", "custom"]  # twin of precision.recipe.TORCH_BACKENDS
 
 
 def native_mismatch(prec, capability: tuple[int, int]) -> str | None:
@@ -119,13 +119,13 @@ def native_mismatch(prec, capability: tuple[int, int]) -> str | None:
 
 def resolve_backend(prec, capability: tuple[int, int]) -> tuple[str, str | None]:
     """-> ("native" | "custom", why native was not taken). auto: native where TE can, else custom."""
-    if prec.backend not in BACKENDS:
+    if prec.backend not in MEGATRON_BACKENDS:
         raise ConfigError(
             "precision.backend",
             prec.backend,
             "the Megatron engine runs TE's native recipes or llmtrain's quantizers inside TE "
             "(torch is the torch engine's back end)",
-            BACKENDS,
+            MEGATRON_BACKENDS,
         )
     if prec.name == "bf16":
         return "native", None
