@@ -86,7 +86,14 @@ class MegatronEngine(Engine):
         if self.emulated:  # our quantizers inside TE: the factory reads this recipe
             from llmtrain.precision import te_custom
 
-            te_custom.activate(precision.PrecisionRecipe.from_config(cfg.precision), int(cfg.train.seed))
+            recipe = precision.PrecisionRecipe.from_config(cfg.precision)
+            tokens = int(cfg.train.micro_batch_size) * self.spec.seq_length // self.layout.cp
+            if recipe.rht and tokens % 16:  # else the wgrad quantizer would fail mid-step with a traceback
+                raise UserError(
+                    f"precision.rht=true: the Hadamard transform needs micro_batch_size * seq_length / cp "
+                    f"divisible by 16, got {tokens}; change model.seq_length or set precision.rht=false"
+                )
+            te_custom.activate(recipe, int(cfg.train.seed))
 
         self._owns_process_group = self._init_parallel(ps)
         config_kwargs = settings.transformer_config_kwargs(
