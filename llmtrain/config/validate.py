@@ -133,7 +133,7 @@ def validate(cfg, *, world: int, engine: str) -> None:
     _choice("engine.name", cfg.engine.name, ENGINES)
     validate_model(cfg.model)
     precision.validate(cfg.precision, num_layers=cfg.model.num_layers)  # the precision layer's own rules
-    t = cfg.train
+    t, m = cfg.train, cfg.model
     _positive("train.steps", t.steps)
     _positive("train.global_batch_size", t.global_batch_size)
     _choice("train.device", t.device, DEVICES)
@@ -147,6 +147,9 @@ def validate(cfg, *, world: int, engine: str) -> None:
     _positive("optim.lr", o.lr)
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    if cfg.precision.name != "bf16":  # triggers against train.steps, the batch and the LR schedule
+        tokens_per_step = t.global_batch_size * m.seq_length
+        precision.validate_schedule(cfg.precision, precision.RunShape(t.steps, tokens_per_step, o))
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _choice("logging.console", cfg.logging.console, CONSOLES)
     _choice("cluster.type", cfg.cluster.type, CLUSTERS)

@@ -66,6 +66,11 @@ class Engine(ABC):
         """Per-layer gradient-norm / quantization-noise ratios for the sqrt(3) monitor ({} if unsupported)."""
         return {}
 
+    def set_phase(self, recipe) -> None:
+        """A precision phase starts: quantize every GEMM outside the BF16 layers as `recipe` (a
+        PrecisionRecipe) says from the next step on. See llmtrain/precision/phases.py."""
+        raise NotImplementedError(f"the {self.name} engine cannot switch precision phases")
+
     def set_qaf(self, active: bool) -> None:
         """Quantization-aware finetuning: forward stays quantized, backward/update in high precision."""
         if active:

@@ -1,16 +1,19 @@
-"""The precision layer: quantizers, the quantized linear, the sqrt(3) monitor and the QAF switch.
+"""The precision layer: quantizers, the quantized linear, the sqrt(3) monitor and the precision schedule.
 
 Engines call `convert_model` once after building the model and drive a `PrecisionController` from the
 training loop. Module map: formats (grids, rounding), scaling (TE's scale selection), quantize (public
 quantizers), hadamard (RHT), recipe (per-GEMM operand description + validation), linear (QuantLinear),
-convert (model surgery, QAF toggle), monitor (sqrt(3) probe, controller). See docs/precision.md.
+convert (model surgery, recipe switch), monitor (sqrt(3) probe), phases (precision.schedule), controller
+(monitor bookkeeping, phase triggers, phase LR). See docs/precision.md.
 """
 
 from llmtrain.precision.config import PRECISION_NAMES, PrecisionConfig
-from llmtrain.precision.convert import begin_step, convert_model, quantized_layers, set_qaf
+from llmtrain.precision.controller import PrecisionController
+from llmtrain.precision.convert import begin_step, convert_model, quantized_layers, set_qaf, set_recipe
 from llmtrain.precision.hadamard import hadamard
 from llmtrain.precision.linear import QuantLinear
-from llmtrain.precision.monitor import PrecisionController, probe_quantization_noise
+from llmtrain.precision.monitor import probe_quantization_noise
+from llmtrain.precision.phases import RunShape, validate_schedule
 from llmtrain.precision.quantize import FORMATS, QuantizedTensor, dequantize, fake_quantize, quantize
 from llmtrain.precision.recipe import PrecisionRecipe, validate
 
@@ -22,6 +25,7 @@ __all__ = [
     "PrecisionRecipe",
     "QuantLinear",
     "QuantizedTensor",
+    "RunShape",
     "begin_step",
     "convert_model",
     "dequantize",
@@ -31,5 +35,7 @@ __all__ = [
     "quantize",
     "quantized_layers",
     "set_qaf",
+    "set_recipe",
     "validate",
+    "validate_schedule",
 ]

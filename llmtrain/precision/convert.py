@@ -1,17 +1,17 @@
-"""Swap a LlamaModel's attention and MLP linears for QuantLinear, in place, and toggle QAF."""
+"""Swap a LlamaModel's attention and MLP linears for QuantLinear, in place; switch their recipe (phases)."""
 
 from torch import nn
 
 from llmtrain.errors import ConfigError
 from llmtrain.precision.linear import QuantLinear
-from llmtrain.precision.recipe import TORCH_BACKENDS, PrecisionRecipe, validate
+from llmtrain.precision.recipe import TORCH_BACKENDS, PrecisionRecipe, bf16_layer_counts, validate
 
 GEMMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
 
 def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
-    """Quantize every attention/MLP GEMM of `model.layers` except the first/last N (cfg.bf16_layers).
+    """Quantize every attention/MLP GEMM of `model.layers` except the BF16 ones at either end (cfg.bf16_layers).
 
     Embeddings, the output head, norms and attention (softmax) stay in high precision. The replacement
     holds the original `weight` Parameter, so parameter names and shapes are unchanged. bf16: no-op.
@@ -29,7 +29,7 @@ def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
             TORCH_BACKENDS,
         )
     recipe = PrecisionRecipe.from_config(cfg)
-    first, last = cfg.bf16_layers.first, cfg.bf16_layers.last
+    first, last = bf16_layer_counts(cfg, num_layers)
     for i in range(first, num_layers - last):
         for j, path in enumerate(GEMMS):
             parent_name, attr = path.split(".")
@@ -42,6 +42,12 @@ def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_recipe(model: nn.Module, recipe: PrecisionRecipe) -> None:
+    """A precision phase starts: every quantized GEMM runs `recipe` from its next forward/backward on."""
+    for m in quantized_layers(model).values():
+        m.recipe = recipe
 
 
 def set_qaf(model: nn.Module, active: bool) -> None:

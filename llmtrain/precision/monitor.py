@@ -1,4 +1,4 @@
-"""The sqrt(3) monitor and the QAF switch.
+"""The sqrt(3) monitor (its bookkeeping and the phase switch it triggers: controller.py).
 
 Estimator (per quantized layer, on one micro-batch): run the quantized forward once, then two backwards
 through the same graph, one with dgrad/wgrad quantized (what training uses) and one with them in high
@@ -13,13 +13,9 @@ helping once this falls below about sqrt(3); with stochastic rounding G_q is one
 probes fluctuate and the switch waits for `qaf.patience` consecutive probes below the threshold.
 """
 
-import math
-import statistics
-
 import torch
 
 from llmtrain.precision.convert import quantized_layers
-from llmtrain.precision.recipe import validate
 
 
 def probe_quantization_noise(model, micro_batch, loss_fn) -> dict[str, float]:
@@ -59,67 +55,3 @@ def probe_quantization_noise(model, micro_batch, loss_fn) -> dict[str, float]:
     total = sq.sum(0).sqrt()
     out["all"] = (total[0] / total[1]).item()
     return out
-
-
-class PrecisionController:
-    """Drives the sqrt(3) monitor and the QAF switch from the training loop (inert for bf16)."""
-
-    def __init__(self, cfg, total_steps: int):
-        validate(cfg)
-        self.cfg, self.total_steps = cfg, total_steps
-        self.active = cfg.name != "bf16"
-        self.qaf_active = False
-        self.qaf_step: int | None = None
-        self.below_streak = 0  # consecutive probes with the summary ratio below the threshold
-        self.last_ratio: float | None = None
-
-    def should_probe(self, step: int) -> bool:
-        return self.active and bool(self.cfg.monitor.enabled) and step % self.cfg.monitor.interval == 0
-
-    def record_probe(self, step: int, ratios: dict[str, float]) -> dict[str, float]:
-        """Metrics to log: sqrt3/<layer>, sqrt3/all, sqrt3/min, sqrt3/median, sqrt3/frac_below, streak."""
-        per_layer = {k: v for k, v in ratios.items() if k != "all"}
-        if not per_layer:
-            return {}
-        threshold = float(self.cfg.monitor.threshold)
-        vals = list(per_layer.values())
-        summary = ratios.get("all", statistics.median(vals))
-        self.last_ratio = summary
-        self.below_streak = self.below_streak + 1 if summary < threshold else 0
-        metrics = {f"sqrt3/{k}": v for k, v in per_layer.items()}
-        metrics |= {
-            "sqrt3/all": summary,
-            "sqrt3/min": min(vals),
-            "sqrt3/median": statistics.median(vals),
-            "sqrt3/frac_below": sum(v < threshold for v in vals) / len(vals),
-            "sqrt3/below_streak": self.below_streak,
-        }
-        return metrics
-
-    def should_switch_qaf(self, step: int) -> bool:
-        """True once, at the step where QAF starts (the caller then calls engine.set_qaf(True))."""
-        if not self.active or self.qaf_active:
-            return False
-        trigger = self.cfg.qaf.trigger
-        if trigger == "fraction":
-            go = step >= math.ceil(self.cfg.qaf.fraction * self.total_steps)
-        elif trigger == "sqrt3":
-            go = self.below_streak >= self.cfg.qaf.patience
-        else:
-            go = False
-        if go:
-            self.qaf_active, self.qaf_step = True, step
-        return go
-
-    def state_dict(self) -> dict:
-        return {
-            "qaf_active": self.qaf_active,
-            "qaf_step": self.qaf_step,
-            "below_streak": self.below_streak,
-            "last_ratio": self.last_ratio,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.qaf_active, self.qaf_step = bool(state["qaf_active"]), state["qaf_step"]
-        self.below_streak = int(state.get("below_streak", 0))
-        self.last_ratio = state.get("last_ratio")

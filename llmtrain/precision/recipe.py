@@ -4,12 +4,18 @@ Operands of y = x W^T and its backward:
   fprop  y  = x  @ W^T     operands x (activation), W (weight)      blocks along in_features
   dgrad  dx = dy @ W       operands dy (gradient), W (weight)       blocks along out_features
   wgrad  dW = dy^T @ x     operands dy (gradient), x (activation)   blocks along tokens (RHT here)
+
+Each operand's format, rounding and block shape come from the role-level keys (weight_/activation_/
+grad_format, <gemm>_rounding, sr_operands, weight_block_2d, quantize_<gemm>), then from
+`precision.operands.<gemm>_<operand>` where a key is set there. The RHT belongs to the wgrad GEMM: it
+must transform both of its operands (dy^T H H^T x = dy^T x only when H is applied to both), so
+`operands.wgrad_dy.rht` and `operands.wgrad_x.rht` must agree and no other operand takes one.
 """
 
 from dataclasses import dataclass
 
 from llmtrain.errors import ConfigError
-from llmtrain.precision.config import BACKENDS, PRECISION_NAMES
+from llmtrain.precision.config import BACKENDS, OPERAND_NAMES, PRECISION_NAMES
 from llmtrain.precision.formats import ROUNDINGS
 from llmtrain.precision.quantize import FORMATS
 
@@ -18,6 +24,7 @@ QAF_TRIGGERS = ["off", "sqrt3", "fraction"]
 RHT_SIGNS = ["te", "random"]
 SR_OPERANDS = ["grad", "all"]
 TORCH_BACKENDS = ["auto", "torch"]
+BLOCK_2D_FORMATS = ("mxfp8", "nvfp4")
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,42 @@ class Operand:
 HP = Operand()
 
 
+def _get(obj, key: str, default=None):
+    """obj.key for a DictConfig, a dict or a dataclass instance alike (None stays None)."""
+    if obj is None:
+        return default
+    if isinstance(obj, dict) or hasattr(obj, "keys"):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _role_default(cfg, name: str) -> tuple[str, str, bool, bool]:
+    """(format, rounding, block_2d, GEMM enabled) of one operand from the role-level keys."""
+    gemm, operand = name.split("_")
+    fmt = {"x": cfg.activation_format, "w": cfg.weight_format, "dy": cfg.grad_format}[operand]
+    rounding = _get(cfg, f"{gemm}_rounding")
+    if gemm != "fprop" and operand != "dy" and cfg.sr_operands == "grad":
+        rounding = "nearest"  # sr_operands=grad: of dgrad/wgrad, only the gradient operand takes it
+    return fmt, rounding, bool(cfg.weight_block_2d) and operand == "w", bool(_get(cfg, f"quantize_{gemm}"))
+
+
+def operand_overrides(cfg) -> dict[str, dict]:
+    """operand name -> {key: value} for the keys set (not None) under cfg.operands."""
+    operands = getattr(cfg, "operands", None)
+    out = {}
+    for name in OPERAND_NAMES if operands is not None else ():
+        setting = _get(operands, name)
+        keys = {k: _get(setting, k) for k in ("format", "rounding", "block_2d", "rht")}
+        keys = {k: v for k, v in keys.items() if v is not None}
+        if keys:
+            out[name] = keys
+    return out
+
+
+def _wgrad_rht(cfg, overrides: dict) -> dict[str, bool]:
+    return {n: bool(overrides.get(n, {}).get("rht", cfg.rht)) for n in ("wgrad_dy", "wgrad_x")}
+
+
 @dataclass(frozen=True)
 class PrecisionRecipe:
     fprop_x: Operand = HP
@@ -54,24 +97,21 @@ class PrecisionRecipe:
 
     @classmethod
     def from_config(cls, cfg) -> "PrecisionRecipe":
-        w_fmt, a_fmt, g_fmt = cfg.weight_format, cfg.activation_format, cfg.grad_format
-        w2d = bool(cfg.weight_block_2d)
-
-        def op(fmt, rounding, block_2d=False):
-            return Operand(fmt, rounding, block_2d and fmt in ("mxfp8", "nvfp4"))
-
-        other = {"all": None, "grad": "nearest"}[cfg.sr_operands]
-        r = {}
-        if cfg.quantize_fprop:
-            r |= dict(fprop_x=op(a_fmt, cfg.fprop_rounding), fprop_w=op(w_fmt, cfg.fprop_rounding, w2d))
-        if cfg.quantize_dgrad:
-            r |= dict(
-                dgrad_dy=op(g_fmt, cfg.dgrad_rounding), dgrad_w=op(w_fmt, other or cfg.dgrad_rounding, w2d)
-            )
-        if cfg.quantize_wgrad:
-            r |= dict(wgrad_dy=op(g_fmt, cfg.wgrad_rounding), wgrad_x=op(a_fmt, other or cfg.wgrad_rounding))
-        rht = bool(cfg.rht) and cfg.quantize_wgrad
-        return cls(**r, rht=rht, rht_size=int(cfg.rht_size), rht_signs=cfg.rht_signs)
+        """Role-level keys first, then the per-operand overrides in `cfg.operands` (explicit keys win)."""
+        overrides = operand_overrides(cfg)
+        ops = {}
+        for name in OPERAND_NAMES:
+            fmt, rounding, block_2d, enabled = _role_default(cfg, name)
+            o = overrides.get(name, {})
+            if not enabled and "format" not in o:
+                continue  # GEMM left in high precision (quantize_<gemm>=false), no explicit format
+            fmt = o.get("format", fmt)
+            rounding = o.get("rounding", rounding)
+            block_2d = bool(o.get("block_2d", block_2d)) and fmt in BLOCK_2D_FORMATS
+            if fmt != "bf16":
+                ops[name] = Operand(fmt, rounding, block_2d)
+        rht = _wgrad_rht(cfg, overrides)["wgrad_dy"] and ("wgrad_dy" in ops or "wgrad_x" in ops)
+        return cls(**ops, rht=rht, rht_size=int(cfg.rht_size), rht_signs=cfg.rht_signs)
 
     @property
     def quantized(self) -> bool:
@@ -79,8 +119,7 @@ class PrecisionRecipe:
 
     @property
     def operands(self) -> dict[str, Operand]:
-        names = ("fprop_x", "fprop_w", "dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")
-        return {n: getattr(self, n) for n in names}
+        return {n: getattr(self, n) for n in OPERAND_NAMES}
 
     def describe(self) -> str:
         ops = self.operands
@@ -91,13 +130,106 @@ class PrecisionRecipe:
         )
 
 
+def bf16_layer_counts(cfg, num_layers: int) -> tuple[int, int]:
+    """(first, last): transformer layers kept in BF16 at each end, from a count or a fraction of depth.
+
+    A fraction f keeps floor(f * num_layers + 0.5) layers (round half up): 0.125 keeps 2 of 16, 4 of 32.
+    """
+    b = cfg.bf16_layers
+    out = []
+    for end in ("first", "last"):
+        count, frac = int(_get(b, end, 0)), float(_get(b, f"{end}_fraction", 0.0) or 0.0)
+        out.append(count if not frac else int(frac * num_layers + 0.5))
+    return out[0], out[1]
+
+
 def _choice(key: str, value, allowed: list) -> None:
     if value not in allowed:
         raise ConfigError(key, value, "not a valid choice", allowed)
 
 
+def _validate_operands(cfg) -> None:
+    overrides = operand_overrides(cfg)
+    for name, keys in overrides.items():
+        key = f"precision.operands.{name}"
+        if "format" in keys:
+            _choice(f"{key}.format", keys["format"], OPERAND_FORMATS)
+        if "rounding" in keys:
+            _choice(f"{key}.rounding", keys["rounding"], list(ROUNDINGS))
+        if "rht" in keys and name not in ("wgrad_dy", "wgrad_x"):
+            raise ConfigError(
+                f"{key}.rht",
+                keys["rht"],
+                "the RHT belongs to the wgrad GEMM (along tokens); set operands.wgrad_dy.rht and "
+                "operands.wgrad_x.rht, or precision.rht",
+            )
+    rht = _wgrad_rht(cfg, overrides)
+    if rht["wgrad_dy"] != rht["wgrad_x"]:
+        raise ConfigError(
+            "precision.operands.wgrad_x.rht",
+            rht["wgrad_x"],
+            f"wgrad dy has rht={rht['wgrad_dy']}: the RHT must transform both wgrad operands "
+            "(dy^T H H^T x = dy^T x); set operands.wgrad_dy.rht and operands.wgrad_x.rht alike",
+        )
+    recipe = PrecisionRecipe.from_config(cfg)
+    for name, keys in overrides.items():
+        op = recipe.operands[name]
+        for k in ("rounding", "block_2d"):
+            if k in keys and not op.quantized:
+                raise ConfigError(
+                    f"precision.operands.{name}.{k}",
+                    keys[k],
+                    "this operand is not quantized (format bf16), so the key changes nothing; "
+                    f"set precision.operands.{name}.format too, or drop the key",
+                )
+        if keys.get("block_2d") and op.fmt not in BLOCK_2D_FORMATS:
+            raise ConfigError(
+                f"precision.operands.{name}.block_2d",
+                True,
+                f"2-D blocks exist for mxfp8 and nvfp4 only, this operand is {op.fmt}",
+            )
+
+
+def _validate_bf16_layers(cfg, num_layers: int | None) -> None:
+    b = cfg.bf16_layers
+    for end in ("first", "last"):
+        count, frac = _get(b, end, 0), float(_get(b, f"{end}_fraction", 0.0) or 0.0)
+        if count < 0:
+            raise ConfigError(f"precision.bf16_layers.{end}", count, "must be >= 0")
+        if not 0.0 <= frac < 1.0:
+            raise ConfigError(f"precision.bf16_layers.{end}_fraction", frac, "must be in [0, 1)")
+        if count and frac:
+            raise ConfigError(
+                f"precision.bf16_layers.{end}_fraction",
+                frac,
+                f"precision.bf16_layers.{end}={count} is set too; give a count or a fraction, "
+                f"e.g. precision.bf16_layers.{end}=0",
+            )
+    if num_layers is None:
+        return
+    first, last = bf16_layer_counts(cfg, num_layers)
+    if first + last >= num_layers:
+        fractions = "".join(
+            f" ({end}_fraction={_get(b, f'{end}_fraction')} -> {n})"
+            for end, n in (("first", first), ("last", last))
+            if _get(b, f"{end}_fraction")
+        )
+        raise ConfigError(
+            "precision.bf16_layers",
+            f"first={first} last={last}",
+            f"keeps all {num_layers} transformer layers in BF16{fractions}, so nothing would be quantized; "
+            f"lower it, e.g. precision.bf16_layers.last={max(num_layers - 1 - first, 0)}",
+        )
+
+
 def validate(cfg, num_layers: int | None = None) -> None:
-    """Raise ConfigError for anything the precision layer cannot honour (names, ranges, no-op recipes)."""
+    """Raise ConfigError for anything the precision layer cannot honour (names, ranges, no-op recipes).
+
+    The schedule's phases are checked here as far as the precision config alone allows; the checks that
+    need train.steps and the LR schedule are in phases.validate_schedule (called at preflight).
+    """
+    from llmtrain.precision import phases  # phases builds on this module
+
     _choice("precision.name", cfg.name, PRECISION_NAMES)
     _choice("precision.backend", cfg.backend, BACKENDS)
     for role in ("weight_format", "activation_format", "grad_format"):
@@ -107,6 +239,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
     _choice("precision.sr_operands", cfg.sr_operands, SR_OPERANDS)
     _choice("precision.rht_signs", cfg.rht_signs, RHT_SIGNS)
     _choice("precision.qaf.trigger", cfg.qaf.trigger, QAF_TRIGGERS)
+    _validate_operands(cfg)
     if cfg.rht_size != 16:
         raise ConfigError("precision.rht_size", cfg.rht_size, "only 16-point transforms are supported", [16])
     if cfg.monitor.interval < 1:
@@ -115,9 +248,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
         raise ConfigError("precision.qaf.patience", cfg.qaf.patience, "must be >= 1")
     if not 0.0 < cfg.qaf.fraction <= 1.0:
         raise ConfigError("precision.qaf.fraction", cfg.qaf.fraction, "must be in (0, 1]")
-    for end in ("first", "last"):
-        if getattr(cfg.bf16_layers, end) < 0:
-            raise ConfigError(f"precision.bf16_layers.{end}", getattr(cfg.bf16_layers, end), "must be >= 0")
+    _validate_bf16_layers(cfg, None)
 
     recipe = PrecisionRecipe.from_config(cfg)
     if cfg.name == "bf16":
@@ -129,9 +260,11 @@ def validate(cfg, num_layers: int | None = None) -> None:
                 "pick a quantized precision, e.g. precision=fp8_cs",
                 [n for n in PRECISION_NAMES if n != "bf16"],
             )
-        if cfg.qaf.trigger != "off" or cfg.monitor.enabled:
+        if cfg.qaf.trigger != "off" or cfg.monitor.enabled or len(_get(cfg, "schedule") or []):
             raise ConfigError(
-                "precision.name", "bf16", "the sqrt(3) monitor and QAF need a quantized precision"
+                "precision.name",
+                "bf16",
+                "the sqrt(3) monitor, QAF and precision.schedule need a quantized precision",
             )
         return
     if not recipe.quantized:
@@ -148,12 +281,5 @@ def validate(cfg, num_layers: int | None = None) -> None:
             "needs the monitor; set precision.monitor.enabled=true",
             ["off", "fraction"],
         )
-    if num_layers is not None:
-        first, last = cfg.bf16_layers.first, cfg.bf16_layers.last
-        if first + last >= num_layers:
-            raise ConfigError(
-                "precision.bf16_layers",
-                f"first={first} last={last}",
-                f"keeps all {num_layers} transformer layers in BF16, so nothing would be quantized; lower it, "
-                f"e.g. precision.bf16_layers.last={max(num_layers - 1 - first, 0)}",
-            )
+    phases.phases_from_config(cfg)  # phase names, triggers, targets and formats
+    _validate_bf16_layers(cfg, num_layers)

@@ -1,4 +1,4 @@
-"""The engine-agnostic training loop: schedule, logging, eval, checkpoints, signals, NaN policy, QAF."""
+"""The engine-agnostic training loop: schedule, logging, eval, checkpoints, signals, NaN policy, precision phases."""
 
 import time
 import warnings
@@ -16,6 +16,7 @@ from llmtrain.metrics import MetricsLogger
 from llmtrain.metrics.flops import device_peak_tflops
 from llmtrain.models import ModelSpec
 from llmtrain.precision import PrecisionController
+from llmtrain.precision.phases import is_qaf
 from llmtrain.train import rng
 from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path
 from llmtrain.train.schedule import schedule_from_config
@@ -60,7 +61,10 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     ckpt = CheckpointManager(
         run_dir / "checkpoints", keep_last=cfg.train.keep_last, is_main=dist.is_main, barrier=engine.barrier
     )
-    controller = PrecisionController(cfg.precision, cfg.train.steps)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    controller = PrecisionController(
+        cfg.precision, cfg.train.steps, optim=cfg.optim, tokens_per_step=tokens_per_step
+    )
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
     start_step, nan_skips = 0, 0
@@ -70,8 +74,8 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
         trainer_state = torch.load(resume_dir / "trainer.pt", weights_only=True)
         start_step, nan_skips = trainer_state["step"], trainer_state["nan_skips"]
         controller.load_state_dict(trainer_state["precision"])
-        if controller.qaf_active:
-            engine.set_qaf(True)
+        if controller.phase:
+            engine.set_phase(controller.recipe)
         rank_file = resume_dir / f"rng_rank{dist.rank:05d}.pt"
         if rank_file.exists():
             rng.restore(torch.load(rank_file, weights_only=True))
@@ -82,11 +86,12 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     logger.info(f"engine: {engine.backend_description}; dp={engine.dp_size}")
     if resume_dir is not None:
         logger.info(f"resumed from {resume_dir} (step {start_step})")
+        if controller.phase:
+            logger.info(f"precision phase {controller.phase_name!r} (since step {controller.starts[-1]})")
 
     spec = ModelSpec.from_config(cfg.model)
-    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     peak = device_peak_tflops(getattr(engine, "device", torch.device("cpu")))
-    lr_at = schedule_from_config(cfg.optim, cfg.train.steps)
+    lr_at = schedule_from_config(cfg.optim, controller.base_steps)  # appended phases have their own
     valid = data.valid_batches(cfg.train.eval_steps) if cfg.train.eval_interval > 0 else []
     inject_nan = set(cfg.train.inject_nan_steps)
     stop = StopRequest().install()
@@ -117,7 +122,8 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
             batches = data.train_batch(step)
             if step_no in inject_nan:
                 batches = _nan_poisoned(batches)
-            lr = lr_at(step)
+            lr = controller.learning_rate(step, lr_at)
+            phase_name = controller.phase_name
             engine.begin_step(step_no)
             result = engine.train_step(batches, lr)
             dt = time.perf_counter() - t0
@@ -131,6 +137,8 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
                 "tokens_per_s": tokens_per_step / dt,
                 "step_time_s": dt,
             }
+            if controller.active:
+                record["phase"] = phase_name
             if peak:
                 record["mfu"] = (
                     spec.flops_per_token() * tokens_per_step / dt / (peak * 1e12 * dist.world_size)
@@ -155,10 +163,17 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
                 last_loss = result.loss
             if controller.should_probe(step_no):
                 record |= controller.record_probe(step_no, engine.probe_quantization_noise(batches[0]))
-            if controller.should_switch_qaf(step_no):
-                engine.set_qaf(True)
-                record["qaf_switch"] = True
-                logger.info(f"step {step_no}: switched to quantization-aware finetuning (backward in BF16)")
+            before = controller.recipe
+            started = controller.advance(step_no)
+            if started is not None:
+                engine.set_phase(controller.recipe)
+                record["phase_switch"] = started.name
+                if is_qaf(before, controller.recipe):
+                    record["qaf_switch"] = True  # forward quantized, backward now high precision
+                logger.info(
+                    f"step {step_no}: precision phase {started.name!r} begins (trigger {started.trigger}): "
+                    f"{controller.recipe.describe()}"
+                )
             if valid and (step_no % cfg.train.eval_interval == 0 or step_no == cfg.train.steps):
                 record["val_loss"] = engine.eval_loss(valid)
             logger.log_step(record, echo=step_no % cfg.logging.interval == 0 or step_no == cfg.train.steps)

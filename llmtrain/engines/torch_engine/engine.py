@@ -137,6 +137,9 @@ class TorchEngine(Engine):
     def probe_quantization_noise(self, micro_batch: MicroBatch) -> dict[str, float]:
         return precision.probe_quantization_noise(self.model, self._to_device(micro_batch), model_loss)
 
+    def set_phase(self, recipe) -> None:
+        precision.set_recipe(self.model, recipe)
+
     def set_qaf(self, active: bool) -> None:
         precision.set_qaf(self.model, active)
 
