@@ -1,8 +1,10 @@
 """Swap a LlamaModel's attention and MLP linears for QuantLinear, in place; switch their recipe (phases)."""
 
+import torch
 from torch import nn
 
 from llmtrain.errors import ConfigError
+from llmtrain.precision.hadamard import random_signs
 from llmtrain.precision.linear import QuantLinear
 from llmtrain.precision.recipe import TORCH_BACKENDS, PrecisionRecipe, bf16_layer_counts, validate
 
@@ -29,6 +31,9 @@ def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
             TORCH_BACKENDS,
         )
     recipe = PrecisionRecipe.from_config(cfg)
+    # rht_signs=random: one sign vector per run, drawn from the run seed exactly as the Megatron engine's
+    # te_custom.activate draws it, so both engines transform with the same vector.
+    signs = random_signs(recipe.rht_size, torch.Generator().manual_seed(seed + 1))
     first, last = bf16_layer_counts(cfg, num_layers)
     for i in range(first, num_layers - last):
         for j, path in enumerate(GEMMS):
@@ -37,7 +42,10 @@ def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
             linear = getattr(parent, attr)
             # Distinct SR streams per GEMM, reproducible from the run seed.
             layer_seed = (seed * 1_000_003 + i * len(GEMMS) + j) % 2**63
-            setattr(parent, attr, QuantLinear(linear, recipe, seed=layer_seed))
+            quant = QuantLinear(linear, recipe, seed=layer_seed)
+            if recipe.rht_signs == "random":
+                quant._signs = signs  # QuantLinear.rht_signs() returns this cached vector
+            setattr(parent, attr, quant)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -174,15 +174,7 @@ def _validate_operands(cfg) -> None:
     recipe = PrecisionRecipe.from_config(cfg)
     for name, keys in overrides.items():
         op = recipe.operands[name]
-        for k in ("rounding", "block_2d"):
-            if k in keys and not op.quantized:
-                raise ConfigError(
-                    f"precision.operands.{name}.{k}",
-                    keys[k],
-                    "this operand is not quantized (format bf16), so the key changes nothing; "
-                    f"set precision.operands.{name}.format too, or drop the key",
-                )
-        if keys.get("block_2d") and op.fmt not in BLOCK_2D_FORMATS:
+        if keys.get("block_2d") and op.quantized and op.fmt not in BLOCK_2D_FORMATS:
             raise ConfigError(
                 f"precision.operands.{name}.block_2d",
                 True,
@@ -218,7 +210,13 @@ def _validate_bf16_layers(cfg, num_layers: int | None) -> None:
             "precision.bf16_layers",
             f"first={first} last={last}",
             f"keeps all {num_layers} transformer layers in BF16{fractions}, so nothing would be quantized; "
-            f"lower it, e.g. precision.bf16_layers.last={max(num_layers - 1 - first, 0)}",
+            "lower it, e.g. "
+            + (
+                f"precision.bf16_layers.last={num_layers - 1 - first}"
+                if first < num_layers
+                else "precision.bf16_layers.first=0 precision.bf16_layers.last=0"
+            )
+            + (" (or precision=variant/fp8_cs_all_layers)" if cfg.name == "fp8_cs" else ""),
         )
 
 

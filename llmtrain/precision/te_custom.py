@@ -17,8 +17,10 @@ the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding
 small against the formats' own steps. The RHT is applied to both wgrad operands along the token axis,
 which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
 
-QAF: while `STATE.qaf` is set, the backward directions (column-wise input and weight, both grad_output
-directions) pass through in high precision, the forward (row-wise input and weight) stays quantized.
+Phases (precision.schedule): every quantizer looks its operand up in `STATE.recipe` when it quantizes,
+so `set_recipe` switches every TE linear at once; an operand in high precision passes through. The
+monitor's `STATE.qaf` (set only while it probes) passes the backward directions (column-wise input and
+weight, both grad_output directions) through in high precision, the forward stays quantized.
 
 Megatron-Core finds the factory by its dotted path `llmtrain.precision.te_custom.qfactory`
 (TransformerConfig.fp4_quantizer_factory / fp8_quantizer_factory); the engine calls `activate()` with
@@ -77,30 +79,44 @@ def set_qaf(active: bool) -> None:
     STATE.qaf = bool(active)
 
 
-class FakeQuantizer(IdentityQuantizer):
-    """One GEMM direction of one tensor: holds fake_quantize_2d(tensor) in the tensor's dtype."""
+def set_recipe(recipe: PrecisionRecipe) -> None:
+    """A precision phase starts: every quantizer reads `recipe` from its next quantize call on."""
+    STATE.recipe = recipe
 
-    def __init__(self, operand: Operand, axis: int, *, rht: bool = False, backward: bool = False):
+
+class FakeQuantizer(IdentityQuantizer):
+    """One GEMM direction of one tensor: holds fake_quantize_2d(tensor) in the tensor's dtype, as the
+    operand `name` of the active recipe says (its value when quantizing, so a phase switch applies)."""
+
+    def __init__(self, name: str, axis: int, *, backward: bool = False):
         super().__init__()
-        self.operand, self.axis, self.rht, self.backward = operand, axis, rht, backward
+        self.name, self.axis, self.backward = name, axis, backward
+
+    @property
+    def operand(self) -> Operand:
+        return getattr(STATE.recipe, self.name)
+
+    @property
+    def rht(self) -> bool:
+        return self.name in ("wgrad_x", "wgrad_dy") and STATE.recipe.rht
 
     def copy(self) -> "FakeQuantizer":
-        q = FakeQuantizer(self.operand, self.axis, rht=self.rht, backward=self.backward)
+        q = FakeQuantizer(self.name, self.axis, backward=self.backward)
         q.rowwise_usage, q.columnwise_usage = self.rowwise_usage, self.columnwise_usage
         q.internal, q.optimize_for_gemm = self.internal, self.optimize_for_gemm
         return q
 
     def _maybe_cast(self, tensor: torch.Tensor) -> torch.Tensor:
         data = tensor.detach()
-        if self.backward and STATE.qaf:
-            return data  # QAF: backward operands in high precision
+        op = self.operand
+        if (self.backward and STATE.qaf) or not op.quantized:
+            return data  # monitor's QAF pass, or an operand this phase leaves in high precision
         x2 = data.reshape(-1, data.shape[-1])
         if self.rht and x2.shape[0] % 16:
             raise ValueError(
                 f"the random Hadamard transform needs a token count divisible by 16, got {x2.shape[0]}; "
                 "use a sequence length (x micro-batch size) that is a multiple of 16, or precision.rht=false"
             )
-        op = self.operand
         seed = STATE.next_seed() if op.rounding == "stochastic" else 0
         out = fake_quantize_2d(
             x2,
@@ -115,10 +131,9 @@ class FakeQuantizer(IdentityQuantizer):
         return out.view(data.shape)
 
 
-def _direction(operand: Operand, axis: int, *, rht: bool = False, backward: bool = False):
-    if not operand.quantized:
-        return IdentityQuantizer()
-    return FakeQuantizer(operand, axis, rht=rht, backward=backward)
+def _direction(name: str, axis: int, *, backward: bool = False):
+    # A FakeQuantizer even for a high-precision operand: a later phase may quantize it.
+    return FakeQuantizer(name, axis, backward=backward)
 
 
 def qfactory(role):
@@ -133,10 +148,10 @@ def qfactory(role):
     if not linear or tensor_type not in ("input", "weight", "grad_output"):
         return IdentityQuantizer()
     if tensor_type == "input":
-        row, col = _direction(r.fprop_x, 1), _direction(r.wgrad_x, 0, rht=r.rht, backward=True)
+        row, col = _direction("fprop_x", 1), _direction("wgrad_x", 0, backward=True)
     elif tensor_type == "weight":
-        row, col = _direction(r.fprop_w, 1), _direction(r.dgrad_w, 0, backward=True)
+        row, col = _direction("fprop_w", 1), _direction("dgrad_w", 0, backward=True)
     else:
-        row = _direction(r.dgrad_dy, 1, backward=True)
-        col = _direction(r.wgrad_dy, 0, rht=r.rht, backward=True)
+        row = _direction("dgrad_dy", 1, backward=True)
+        col = _direction("wgrad_dy", 0, backward=True)
     return HybridQuantizer(rowwise_quantizer=row, columnwise_quantizer=col)

@@ -136,7 +136,12 @@ def test_precision_settings_native_where_te_can():
     hopper, blackwell = (9, 0), (10, 0)
     assert _settings("bf16", hopper)[0] == {}
     kw, desc = _settings("fp8_cs", hopper)
-    assert kw == {"fp8": "hybrid", "fp8_recipe": "tensorwise"} and "Float8CurrentScaling" in desc
+    # Bridge's bf16_with_fp8_current_scaling_mixed: first and last transformer layer in BF16.
+    bf16_ends = {"first_last_layers_bf16": True, "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1}
+    assert kw == {"fp8": "hybrid", "fp8_recipe": "tensorwise", **bf16_ends} and "Float8CurrentScaling" in desc
+    # ... and with no BF16 layers (Bridge's throughput configs: precision=variant/fp8_cs_all_layers).
+    kw = _settings("fp8_cs", hopper, bf16_layers={"first": 0, "last": 0})[0]
+    assert kw == {"fp8": "hybrid", "fp8_recipe": "tensorwise"}
     assert _settings("mxfp8", blackwell)[0] == {"fp8": "e4m3", "fp8_recipe": "mxfp8"}
     kw, desc = _settings("nvfp4", blackwell)
     assert kw["fp4"] == "e2m1" and kw["fp4_recipe"] == "nvfp4" and "native" in desc

@@ -45,6 +45,46 @@ def _grad_accum_fusion_available() -> bool:
     return bool(getattr(layers, "_grad_accum_fusion_available", False))
 
 
+def _te_backward_override_available() -> bool:
+    """TE >= 2.20's recipes take backward_override (None | "high_precision" | "dequantized")."""
+    import dataclasses
+
+    from transformer_engine.common import recipe as te_recipe
+
+    return "backward_override" in {f.name for f in dataclasses.fields(te_recipe.Float8CurrentScaling)}
+
+
+class _NativeBackward:
+    """backward_override for Megatron's native TE recipes: Megatron builds a recipe object per layer and
+    forward (fp8_utils.get_fp8_recipe / fp4_utils.get_fp4_recipe) without that field, so the engine wraps
+    both builders once and sets the field on what they return while `mode` is not None."""
+
+    mode: str | None = None
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+        import dataclasses
+
+        from megatron.core import fp4_utils, fp8_utils
+
+        for module, name in ((fp8_utils, "get_fp8_recipe"), (fp4_utils, "get_fp4_recipe")):
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+
+            def build(config, _original=original):
+                recipe = _original(config)
+                if cls.mode is None or not hasattr(recipe, "backward_override"):
+                    return recipe
+                return dataclasses.replace(recipe, backward_override=cls.mode)
+
+            setattr(module, name, build)
+        cls.installed = True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,12 +121,18 @@ class MegatronEngine(Engine):
         self.device = torch.device("cuda", torch.cuda.current_device())
         capability = torch.cuda.get_device_capability(self.device)
         precision.validate(cfg.precision, self.spec.num_layers)
-        precision_kwargs, precision_desc = settings.precision_settings(cfg.precision, capability)
+        precision_kwargs, precision_desc = settings.precision_settings(
+            cfg.precision, capability, self.spec.num_layers
+        )
         self.emulated = settings.resolve_backend(cfg.precision, capability)[0] == "custom"
+        self.base_recipe = precision.PrecisionRecipe.from_config(cfg.precision)
+        self.native_quant = {k: precision_kwargs.get(k) for k in ("fp8", "fp4")}  # for phases turning it off
+        if not self.emulated and cfg.precision.name != "bf16":
+            settings.require_native_phases(cfg.precision, _te_backward_override_available())
         if self.emulated:  # our quantizers inside TE: the factory reads this recipe
             from llmtrain.precision import te_custom
 
-            recipe = precision.PrecisionRecipe.from_config(cfg.precision)
+            recipe = self.base_recipe
             tokens = int(cfg.train.micro_batch_size) * self.spec.seq_length // self.layout.cp
             if recipe.rht and tokens % 16:  # else the wgrad quantizer would fail mid-step with a traceback
                 raise UserError(
@@ -240,6 +286,28 @@ class MegatronEngine(Engine):
 
             te_custom.begin_step(step)
 
+    def set_phase(self, recipe) -> None:
+        """A precision phase starts. Emulated: every quantizer reads `recipe` from now on. Native TE: the
+        switches TE can make (settings.native_phase_mode, checked at build): the whole backward to high
+        precision (the recipes' backward_override="high_precision") or quantization off (BF16)."""
+        if self.emulated:
+            from llmtrain.precision import te_custom
+
+            te_custom.set_recipe(recipe)
+            return
+        mode = settings.native_phase_mode(self.base_recipe, recipe)
+        if mode is None:
+            raise UserError(
+                f"TE's native recipe cannot run this precision phase ({recipe.describe()}); "
+                "set precision.backend=custom"
+            )
+        quant_on = mode != "off"
+        self.config.fp8 = self.native_quant["fp8"] if quant_on else None
+        self.config.fp4 = self.native_quant["fp4"] if quant_on else None
+        if mode == "high_precision":
+            _NativeBackward.install()
+        _NativeBackward.mode = "high_precision" if mode == "high_precision" else None
+
     def set_qaf(self, active: bool) -> None:
         if active and not self.emulated:
             raise UserError(
@@ -252,7 +320,7 @@ class MegatronEngine(Engine):
 
     def _quantized_weights(self) -> dict:
         """Weights of the TE linears that run quantized (not in the BF16 first/last layers), by name."""
-        first, last = int(self.cfg.precision.bf16_layers.first), int(self.cfg.precision.bf16_layers.last)
+        first, last = precision.recipe.bf16_layer_counts(self.cfg.precision, self.spec.num_layers)
         out = {}
         for model in self.models:
             for layer in model.decoder.layers:

@@ -112,9 +112,61 @@ def native_mismatch(prec, capability: tuple[int, int]) -> str | None:
     for key, want in fixed.items():
         if prec[key] != want:
             return f"TE's native {recipe} fixes precision.{key} to {want!r} (got {prec[key]!r})"
-    if prec.monitor.enabled or prec.qaf.trigger != "off":
-        return "the sqrt(3) monitor and the QAF switch need llmtrain's quantizers"
+    from llmtrain.precision.recipe import operand_overrides
+
+    if operand_overrides(prec):
+        return f"TE's native {recipe} fixes every operand (precision.operands.* is set)"
+    if prec.monitor.enabled:
+        return "the sqrt(3) monitor needs llmtrain's quantizers"
+    return native_schedule_mismatch(prec)
+
+
+def native_phase_mode(base, recipe) -> str | None:
+    """How native TE runs a phase's recipe next to the run's base recipe: "same", "high_precision" (the
+    whole backward in high precision: TE's backward_override="high_precision"), "off" (no GEMM
+    quantized: Megatron's fp8/fp4 context off), or None (TE's native recipes cannot express it)."""
+    from llmtrain.precision.phases import is_qaf
+
+    if recipe == base:
+        return "same"
+    if not recipe.quantized:
+        return "off"
+    if is_qaf(base, recipe):
+        return "high_precision"
     return None
+
+
+def native_schedule_mismatch(prec) -> str | None:
+    """Why native TE cannot run precision.schedule (or the legacy QAF switch); None: it can."""
+    from llmtrain.precision.phases import phase_recipes, phases_from_config
+
+    phases = phases_from_config(prec)
+    if any(p.trigger == "sqrt3" for p in phases):
+        return "a sqrt(3)-triggered phase needs the monitor, i.e. llmtrain's quantizers"
+    recipes = phase_recipes(prec, phases)
+    for phase, recipe in zip(phases, recipes[1:]):
+        if native_phase_mode(recipes[0], recipe) is None:
+            return (
+                f"{phase.key} ({phase.name}: {recipe.describe()}): TE's native recipes can only switch the "
+                "whole backward to high precision (backward_override) or turn quantization off"
+            )
+    return None
+
+
+def require_native_phases(prec, te_has_backward_override: bool) -> None:
+    """Native back end: refuse, in one line, a schedule this TE cannot run (checked at engine build)."""
+    from llmtrain.precision.phases import phase_recipes, phases_from_config
+
+    recipes = phase_recipes(prec, phases_from_config(prec))
+    if te_has_backward_override:
+        return
+    for recipe in recipes[1:]:
+        if native_phase_mode(recipes[0], recipe) == "high_precision":
+            raise UserError(
+                "precision.schedule: a phase switches the backward to high precision, which native TE does "
+                "with backward_override (Transformer Engine >= 2.20) and this TE lacks; upgrade TE or set "
+                "precision.backend=custom"
+            )
 
 
 def resolve_backend(prec, capability: tuple[int, int]) -> tuple[str, str | None]:
@@ -164,11 +216,14 @@ def _custom_kwargs(prec) -> tuple[dict, str]:
     return kwargs, desc
 
 
-def precision_settings(prec, capability: tuple[int, int]) -> tuple[dict, str]:
+def precision_settings(prec, capability: tuple[int, int], num_layers: int | None = None) -> tuple[dict, str]:
     """TransformerConfig fields for the precision recipe, and a description of what runs (and why).
 
-    capability: the GPU's CUDA compute capability, e.g. (9, 0) for Hopper.
+    capability: the GPU's CUDA compute capability, e.g. (9, 0) for Hopper. num_layers: the model's depth
+    (needed when bf16_layers is given as a fraction).
     """
+    from llmtrain.precision.recipe import bf16_layer_counts
+
     sm = f"sm_{capability[0]}{capability[1]}"
     if prec.name not in ("bf16", *NATIVE_RECIPES):
         raise ConfigError("precision.name", prec.name, "unknown precision", ["bf16", *NATIVE_RECIPES])
@@ -178,7 +233,10 @@ def precision_settings(prec, capability: tuple[int, int]) -> tuple[dict, str]:
     kwargs, desc = _native_kwargs(prec) if backend == "native" else _custom_kwargs(prec)
     if why and prec.backend == "auto":
         desc += f" [not native: {why}]"
-    first, last = int(prec.bf16_layers.first), int(prec.bf16_layers.last)
+    b = prec.bf16_layers
+    if num_layers is None and (b.get("first_fraction") or b.get("last_fraction")):
+        raise ConfigError("precision.bf16_layers", dict(b), "a fraction of depth needs the model's num_layers")
+    first, last = bf16_layer_counts(prec, num_layers or 0) if num_layers else (int(b.first), int(b.last))
     if first or last:
         kwargs.update(
             first_last_layers_bf16=True, num_layers_at_start_in_bf16=first, num_layers_at_end_in_bf16=last
