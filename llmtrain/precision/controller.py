@@ -62,7 +62,11 @@ class PrecisionController:
     @property
     def base_steps(self) -> int:
         """Length of the base LR schedule (train.steps minus appended phases)."""
-        return base_steps(self.phases, self.run) if self.phases and self.run.optim is not None else self.total_steps
+        return (
+            base_steps(self.phases, self.run)
+            if self.phases and self.run.optim is not None
+            else self.total_steps
+        )
 
     # ---- sqrt(3) monitor -------------------------------------------------------------------------
     def should_probe(self, step: int) -> bool:
@@ -149,7 +153,11 @@ class PrecisionController:
 
     def load_state_dict(self, state: dict) -> None:
         if "phase" in state:
-            phase, starts, name = int(state["phase"]), list(state.get("phase_starts", [])), state.get("phase_name")
+            phase, starts, name = (
+                int(state["phase"]),
+                list(state.get("phase_starts", [])),
+                state.get("phase_name"),
+            )
         else:  # checkpoints from before the schedule: only the QAF flags
             phase = 1 if state.get("qaf_active") else 0
             starts = [state["qaf_step"]] if phase else []

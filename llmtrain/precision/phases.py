@@ -8,8 +8,9 @@ checkpoint). Triggers, for a run of T = train.steps steps of G tokens:
     step      K = at                                   (1 <= K < T)
     fraction  K = ceil(at * T)                         (0 < at < 1)
     tokens    K = ceil(at / G)
-    decay     K = start of the LR decay + at           (at: offset in steps, negative = before; WSD: the
-              first step whose LR is below the peak is K+1; cosine: K = optim.warmup_steps)
+    decay     K = D + at                               (at: offset in steps, negative = before; D: WSD:
+              base steps - round(decay_fraction * base steps), so step D+1 is the first step of the
+              decay ramp; cosine: D = optim.warmup_steps; constant: refused)
     sqrt3     at the first monitor probe after which `patience` probes in a row were below the threshold
     append    the phase is the last `steps` (or ceil(tokens / G), or floor(fraction * T + 0.5)) steps of
               the run: the base LR schedule ends where appended phases begin (T minus their budgets)
@@ -90,7 +91,9 @@ def _change(key: str, target: str, value) -> dict:
             f"{key}.set.{target}", dict(value), "keys: format, rounding, block_2d", ["format", "rounding"]
         )
     if "format" in change and change["format"] not in OPERAND_FORMATS:
-        raise ConfigError(f"{key}.set.{target}.format", change["format"], "not a valid choice", OPERAND_FORMATS)
+        raise ConfigError(
+            f"{key}.set.{target}.format", change["format"], "not a valid choice", OPERAND_FORMATS
+        )
     if "rounding" in change and change["rounding"] not in ROUNDINGS:
         raise ConfigError(
             f"{key}.set.{target}.rounding", change["rounding"], "not a valid choice", list(ROUNDINGS)
@@ -111,7 +114,9 @@ def phases_from_config(prec) -> list[Phase]:
             )
         trigger = prec.qaf.trigger
         at = float(prec.qaf.fraction) if trigger == "fraction" else 0.0
-        phase = Phase(0, "qaf", trigger, at=at, patience=int(prec.qaf.patience), changes=QAF_CHANGES, legacy=True)
+        phase = Phase(
+            0, "qaf", trigger, at=at, patience=int(prec.qaf.patience), changes=QAF_CHANGES, legacy=True
+        )
         return [phase]
     phases, names, appended = [], set(), False
     for i, e in enumerate(entries):
@@ -137,7 +142,11 @@ def phases_from_config(prec) -> list[Phase]:
         )
         if lr.schedule not in LR_SCHEDULES:
             raise ConfigError(f"{key}.lr.schedule", lr.schedule, "not a valid choice", LR_SCHEDULES)
-        if lr.warmup_steps < 0 or (lr.peak is not None and lr.peak <= 0) or (lr.min is not None and lr.min < 0):
+        if (
+            lr.warmup_steps < 0
+            or (lr.peak is not None and lr.peak <= 0)
+            or (lr.min is not None and lr.min < 0)
+        ):
             raise ConfigError(f"{key}.lr", dict(_get(e, "lr") or {}), "warmup_steps >= 0, peak > 0, min >= 0")
         phase = Phase(
             i,
@@ -154,7 +163,10 @@ def phases_from_config(prec) -> list[Phase]:
         _check_phase_alone(phase, prec)
         if appended and trigger != "append":
             raise ConfigError(
-                f"{key}.trigger", trigger, "comes after an appended phase; appended phases go last", ["append"]
+                f"{key}.trigger",
+                trigger,
+                "comes after an appended phase; appended phases go last",
+                ["append"],
             )
         appended = appended or trigger == "append"
         phases.append(phase)
@@ -178,7 +190,9 @@ def _check_phase_alone(phase: Phase, prec) -> None:
     if phase.trigger == "append":
         if len(budgets) != 1:
             raise ConfigError(
-                f"{key}.steps", phase.steps, "an appended phase needs exactly one budget: steps, tokens or fraction"
+                f"{key}.steps",
+                phase.steps,
+                "an appended phase needs exactly one budget: steps, tokens or fraction",
             )
         if phase.steps < 0 or phase.tokens < 0 or not 0.0 <= phase.fraction < 1.0:
             raise ConfigError(f"{key}.{budgets[0]}", getattr(phase, budgets[0]), "must be > 0 (fraction < 1)")
@@ -191,7 +205,9 @@ def _check_phase_alone(phase: Phase, prec) -> None:
     if phase.trigger == "sqrt3":
         if not prec.monitor.enabled:
             raise ConfigError(
-                f"{key}.trigger", "sqrt3", "can never fire: the monitor is off; set precision.monitor.enabled=true"
+                f"{key}.trigger",
+                "sqrt3",
+                "can never fire: the monitor is off; set precision.monitor.enabled=true",
             )
         if phase.patience < 1:
             raise ConfigError(f"{key}.patience", phase.patience, "must be >= 1")
@@ -296,14 +312,16 @@ def validate_schedule(prec, run: RunShape) -> list[Phase]:
     base = base_steps(phases, run)
     if phases and base < 1:
         raise ConfigError(
-            "precision.schedule", f"appended budgets of {run.steps - base} steps",
+            "precision.schedule",
+            f"appended budgets of {run.steps - base} steps",
             f"leave nothing of train.steps={run.steps} for the run before them; raise train.steps",
         )
     last = 0
     for phase in phases:
         if phase.trigger == "decay" and decay_start(run.optim, base) is None:
             raise ConfigError(
-                f"{phase.key}.trigger", "decay",
+                f"{phase.key}.trigger",
+                "decay",
                 f"can never fire: optim.schedule={run.optim.schedule} has no LR decay; use optim=adamw_wsd "
                 "or a step/fraction trigger",
             )

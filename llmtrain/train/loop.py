@@ -171,8 +171,8 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
                 if is_qaf(before, controller.recipe):
                     record["qaf_switch"] = True  # forward quantized, backward now high precision
                 logger.info(
-                    f"step {step_no}: precision phase {started.name!r} begins (trigger {started.trigger}): "
-                    f"{controller.recipe.describe()}"
+                    f"step {step_no}: precision phase {started.name!r} (trigger {started.trigger}) from step "
+                    f"{step_no + 1}: {controller.recipe.describe()}"
                 )
             if valid and (step_no % cfg.train.eval_interval == 0 or step_no == cfg.train.steps):
                 record["val_loss"] = engine.eval_loss(valid)

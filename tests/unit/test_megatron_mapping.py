@@ -137,7 +137,11 @@ def test_precision_settings_native_where_te_can():
     assert _settings("bf16", hopper)[0] == {}
     kw, desc = _settings("fp8_cs", hopper)
     # Bridge's bf16_with_fp8_current_scaling_mixed: first and last transformer layer in BF16.
-    bf16_ends = {"first_last_layers_bf16": True, "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1}
+    bf16_ends = {
+        "first_last_layers_bf16": True,
+        "num_layers_at_start_in_bf16": 1,
+        "num_layers_at_end_in_bf16": 1,
+    }
     assert kw == {"fp8": "hybrid", "fp8_recipe": "tensorwise", **bf16_ends} and "Float8CurrentScaling" in desc
     # ... and with no BF16 layers (Bridge's throughput configs: precision=variant/fp8_cs_all_layers).
     kw = _settings("fp8_cs", hopper, bf16_layers={"first": 0, "last": 0})[0]

@@ -95,4 +95,6 @@ def test_a_recipe_defined_sweep_is_validated_before_any_point_runs():
     with pytest.raises(UserError, match=r"precision\.bf16_layers=.*keeps all 1 transformer layers"):
         preflight(["-m", "recipe=precision_sweep", "model.num_layers=1"])
     # CLI wins (fp8_cs keeps its first and last layer in BF16, so on 1 layer: the variant with none)
-    preflight(["-m", "recipe=precision_sweep", "precision=bf16,variant/fp8_cs_all_layers", "model.num_layers=1"])
+    preflight(
+        ["-m", "recipe=precision_sweep", "precision=bf16,variant/fp8_cs_all_layers", "model.num_layers=1"]
+    )

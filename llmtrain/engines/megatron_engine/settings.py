@@ -235,7 +235,9 @@ def precision_settings(prec, capability: tuple[int, int], num_layers: int | None
         desc += f" [not native: {why}]"
     b = prec.bf16_layers
     if num_layers is None and (b.get("first_fraction") or b.get("last_fraction")):
-        raise ConfigError("precision.bf16_layers", dict(b), "a fraction of depth needs the model's num_layers")
+        raise ConfigError(
+            "precision.bf16_layers", dict(b), "a fraction of depth needs the model's num_layers"
+        )
     first, last = bf16_layer_counts(prec, num_layers or 0) if num_layers else (int(b.first), int(b.last))
     if first or last:
         kwargs.update(
