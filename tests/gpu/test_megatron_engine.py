@@ -146,3 +146,90 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="no Megatron-Core checkpoint"):
         engine.load(tmp_path)
     dispose(engine)
+
+
+def _phase(recipe, **changes):
+    from llmtrain.precision.phases import apply_changes
+
+    return apply_changes(recipe, [(op, change) for op, change in changes.items()])
+
+
+def test_emulated_phase_switch_changes_the_recipe_every_te_linear_uses():
+    """precision.schedule on the emulated back end: set_phase reaches the quantizers already built."""
+    from llmtrain.precision import PrecisionRecipe, te_custom
+
+    engine = engine_for("nvfp4_fp4all")
+    batches = mock_batches(2, 2, 256, 4096)
+    engine.begin_step(1)
+    engine.train_step(batches, lr=1e-3)
+    base = engine.base_recipe
+    quantized = engine.eval_loss(batches)
+    assert engine.eval_loss(batches) == quantized  # round-to-nearest forward: deterministic
+    fwd_bf16 = _phase(base, fprop_x={"format": "bf16"}, fprop_w={"format": "bf16"})
+    engine.set_phase(fwd_bf16)
+    assert te_custom.STATE.recipe == fwd_bf16
+    high = engine.eval_loss(batches)
+    engine.set_phase(PrecisionRecipe())  # every operand in high precision
+    all_hp = engine.eval_loss(batches)
+    state = engine.reference_state_dict()
+    engine.begin_step(2)
+    r = engine.train_step(batches, lr=1e-3)  # trains with nothing quantized
+    engine.set_phase(base)
+    back = engine.eval_loss(batches)
+    record(
+        "phase_switch_nvfp4_fp4all",
+        {"quantized": quantized, "fwd_bf16": high, "all_hp": all_hp, "back": back},
+    )
+    assert high != quantized and high == all_hp  # eval runs the forward only
+    assert math.isfinite(r.loss) and not r.skipped and back != high
+    dispose(engine)
+    # With every operand in high precision the emulated forward is TE's BF16 forward of the same weights.
+    bf16 = engine_for("bf16")
+    bf16.load_reference_state_dict(state)
+    bf16_loss = bf16.eval_loss(batches)
+    dispose(bf16)
+    record("phase_all_hp_vs_bf16", {"all_hp": all_hp, "bf16": bf16_loss})
+    assert all_hp == pytest.approx(bf16_loss, rel=1e-3)
+
+
+def test_native_fp8_phases_use_backward_override_and_bf16():
+    """Native TE: a QAF phase sets backward_override="high_precision" on the recipe Megatron builds, an
+    all-BF16 phase turns Megatron's FP8 context off; both train. Needs TE >= 2.20 for the first part."""
+    from megatron.core import fp8_utils
+
+    from llmtrain.engines.megatron_engine.engine import _te_backward_override_available
+    from llmtrain.precision import PrecisionRecipe
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89+")
+    engine = engine_for("fp8_cs", overrides={"precision": {"bf16_layers": {"first": 0, "last": 0}}})
+    assert "emulated" not in engine.backend_description
+    batches = mock_batches(2, 2, 256, 4096)
+    engine.train_step(batches, lr=1e-3)
+    base = engine.base_recipe
+    results = {}
+    if _te_backward_override_available():
+        qaf = _phase(base, **{n: {"format": "bf16"} for n in ("dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")})
+        engine.set_phase(qaf)
+        assert fp8_utils.get_fp8_recipe(engine.config).backward_override == "high_precision"
+        results["qaf"] = engine.train_step(batches, lr=1e-3)
+    fp8_loss = engine.eval_loss(batches)
+    engine.set_phase(PrecisionRecipe())
+    assert engine.config.fp8 is None
+    bf16_loss = engine.eval_loss(batches)
+    results["bf16"] = engine.train_step(batches, lr=1e-3)
+    engine.set_phase(base)
+    assert engine.config.fp8 == "hybrid" and fp8_utils.get_fp8_recipe(engine.config).backward_override is None
+    record("native_phases_fp8_cs", {"fp8_eval": fp8_loss, "bf16_eval": bf16_loss,
+                                    **{k: v.loss for k, v in results.items()}})  # fmt: skip
+    assert fp8_loss != bf16_loss and all(math.isfinite(v.loss) and not v.skipped for v in results.values())
+    dispose(engine)
+
+
+def test_native_refuses_a_phase_te_cannot_express():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89+")
+    over = {"precision": {"backend": "native", "schedule": [{"name": "fwd", "trigger": "step", "at": 5,
+                                                             "set": {"fprop": "bf16"}}]}}  # fmt: skip
+    with pytest.raises(UserError, match=r"precision\.schedule\.0 \(fwd: .*use precision\.backend=custom"):
+        engine_for("fp8_cs", overrides=over)
