@@ -32,7 +32,15 @@ from dataclasses import dataclass, replace
 from llmtrain.errors import ConfigError
 from llmtrain.precision.config import OPERAND_NAMES
 from llmtrain.precision.formats import ROUNDINGS
-from llmtrain.precision.recipe import BLOCK_2D_FORMATS, OPERAND_FORMATS, Operand, PrecisionRecipe, _get
+from llmtrain.precision.recipe import (
+    BLOCK_2D_FORMATS,
+    OPERAND_FORMATS,
+    Operand,
+    PrecisionRecipe,
+    cfg_get,
+    operand_overrides,
+    wgrad_rht,
+)
 
 TRIGGERS = ["step", "fraction", "tokens", "decay", "sqrt3", "append"]
 GEMMS = {"fprop": ("fprop_x", "fprop_w"), "dgrad": ("dgrad_dy", "dgrad_w"), "wgrad": ("wgrad_dy", "wgrad_x")}
@@ -103,7 +111,7 @@ def _change(key: str, target: str, value) -> dict:
 
 def phases_from_config(prec) -> list[Phase]:
     """Parse precision.schedule (or the legacy qaf keys) and check what the precision config alone decides."""
-    entries = list(_get(prec, "schedule") or [])
+    entries = list(cfg_get(prec, "schedule") or [])
     if prec.qaf.trigger != "off":
         if entries:
             raise ConfigError(
@@ -121,24 +129,24 @@ def phases_from_config(prec) -> list[Phase]:
     phases, names, appended = [], set(), False
     for i, e in enumerate(entries):
         key = f"precision.schedule.{i}"
-        name = str(_get(e, "name") or "")
+        name = str(cfg_get(e, "name") or "")
         if not name or name in names or name == "base":
             raise ConfigError(f"{key}.name", name, "each phase needs a unique name (not 'base')")
         names.add(name)
-        trigger = _get(e, "trigger")
+        trigger = cfg_get(e, "trigger")
         if trigger not in TRIGGERS:
             raise ConfigError(f"{key}.trigger", trigger, "not a valid choice", TRIGGERS)
         changes = []
-        for target, value in (_get(e, "set") or {}).items():
+        for target, value in (cfg_get(e, "set") or {}).items():
             change = _change(key, target, value)
             changes += [(op, change) for op in _targets(key, target)]
-        lr = _get(e, "lr") or {}
+        lr = cfg_get(e, "lr") or {}
         lr = PhaseLR(
-            reset=bool(_get(lr, "reset", False)),
-            warmup_steps=int(_get(lr, "warmup_steps", 0) or 0),
-            peak=_get(lr, "peak"),
-            min=_get(lr, "min"),
-            schedule=str(_get(lr, "schedule", "cosine")),
+            reset=bool(cfg_get(lr, "reset", False)),
+            warmup_steps=int(cfg_get(lr, "warmup_steps", 0) or 0),
+            peak=cfg_get(lr, "peak"),
+            min=cfg_get(lr, "min"),
+            schedule=str(cfg_get(lr, "schedule", "cosine")),
         )
         if lr.schedule not in LR_SCHEDULES:
             raise ConfigError(f"{key}.lr.schedule", lr.schedule, "not a valid choice", LR_SCHEDULES)
@@ -147,16 +155,18 @@ def phases_from_config(prec) -> list[Phase]:
             or (lr.peak is not None and lr.peak <= 0)
             or (lr.min is not None and lr.min < 0)
         ):
-            raise ConfigError(f"{key}.lr", dict(_get(e, "lr") or {}), "warmup_steps >= 0, peak > 0, min >= 0")
+            raise ConfigError(
+                f"{key}.lr", dict(cfg_get(e, "lr") or {}), "warmup_steps >= 0, peak > 0, min >= 0"
+            )
         phase = Phase(
             i,
             name,
             trigger,
-            at=float(_get(e, "at", 0.0) or 0.0),
-            patience=int(_get(e, "patience", 3) or 0),
-            steps=int(_get(e, "steps", 0) or 0),
-            tokens=int(_get(e, "tokens", 0) or 0),
-            fraction=float(_get(e, "fraction", 0.0) or 0.0),
+            at=float(cfg_get(e, "at", 0.0) or 0.0),
+            patience=int(cfg_get(e, "patience", 3) or 0),
+            steps=int(cfg_get(e, "steps", 0) or 0),
+            tokens=int(cfg_get(e, "tokens", 0) or 0),
+            fraction=float(cfg_get(e, "fraction", 0.0) or 0.0),
             changes=tuple(changes),
             lr=lr,
         )
@@ -219,8 +229,9 @@ def _check_phase_alone(phase: Phase, prec) -> None:
         raise ConfigError(f"{key}.at", phase.at, "trigger=decay takes a whole number of steps (offset)")
 
 
-def apply_changes(recipe: PrecisionRecipe, changes) -> PrecisionRecipe:
-    """The recipe with each (operand, change) applied in order."""
+def apply_changes(recipe: PrecisionRecipe, changes, rht: bool | None = None) -> PrecisionRecipe:
+    """The recipe with each (operand, change) applied in order. `rht`: whether the config asks for the
+    RHT (default: the recipe's); it applies while a wgrad operand is quantized, as in from_config."""
     ops = dict(recipe.operands)
     for name, change in changes:
         cur = ops[name]
@@ -231,15 +242,16 @@ def apply_changes(recipe: PrecisionRecipe, changes) -> PrecisionRecipe:
         rounding = change.get("rounding", cur.rounding)
         block_2d = bool(change.get("block_2d", cur.block_2d)) and fmt in BLOCK_2D_FORMATS
         ops[name] = Operand(fmt, rounding, block_2d)
-    rht = recipe.rht or False
-    return replace(recipe, **ops, rht=rht)
+    wanted = recipe.rht if rht is None else rht
+    return replace(recipe, **ops, rht=wanted and (ops["wgrad_dy"].quantized or ops["wgrad_x"].quantized))
 
 
 def phase_recipes(prec, phases: list[Phase]) -> list[PrecisionRecipe]:
     """[base recipe, recipe in phase 1, recipe in phase 2, ...] (each phase on top of the one before)."""
     out = [PrecisionRecipe.from_config(prec)]
+    rht = wgrad_rht(prec, operand_overrides(prec))["wgrad_dy"]
     for phase in phases:
-        out.append(apply_changes(out[-1], phase.changes))
+        out.append(apply_changes(out[-1], phase.changes, rht))
     return out
 
 

@@ -47,7 +47,7 @@ class Operand:
 HP = Operand()
 
 
-def _get(obj, key: str, default=None):
+def cfg_get(obj, key: str, default=None):
     """obj.key for a DictConfig, a dict or a dataclass instance alike (None stays None)."""
     if obj is None:
         return default
@@ -60,10 +60,10 @@ def _role_default(cfg, name: str) -> tuple[str, str, bool, bool]:
     """(format, rounding, block_2d, GEMM enabled) of one operand from the role-level keys."""
     gemm, operand = name.split("_")
     fmt = {"x": cfg.activation_format, "w": cfg.weight_format, "dy": cfg.grad_format}[operand]
-    rounding = _get(cfg, f"{gemm}_rounding")
+    rounding = cfg_get(cfg, f"{gemm}_rounding")
     if gemm != "fprop" and operand != "dy" and cfg.sr_operands == "grad":
         rounding = "nearest"  # sr_operands=grad: of dgrad/wgrad, only the gradient operand takes it
-    return fmt, rounding, bool(cfg.weight_block_2d) and operand == "w", bool(_get(cfg, f"quantize_{gemm}"))
+    return fmt, rounding, bool(cfg.weight_block_2d) and operand == "w", bool(cfg_get(cfg, f"quantize_{gemm}"))
 
 
 def operand_overrides(cfg) -> dict[str, dict]:
@@ -71,15 +71,15 @@ def operand_overrides(cfg) -> dict[str, dict]:
     operands = getattr(cfg, "operands", None)
     out = {}
     for name in OPERAND_NAMES if operands is not None else ():
-        setting = _get(operands, name)
-        keys = {k: _get(setting, k) for k in ("format", "rounding", "block_2d", "rht")}
+        setting = cfg_get(operands, name)
+        keys = {k: cfg_get(setting, k) for k in ("format", "rounding", "block_2d", "rht")}
         keys = {k: v for k, v in keys.items() if v is not None}
         if keys:
             out[name] = keys
     return out
 
 
-def _wgrad_rht(cfg, overrides: dict) -> dict[str, bool]:
+def wgrad_rht(cfg, overrides: dict) -> dict[str, bool]:
     return {n: bool(overrides.get(n, {}).get("rht", cfg.rht)) for n in ("wgrad_dy", "wgrad_x")}
 
 
@@ -110,7 +110,7 @@ class PrecisionRecipe:
             block_2d = bool(o.get("block_2d", block_2d)) and fmt in BLOCK_2D_FORMATS
             if fmt != "bf16":
                 ops[name] = Operand(fmt, rounding, block_2d)
-        rht = _wgrad_rht(cfg, overrides)["wgrad_dy"] and ("wgrad_dy" in ops or "wgrad_x" in ops)
+        rht = wgrad_rht(cfg, overrides)["wgrad_dy"] and ("wgrad_dy" in ops or "wgrad_x" in ops)
         return cls(**ops, rht=rht, rht_size=int(cfg.rht_size), rht_signs=cfg.rht_signs)
 
     @property
@@ -138,7 +138,7 @@ def bf16_layer_counts(cfg, num_layers: int) -> tuple[int, int]:
     b = cfg.bf16_layers
     out = []
     for end in ("first", "last"):
-        count, frac = int(_get(b, end, 0)), float(_get(b, f"{end}_fraction", 0.0) or 0.0)
+        count, frac = int(cfg_get(b, end, 0)), float(cfg_get(b, f"{end}_fraction", 0.0) or 0.0)
         out.append(count if not frac else int(frac * num_layers + 0.5))
     return out[0], out[1]
 
@@ -163,7 +163,7 @@ def _validate_operands(cfg) -> None:
                 "the RHT belongs to the wgrad GEMM (along tokens); set operands.wgrad_dy.rht and "
                 "operands.wgrad_x.rht, or precision.rht",
             )
-    rht = _wgrad_rht(cfg, overrides)
+    rht = wgrad_rht(cfg, overrides)
     if rht["wgrad_dy"] != rht["wgrad_x"]:
         raise ConfigError(
             "precision.operands.wgrad_x.rht",
@@ -185,7 +185,7 @@ def _validate_operands(cfg) -> None:
 def _validate_bf16_layers(cfg, num_layers: int | None) -> None:
     b = cfg.bf16_layers
     for end in ("first", "last"):
-        count, frac = _get(b, end, 0), float(_get(b, f"{end}_fraction", 0.0) or 0.0)
+        count, frac = cfg_get(b, end, 0), float(cfg_get(b, f"{end}_fraction", 0.0) or 0.0)
         if count < 0:
             raise ConfigError(f"precision.bf16_layers.{end}", count, "must be >= 0")
         if not 0.0 <= frac < 1.0:
@@ -202,9 +202,9 @@ def _validate_bf16_layers(cfg, num_layers: int | None) -> None:
     first, last = bf16_layer_counts(cfg, num_layers)
     if first + last >= num_layers:
         fractions = "".join(
-            f" ({end}_fraction={_get(b, f'{end}_fraction')} -> {n})"
+            f" ({end}_fraction={cfg_get(b, f'{end}_fraction')} -> {n})"
             for end, n in (("first", first), ("last", last))
-            if _get(b, f"{end}_fraction")
+            if cfg_get(b, f"{end}_fraction")
         )
         raise ConfigError(
             "precision.bf16_layers",
@@ -258,7 +258,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
                 "pick a quantized precision, e.g. precision=fp8_cs",
                 [n for n in PRECISION_NAMES if n != "bf16"],
             )
-        if cfg.qaf.trigger != "off" or cfg.monitor.enabled or len(_get(cfg, "schedule") or []):
+        if cfg.qaf.trigger != "off" or cfg.monitor.enabled or len(cfg_get(cfg, "schedule") or []):
             raise ConfigError(
                 "precision.name",
                 "bf16",

@@ -388,3 +388,35 @@ def test_native_te_runs_backward_override_and_bf16_phases_and_refuses_the_rest()
     frac = load("nvfp4", **{"bf16_layers.last": 0, "bf16_layers.last_fraction": 0.125})
     kw, _ = settings.precision_settings(frac, blackwell, 32)
     assert (kw["num_layers_at_start_in_bf16"], kw["num_layers_at_end_in_bf16"]) == (0, 4)
+
+
+def test_a_qaf_phase_is_bit_exact_with_the_qaf_mode_on_the_torch_engine():
+    """set_recipe (a phase) reaches every QuantLinear; a QAF phase computes what the QAF flag computes."""
+    from llmtrain.models.llama import causal_lm_loss
+    from llmtrain.precision import set_qaf, set_recipe
+    from llmtrain.precision.phases import QAF_CHANGES, apply_changes
+
+    cfg = load("nvfp4", **{"bf16_layers.last": 0})
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, SPEC.vocab_size, (2, SPEC.seq_length + 1), generator=g)
+
+    def grads(m):
+        m.zero_grad()
+        causal_lm_loss(m(tokens[:, :-1]), tokens[:, 1:], torch.ones(2, SPEC.seq_length)).backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    models = []
+    for _ in range(3):
+        m = LlamaModel(SPEC)
+        m.init_weights(torch.Generator().manual_seed(1))
+        convert_model(m, cfg, seed=2)
+        models.append(m)
+    base = PrecisionRecipe.from_config(cfg)
+    qaf = apply_changes(base, QAF_CHANGES)
+    assert base.rht and not qaf.rht  # no transform left once neither wgrad operand is quantized
+    set_qaf(models[0], True)
+    set_recipe(models[1], qaf)
+    assert all(layer.recipe == qaf for layer in quantized_layers(models[1]).values())
+    flag, phase, quantized = grads(models[0]), grads(models[1]), grads(models[2])
+    assert all(torch.equal(a, b) for a, b in zip(flag, phase))
+    assert not all(torch.equal(a, b) for a, b in zip(phase, quantized))
