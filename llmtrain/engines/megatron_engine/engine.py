@@ -127,6 +127,7 @@ class MegatronEngine(Engine):
         self.emulated = settings.resolve_backend(cfg.precision, capability)[0] == "custom"
         self.base_recipe = precision.PrecisionRecipe.from_config(cfg.precision)
         self.native_quant = {k: precision_kwargs.get(k) for k in ("fp8", "fp4")}  # for phases turning it off
+        _NativeBackward.mode = None  # the base recipe's backward, whatever an earlier engine left
         if not self.emulated and cfg.precision.name != "bf16":
             settings.require_native_phases(cfg.precision, _te_backward_override_available())
         if self.emulated:  # our quantizers inside TE: the factory reads this recipe
