@@ -110,7 +110,7 @@ class FakeQuantizer(IdentityQuantizer):
         data = tensor.detach()
         op = self.operand
         if (self.backward and STATE.qaf) or not op.quantized:
-            return data  # monitor's QAF pass, or an operand this phase leaves in high precision
+            return super()._maybe_cast(tensor)  # the monitor's QAF pass, or an operand left in high precision
         x2 = data.reshape(-1, data.shape[-1])
         if self.rht and x2.shape[0] % 16:
             raise ValueError(
