@@ -202,7 +202,12 @@ def _check_phase_alone(phase: Phase, prec) -> None:
             raise ConfigError(
                 f"{key}.steps",
                 phase.steps,
-                "an appended phase needs exactly one budget: steps, tokens or fraction",
+                "an appended phase needs exactly one budget: steps, tokens or fraction"
+                + (
+                    f" (set: {', '.join(budgets)}); set the others to 0, e.g. {key}.{budgets[-1]}=0"
+                    if budgets
+                    else f"; e.g. {key}.steps=100"
+                ),
             )
         if phase.steps < 0 or phase.tokens < 0 or not 0.0 <= phase.fraction < 1.0:
             raise ConfigError(f"{key}.{budgets[0]}", getattr(phase, budgets[0]), "must be > 0 (fraction < 1)")
