@@ -19,7 +19,11 @@ def make_config(
 
     cfg = OmegaConf.structured(Config)
     for group, name in (("model", model), ("precision", precision), ("parallel", parallel)):
-        cfg[group] = OmegaConf.merge(cfg[group], OmegaConf.load(CONFIG_ROOT / group / f"{name}.yaml"))
+        raw = OmegaConf.load(CONFIG_ROOT / group / f"{name}.yaml")
+        # A variant (e.g. precision=variant/fp8_cs_all_layers) names its base in `defaults`, as Hydra reads it.
+        for parent in [d for d in raw.pop("defaults", []) if d != "_self_"]:
+            cfg[group] = OmegaConf.merge(cfg[group], OmegaConf.load(CONFIG_ROOT / group / f"{parent}.yaml"))
+        cfg[group] = OmegaConf.merge(cfg[group], raw)
     cfg.engine.name = "megatron"
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
