@@ -17,6 +17,17 @@ the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding
 small against the formats' own steps. The RHT is applied to both wgrad operands along the token axis,
 which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
 
+Weights are quantized once per optimizer step, not per micro-batch, by TE itself: Megatron-Core passes
+`is_first_microbatch` to TE's linears, and TE then keeps the weight's quantized workspace (our
+HybridQuantizer's output) in `module._fp8_workspaces["weight"]` and refreshes it only on the first
+micro-batch of each forward-backward call (`quantize_weight(update_workspace=is_first_microbatch)`, via
+`update_quantized`, which here writes the fake-quantized values straight into the cached buffer). Keying a
+cache of our own on `param._version` would not work on this engine: the distributed optimizer writes new
+weights through `.data` views of its parameter buffer, which bump no parameter's version counter.
+A stochastically rounded weight (sr_operands=all) is thus drawn once per forward-backward call, as TE does
+for any weight quantizer. `STATE.quantize_calls` counts quantizations per (tensor role, direction), so a
+test and the profiler can see it.
+
 QAF: while `STATE.qaf` is set, the backward directions (column-wise input and weight, both grad_output
 directions) pass through in high precision, the forward (row-wise input and weight) stays quantized.
 
@@ -26,6 +37,7 @@ the run's PrecisionRecipe before building the model. Imported only on a CUDA mac
 """
 
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +60,7 @@ class EmulationState:
     step: int = 0
     calls: int = 0  # quantize calls with stochastic rounding in this step (seeds stay reproducible)
     rht_signs: torch.Tensor = field(default_factory=lambda: torch.tensor(TE_SIGNS))
+    quantize_calls: Counter = field(default_factory=Counter)  # (role, "rowwise"|"columnwise") -> calls
 
     def next_seed(self) -> int:
         self.calls += 1
@@ -80,20 +93,38 @@ def set_qaf(active: bool) -> None:
 class FakeQuantizer(IdentityQuantizer):
     """One GEMM direction of one tensor: holds fake_quantize_2d(tensor) in the tensor's dtype."""
 
-    def __init__(self, operand: Operand, axis: int, *, rht: bool = False, backward: bool = False):
+    def __init__(
+        self, operand: Operand, axis: int, *, rht: bool = False, backward: bool = False, role: str = ""
+    ):
         super().__init__()
-        self.operand, self.axis, self.rht, self.backward = operand, axis, rht, backward
+        self.operand, self.axis, self.rht, self.backward, self.role = operand, axis, rht, backward, role
 
     def copy(self) -> "FakeQuantizer":
-        q = FakeQuantizer(self.operand, self.axis, rht=self.rht, backward=self.backward)
+        q = FakeQuantizer(self.operand, self.axis, rht=self.rht, backward=self.backward, role=self.role)
         q.rowwise_usage, q.columnwise_usage = self.rowwise_usage, self.columnwise_usage
         q.internal, q.optimize_for_gemm = self.internal, self.optimize_for_gemm
         return q
 
-    def _maybe_cast(self, tensor: torch.Tensor) -> torch.Tensor:
+    def update_quantized(self, src, dst, *, noop_flag=None):
+        """Refresh TE's cached weight workspace: fake-quantize into its buffer, no temporary + copy."""
+        hp = getattr(dst, "_hp_data", None)
+        if (
+            noop_flag is None
+            and hp is not None
+            and hp.is_contiguous()
+            and src.is_contiguous()
+            and (hp.shape, hp.dtype, hp.device) == (src.shape, src.dtype, src.device)
+            and not (self.backward and STATE.qaf)
+        ):
+            self._maybe_cast(src, into=hp)
+            return dst
+        return super().update_quantized(src, dst, noop_flag=noop_flag)
+
+    def _maybe_cast(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         data = tensor.detach()
         if self.backward and STATE.qaf:
             return data  # QAF: backward operands in high precision
+        STATE.quantize_calls[(self.role, "columnwise" if self.axis == 0 else "rowwise")] += 1
         x2 = data.reshape(-1, data.shape[-1])
         if self.rht and x2.shape[0] % 16:
             raise ValueError(
@@ -111,14 +142,15 @@ class FakeQuantizer(IdentityQuantizer):
             rht_signs=STATE.rht_signs if self.rht else None,
             seed=seed,
             out_dtype=data.dtype,
+            out=None if into is None else into.view(x2.shape),
         )
         return out.view(data.shape)
 
 
-def _direction(operand: Operand, axis: int, *, rht: bool = False, backward: bool = False):
+def _direction(operand: Operand, axis: int, *, rht: bool = False, backward: bool = False, role: str = ""):
     if not operand.quantized:
         return IdentityQuantizer()
-    return FakeQuantizer(operand, axis, rht=rht, backward=backward)
+    return FakeQuantizer(operand, axis, rht=rht, backward=backward, role=role)
 
 
 def qfactory(role):
@@ -132,11 +164,15 @@ def qfactory(role):
         )
     if not linear or tensor_type not in ("input", "weight", "grad_output"):
         return IdentityQuantizer()
-    if tensor_type == "input":
-        row, col = _direction(r.fprop_x, 1), _direction(r.wgrad_x, 0, rht=r.rht, backward=True)
-    elif tensor_type == "weight":
-        row, col = _direction(r.fprop_w, 1), _direction(r.dgrad_w, 0, backward=True)
+    t = tensor_type
+    if t == "input":
+        row, col = (
+            _direction(r.fprop_x, 1, role=t),
+            _direction(r.wgrad_x, 0, rht=r.rht, backward=True, role=t),
+        )
+    elif t == "weight":
+        row, col = _direction(r.fprop_w, 1, role=t), _direction(r.dgrad_w, 0, backward=True, role=t)
     else:
-        row = _direction(r.dgrad_dy, 1, backward=True)
-        col = _direction(r.wgrad_dy, 0, rht=r.rht, backward=True)
+        row = _direction(r.dgrad_dy, 1, backward=True, role=t)
+        col = _direction(r.wgrad_dy, 0, rht=r.rht, backward=True, role=t)
     return HybridQuantizer(rowwise_quantizer=row, columnwise_quantizer=col)
