@@ -6,6 +6,11 @@ none of llmtrain's code, so the benchmark compares llmtrain's engine against wha
 Single GPU; mock data (random tokens), labelled so in the results.
 
     python scripts/bench_bare_megatron.py --precision fp8_cs --layers 4 --steps 10
+    python scripts/bench_bare_megatron.py --precision fp8_cs --layers 16 --hidden 2048 --ffn 8192 \
+        --kv-channels 64 --tie --seq 1024 --mbs 4 --mb 4 --profile     # the 1B model, + one profiled step
+
+`--profile` adds one step under torch.profiler, grouped by scripts/profile_step.py (measurement tooling,
+shared with scripts/bench.py so both loops are profiled alike).
 """
 
 import argparse
@@ -47,11 +52,11 @@ def build(args):
     grad_accum_fusion = bool(getattr(layers, "_grad_accum_fusion_available", False))
     config = TransformerConfig(
         num_layers=args.layers,
-        hidden_size=4096,
-        ffn_hidden_size=14336,
-        num_attention_heads=32,
-        num_query_groups=8,
-        kv_channels=128,
+        hidden_size=args.hidden,
+        ffn_hidden_size=args.ffn,
+        num_attention_heads=args.heads,
+        num_query_groups=args.groups,
+        kv_channels=args.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=1e-5,
         gated_linear_unit=True,
@@ -78,7 +83,7 @@ def build(args):
         max_sequence_length=args.seq,
         position_embedding_type="rope",
         rotary_base=500000,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=args.tie,
     ).cuda()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -128,8 +133,10 @@ def run(args) -> dict:
     model, optimizer, grad_accum_fusion = build(args)
     gen = torch.Generator().manual_seed(0)
     data = [
-        (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.ones(1, args.seq))
-        for tokens in (torch.randint(0, args.vocab, (1, args.seq + 1), generator=gen) for _ in range(args.mb))
+        (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.ones(args.mbs, args.seq))
+        for tokens in (
+            torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=gen) for _ in range(args.mb)
+        )
     ]
     fb = get_forward_backward_func()
 
@@ -142,7 +149,7 @@ def run(args) -> dict:
             model=[model],
             num_microbatches=args.mb,
             seq_length=args.seq,
-            micro_batch_size=1,
+            micro_batch_size=args.mbs,
             forward_only=False,
         )
         optimizer.step()
@@ -157,27 +164,41 @@ def run(args) -> dict:
     losses = [step() for _ in range(args.steps)]
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    return {
+    out = {
         "impl": "bare-megatron-core",
         "grad_accum_fusion": grad_accum_fusion,
         "precision": args.precision,
         "step_time_s": elapsed / args.steps,
-        "tokens_per_step": args.mb * args.seq,
+        "tokens_per_step": args.mb * args.mbs * args.seq,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "last_loss": losses[-1],
         "data": "mock (random tokens)",
     }
+    if args.profile:
+        from profile_step import profile_one_step  # scripts/ is on sys.path when run as a script
+
+        out["profile"] = profile_one_step(step, optimizer, args.trace or None)
+    return out
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8_cs"])
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--groups", type=int, default=8, help="query groups (GQA)")
+    p.add_argument("--kv-channels", type=int, default=128)
+    p.add_argument("--tie", action="store_true", help="share embedding and output weights")
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--mb", type=int, default=8, help="micro-batches (MBS 1) per optimizer step")
+    p.add_argument("--mbs", type=int, default=1, help="micro-batch size (sequences)")
+    p.add_argument("--mb", type=int, default=8, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="profile one more step (kernel time by kind)")
+    p.add_argument("--trace", default="", help="with --profile: also write the gzipped Chrome trace here")
     return p.parse_args(argv)
 
 

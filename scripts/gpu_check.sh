@@ -3,7 +3,8 @@
 # (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh tests          # kernels natively, then pytest -m gpu tests/gpu
-#   OUT=gpu-results bash scripts/gpu_check.sh bench train1b  # proxy benchmark; 1B bf16 vs nvfp4 on real data
+#   OUT=gpu-results bash scripts/gpu_check.sh cache bench    # weight-cache test; 8B proxy + 1B benchmark (<= 9 min)
+#   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
 #
 # Every stage has its own time limit, so one that hangs or fails leaves the others their time.
 set -uo pipefail
@@ -28,10 +29,20 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
 }
 
 stage_bench() {
-  timeout "${BENCH_TIMEOUT:-330}" $py scripts/bench.py --precisions bf16,fp8_cs,mxfp8,nvfp4 --kernels \
-    --mb "${BENCH_MB:-4}" --steps "${BENCH_STEPS:-5}" --warmup 2 --out "$out/bench.json" --md "$out/bench.md" \
-    >"$out/bench.log" 2>&1
+  # Both sizes, all four precisions, each next to the bare Megatron-Core loop (bf16, fp8_cs), one profiled
+  # step per cell (traces kept for the 1B model), the quantize kernels' bandwidth. Results are written after
+  # every cell; render them with: python scripts/bench.py --render "$out/bench.json"
+  timeout "${BENCH_TIMEOUT:-450}" $py scripts/bench.py --model 1b,proxy8b --precisions bf16,fp8_cs,mxfp8,nvfp4 \
+    --profile --traces "$out/traces" --trace-models 1b --kernels --steps "${BENCH_STEPS:-4}" --warmup 2 \
+    --cell-timeout 110 --out "$out/bench.json" --md "$out/bench.md" >"$out/bench.log" 2>&1
   echo "bench: rc=$?" >>"$out/bench.log"
+}
+
+stage_cache() {
+  # Emulated MXFP8/NVFP4 on the Megatron engine quantize each weight once per optimizer step.
+  timeout "${CACHE_TIMEOUT:-80}" $py -m pytest -m gpu -q -rA -s tests/gpu/test_megatron_weight_cache.py \
+    >"$out/weight_cache.log" 2>&1
+  echo "weight cache test: rc=$?" >>"$out/weight_cache.log"
 }
 
 stage_train1b() {

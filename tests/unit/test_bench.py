@@ -1,0 +1,171 @@
+"""scripts/bench.py and scripts/profile_step.py without a GPU: arguments, the cells and the commands each
+runs (both loops see the same model), the markdown tables, and the profiler's kernel grouping."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench")
+profile_step = _load("profile_step")
+bare = _load("bench_bare_megatron")
+
+
+def test_models_and_cells_in_run_order():
+    args = bench.parse(["--model", "1b,proxy8b", "--precisions", "bf16,fp8_cs,nvfp4"])
+    assert bench.cells(args) == [
+        ("1b", "bf16", "llmtrain"), ("1b", "bf16", "bare"), ("1b", "fp8_cs", "llmtrain"),
+        ("1b", "fp8_cs", "bare"), ("1b", "nvfp4", "llmtrain"),
+        ("proxy8b", "bf16", "llmtrain"), ("proxy8b", "bf16", "bare"), ("proxy8b", "fp8_cs", "llmtrain"),
+        ("proxy8b", "fp8_cs", "bare"), ("proxy8b", "nvfp4", "llmtrain"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv", [["--model", "8b"], ["--model", "1b,70b"], ["--impls", "native"]])
+def test_unknown_choice_is_one_error_line(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.parse(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "allowed values are" in err
+
+
+def test_bare_loop_and_llmtrain_get_the_same_model():
+    args = bench.parse(["--model", "proxy8b,1b", "--profile", "--traces", "/tmp/t", "--trace-models", "1b"])
+    b = bare.parse(bench.cell_command("bare", "1b", "fp8_cs", args)[2:])
+    assert (b.layers, b.hidden, b.ffn, b.heads, b.groups, b.kv_channels) == (16, 2048, 8192, 32, 8, 64)
+    assert (b.tie, b.vocab, b.seq, b.mbs, b.mb, b.precision, b.profile) == (
+        True,
+        128256,
+        1024,
+        4,
+        4,
+        "fp8_cs",
+        True,
+    )
+    assert b.trace.endswith("1b_fp8_cs_bare.json.gz")
+    b8 = bare.parse(bench.cell_command("bare", "proxy8b", "bf16", args)[2:])
+    assert (b8.layers, b8.hidden, b8.ffn, b8.kv_channels, b8.tie, b8.seq, b8.mbs, b8.mb) == (
+        4, 4096, 14336, 128, False, 8192, 1, 4)  # fmt: skip
+    assert b8.trace == ""  # traces only for --trace-models
+    worker = bench.parse(bench.cell_command("llmtrain", "1b", "nvfp4", args)[2:])
+    assert worker.worker and worker.model == "1b" and worker.precision == "nvfp4"
+    assert bench.shape_of(worker, "1b") == bench.shape_of(args, "1b")
+    cfg = bench.make_cfg("1b", bench.shape_of(worker, "1b"), "nvfp4")
+    assert (cfg.model.num_layers, cfg.model.seq_length, cfg.train.micro_batch_size) == (16, 1024, 4)
+    assert cfg.train.global_batch_size == 16 and cfg.precision.bf16_layers.last == 0
+
+
+def _row(model, precision, impl, step, **kw):
+    r = {"model": model, "precision": precision, "impl": impl, "step_time_s": step, "tokens_per_step": 16384,
+         "peak_mem_gib": 20.0, **kw}  # fmt: skip
+    return bench.add_metrics(r, 1e10, 989.0)
+
+
+def _meta():
+    return {
+        "gpu": "NVIDIA H200",
+        "peak_tflops": 989.0,
+        "timing": "5 timed steps after 2 warm-up",
+        "models": {"1b": {"description": "llama3_1b", "flops_per_token": 1e10, "params": 1}},
+        "nominal_hbm_gb_per_s": 4800.0,
+        "kernels": {"tensor": "8192x4096 bf16", "copy_gb_per_s": 3600.0, "rows": [
+            {"kernel": "mxfp8+rowwise", "ms": 0.05, "gb_per_s": 2520.0, "fraction_of_copy_bw": 0.7}]},
+    }  # fmt: skip
+
+
+def test_markdown_table_ratios_and_errors():
+    rows = [
+        _row("1b", "bf16", "llmtrain-megatron", 0.40),
+        _row("1b", "bf16", "bare-megatron-core", 0.38),
+        _row("1b", "fp8_cs", "llmtrain-megatron", 0.50),
+        {"model": "1b", "precision": "nvfp4", "impl": "llmtrain-megatron", "error": "rc=1: boom"},
+    ]
+    md = bench.markdown(rows, _meta())
+    lines = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in md.splitlines()
+             if ln.startswith("| ") and "---" not in ln}  # fmt: skip
+    assert "1.053x time" in lines["bf16/llmtrain-megatron"]  # 0.40 / 0.38 vs bare
+    assert "1.25x time" in lines["fp8_cs/llmtrain-megatron"]  # 0.50 / 0.40 vs BF16, same implementation
+    assert "40,960" in lines["bf16/llmtrain-megatron"]  # 16384 tokens / 0.4 s
+    assert "failed" in lines["nvfp4/llmtrain-megatron"] and "boom" in lines["nvfp4/llmtrain-megatron"]
+    assert "| mxfp8+rowwise | 50 | 2,520 | 70% | 52% |" in md
+
+
+def test_render_reads_the_results_file(tmp_path, capsys):
+    rows = [_row("1b", "bf16", "llmtrain-megatron", 0.4, profile=profile_step.group_trace(_trace()) | {
+        "wall_ms_profiled": 1.0})]  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": _meta(), "results": rows}))
+    bench.main(["--render", str(path)])
+    out = capsys.readouterr().out
+    assert out == bench.markdown(rows, _meta())
+    assert "| 1b | bf16 | llmtrain-megatron | 1.0 |" in out  # the profile table
+
+
+KERNELS = {
+    "void transformer_engine::(anonymous namespace)::amax_kernel<8, __nv_bfloat16>(...)": "amax",
+    "_amax_kernel": "amax",
+    "_fake_quant_kernel": "quantize",
+    "void transformer_engine::detail::cast_transpose_general_kernel<...>": "quantize",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "gemm",
+    "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT": "gemm",
+    "void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, cutlass::bfloat16_t>>": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1": "attention",
+    "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>": "cast",
+    "void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float, float, long>>": "optimizer",
+    "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
+    "void transformer_engine::normalization::rmsnorm_fwd_tuned_kernel<...broadcast...>": "other",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name,category", list(KERNELS.items()))
+def test_classify_kernel_names(name, category):
+    assert profile_step.classify(name) == category
+
+
+def _trace():
+    def k(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    return {"traceEvents": [
+        k("Memcpy HtoD (Pageable -> Device)", 0, 10, "gpu_memcpy"),
+        k("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn", 10, 100),
+        k("_fake_quant_kernel", 105, 20),  # overlaps the GEMM on another stream: 110..125 counted once
+        k("_amax_kernel", 130, 5),
+        k("rmsnorm_fwd", 135, 5),
+        {"ph": "X", "cat": "gpu_user_annotation", "name": profile_step.OPTIMIZER_MARK, "ts": 200, "dur": 50},
+        k("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>", 210, 10),  # in the optimizer
+        k("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>", 300, 4),  # a cast
+        k("Memset (Device)", 310, 2, "gpu_memset"),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 999},  # host side: ignored
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0},
+    ]}  # fmt: skip
+
+
+def test_group_trace_sums_per_category_and_marks_the_optimizer():
+    g = profile_step.group_trace(_trace())
+    ms = {c: v["ms"] for c, v in g["categories"].items()}
+    assert ms == pytest.approx({"quantize": 0.020, "amax": 0.005, "gemm": 0.100, "attention": 0.0, "cast": 0.004,
+                                "optimizer": 0.010, "communication": 0.0, "data": 0.010, "other": 0.007})  # fmt: skip
+    assert g["kernel_ms"] == pytest.approx(0.156)
+    assert g["busy_ms"] == pytest.approx((125 + 10 + 10 + 4 + 2) / 1e3)  # 0..125, 130..140, then 3 alone
+    assert sum(v["share"] for v in g["categories"].values()) == pytest.approx(1.0)
+    assert g["optimizer_marked"] and g["top_kernels"][0]["category"] == "gemm"
+    # Without the annotation the copy inside the optimizer step counts as a cast.
+    plain = profile_step.group_trace(
+        [e for e in _trace()["traceEvents"] if e["cat"] != "gpu_user_annotation"]
+    )
+    assert plain["categories"]["cast"]["ms"] == pytest.approx(0.014) and not plain["optimizer_marked"]
