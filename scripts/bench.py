@@ -401,6 +401,7 @@ def main(argv=None):
         try:
             krows, kmeta = kernel_bench()
             meta["kernels"] = {**kmeta, "rows": krows}
+            torch.cuda.empty_cache()  # the cells run in their own processes: leave them the memory
         except Exception as e:  # report it, still run the cells
             meta["kernels_error"] = f"{type(e).__name__}: {e}"
         save()
