@@ -1,8 +1,9 @@
 """QuantLinear: y = x W^T with the operands of all three GEMMs quantized as a PrecisionRecipe says.
 
 Emulation: operands are quantized to their formats (codes x block scales, exact in BF16), the GEMM runs
-in the activation dtype (FP32 on CPU, BF16 under CUDA autocast) and per-tensor scales are applied to the
-FP32 output, as tensor cores do. Master weights, their gradients and the optimizer state stay FP32.
+in the activation dtype (FP32 on CPU, BF16 under CUDA autocast) with FP32 accumulation, and per-tensor
+scales are applied to the FP32 result before its one rounding to the activation dtype, as TE's native
+GEMMs do. Master weights, their gradients and the optimizer state stay FP32.
 
 In QAF mode (`qaf=True`) the forward stays quantized and dgrad/wgrad run in high precision on the
 original x and W. The mode is read when backward runs, so the monitor can re-run only the backward.
@@ -114,13 +115,33 @@ def _weight_operand(weight: torch.Tensor, op: Operand, layer: QuantLinear, trans
 
 
 def _gemm(a: Parts, b: Parts, dtype: torch.dtype) -> torch.Tensor:
-    """(a.values @ b.values^T) * a.factor * b.factor: [m, k] x [n, k] -> [m, n]."""
-    y = a.values.to(dtype) @ b.values.to(dtype).t()
+    """(a.values @ b.values^T) * a.factor * b.factor: [m, k] x [n, k] -> [m, n], rounded to `dtype` once.
+
+    As TE's native FP8/NVFP4 GEMMs: the exact operands (codes x block scales) are accumulated in FP32, the
+    per-tensor factors scale the FP32 result, and only then is it rounded to the output dtype.
+    """
     factor = None
     for f in (a.factor, b.factor):
         if f is not None:
             factor = f if factor is None else factor * f
-    return y if factor is None else (y.float() * factor).to(dtype)
+    if factor is None:
+        return a.values.to(dtype) @ b.values.to(dtype).t()
+    return (_fp32_gemm(a.values.to(dtype), b.values.to(dtype).t()) * factor).to(dtype)
+
+
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=float32) available for this build/device
+
+
+def _fp32_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in FP32 (a BF16 GEMM would round its output before the factor)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[0] = False
+    return a.float() @ b.float()  # exact: the operands are exact in their dtype
 
 
 class _QuantLinearFn(torch.autograd.Function):

@@ -13,8 +13,9 @@ the axis its GEMM reduces over:
 TE then runs plain BF16 cuBLAS GEMMs on those values (its general_gemm unwraps hybrid/identity tensors),
 so gradient accumulation fusion, TP/SP communication and FP32 main grads work unchanged. The emulated
 GEMM therefore sees BF16 operands: exact for MXFP8 and for an NVFP4 element times its E4M3 block scale;
-the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding (<= 2**-9 relative),
-small against the formats' own steps. The RHT is applied to both wgrad operands along the token axis,
+the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding per element (<= 2**-9
+relative; about half of the BF16 GEMM outputs then differ from TE's native GEMM by an ulp or more, see
+docs/precision.md), small against the formats' own steps. The RHT is applied to both wgrad operands along the token axis,
 which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
 
 Weights are quantized once per optimizer step, not per micro-batch, by TE itself: Megatron-Core passes
