@@ -186,7 +186,10 @@ def cell_command(impl: str, model: str, precision: str, args) -> list[str]:
     common = ["--precision", precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.profile:
         common.append("--profile")
-        if args.traces and (not args.trace_models or model in args.trace_models.split(",")):
+        keep = (not args.trace_models or model in args.trace_models.split(",")) and (
+            not args.trace_precisions or precision in args.trace_precisions.split(",")
+        )
+        if args.traces and keep:
             common += ["--trace", str(Path(args.traces) / f"{model}_{precision}_{impl}.json.gz")]
     if impl == "llmtrain":
         shape = shape_of(args, model)
@@ -337,6 +340,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="profile one more step per cell")
     p.add_argument("--traces", default="", help="with --profile: keep gzipped Chrome traces in this folder")
     p.add_argument("--trace-models", default="", help="keep traces of these models only (default: all)")
+    p.add_argument(
+        "--trace-precisions", default="", help="keep traces of these precisions only (default: all)"
+    )
     p.add_argument("--parallel", default=PARALLEL, help="llmtrain's parallel config (the bare loop: fixed)")
     p.add_argument("--kernels", action="store_true", help="also time the Triton quantize kernels")
     p.add_argument("--cell-timeout", type=float, default=150.0, help="seconds per (model, precision, impl)")

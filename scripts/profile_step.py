@@ -156,20 +156,45 @@ def profile_one_step(run_step, optimizer, trace_path: str | None = None) -> dict
 
 
 def markdown(rows: list[dict]) -> str:
-    """One line per (model, precision, implementation): ms per category and share of kernel time."""
-    head = (
-        "| model | precision | implementation | wall (ms) | GPU busy (ms) | " + " | ".join(CATEGORIES) + " |"
+    """Per (model, precision, implementation): ms per category (share of kernel time), then, per model and
+    implementation, each precision's difference to BF16 by category: where a slower step loses its time."""
+    head = "| model | precision | implementation | step (ms) | GPU busy (ms) | idle (ms) | " + " | ".join(
+        CATEGORIES
     )
-    out = [head, "| " + " | ".join(["---"] * (6 + len(CATEGORIES))) + " |"]
-    for r in rows:
-        p = r.get("profile")
-        if not p:
-            continue
+    out = [head + " |", "| " + " | ".join(["---"] * (6 + len(CATEGORIES))) + " |"]
+    prof = [r for r in rows if r.get("profile")]
+    for r in prof:
+        p = r["profile"]
+        step = r.get("step_time_s", p["wall_ms_profiled"] / 1e3) * 1e3  # timed without the profiler
         cells = [f"{p['categories'][c]['ms']:.1f} ({p['categories'][c]['share']:.0%})" for c in CATEGORIES]
         out.append(
-            f"| {r.get('model', '')} | {r['precision']} | {r['impl']} | {p['wall_ms_profiled']:.1f} | "
-            f"{p['busy_ms']:.1f} | " + " | ".join(cells) + " |"
+            f"| {r.get('model', '')} | {r['precision']} | {r['impl']} | {step:.1f} | {p['busy_ms']:.1f} | "
+            f"{step - p['busy_ms']:.1f} | " + " | ".join(cells) + " |"
         )
+    base = {(r.get("model"), r["impl"]): r for r in prof if r["precision"] == "bf16"}
+    deltas = []
+    for r in prof:
+        b = base.get((r.get("model"), r["impl"]))
+        if b is None or b is r:
+            continue
+        p, q = r["profile"], b["profile"]
+        cells = [f"{p['categories'][c]['ms'] - q['categories'][c]['ms']:+.1f}" for c in CATEGORIES]
+        step = (r.get("step_time_s", 0.0) - b.get("step_time_s", 0.0)) * 1e3
+        deltas.append(
+            f"| {r.get('model', '')} | {r['precision']} - bf16 | {r['impl']} | {step:+.1f} | "
+            f"{p['busy_ms'] - q['busy_ms']:+.1f} | {step - (p['busy_ms'] - q['busy_ms']):+.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    if deltas:
+        out += [
+            "",
+            "Difference to BF16 (ms per step, same model and implementation):",
+            "",
+            out[0],
+            out[1],
+            *deltas,
+        ]
     return "\n".join(out) + "\n"
 
 

@@ -104,14 +104,23 @@ def test_markdown_table_ratios_and_errors():
 
 
 def test_render_reads_the_results_file(tmp_path, capsys):
-    rows = [_row("1b", "bf16", "llmtrain-megatron", 0.4, profile=profile_step.group_trace(_trace()) | {
-        "wall_ms_profiled": 1.0})]  # fmt: skip
+    prof = profile_step.group_trace(_trace()) | {"wall_ms_profiled": 1.0}
+    slower = json.loads(json.dumps(prof))
+    slower["categories"]["amax"]["ms"] += 2.0
+    slower["busy_ms"] += 2.0
+    rows = [
+        _row("1b", "bf16", "llmtrain-megatron", 0.4, profile=prof),
+        _row("1b", "fp8_cs", "llmtrain-megatron", 0.41, profile=slower),
+    ]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"meta": _meta(), "results": rows}))
     bench.main(["--render", str(path)])
     out = capsys.readouterr().out
     assert out == bench.markdown(rows, _meta())
-    assert "| 1b | bf16 | llmtrain-megatron | 1.0 |" in out  # the profile table
+    # step timed without the profiler (400 ms), GPU busy 0.151 ms, idle the rest; then the categories
+    assert "| 1b | bf16 | llmtrain-megatron | 400.0 | 0.2 | 399.8 | 0.0 (13%) | 0.0 (3%) | 0.1 (64%) |" in out
+    # the difference to BF16: +10 ms step, +2 ms busy (all of it amax), +8 ms idle
+    assert "| 1b | fp8_cs - bf16 | llmtrain-megatron | +10.0 | +2.0 | +8.0 | +0.0 | +2.0 | +0.0 |" in out
 
 
 KERNELS = {
