@@ -5,8 +5,9 @@ Models (`--model`, comma-separated, each next to the bare loop):
            4 micro-batches per step (32,768 tokens)
   1b       the llama3_1b debug model (Llama 3.2 1B shapes, 16 layers, tied embeddings), seq 1024, MBS 4,
            4 micro-batches per step (GBS 16, 16,384 tokens), as `recipe=llama3_1b` runs in docs/benchmarks.md
-Mock data (random tokens). Each (model, precision, implementation) runs in its own process, one after the
-other on the same GPU, with the distributed optimizer and overlapped communication (parallel=megatron_8b)
+Mock data (random tokens). Each (model, implementation) runs in its own process on the same GPU, its
+precisions one after the other (one engine at a time: imports and start-up are paid once per process), with
+the distributed optimizer and overlapped communication (parallel=megatron_8b)
 in both implementations. Reports tokens/s, model TFLOP/s per GPU (ModelSpec.flops_per_token:
 6*N_matmul + 12*L*H*S), MFU against the dense BF16 peak, peak memory, and each precision's step time
 relative to BF16. The bare loop exists for bf16 and fp8_cs (TE native); mxfp8/nvfp4 run natively on
@@ -21,7 +22,8 @@ keeps each profiled step's gzipped Chrome trace. `--kernels` adds the quantize k
     python scripts/bench.py --model proxy8b,1b --precisions bf16,fp8_cs,mxfp8,nvfp4 --profile --kernels
     python scripts/bench.py --render bench.json > bench.md     # the markdown tables from a results file
 
-Results are written after every cell (`--out`), so a run cut short keeps what it measured.
+Results are written after every process (`--out`); each precision's result reaches the parent as soon as
+it is measured, so a run cut short keeps what it measured.
 """
 
 import argparse
@@ -76,56 +78,82 @@ def make_cfg(model: str, shape: dict, precision: str = "bf16", parallel: str = P
     return make_config(MODELS[model]["config"], precision, parallel, overrides(shape, precision))
 
 
-def worker_llmtrain(args) -> dict:
-    """One process: llmtrain's MegatronEngine, timed over `steps` after `warmup`, then optionally profiled."""
+def llmtrain_cell(args, precision: str) -> dict:
+    """llmtrain's MegatronEngine at one precision, timed over `steps` after `warmup`, optionally profiled."""
     import torch
 
     from llmtrain.engines.base import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
-    from llmtrain.engines.megatron_engine.testing import mock_batches
+    from llmtrain.engines.megatron_engine.testing import dispose, mock_batches
 
     shape = shape_of(args, args.model)
-    cfg = make_cfg(args.model, shape, args.precision, args.parallel)
+    cfg = make_cfg(args.model, shape, precision, args.parallel)
+    torch.cuda.reset_peak_memory_stats()
     engine = MegatronEngine(cfg, DistInfo())
-    batches = mock_batches(shape["mb"], shape["mbs"], shape["seq"], cfg.model.vocab_size)
-    counter = [0]
+    try:
+        batches = mock_batches(shape["mb"], shape["mbs"], shape["seq"], cfg.model.vocab_size)
+        counter = [0]
 
-    def step():
-        counter[0] += 1
-        engine.begin_step(counter[0])
-        return engine.train_step(batches, lr=3e-4)
+        def step():
+            counter[0] += 1
+            engine.begin_step(counter[0])
+            return engine.train_step(batches, lr=3e-4)
 
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    results = [step() for _ in range(args.steps)]
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    out = {
-        "impl": "llmtrain-megatron",
-        "precision": args.precision,
-        "backend": engine.backend_description,
-        "step_time_s": elapsed / args.steps,
-        "tokens_per_step": shape["mb"] * shape["mbs"] * shape["seq"],
-        "peak_mem_gib": engine.memory_stats()["mem_gib"],
-        "last_loss": results[-1].loss,
-        "data": "mock (random tokens)",
-    }
-    if engine.emulated:  # quantizations per step by (role, direction): weights once per step
-        from llmtrain.precision import te_custom
-
-        te_custom.STATE.quantize_calls.clear()
-        step()
-        out["quantize_calls_per_step"] = {
-            f"{r}/{d}": n for (r, d), n in te_custom.STATE.quantize_calls.items()
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        results = [step() for _ in range(args.steps)]
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        out = {
+            "impl": "llmtrain-megatron",
+            "precision": precision,
+            "backend": engine.backend_description,
+            "step_time_s": elapsed / args.steps,
+            "tokens_per_step": shape["mb"] * shape["mbs"] * shape["seq"],
+            "peak_mem_gib": engine.memory_stats()["mem_gib"],
+            "last_loss": results[-1].loss,
+            "data": "mock (random tokens)",
         }
-    if args.profile:
-        from profile_step import profile_one_step  # scripts/ is on sys.path when run as a script
+        if engine.emulated:  # quantizations per step by (role, direction): weights once per step
+            from llmtrain.precision import te_custom
 
-        out["profile"] = profile_one_step(step, engine.optimizer, args.trace or None)
-    engine.close()
-    return out
+            te_custom.STATE.quantize_calls.clear()
+            step()
+            calls = te_custom.STATE.quantize_calls.items()
+            out["quantize_calls_per_step"] = {f"{role}/{d}": n for (role, d), n in calls}
+        if args.profile:
+            from profile_step import profile_one_step
+
+            out["profile"] = profile_one_step(
+                step, engine.optimizer, trace_path(args, args.model, precision, "llmtrain")
+            )
+        return out
+    finally:
+        dispose(engine)
+
+
+def trace_path(args, model: str, precision: str, impl: str) -> str | None:
+    """Where the profiled step's Chrome trace goes, if this cell's trace is kept (--traces and filters)."""
+    keep = (not args.trace_models or model in args.trace_models.split(",")) and (
+        not args.trace_precisions or precision in args.trace_precisions.split(",")
+    )
+    return str(Path(args.traces) / f"{model}_{precision}_{impl}.json.gz") if args.traces and keep else None
+
+
+def worker_llmtrain(args) -> None:
+    """One process per model: each precision in turn (one engine at a time), one result line each."""
+    for precision in args.precisions.split(","):
+        try:
+            r = llmtrain_cell(args, precision)
+        except Exception as e:  # the next precision still runs; the table shows this one failed
+            r = {
+                "impl": "llmtrain-megatron",
+                "precision": precision,
+                "error": f"{type(e).__name__}: {e}"[-2000:],
+            }
+        print("BENCH_RESULT " + json.dumps(r), flush=True)
 
 
 def kernel_bench() -> tuple[list[dict], dict]:
@@ -182,15 +210,14 @@ def bare_args(args, model: str) -> list[str]:
     ]  # fmt: skip
 
 
-def cell_command(impl: str, model: str, precision: str, args) -> list[str]:
-    common = ["--precision", precision, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+def group_command(impl: str, model: str, precisions: list[str], args) -> list[str]:
+    """The process that runs `precisions` one after the other for `model` in one implementation."""
+    common = ["--precisions", ",".join(precisions), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.profile:
         common.append("--profile")
-        keep = (not args.trace_models or model in args.trace_models.split(",")) and (
-            not args.trace_precisions or precision in args.trace_precisions.split(",")
-        )
-        if args.traces and keep:
-            common += ["--trace", str(Path(args.traces) / f"{model}_{precision}_{impl}.json.gz")]
+    if args.traces:
+        common += ["--traces", args.traces, "--trace-models", args.trace_models]
+        common += ["--trace-precisions", args.trace_precisions]
     if impl == "llmtrain":
         shape = shape_of(args, model)
         sizes = ["--mbs", str(shape["mbs"]), "--mb", str(shape["mb"]), "--seq", str(shape["seq"])]
@@ -207,36 +234,42 @@ def cell_command(impl: str, model: str, precision: str, args) -> list[str]:
             *sizes,
             *common,
         ]
-    return [
-        sys.executable,
-        str(ROOT / "scripts" / "bench_bare_megatron.py"),
-        *bare_args(args, model),
-        *common,
-    ]
+    bare = [sys.executable, str(ROOT / "scripts" / "bench_bare_megatron.py"), "--model-name", model]
+    return [*bare, *bare_args(args, model), *common]
 
 
-def run_cell(impl: str, model: str, precision: str, args) -> dict:
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
+def run_group(impl: str, model: str, precisions: list[str], args) -> list[dict]:
+    """One row per precision: its result line, or the error that kept it from one."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
     }
-    cmd = cell_command(impl, model, precision, args)
+    cmd = group_command(impl, model, precisions, args)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.cell_timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.group_timeout)
+        stdout, stderr, status = proc.stdout, proc.stderr, f"rc={proc.returncode}"
     except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return {"impl": impl, "model": model, "precision": precision,
-                "error": f"timed out after {args.cell_timeout}s: {tail[-1500:]}"}  # fmt: skip
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        return {
-            "impl": impl,
-            "model": model,
-            "precision": precision,
-            "error": f"rc={proc.returncode}: {tail}",
-        }
-    return {"model": model, **json.loads(lines[-1][len("BENCH_RESULT ") :])}
+        stdout, stderr, status = (
+            _text(e.stdout),
+            _text(e.stderr),
+            f"timed out after {args.group_timeout:.0f}s",
+        )
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            r = json.loads(line[len("BENCH_RESULT ") :])
+            results[r["precision"]] = r
+    tail = (stdout + stderr)[-2000:]
+    return [
+        {"model": model, **results[p]}
+        if p in results
+        else {"impl": impl, "model": model, "precision": p, "error": f"{status}: {tail}"}
+        for p in precisions
+    ]
 
 
 def add_metrics(r: dict, flops_per_token: float, peak: float) -> dict:
@@ -277,6 +310,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "| precision | implementation | step time (s) | tokens/s | model TFLOP/s/GPU | MFU | peak mem (GiB) | vs bare | vs BF16 |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        order = list(dict.fromkeys(r["precision"] for r in mrows))
+        mrows.sort(key=lambda r: order.index(r["precision"]))  # stable: llmtrain, then the bare loop
         bare = {
             r["precision"]: r for r in mrows if r.get("impl") == "bare-megatron-core" and "error" not in r
         }
@@ -304,6 +339,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "",
             profile_markdown(rows).rstrip("\n"),
         ]
+    calls = [r for r in rows if r.get("quantize_calls_per_step")]
+    if calls:
+        out += [
+            "",
+            "Emulated quantizations in one step (llmtrain's quantizers inside TE): a weight once per step, an "
+            "activation once per micro-batch.",
+            "",
+            "| model | precision | fprop W | dgrad W^T | fprop x | wgrad x | dgrad dy | wgrad dy |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        keys = ("weight/rowwise", "weight/columnwise", "input/rowwise", "input/columnwise",
+                "grad_output/rowwise", "grad_output/columnwise")  # fmt: skip
+        for r in calls:
+            c = r["quantize_calls_per_step"]
+            out.append(
+                f"| {r['model']} | {r['precision']} | " + " | ".join(str(c.get(k, 0)) for k in keys) + " |"
+            )
     if kernels := meta.get("kernels"):
         hbm = meta.get("nominal_hbm_gb_per_s")
         out += [
@@ -326,8 +378,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
-    p.add_argument("--trace", default="", help=argparse.SUPPRESS)
     p.add_argument("--model", default="proxy8b", help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--precisions", default="bf16,fp8_cs")
     p.add_argument("--impls", default="llmtrain,bare")
@@ -345,7 +395,7 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--parallel", default=PARALLEL, help="llmtrain's parallel config (the bare loop: fixed)")
     p.add_argument("--kernels", action="store_true", help="also time the Triton quantize kernels")
-    p.add_argument("--cell-timeout", type=float, default=150.0, help="seconds per (model, precision, impl)")
+    p.add_argument("--group-timeout", type=float, default=300.0, help="seconds per (model, implementation)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--md", default="bench.md")
     p.add_argument("--render", default="", help="print the markdown tables of this results JSON and exit")
@@ -359,15 +409,14 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def cells(args) -> list[tuple[str, str, str]]:
-    """(model, precision, impl) in run order: per model, per precision, llmtrain then the bare loop."""
+def groups(args) -> list[tuple[str, str, list[str]]]:
+    """(model, impl, precisions) in run order: per model, llmtrain's precisions, then the bare loop's."""
     out = []
     for model in args.model.split(","):
-        for precision in args.precisions.split(","):
-            for impl in args.impls.split(","):
-                if impl == "bare" and precision not in BARE_PRECISIONS:
-                    continue  # the bare loop runs TE's native recipes only
-                out.append((model, precision, impl))
+        for impl in args.impls.split(","):
+            precisions = [p for p in args.precisions.split(",") if impl != "bare" or p in BARE_PRECISIONS]
+            if precisions:  # the bare loop runs TE's native recipes only
+                out.append((model, impl, precisions))
     return out
 
 
@@ -378,7 +427,7 @@ def main(argv=None):
         print(markdown(data["results"], data["meta"]), end="")
         return
     if args.worker:
-        print("BENCH_RESULT " + json.dumps(worker_llmtrain(args)), flush=True)
+        worker_llmtrain(args)
         return
 
     import torch
@@ -407,16 +456,17 @@ def main(argv=None):
         try:
             krows, kmeta = kernel_bench()
             meta["kernels"] = {**kmeta, "rows": krows}
-            torch.cuda.empty_cache()  # the cells run in their own processes: leave them the memory
+            torch.cuda.empty_cache()  # the engines run in other processes: leave them the memory
         except Exception as e:  # report it, still run the cells
             meta["kernels_error"] = f"{type(e).__name__}: {e}"
         save()
-    for model, precision, impl in cells(args):
+    for model, impl, precisions in groups(args):
         t0 = time.perf_counter()
-        r = add_metrics(run_cell(impl, model, precision, args), models[model]["flops_per_token"], peak)
-        r["cell_wall_s"] = time.perf_counter() - t0
-        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
-        rows.append(r)
+        for r in run_group(impl, model, precisions, args):
+            r = add_metrics(r, models[model]["flops_per_token"], peak)
+            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            rows.append(r)
+        meta.setdefault("group_wall_s", {})[f"{model}/{impl}"] = time.perf_counter() - t0
         save()
     print(markdown(rows, meta))
 

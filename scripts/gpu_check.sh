@@ -3,7 +3,8 @@
 # (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh tests          # kernels natively, then pytest -m gpu tests/gpu
-#   OUT=gpu-results bash scripts/gpu_check.sh cache bench    # weight-cache test; 8B proxy + 1B benchmark (<= 9 min)
+#   OUT=gpu-results bash scripts/gpu_check.sh bench          # 8B proxy + 1B benchmark and profile (<= 9 min)
+#   OUT=gpu-results bash scripts/gpu_check.sh cache          # weight quantized once per step; GEMM rounding
 #   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
 #
 # Every stage has its own time limit, so one that hangs or fails leaves the others their time.
@@ -33,9 +34,9 @@ stage_bench() {
   # step per cell (Chrome traces kept for the 1B model's bf16 and fp8_cs cells), the quantize kernels'
   # bandwidth. Results are written after every cell; render them with:
   #   python scripts/bench.py --render "$out/bench.json"
-  timeout "${BENCH_TIMEOUT:-440}" $py scripts/bench.py --model 1b,proxy8b --precisions bf16,fp8_cs,mxfp8,nvfp4 \
+  timeout "${BENCH_TIMEOUT:-520}" $py scripts/bench.py --model 1b,proxy8b --precisions bf16,fp8_cs,mxfp8,nvfp4 \
     --profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs --kernels \
-    --steps "${BENCH_STEPS:-4}" --warmup 2 --cell-timeout 110 --out "$out/bench.json" --md "$out/bench.md" \
+    --steps "${BENCH_STEPS:-4}" --warmup 2 --group-timeout 200 --out "$out/bench.json" --md "$out/bench.md" \
     >"$out/bench.log" 2>&1
   echo "bench: rc=$?" >>"$out/bench.log"
   tar cf "$out/traces_1b.tar" -C /tmp llmtrain-traces 2>>"$out/bench.log"  # one file: few files come back

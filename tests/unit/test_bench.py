@@ -3,6 +3,7 @@ runs (both loops see the same model), the markdown tables, and the profiler's ke
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -23,14 +24,13 @@ profile_step = _load("profile_step")
 bare = _load("bench_bare_megatron")
 
 
-def test_models_and_cells_in_run_order():
+def test_models_and_groups_in_run_order():
     args = bench.parse(["--model", "1b,proxy8b", "--precisions", "bf16,fp8_cs,nvfp4"])
-    assert bench.cells(args) == [
-        ("1b", "bf16", "llmtrain"), ("1b", "bf16", "bare"), ("1b", "fp8_cs", "llmtrain"),
-        ("1b", "fp8_cs", "bare"), ("1b", "nvfp4", "llmtrain"),
-        ("proxy8b", "bf16", "llmtrain"), ("proxy8b", "bf16", "bare"), ("proxy8b", "fp8_cs", "llmtrain"),
-        ("proxy8b", "fp8_cs", "bare"), ("proxy8b", "nvfp4", "llmtrain"),
+    assert bench.groups(args) == [
+        ("1b", "llmtrain", ["bf16", "fp8_cs", "nvfp4"]), ("1b", "bare", ["bf16", "fp8_cs"]),
+        ("proxy8b", "llmtrain", ["bf16", "fp8_cs", "nvfp4"]), ("proxy8b", "bare", ["bf16", "fp8_cs"]),
     ]  # fmt: skip
+    assert bench.groups(bench.parse(["--precisions", "mxfp8", "--impls", "bare"])) == []
 
 
 @pytest.mark.parametrize("argv", [["--model", "8b"], ["--model", "1b,70b"], ["--impls", "native"]])
@@ -43,29 +43,55 @@ def test_unknown_choice_is_one_error_line(argv, capsys):
 
 
 def test_bare_loop_and_llmtrain_get_the_same_model():
-    args = bench.parse(["--model", "proxy8b,1b", "--profile", "--traces", "/tmp/t", "--trace-models", "1b"])
-    b = bare.parse(bench.cell_command("bare", "1b", "fp8_cs", args)[2:])
+    args = bench.parse(["--model", "proxy8b,1b", "--profile", "--traces", "/tmp/t", "--trace-models", "1b",
+                        "--trace-precisions", "fp8_cs"])  # fmt: skip
+    b = bare.parse(bench.group_command("bare", "1b", ["bf16", "fp8_cs"], args)[2:])
     assert (b.layers, b.hidden, b.ffn, b.heads, b.groups, b.kv_channels) == (16, 2048, 8192, 32, 8, 64)
-    assert (b.tie, b.vocab, b.seq, b.mbs, b.mb, b.precision, b.profile) == (
-        True,
-        128256,
-        1024,
-        4,
-        4,
-        "fp8_cs",
-        True,
+    assert (b.tie, b.vocab, b.seq, b.mbs, b.mb, b.precisions, b.profile) == (
+        True, 128256, 1024, 4, 4, "bf16,fp8_cs", True)  # fmt: skip
+    assert (
+        bare.trace_path(b, "fp8_cs").endswith("1b_fp8_cs_bare.json.gz") and bare.trace_path(b, "bf16") is None
     )
-    assert b.trace.endswith("1b_fp8_cs_bare.json.gz")
-    b8 = bare.parse(bench.cell_command("bare", "proxy8b", "bf16", args)[2:])
+    b8 = bare.parse(bench.group_command("bare", "proxy8b", ["bf16"], args)[2:])
     assert (b8.layers, b8.hidden, b8.ffn, b8.kv_channels, b8.tie, b8.seq, b8.mbs, b8.mb) == (
         4, 4096, 14336, 128, False, 8192, 1, 4)  # fmt: skip
-    assert b8.trace == ""  # traces only for --trace-models
-    worker = bench.parse(bench.cell_command("llmtrain", "1b", "nvfp4", args)[2:])
-    assert worker.worker and worker.model == "1b" and worker.precision == "nvfp4"
+    assert bare.trace_path(b8, "fp8_cs") is None  # traces only for --trace-models
+    worker = bench.parse(bench.group_command("llmtrain", "1b", ["bf16", "nvfp4"], args)[2:])
+    assert worker.worker and worker.model == "1b" and worker.precisions == "bf16,nvfp4"
     assert bench.shape_of(worker, "1b") == bench.shape_of(args, "1b")
+    assert bench.trace_path(worker, "1b", "fp8_cs", "llmtrain").endswith("1b_fp8_cs_llmtrain.json.gz")
+    assert bench.trace_path(worker, "1b", "nvfp4", "llmtrain") is None
     cfg = bench.make_cfg("1b", bench.shape_of(worker, "1b"), "nvfp4")
     assert (cfg.model.num_layers, cfg.model.seq_length, cfg.train.micro_batch_size) == (16, 1024, 4)
     assert cfg.train.global_batch_size == 16 and cfg.precision.bf16_layers.last == 0
+    with pytest.raises(SystemExit):
+        bare.parse(["--precisions", "bf16,nvfp4"])  # the bare loop runs TE's native recipes only
+
+
+def test_a_group_reports_every_precision_even_when_its_process_fails(monkeypatch):
+    args = bench.parse(["--model", "1b", "--group-timeout", "5"])
+    ok = {"impl": "bare-megatron-core", "precision": "bf16", "step_time_s": 1.0}
+
+    def fake_run(cmd, **kw):
+        return subprocess.CompletedProcess(
+            cmd, 1, "noise\nBENCH_RESULT " + json.dumps(ok) + "\n", "CUDA error"
+        )
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    rows = bench.run_group("bare", "1b", ["bf16", "fp8_cs"], args)
+    assert rows[0] == {"model": "1b", **ok}
+    assert (
+        rows[1]["precision"] == "fp8_cs"
+        and rows[1]["error"].startswith("rc=1")
+        and "CUDA error" in rows[1]["error"]
+    )
+
+    def timeout(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, 5, output=b"BENCH_RESULT " + json.dumps(ok).encode() + b"\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", timeout)
+    rows = bench.run_group("bare", "1b", ["bf16", "fp8_cs"], args)
+    assert "error" not in rows[0] and rows[1]["error"].startswith("timed out after 5s")
 
 
 def _row(model, precision, impl, step, **kw):
@@ -86,12 +112,16 @@ def _meta():
     }  # fmt: skip
 
 
+CALLS = {"weight/rowwise": 64, "weight/columnwise": 64, "input/rowwise": 256, "grad_output/columnwise": 256}
+
+
 def test_markdown_table_ratios_and_errors():
     rows = [
         _row("1b", "bf16", "llmtrain-megatron", 0.40),
         _row("1b", "bf16", "bare-megatron-core", 0.38),
         _row("1b", "fp8_cs", "llmtrain-megatron", 0.50),
-        {"model": "1b", "precision": "nvfp4", "impl": "llmtrain-megatron", "error": "rc=1: boom"},
+        _row("1b", "nvfp4", "llmtrain-megatron", 0.60, quantize_calls_per_step=CALLS),
+        {"model": "1b", "precision": "mxfp8", "impl": "llmtrain-megatron", "error": "rc=1: boom"},
     ]
     md = bench.markdown(rows, _meta())
     lines = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in md.splitlines()
@@ -99,7 +129,8 @@ def test_markdown_table_ratios_and_errors():
     assert "1.053x time" in lines["bf16/llmtrain-megatron"]  # 0.40 / 0.38 vs bare
     assert "1.25x time" in lines["fp8_cs/llmtrain-megatron"]  # 0.50 / 0.40 vs BF16, same implementation
     assert "40,960" in lines["bf16/llmtrain-megatron"]  # 16384 tokens / 0.4 s
-    assert "failed" in lines["nvfp4/llmtrain-megatron"] and "boom" in lines["nvfp4/llmtrain-megatron"]
+    assert "failed" in lines["mxfp8/llmtrain-megatron"] and "boom" in lines["mxfp8/llmtrain-megatron"]
+    assert "| 1b | nvfp4 | 64 | 64 | 256 | 0 | 0 | 256 |" in md
     assert "| mxfp8+rowwise | 50 | 2,520 | 70% | 52% |" in md
 
 
