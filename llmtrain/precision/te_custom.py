@@ -15,8 +15,8 @@ so gradient accumulation fusion, TP/SP communication and FP32 main grads work un
 GEMM therefore sees BF16 operands: exact for MXFP8 and for an NVFP4 element times its E4M3 block scale;
 the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding per element (<= 2**-9
 relative; about half of the BF16 GEMM outputs then differ from TE's native GEMM by an ulp or more, see
-docs/precision.md), small against the formats' own steps. The RHT is applied to both wgrad operands along the token axis,
-which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
+docs/precision.md), small against the formats' own steps. The RHT is applied to both wgrad operands along
+the token axis, which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
 
 Weights are quantized once per optimizer step, not per micro-batch, by TE itself: Megatron-Core passes
 `is_first_microbatch` to TE's linears, and TE then keeps the weight's quantized workspace (our
@@ -109,6 +109,11 @@ class FakeQuantizer(IdentityQuantizer):
     def update_quantized(self, src, dst, *, noop_flag=None):
         """Refresh TE's cached weight workspace: fake-quantize into its buffer, no temporary + copy."""
         hp = getattr(dst, "_hp_data", None)
+        if noop_flag is None and hp is not None and _same_storage(hp, src):
+            # A workspace made while QAF passed the weight through aliases the parameter (its buffer):
+            # writing quantized values into it would overwrite the weights. Replace it instead.
+            dst._hp_data = self._maybe_cast(src)
+            return dst
         if (
             noop_flag is None
             and hp is not None
@@ -146,6 +151,10 @@ class FakeQuantizer(IdentityQuantizer):
             out=None if into is None else into.view(x2.shape),
         )
         return out.view(data.shape)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _direction(operand: Operand, axis: int, *, rht: bool = False, backward: bool = False, role: str = ""):
