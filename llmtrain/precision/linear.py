@@ -15,6 +15,7 @@ counter), every torch optimizer's step count (a global step hook: fused AdamW do
 the operand, the compute dtype and, for stochastically rounded weights, the training step are unchanged.
 So an SR weight is drawn once per step, as TE draws it once per step from its cached workspace.
 `.data` writes (`p.data.copy_(...)`) bypass the version counter: call `clear_weight_cache()` after them.
+Cost: while cached, each quantized weight is held twice more (W and W^T values in the compute dtype).
 """
 
 import torch
