@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,11 +148,11 @@ def worker_llmtrain(args) -> None:
     for precision in args.precisions.split(","):
         try:
             r = llmtrain_cell(args, precision)
-        except Exception as e:  # the next precision still runs; the table shows this one failed
+        except Exception:  # the next precision still runs; the table shows this one failed
             r = {
                 "impl": "llmtrain-megatron",
                 "precision": precision,
-                "error": f"{type(e).__name__}: {e}"[-2000:],
+                "error": traceback.format_exc()[-2000:],
             }
         print("BENCH_RESULT " + json.dumps(r), flush=True)
 

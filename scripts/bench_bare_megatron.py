@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import time
+import traceback
 from functools import partial
 
 import torch
@@ -203,11 +204,11 @@ def main(argv=None) -> None:
     for precision in args.precisions.split(","):
         try:
             r = run(args, precision)
-        except Exception as e:  # the next precision still runs; bench.py shows this one failed
+        except Exception:  # the next precision still runs; bench.py shows this one failed
             r = {
                 "impl": "bare-megatron-core",
                 "precision": precision,
-                "error": f"{type(e).__name__}: {e}"[-2000:],
+                "error": traceback.format_exc()[-2000:],
             }
         print("BENCH_RESULT " + json.dumps(r), flush=True)
         gc.collect()
