@@ -132,12 +132,14 @@ def profile_one_step(run_step, optimizer, trace_path: str | None = None) -> dict
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with _marked_optimizer_step(optimizer), profile(activities=activities) as prof:
         t0 = time.perf_counter()
         run_step()
-        torch.cuda.synchronize()
+        sync()
         wall = time.perf_counter() - t0
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)

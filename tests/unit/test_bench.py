@@ -209,3 +209,24 @@ def test_group_trace_sums_per_category_and_marks_the_optimizer():
         [e for e in _trace()["traceEvents"] if e["cat"] != "gpu_user_annotation"]
     )
     assert plain["categories"]["cast"]["ms"] == pytest.approx(0.014) and not plain["optimizer_marked"]
+
+
+def test_profile_one_step_marks_the_optimizer_step_and_restores_it(tmp_path):
+    """On the CPU: no kernels, but the export, the optimizer marker and the trace file work end to end."""
+    import gzip
+
+    import torch
+
+    layer = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(layer.parameters())
+
+    def step():
+        layer(torch.randn(4, 8)).sum().backward()
+        opt.step()
+
+    trace, original = tmp_path / "t.json.gz", opt.step
+    out = profile_step.profile_one_step(step, opt, str(trace))
+    assert out["kernel_ms"] == 0.0 and out["wall_ms_profiled"] > 0
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert any(e.get("name") == profile_step.OPTIMIZER_MARK for e in events)
+    assert opt.step == original  # the marker is gone
