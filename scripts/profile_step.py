@@ -2,8 +2,9 @@
 
 Used by scripts/bench.py (`--profile`) and scripts/bench_bare_megatron.py (`--profile`), so llmtrain and the
 bare Megatron-Core loop are measured the same way. Kernels are grouped by name (`classify`), except that
-every kernel run inside the optimizer step (a `record_function` range around `optimizer.step`, which the
-profiler mirrors on the GPU timeline as a `gpu_user_annotation`) counts as optimizer. Host-to-device copies
+every kernel of the optimizer step (a `record_function` range around `optimizer.step`: kernels inside the
+range the profiler mirrors on the GPU timeline, `gpu_user_annotation`, or launched inside the host-side
+range, matched by correlation id) counts as optimizer. Host-to-device copies
 count as data. `busy_ms` is the union of kernel and copy intervals; wall minus busy is time the GPU idled
 (host overhead, synchronisation).
 
@@ -49,6 +50,11 @@ def _inside(ev: dict, ranges: list[tuple[float, float]]) -> bool:
     return any(lo <= start and end <= hi for lo, hi in ranges)
 
 
+def _launched_inside(ev: dict, launched: dict, ranges: list[tuple[float, float]]) -> bool:
+    ts = launched.get(ev.get("args", {}).get("correlation"))
+    return ts is not None and any(lo <= ts <= hi for lo, hi in ranges)
+
+
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     total, cur_lo, cur_hi = 0.0, None, None
     for lo, hi in sorted(intervals):
@@ -70,6 +76,17 @@ def group_trace(trace: dict | list, top: int = 25) -> dict:
         for e in events
         if e.get("cat") == "gpu_user_annotation" and e.get("name") == OPTIMIZER_MARK
     ]
+    # Also by launch: a kernel whose launch (matched by correlation id) ran inside the host-side range.
+    host_marks = [
+        (e["ts"], e["ts"] + e.get("dur", 0.0))
+        for e in events
+        if e.get("cat") == "user_annotation" and e.get("name") == OPTIMIZER_MARK
+    ]
+    launched = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
     ms = dict.fromkeys(CATEGORIES, 0.0)
     counts = dict.fromkeys(CATEGORIES, 0)
     per_kernel: dict[str, list] = {}
@@ -81,7 +98,7 @@ def group_trace(trace: dict | list, top: int = 25) -> dict:
         name, dur = e.get("name", ""), float(e.get("dur", 0.0))
         if cat == "gpu_memcpy" and "HtoD" in name:
             group = "data"
-        elif optimizer and _inside(e, optimizer):
+        elif (optimizer and _inside(e, optimizer)) or _launched_inside(e, launched, host_marks):
             group = "optimizer"
         elif cat == "kernel":
             group = classify(name)
@@ -102,7 +119,7 @@ def group_trace(trace: dict | list, top: int = 25) -> dict:
             c: {"ms": ms[c], "share": ms[c] / total if total else 0.0, "count": counts[c]} for c in CATEGORIES
         },
         "top_kernels": [{"name": n[:160], "category": g, "ms": t, "count": c} for n, (g, t, c) in kernels],
-        "optimizer_marked": bool(optimizer),
+        "optimizer_marked": bool(optimizer or host_marks),
     }
 
 

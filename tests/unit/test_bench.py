@@ -209,6 +209,17 @@ def test_group_trace_sums_per_category_and_marks_the_optimizer():
         [e for e in _trace()["traceEvents"] if e["cat"] != "gpu_user_annotation"]
     )
     assert plain["categories"]["cast"]["ms"] == pytest.approx(0.014) and not plain["optimizer_marked"]
+    # Or by launch: the kernel launched (correlation id) inside the host-side range.
+    host = [e for e in _trace()["traceEvents"] if e["cat"] != "gpu_user_annotation"]
+    host[6] = {**host[6], "args": {"correlation": 42}}  # the copy at 300 us
+    host += [{"ph": "X", "cat": "user_annotation", "name": profile_step.OPTIMIZER_MARK, "ts": 280, "dur": 5},
+             {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 282, "dur": 1,
+              "args": {"correlation": 42}}]  # fmt: skip
+    assert host[6]["ts"] == 300
+    by_launch = profile_step.group_trace(host)
+    assert by_launch["optimizer_marked"]
+    assert by_launch["categories"]["optimizer"]["ms"] == pytest.approx(0.004)
+    assert by_launch["categories"]["cast"]["ms"] == pytest.approx(0.010)
 
 
 def test_profile_one_step_marks_the_optimizer_step_and_restores_it(tmp_path):
