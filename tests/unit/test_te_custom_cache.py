@@ -45,10 +45,15 @@ def te_custom(monkeypatch):
     stubs["transformer_engine.pytorch.tensor.identity_tensor"].IdentityQuantizer = _IdentityQuantizer
     for name, module in stubs.items():
         monkeypatch.setitem(sys.modules, name, module)
+    import llmtrain.precision as package
+
     monkeypatch.delitem(sys.modules, "llmtrain.precision.te_custom", raising=False)
+    monkeypatch.delattr(package, "te_custom", raising=False)  # restored (if there was one) afterwards
     module = importlib.import_module("llmtrain.precision.te_custom")
     yield module
-    sys.modules.pop("llmtrain.precision.te_custom", None)
+    sys.modules.pop("llmtrain.precision.te_custom", None)  # the stubbed module must not outlive the test
+    if hasattr(package, "te_custom"):
+        delattr(package, "te_custom")
 
 
 def _weight():
