@@ -1,18 +1,29 @@
 """Throughput benchmark: llmtrain's Megatron engine against a bare Megatron-Core + TE loop, one GPU.
 
-Proxy that fits one H100: Llama 3 8B layer shapes with 4 layers, vocab 128256, seq 8192, MBS 1,
-`--mb` micro-batches per optimizer step, mock data (random tokens). Each (precision, implementation) runs
-in its own process, one after the other on the same GPU. Reports tokens/s, model TFLOP/s per GPU
-(ModelSpec.flops_per_token: 6*N_matmul + 12*L*H*S), MFU against the dense BF16 peak, peak memory, and
-each precision's step time relative to BF16. The bare loop exists for bf16 and fp8_cs (TE native);
-mxfp8/nvfp4 run natively on Blackwell and emulated elsewhere (our Triton quantizers inside TE); the
-proxy quantizes all 4 layers (precision.bf16_layers.last=0) so the cost of quantization is not hidden.
+Models (`--model`, comma-separated, each next to the bare loop):
+  proxy8b  Llama 3 8B layer shapes with 4 layers (fits one H100), vocab 128256, seq 8192, MBS 1,
+           4 micro-batches per step (32,768 tokens)
+  1b       the llama3_1b debug model (Llama 3.2 1B shapes, 16 layers, tied embeddings), seq 1024, MBS 4,
+           4 micro-batches per step (GBS 16, 16,384 tokens), as `recipe=llama3_1b` runs in docs/benchmarks.md
+Mock data (random tokens). Each (model, implementation) runs in its own process on the same GPU, its
+precisions one after the other (one engine at a time: imports and start-up are paid once per process), with
+the distributed optimizer and overlapped communication (parallel=megatron_8b)
+in both implementations. Reports tokens/s, model TFLOP/s per GPU (ModelSpec.flops_per_token:
+6*N_matmul + 12*L*H*S), MFU against the dense BF16 peak, peak memory, and each precision's step time
+relative to BF16. The bare loop exists for bf16 and fp8_cs (TE native); mxfp8/nvfp4 run natively on
+Blackwell and emulated elsewhere (our Triton quantizers inside TE). Every quantized precision quantizes all
+layers (precision.bf16_layers first=0 last=0) so the cost of quantization is not hidden.
 
-`--kernels` adds the quantize kernels' bandwidth on an 8192x4096 BF16 tensor: bytes moved / time,
-against the copy bandwidth measured on the same GPU (and the nominal HBM bandwidth).
+`--profile` adds one more step per cell under torch.profiler: CUDA kernel time grouped into quantize, amax,
+GEMM, attention, cast, optimizer, communication, data and other (scripts/profile_step.py); `--traces DIR`
+keeps each profiled step's gzipped Chrome trace. `--kernels` adds the quantize kernels' bandwidth on an
+8192x4096 BF16 tensor: bytes moved / time, against the copy bandwidth measured in the same run.
 
-    python scripts/bench.py --out bench.json --md bench.md                       # bf16 + fp8_cs, both impls
-    python scripts/bench.py --precisions bf16,fp8_cs,mxfp8,nvfp4 --kernels       # + emulated formats
+    python scripts/bench.py --model proxy8b,1b --precisions bf16,fp8_cs,mxfp8,nvfp4 --profile --kernels
+    python scripts/bench.py --render bench.json > bench.md     # the markdown tables from a results file
+
+Results are written after every process (`--out`); each precision's result reaches the parent as soon as
+it is measured, so a run cut short keeps what it measured.
 """
 
 import argparse
@@ -21,71 +32,129 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # profile_step, also when imported from tests
 
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0}
 NOMINAL_HBM_GBS = {"H100": 3350.0, "H200": 4800.0, "B200": 8000.0}
 BARE_PRECISIONS = ("bf16", "fp8_cs")
+PARALLEL = "megatron_8b"  # distributed optimizer + overlap, as the bare loop (--parallel changes llmtrain's)
+
+# name -> model config, and the run shape: layers (None = the config's), seq, micro-batch size, micro-batches
+MODELS = {
+    "proxy8b": {"config": "llama3_8b", "layers": 4, "seq": 8192, "mbs": 1, "mb": 4},
+    "1b": {"config": "llama3_1b", "layers": None, "seq": 1024, "mbs": 4, "mb": 4},
+}
 
 
-def proxy_overrides(args, precision: str = "bf16") -> dict:
+def shape_of(args, model: str) -> dict:
+    """The model's run shape, with --layers/--seq/--mbs/--mb overriding it where given."""
+    s = dict(MODELS[model])
+    for key in ("layers", "seq", "mbs", "mb"):
+        if getattr(args, key, None) is not None:
+            s[key] = getattr(args, key)
+    return s
+
+
+def overrides(shape: dict, precision: str = "bf16") -> dict:
+    model = {"seq_length": shape["seq"]}
+    if shape["layers"] is not None:
+        model["num_layers"] = shape["layers"]
     over = {
-        "model": {"num_layers": args.layers, "seq_length": args.seq},
-        "train": {"micro_batch_size": 1, "global_batch_size": args.mb},
+        "model": model,
+        "train": {"micro_batch_size": shape["mbs"], "global_batch_size": shape["mbs"] * shape["mb"]},
     }
-    if precision.startswith("nvfp4"):
-        over["precision"] = {"bf16_layers": {"last": 0}}
+    if precision != "bf16":
+        over["precision"] = {"bf16_layers": {"first": 0, "last": 0}}
     return over
 
 
-def worker_llmtrain(args) -> dict:
-    """One process: llmtrain's MegatronEngine on the proxy, timed over `steps` after `warmup`."""
+def make_cfg(model: str, shape: dict, precision: str = "bf16", parallel: str = PARALLEL):
+    from llmtrain.engines.megatron_engine.testing import make_config
+
+    return make_config(MODELS[model]["config"], precision, parallel, overrides(shape, precision))
+
+
+def llmtrain_cell(args, precision: str) -> dict:
+    """llmtrain's MegatronEngine at one precision, timed over `steps` after `warmup`, optionally profiled."""
     import torch
 
     from llmtrain.engines.base import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
-    from llmtrain.engines.megatron_engine.testing import make_config
+    from llmtrain.engines.megatron_engine.testing import dispose, mock_batches
 
-    cfg = make_config("llama3_8b", args.precision, "megatron_8b", proxy_overrides(args, args.precision))
+    shape = shape_of(args, args.model)
+    cfg = make_cfg(args.model, shape, precision, args.parallel)
+    torch.cuda.reset_peak_memory_stats()
     engine = MegatronEngine(cfg, DistInfo())
-    gen = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(args.mb):
-        t = torch.randint(0, cfg.model.vocab_size, (1, args.seq + 1), generator=gen)
-        batches.append(
-            {
-                "tokens": t[:, :-1].contiguous(),
-                "labels": t[:, 1:].contiguous(),
-                "loss_mask": torch.ones(1, args.seq),
+    try:
+        batches = mock_batches(shape["mb"], shape["mbs"], shape["seq"], cfg.model.vocab_size)
+        counter = [0]
+
+        def step():
+            counter[0] += 1
+            engine.begin_step(counter[0])
+            return engine.train_step(batches, lr=3e-4)
+
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        results = [step() for _ in range(args.steps)]
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        out = {
+            "impl": "llmtrain-megatron",
+            "precision": precision,
+            "backend": engine.backend_description,
+            "step_time_s": elapsed / args.steps,
+            "tokens_per_step": shape["mb"] * shape["mbs"] * shape["seq"],
+            "peak_mem_gib": engine.memory_stats()["mem_gib"],
+            "last_loss": results[-1].loss,
+            "data": "mock (random tokens)",
+        }
+        if engine.emulated:  # quantizations per step by (role, direction): weights once per step
+            from llmtrain.precision import te_custom
+
+            te_custom.STATE.quantize_calls.clear()
+            step()
+            calls = te_custom.STATE.quantize_calls.items()
+            out["quantize_calls_per_step"] = {f"{role}/{d}": n for (role, d), n in calls}
+        if args.profile:
+            from profile_step import profile_one_step
+
+            out["profile"] = profile_one_step(
+                step, engine.optimizer, trace_path(args, args.model, precision, "llmtrain")
+            )
+        return out
+    finally:
+        dispose(engine)
+
+
+def trace_path(args, model: str, precision: str, impl: str) -> str | None:
+    """Where the profiled step's Chrome trace goes, if this cell's trace is kept (--traces and filters)."""
+    keep = (not args.trace_models or model in args.trace_models.split(",")) and (
+        not args.trace_precisions or precision in args.trace_precisions.split(",")
+    )
+    return str(Path(args.traces) / f"{model}_{precision}_{impl}.json.gz") if args.traces and keep else None
+
+
+def worker_llmtrain(args) -> None:
+    """One process per model: each precision in turn (one engine at a time), one result line each."""
+    for precision in args.precisions.split(","):
+        try:
+            r = llmtrain_cell(args, precision)
+        except Exception:  # the next precision still runs; the table shows this one failed
+            r = {
+                "impl": "llmtrain-megatron",
+                "precision": precision,
+                "error": traceback.format_exc()[-2000:],
             }
-        )
-
-    def step(i):
-        engine.begin_step(i + 1)
-        return engine.train_step(batches, lr=3e-4)
-
-    for i in range(args.warmup):
-        step(i)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    results = [step(args.warmup + i) for i in range(args.steps)]
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    out = {
-        "impl": "llmtrain-megatron",
-        "precision": args.precision,
-        "backend": engine.backend_description,
-        "step_time_s": elapsed / args.steps,
-        "tokens_per_step": args.mb * args.seq,
-        "peak_mem_gib": engine.memory_stats()["mem_gib"],
-        "last_loss": results[-1].loss,
-        "data": "mock (random tokens)",
-    }
-    engine.close()
-    return out
+        print("BENCH_RESULT " + json.dumps(r), flush=True)
 
 
 def kernel_bench() -> tuple[list[dict], dict]:
@@ -128,35 +197,80 @@ def kernel_bench() -> tuple[list[dict], dict]:
     return rows, {"copy_gb_per_s": copy_gbs, "tensor": "8192x4096 bf16"}
 
 
-def run_cell(impl: str, precision: str, args) -> dict:
-    common = [
-        "--precision",
-        precision,
-        "--layers",
-        str(args.layers),
-        "--seq",
-        str(args.seq),
-        "--mb",
-        str(args.mb),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-    ]
+def bare_args(args, model: str) -> list[str]:
+    """scripts/bench_bare_megatron.py's arguments for `model` (it imports nothing from llmtrain)."""
+    from llmtrain.models import ModelSpec
+
+    shape = shape_of(args, model)
+    spec = ModelSpec.from_config(make_cfg(model, shape).model)
+    return [
+        "--layers", str(spec.num_layers), "--hidden", str(spec.hidden_size), "--ffn", str(spec.ffn_hidden_size),
+        "--heads", str(spec.num_attention_heads), "--groups", str(spec.num_query_groups),
+        "--kv-channels", str(spec.head_dim), "--vocab", str(spec.vocab_size), "--seq", str(shape["seq"]),
+        "--mbs", str(shape["mbs"]), "--mb", str(shape["mb"]), *(["--tie"] if spec.tie_embeddings else []),
+    ]  # fmt: skip
+
+
+def group_command(impl: str, model: str, precisions: list[str], args) -> list[str]:
+    """The process that runs `precisions` one after the other for `model` in one implementation."""
+    common = ["--precisions", ",".join(precisions), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.profile:
+        common.append("--profile")
+    if args.traces:
+        common += ["--traces", args.traces, "--trace-models", args.trace_models]
+        common += ["--trace-precisions", args.trace_precisions]
     if impl == "llmtrain":
-        cmd = [sys.executable, __file__, "--worker", *common]
-    else:
-        cmd = [sys.executable, str(ROOT / "scripts" / "bench_bare_megatron.py"), *common]
+        shape = shape_of(args, model)
+        sizes = ["--mbs", str(shape["mbs"]), "--mb", str(shape["mb"]), "--seq", str(shape["seq"])]
+        if shape["layers"] is not None:
+            sizes += ["--layers", str(shape["layers"])]
+        return [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--model",
+            model,
+            "--parallel",
+            args.parallel,
+            *sizes,
+            *common,
+        ]
+    bare = [sys.executable, str(ROOT / "scripts" / "bench_bare_megatron.py"), "--model-name", model]
+    return [*bare, *bare_args(args, model), *common]
+
+
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
+def run_group(impl: str, model: str, precisions: list[str], args) -> list[dict]:
+    """One row per precision: its result line, or the error that kept it from one."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
     }
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        return {"impl": impl, "precision": precision, "error": f"rc={proc.returncode}: {tail}"}
-    return json.loads(lines[-1][len("BENCH_RESULT ") :])
+    cmd = group_command(impl, model, precisions, args)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.group_timeout)
+        stdout, stderr, status = proc.stdout, proc.stderr, f"rc={proc.returncode}"
+    except subprocess.TimeoutExpired as e:
+        stdout, stderr, status = (
+            _text(e.stdout),
+            _text(e.stderr),
+            f"timed out after {args.group_timeout:.0f}s",
+        )
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            r = json.loads(line[len("BENCH_RESULT ") :])
+            results[r["precision"]] = r
+    tail = (stdout + stderr)[-2000:]
+    return [
+        {"model": model, **results[p]}
+        if p in results
+        else {"impl": impl, "model": model, "precision": p, "error": f"{status}: {tail}"}
+        for p in precisions
+    ]
 
 
 def add_metrics(r: dict, flops_per_token: float, peak: float) -> dict:
@@ -167,35 +281,82 @@ def add_metrics(r: dict, flops_per_token: float, peak: float) -> dict:
     return {**r, "tokens_per_s": tps, "model_tflops_per_gpu": tflops, "mfu": tflops / peak}
 
 
+def model_meta(args, model: str) -> dict:
+    from llmtrain.models import ModelSpec
+
+    shape = shape_of(args, model)
+    spec = ModelSpec.from_config(make_cfg(model, shape).model)
+    return {
+        "description": f"{MODELS[model]['config']}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
+        f"vocab {spec.vocab_size}{' (tied)' if spec.tie_embeddings else ''}, seq {shape['seq']}, "
+        f"MBS {shape['mbs']}, {shape['mb']} micro-batches/step "
+        f"({shape['mb'] * shape['mbs'] * shape['seq']:,} tokens)",
+        "flops_per_token": spec.flops_per_token(),
+        "params": spec.num_params(),
+    }
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
+    """The throughput table per model, step times relative to BF16, the profile and the kernel table."""
     out = [
-        f"Proxy: {meta['proxy']}; GPU: {meta['gpu']}; MFU vs dense BF16 peak {meta['peak_tflops']:.0f} TFLOP/s; "
-        f"{meta['flops_per_token'] / 1e9:.3f} GFLOP/token; data: mock (random tokens).",
-        "",
-        "| precision | implementation | step time (s) | tokens/s | model TFLOP/s/GPU | MFU | peak mem (GiB) | vs bare |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"GPU: {meta['gpu']}; MFU vs dense BF16 peak {meta['peak_tflops']:.0f} TFLOP/s; {meta['timing']}; "
+        "data: mock (random tokens).",
     ]
-    bare = {r["precision"]: r for r in rows if r.get("impl") == "bare-megatron-core" and "error" not in r}
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['precision']} | {r['impl']} | failed: {r['error'][-200:]!r} | | | | | |")
-            continue
-        ref = bare.get(r["precision"])
-        vs = f"{r['step_time_s'] / ref['step_time_s']:.3f}x time" if ref and r is not ref else ""
-        out.append(
-            f"| {r['precision']} | {r['impl']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{r['model_tflops_per_gpu']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {vs} |"
-        )
-    for impl in ("llmtrain-megatron", "bare-megatron-core"):
-        by = {r["precision"]: r for r in rows if r.get("impl") == impl and "error" not in r}
-        if "bf16" in by:
-            rel = ", ".join(
-                f"{p} {r['step_time_s'] / by['bf16']['step_time_s']:.2f}x"
-                for p, r in by.items()
-                if p != "bf16"
+    for model, mm in meta["models"].items():
+        mrows = [r for r in rows if r.get("model") == model]
+        out += [
+            "",
+            f"**{model}**: {mm['description']}; {mm['flops_per_token'] / 1e9:.3f} GFLOP/token.",
+            "",
+            "| precision | implementation | step time (s) | tokens/s | model TFLOP/s/GPU | MFU | peak mem (GiB) | vs bare | vs BF16 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        order = list(dict.fromkeys(r["precision"] for r in mrows))
+        mrows.sort(key=lambda r: order.index(r["precision"]))  # stable: llmtrain, then the bare loop
+        bare = {
+            r["precision"]: r for r in mrows if r.get("impl") == "bare-megatron-core" and "error" not in r
+        }
+        bf16 = {r["impl"]: r for r in mrows if r["precision"] == "bf16" and "error" not in r}
+        for r in mrows:
+            if "error" in r:
+                out.append(f"| {r['precision']} | {r['impl']} | failed: {r['error'][-160:]!r} | | | | | | |")
+                continue
+            ref = bare.get(r["precision"])
+            vs = f"{r['step_time_s'] / ref['step_time_s']:.3f}x time" if ref and r is not ref else ""
+            base = bf16.get(r["impl"])
+            rel = f"{r['step_time_s'] / base['step_time_s']:.2f}x time" if base and base is not r else ""
+            out.append(
+                f"| {r['precision']} | {r['impl']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['model_tflops_per_gpu']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {vs} | {rel} |"
             )
-            if rel:
-                out.append(f"\n{impl}: step time relative to BF16: {rel}")
+    if any(r.get("profile") for r in rows):
+        from profile_step import markdown as profile_markdown
+
+        out += [
+            "",
+            "One profiled step per cell: CUDA kernel time in ms (share of all kernel time); "
+            "wall = the profiled step's wall time (profiler overhead included), GPU busy = union of kernel "
+            "and copy intervals.",
+            "",
+            profile_markdown(rows).rstrip("\n"),
+        ]
+    calls = [r for r in rows if r.get("quantize_calls_per_step")]
+    if calls:
+        out += [
+            "",
+            "Emulated quantizations in one step (llmtrain's quantizers inside TE): a weight once per step, an "
+            "activation once per micro-batch.",
+            "",
+            "| model | precision | fprop W | dgrad W^T | fprop x | wgrad x | dgrad dy | wgrad dy |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        keys = ("weight/rowwise", "weight/columnwise", "input/rowwise", "input/columnwise",
+                "grad_output/rowwise", "grad_output/columnwise")  # fmt: skip
+        for r in calls:
+            c = r["quantize_calls_per_step"]
+            out.append(
+                f"| {r['model']} | {r['precision']} | " + " | ".join(str(c.get(k, 0)) for k in keys) + " |"
+            )
     if kernels := meta.get("kernels"):
         hbm = meta.get("nominal_hbm_gb_per_s")
         out += [
@@ -215,57 +376,100 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv=None):
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--model", default="proxy8b", help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--precisions", default="bf16,fp8_cs")
     p.add_argument("--impls", default="llmtrain,bare")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--mb", type=int, default=8, help="micro-batches (MBS 1) per optimizer step")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--layers", type=int, default=None, help="override every model's layer count")
+    p.add_argument("--seq", type=int, default=None, help="override every model's sequence length")
+    p.add_argument("--mbs", type=int, default=None, help="override every model's micro-batch size")
+    p.add_argument("--mb", type=int, default=None, help="override every model's micro-batches per step")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="profile one more step per cell")
+    p.add_argument("--traces", default="", help="with --profile: keep gzipped Chrome traces in this folder")
+    p.add_argument("--trace-models", default="", help="keep traces of these models only (default: all)")
+    p.add_argument(
+        "--trace-precisions", default="", help="keep traces of these precisions only (default: all)"
+    )
+    p.add_argument("--parallel", default=PARALLEL, help="llmtrain's parallel config (the bare loop: fixed)")
+    p.add_argument("--kernels", action="store_true", help="also time the Triton quantize kernels")
+    p.add_argument("--group-timeout", type=float, default=300.0, help="seconds per (model, implementation)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--md", default="bench.md")
-    p.add_argument("--kernels", action="store_true", help="also time the Triton quantize kernels")
+    p.add_argument("--render", default="", help="print the markdown tables of this results JSON and exit")
     args = p.parse_args(argv)
+    unknown = [m for m in args.model.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"--model {','.join(unknown)}: allowed values are {', '.join(MODELS)}")
+    unknown = [i for i in args.impls.split(",") if i not in ("llmtrain", "bare")]
+    if unknown:
+        p.error(f"--impls {','.join(unknown)}: allowed values are llmtrain, bare")
+    return args
+
+
+def groups(args) -> list[tuple[str, str, list[str]]]:
+    """(model, impl, precisions) in run order: per model, llmtrain's precisions, then the bare loop's."""
+    out = []
+    for model in args.model.split(","):
+        for impl in args.impls.split(","):
+            precisions = [p for p in args.precisions.split(",") if impl != "bare" or p in BARE_PRECISIONS]
+            if precisions:  # the bare loop runs TE's native recipes only
+                out.append((model, impl, precisions))
+    return out
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        print(markdown(data["results"], data["meta"]), end="")
+        return
     if args.worker:
-        print("BENCH_RESULT " + json.dumps(worker_llmtrain(args)), flush=True)
+        worker_llmtrain(args)
         return
 
     import torch
 
-    from llmtrain.engines.megatron_engine.testing import make_config
-    from llmtrain.models import ModelSpec
-
-    spec = ModelSpec.from_config(make_config("llama3_8b", overrides=proxy_overrides(args)).model)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     peak = next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in gpu), 989.0)
-    rows = []
-    for precision in args.precisions.split(","):
-        for impl in args.impls.split(","):
-            if impl == "bare" and precision not in BARE_PRECISIONS:
-                continue  # the bare loop runs TE's native recipes only
-            r = add_metrics(run_cell(impl, precision, args), spec.flops_per_token(), peak)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+    models = {m: model_meta(args, m) for m in args.model.split(",")}
     meta = {
-        "proxy": f"Llama 3 8B shapes, {args.layers} layers, vocab {spec.vocab_size}, seq {args.seq}, MBS 1, "
-        f"{args.mb} micro-batches/step, {args.steps} timed steps after {args.warmup} warm-up",
         "gpu": gpu,
         "peak_tflops": peak,
-        "flops_per_token": spec.flops_per_token(),
-        "params": spec.num_params(),
+        "timing": f"{args.steps} timed steps after {args.warmup} warm-up; llmtrain parallel={args.parallel}, "
+        "bare loop: distributed optimizer + overlap",
+        "models": models,
         "nominal_hbm_gb_per_s": next((v for k, v in NOMINAL_HBM_GBS.items() if k in gpu), None),
+        "argv": sys.argv[1:] if argv is None else list(argv),
     }
-    if args.kernels:
-        krows, kmeta = kernel_bench()
-        meta["kernels"] = {**kmeta, "rows": krows}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    table = markdown(rows, meta)
-    Path(args.md).write_text(table)
-    print(table)
+    if args.traces:
+        Path(args.traces).mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def save():
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        Path(args.md).write_text(markdown(rows, meta))
+
+    if args.kernels:  # first: a run cut short by its time limit still has them
+        try:
+            krows, kmeta = kernel_bench()
+            meta["kernels"] = {**kmeta, "rows": krows}
+            torch.cuda.empty_cache()  # the engines run in other processes: leave them the memory
+        except Exception as e:  # report it, still run the cells
+            meta["kernels_error"] = f"{type(e).__name__}: {e}"
+        save()
+    for model, impl, precisions in groups(args):
+        t0 = time.perf_counter()
+        for r in run_group(impl, model, precisions, args):
+            r = add_metrics(r, models[model]["flops_per_token"], peak)
+            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            rows.append(r)
+        meta.setdefault("group_wall_s", {})[f"{model}/{impl}"] = time.perf_counter() - t0
+        save()
+    print(markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -5,20 +5,26 @@ DDP with FP32 grad reduce, distributed optimizer, forward_backward_func, one los
 none of llmtrain's code, so the benchmark compares llmtrain's engine against what a user would write by hand.
 Single GPU; mock data (random tokens), labelled so in the results.
 
-    python scripts/bench_bare_megatron.py --precision fp8_cs --layers 4 --steps 10
+    python scripts/bench_bare_megatron.py --precisions bf16,fp8_cs --layers 4 --steps 10
+    python scripts/bench_bare_megatron.py --precisions fp8_cs --layers 16 --hidden 2048 --ffn 8192 \
+        --kv-channels 64 --tie --seq 1024 --mbs 4 --mb 4 --profile     # the 1B model, + one profiled step
+
+`--profile` adds one step under torch.profiler, grouped by scripts/profile_step.py (measurement tooling,
+shared with scripts/bench.py so both loops are profiled alike).
 """
 
 import argparse
 import json
 import os
 import time
+import traceback
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 
-def build(args):
+def build(args, precision: str):
     import transformer_engine.pytorch  # noqa: F401  (before anything imports transformer_engine_torch)
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
@@ -35,23 +41,25 @@ def build(args):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     torch.cuda.set_device(0)
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    ps.initialize_model_parallel()
+    if not torch.distributed.is_initialized():  # once per process: later precisions reuse it
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
     torch.manual_seed(1234)
     model_parallel_cuda_manual_seed(1234)
 
     from megatron.core.tensor_parallel import layers
 
-    fp8 = {"fp8": "hybrid", "fp8_recipe": "tensorwise"} if args.precision == "fp8_cs" else {}
+    fp8 = {"fp8": "hybrid", "fp8_recipe": "tensorwise"} if precision == "fp8_cs" else {}
     # Fused wgrad accumulation needs apex's extension for Megatron's output-layer linear.
     grad_accum_fusion = bool(getattr(layers, "_grad_accum_fusion_available", False))
     config = TransformerConfig(
         num_layers=args.layers,
-        hidden_size=4096,
-        ffn_hidden_size=14336,
-        num_attention_heads=32,
-        num_query_groups=8,
-        kv_channels=128,
+        hidden_size=args.hidden,
+        ffn_hidden_size=args.ffn,
+        num_attention_heads=args.heads,
+        num_query_groups=args.groups,
+        kv_channels=args.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=1e-5,
         gated_linear_unit=True,
@@ -78,7 +86,7 @@ def build(args):
         max_sequence_length=args.seq,
         position_embedding_type="rope",
         rotary_base=500000,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=args.tie,
     ).cuda()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -122,14 +130,17 @@ def forward_step(data_iterator, model):
     return model(tokens, None, None, labels=labels), partial(loss_func, loss_mask)
 
 
-def run(args) -> dict:
+def run(args, precision: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model, optimizer, grad_accum_fusion = build(args)
+    torch.cuda.reset_peak_memory_stats()
+    model, optimizer, grad_accum_fusion = build(args, precision)
     gen = torch.Generator().manual_seed(0)
     data = [
-        (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.ones(1, args.seq))
-        for tokens in (torch.randint(0, args.vocab, (1, args.seq + 1), generator=gen) for _ in range(args.mb))
+        (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.ones(args.mbs, args.seq))
+        for tokens in (
+            torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=gen) for _ in range(args.mb)
+        )
     ]
     fb = get_forward_backward_func()
 
@@ -142,7 +153,7 @@ def run(args) -> dict:
             model=[model],
             num_microbatches=args.mb,
             seq_length=args.seq,
-            micro_batch_size=1,
+            micro_batch_size=args.mbs,
             forward_only=False,
         )
         optimizer.step()
@@ -157,29 +168,80 @@ def run(args) -> dict:
     losses = [step() for _ in range(args.steps)]
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    return {
+    out = {
         "impl": "bare-megatron-core",
         "grad_accum_fusion": grad_accum_fusion,
-        "precision": args.precision,
+        "precision": precision,
         "step_time_s": elapsed / args.steps,
-        "tokens_per_step": args.mb * args.seq,
+        "tokens_per_step": args.mb * args.mbs * args.seq,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "last_loss": losses[-1],
         "data": "mock (random tokens)",
     }
+    if args.profile:
+        from profile_step import profile_one_step  # scripts/ is on sys.path when run as a script
+
+        out["profile"] = profile_one_step(step, optimizer, trace_path(args, precision))
+    return out
+
+
+def trace_path(args, precision: str) -> str | None:
+    keep = (not args.trace_models or args.model_name in args.trace_models.split(",")) and (
+        not args.trace_precisions or precision in args.trace_precisions.split(",")
+    )
+    return (
+        os.path.join(args.traces, f"{args.model_name}_{precision}_bare.json.gz")
+        if args.traces and keep
+        else None
+    )
+
+
+def main(argv=None) -> None:
+    """Each precision in turn in this process (one model at a time), one result line each."""
+    import gc
+
+    args = parse(argv)
+    for precision in args.precisions.split(","):
+        try:
+            r = run(args, precision)
+        except Exception:  # the next precision still runs; bench.py shows this one failed
+            r = {
+                "impl": "bare-megatron-core",
+                "precision": precision,
+                "error": traceback.format_exc()[-2000:],
+            }
+        print("BENCH_RESULT " + json.dumps(r), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8_cs"])
+    p.add_argument("--precisions", default="bf16", help="comma-separated, from: bf16, fp8_cs")
+    p.add_argument("--model-name", default="model", help="names the trace files")
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=14336)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--groups", type=int, default=8, help="query groups (GQA)")
+    p.add_argument("--kv-channels", type=int, default=128)
+    p.add_argument("--tie", action="store_true", help="share embedding and output weights")
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--mb", type=int, default=8, help="micro-batches (MBS 1) per optimizer step")
+    p.add_argument("--mbs", type=int, default=1, help="micro-batch size (sequences)")
+    p.add_argument("--mb", type=int, default=8, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    return p.parse_args(argv)
+    p.add_argument("--profile", action="store_true", help="profile one more step (kernel time by kind)")
+    p.add_argument("--traces", default="", help="with --profile: keep gzipped Chrome traces in this folder")
+    p.add_argument("--trace-models", default="", help="keep traces only when --model-name is one of these")
+    p.add_argument("--trace-precisions", default="", help="keep traces of these precisions only")
+    args = p.parse_args(argv)
+    bad = [x for x in args.precisions.split(",") if x not in ("bf16", "fp8_cs")]
+    if bad:
+        p.error(f"--precisions {','.join(bad)}: allowed values are bf16, fp8_cs")
+    return args
 
 
 if __name__ == "__main__":
-    print("BENCH_RESULT " + json.dumps(run(parse())), flush=True)
+    main()

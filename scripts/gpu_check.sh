@@ -3,7 +3,9 @@
 # (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh tests          # kernels natively, then pytest -m gpu tests/gpu
-#   OUT=gpu-results bash scripts/gpu_check.sh bench train1b  # proxy benchmark; 1B bf16 vs nvfp4 on real data
+#   OUT=gpu-results bash scripts/gpu_check.sh bench          # 8B proxy + 1B benchmark and profile (<= 9 min)
+#   OUT=gpu-results bash scripts/gpu_check.sh cache          # weight quantized once per step; GEMM rounding
+#   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
 #
 # Every stage has its own time limit, so one that hangs or fails leaves the others their time.
 set -uo pipefail
@@ -28,10 +30,25 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
 }
 
 stage_bench() {
-  timeout "${BENCH_TIMEOUT:-330}" $py scripts/bench.py --precisions bf16,fp8_cs,mxfp8,nvfp4 --kernels \
-    --mb "${BENCH_MB:-4}" --steps "${BENCH_STEPS:-5}" --warmup 2 --out "$out/bench.json" --md "$out/bench.md" \
+  # Both sizes, all four precisions, each next to the bare Megatron-Core loop (bf16, fp8_cs), one profiled
+  # step per cell (Chrome traces kept for the 1B model's bf16 and fp8_cs cells), the quantize kernels'
+  # bandwidth. Results are written after every cell; render them with:
+  #   python scripts/bench.py --render "$out/bench.json"
+  timeout "${BENCH_TIMEOUT:-520}" $py scripts/bench.py --model 1b,proxy8b --precisions bf16,fp8_cs,mxfp8,nvfp4 \
+    --profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs --kernels \
+    --steps "${BENCH_STEPS:-4}" --warmup 2 --group-timeout 200 --out "$out/bench.json" --md "$out/bench.md" \
     >"$out/bench.log" 2>&1
   echo "bench: rc=$?" >>"$out/bench.log"
+  tar cf "$out/traces_1b.tar" -C /tmp llmtrain-traces 2>>"$out/bench.log"  # one file: few files come back
+}
+
+stage_cache() {
+  # Emulated MXFP8/NVFP4 on the Megatron engine quantize each weight once per optimizer step.
+  # And the torch engine's emulated GEMM rounds its output once, as TE's native GEMM.
+  timeout "${CACHE_TIMEOUT:-90}" $py -m pytest -m gpu -q -rA -s tests/gpu/test_megatron_weight_cache.py \
+    tests/gpu/test_gemm_emulation_gpu.py \
+    >"$out/weight_cache.log" 2>&1
+  echo "weight cache test: rc=$?" >>"$out/weight_cache.log"
 }
 
 stage_train1b() {

@@ -1,20 +1,40 @@
 """QuantLinear: y = x W^T with the operands of all three GEMMs quantized as a PrecisionRecipe says.
 
 Emulation: operands are quantized to their formats (codes x block scales, exact in BF16), the GEMM runs
-in the activation dtype (FP32 on CPU, BF16 under CUDA autocast) and per-tensor scales are applied to the
-FP32 output, as tensor cores do. Master weights, their gradients and the optimizer state stay FP32.
+in the activation dtype (FP32 on CPU, BF16 under CUDA autocast) with FP32 accumulation, and per-tensor
+scales are applied to the FP32 result before its one rounding to the activation dtype, as TE's native
+GEMMs do. Master weights, their gradients and the optimizer state stay FP32.
 
 In QAF mode (`qaf=True`) the forward stays quantized and dgrad/wgrad run in high precision on the
 original x and W. The mode is read when backward runs, so the monitor can re-run only the backward.
+
+Weights are quantized once per optimizer step, not once per micro-batch (weights do not change between
+micro-batches; TE caches its weight casts the same way, see te_custom.py): the fprop W and the dgrad W^T
+are two cached items per layer, each valid while the weight tensor (identity, storage, in-place version
+counter), every torch optimizer's step count (a global step hook: fused AdamW does not bump `_version`),
+the operand, the compute dtype and, for stochastically rounded weights, the training step are unchanged.
+So an SR weight is drawn once per step, as TE draws it once per step from its cached workspace.
+`.data` writes (`p.data.copy_(...)`) bypass the version counter: call `clear_weight_cache()` after them.
+Cost: while cached, each quantized weight is held twice more (W and W^T values in the compute dtype).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from llmtrain.precision.hadamard import TE_SIGNS, hadamard, random_signs
 from llmtrain.precision.quantize import Parts, quantize_parts
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
+
+_OPTIMIZER_STEPS = [0]  # steps taken by any torch optimizer in this process
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -37,10 +57,17 @@ class QuantLinear(nn.Module):
         self.step = 0
         self._generator: torch.Generator | None = None
         self._signs: torch.Tensor | None = None
+        self.cache_weights = True  # False: quantize W on every micro-batch (tests compare both)
+        self._weight_cache: dict[bool, tuple[tuple, Parts]] = {}  # transposed? -> (key, parts)
+        self.weight_cache_hits = self.weight_cache_misses = 0
 
     def begin_step(self, step: int) -> None:
         """Stochastic rounding in this step draws from (layer seed, step): a resumed run repeats it exactly."""
         self.step, self._generator = int(step), None
+        self.clear_weight_cache()
+
+    def clear_weight_cache(self) -> None:
+        self._weight_cache.clear()
 
     def generator(self, device: torch.device) -> torch.Generator:
         """Stochastic-rounding RNG of this layer, seeded from (run seed, layer position, step)."""
@@ -71,14 +98,51 @@ def _operand(t: torch.Tensor, op: Operand, layer: QuantLinear) -> Parts:
     return quantize_parts(t, op.fmt, op.rounding, op.block_2d, gen)
 
 
+def _weight_operand(weight: torch.Tensor, op: Operand, layer: QuantLinear, transposed: bool, cd) -> Parts:
+    """Quantized W (fprop) or W^T (dgrad), from the layer's cache while the weight is unchanged."""
+    if not op.quantized or not layer.cache_weights:
+        return _operand(weight.t() if transposed else weight, op, layer)
+    key = (id(weight), weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0], op, cd, weight.device,
+           layer.step if op.rounding == "stochastic" else None)  # fmt: skip
+    hit = layer._weight_cache.get(transposed)
+    if hit is not None and hit[0] == key:
+        layer.weight_cache_hits += 1
+        return hit[1]
+    layer.weight_cache_misses += 1
+    parts = _operand(weight.t() if transposed else weight, op, layer)
+    parts = Parts(parts.values.to(cd), parts.factor)  # stored as the GEMM reads it: a hit costs no cast
+    layer._weight_cache[transposed] = (key, parts)
+    return parts
+
+
 def _gemm(a: Parts, b: Parts, dtype: torch.dtype) -> torch.Tensor:
-    """(a.values @ b.values^T) * a.factor * b.factor: [m, k] x [n, k] -> [m, n]."""
-    y = a.values.to(dtype) @ b.values.to(dtype).t()
+    """(a.values @ b.values^T) * a.factor * b.factor: [m, k] x [n, k] -> [m, n], rounded to `dtype` once.
+
+    As TE's native FP8/NVFP4 GEMMs: the exact operands (codes x block scales) are accumulated in FP32, the
+    per-tensor factors scale the FP32 result, and only then is it rounded to the output dtype.
+    """
     factor = None
     for f in (a.factor, b.factor):
         if f is not None:
             factor = f if factor is None else factor * f
-    return y if factor is None else (y.float() * factor).to(dtype)
+    if factor is None:
+        return a.values.to(dtype) @ b.values.to(dtype).t()
+    return (_fp32_gemm(a.values.to(dtype), b.values.to(dtype).t()) * factor).to(dtype)
+
+
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=float32) available for this build/device
+
+
+def _fp32_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in FP32 (a BF16 GEMM would round its output before the factor)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[0] = False
+    return a.float() @ b.float()  # exact: the operands are exact in their dtype
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -86,7 +150,9 @@ class _QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, layer: QuantLinear):
         r, cd = layer.recipe, _compute_dtype(x)
         y = _gemm(
-            _operand(x.reshape(-1, x.shape[-1]), r.fprop_x, layer), _operand(weight, r.fprop_w, layer), cd
+            _operand(x.reshape(-1, x.shape[-1]), r.fprop_x, layer),
+            _weight_operand(weight, r.fprop_w, layer, False, cd),
+            cd,
         )
         ctx.save_for_backward(x, weight)
         ctx.layer, ctx.cd = layer, cd
@@ -103,7 +169,9 @@ class _QuantLinearFn(torch.autograd.Function):
             if hp:
                 dx = dy2.to(cd) @ weight.to(cd)
             else:  # dx = dy @ W: both operands blocked along out_features (W^T's rows)
-                dx = _gemm(_operand(dy2, r.dgrad_dy, layer), _operand(weight.t(), r.dgrad_w, layer), cd)
+                dx = _gemm(
+                    _operand(dy2, r.dgrad_dy, layer), _weight_operand(weight, r.dgrad_w, layer, True, cd), cd
+                )
             dx = dx.view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             a, b = dy2.t(), x2.t()  # dW = dy^T x: both blocked along tokens

@@ -13,9 +13,21 @@ the axis its GEMM reduces over:
 TE then runs plain BF16 cuBLAS GEMMs on those values (its general_gemm unwraps hybrid/identity tensors),
 so gradient accumulation fusion, TP/SP communication and FP32 main grads work unchanged. The emulated
 GEMM therefore sees BF16 operands: exact for MXFP8 and for an NVFP4 element times its E4M3 block scale;
-the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding (<= 2**-9 relative),
-small against the formats' own steps. The RHT is applied to both wgrad operands along the token axis,
-which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
+the FP32 per-tensor factor (NVFP4 amax/2688, FP8 1/scale) adds one BF16 rounding per element (<= 2**-9
+relative; about half of the BF16 GEMM outputs then differ from TE's native GEMM by an ulp or more, see
+docs/precision.md), small against the formats' own steps. The RHT is applied to both wgrad operands along
+the token axis, which leaves dW = dy^T x unchanged (the transform is orthogonal), as in TE's NVFP4 recipe.
+
+Weights are quantized once per optimizer step, not per micro-batch, by TE itself: Megatron-Core passes
+`is_first_microbatch` to TE's linears, and TE then keeps the weight's quantized workspace (our
+HybridQuantizer's output) in `module._fp8_workspaces["weight"]` and refreshes it only on the first
+micro-batch of each forward-backward call (`quantize_weight(update_workspace=is_first_microbatch)`, via
+`update_quantized`, which here writes the fake-quantized values straight into the cached buffer). Keying a
+cache of our own on `param._version` would not work on this engine: the distributed optimizer writes new
+weights through `.data` views of its parameter buffer, which bump no parameter's version counter.
+A stochastically rounded weight (sr_operands=all) is thus drawn once per forward-backward call, as TE does
+for any weight quantizer. `STATE.quantize_calls` counts quantizations per (tensor role, direction), so a
+test and the profiler can see it.
 
 Phases (precision.schedule): every quantizer looks its operand up in `STATE.recipe` when it quantizes,
 so `set_recipe` switches every TE linear at once; an operand in high precision passes through. The
@@ -28,6 +40,7 @@ the run's PrecisionRecipe before building the model. Imported only on a CUDA mac
 """
 
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +63,7 @@ class EmulationState:
     step: int = 0
     calls: int = 0  # quantize calls with stochastic rounding in this step (seeds stay reproducible)
     rht_signs: torch.Tensor = field(default_factory=lambda: torch.tensor(TE_SIGNS))
+    quantize_calls: Counter = field(default_factory=Counter)  # (role, "rowwise"|"columnwise") -> calls
 
     def next_seed(self) -> int:
         self.calls += 1
@@ -88,9 +102,9 @@ class FakeQuantizer(IdentityQuantizer):
     """One GEMM direction of one tensor: holds fake_quantize_2d(tensor) in the tensor's dtype, as the
     operand `name` of the active recipe says (its value when quantizing, so a phase switch applies)."""
 
-    def __init__(self, name: str, axis: int, *, backward: bool = False):
+    def __init__(self, name: str, axis: int, *, backward: bool = False, role: str = ""):
         super().__init__()
-        self.name, self.axis, self.backward = name, axis, backward
+        self.name, self.axis, self.backward, self.role = name, axis, backward, role
 
     @property
     def operand(self) -> Operand:
@@ -100,17 +114,43 @@ class FakeQuantizer(IdentityQuantizer):
     def rht(self) -> bool:
         return self.name in ("wgrad_x", "wgrad_dy") and STATE.recipe.rht
 
+    @property
+    def _passes_through(self) -> bool:
+        # The monitor's QAF pass (backward in high precision), or an operand the active phase leaves in BF16.
+        return (self.backward and STATE.qaf) or not self.operand.quantized
+
     def copy(self) -> "FakeQuantizer":
-        q = FakeQuantizer(self.name, self.axis, backward=self.backward)
+        q = FakeQuantizer(self.name, self.axis, backward=self.backward, role=self.role)
         q.rowwise_usage, q.columnwise_usage = self.rowwise_usage, self.columnwise_usage
         q.internal, q.optimize_for_gemm = self.internal, self.optimize_for_gemm
         return q
 
-    def _maybe_cast(self, tensor: torch.Tensor) -> torch.Tensor:
+    def update_quantized(self, src, dst, *, noop_flag=None):
+        """Refresh TE's cached weight workspace: fake-quantize into its buffer, no temporary + copy."""
+        hp = getattr(dst, "_hp_data", None)
+        if noop_flag is None and hp is not None and _same_storage(hp, src):
+            # A workspace made while QAF passed the weight through aliases the parameter (its buffer):
+            # writing quantized values into it would overwrite the weights. Replace it instead.
+            dst._hp_data = self._maybe_cast(src)
+            return dst
+        if (
+            noop_flag is None
+            and hp is not None
+            and hp.is_contiguous()
+            and src.is_contiguous()
+            and (hp.shape, hp.dtype, hp.device) == (src.shape, src.dtype, src.device)
+            and not self._passes_through
+        ):
+            self._maybe_cast(src, into=hp)
+            return dst
+        return super().update_quantized(src, dst, noop_flag=noop_flag)
+
+    def _maybe_cast(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         data = tensor.detach()
+        if self._passes_through:
+            return super()._maybe_cast(tensor)
         op = self.operand
-        if (self.backward and STATE.qaf) or not op.quantized:
-            return super()._maybe_cast(tensor)  # the monitor's QAF pass, or an operand left in high precision
+        STATE.quantize_calls[(self.role, "columnwise" if self.axis == 0 else "rowwise")] += 1
         x2 = data.reshape(-1, data.shape[-1])
         if self.rht and x2.shape[0] % 16:
             raise ValueError(
@@ -127,13 +167,18 @@ class FakeQuantizer(IdentityQuantizer):
             rht_signs=STATE.rht_signs if self.rht else None,
             seed=seed,
             out_dtype=data.dtype,
+            out=None if into is None else into.view(x2.shape),
         )
         return out.view(data.shape)
 
 
-def _direction(name: str, axis: int, *, backward: bool = False):
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _direction(name: str, axis: int, *, backward: bool = False, role: str = ""):
     # A FakeQuantizer even for a high-precision operand: a later phase may quantize it.
-    return FakeQuantizer(name, axis, backward=backward)
+    return FakeQuantizer(name, axis, backward=backward, role=role)
 
 
 def qfactory(role):
@@ -147,11 +192,12 @@ def qfactory(role):
         )
     if not linear or tensor_type not in ("input", "weight", "grad_output"):
         return IdentityQuantizer()
-    if tensor_type == "input":
-        row, col = _direction("fprop_x", 1), _direction("wgrad_x", 0, backward=True)
-    elif tensor_type == "weight":
-        row, col = _direction("fprop_w", 1), _direction("dgrad_w", 0, backward=True)
+    t = tensor_type
+    if t == "input":
+        row, col = _direction("fprop_x", 1, role=t), _direction("wgrad_x", 0, backward=True, role=t)
+    elif t == "weight":
+        row, col = _direction("fprop_w", 1, role=t), _direction("dgrad_w", 0, backward=True, role=t)
     else:
-        row = _direction("dgrad_dy", 1, backward=True)
-        col = _direction("wgrad_dy", 0, backward=True)
+        row = _direction("dgrad_dy", 1, backward=True, role=t)
+        col = _direction("wgrad_dy", 0, backward=True, role=t)
     return HybridQuantizer(rowwise_quantizer=row, columnwise_quantizer=col)

@@ -1,0 +1,59 @@
+"""Emulated formats on the Megatron engine: each weight is quantized once per optimizer step (TE's weight
+workspace cache, driven by Megatron-Core's is_first_microbatch), and the cache changes no result."""
+
+import os
+
+import pytest
+
+from llmtrain.engines.base import DistInfo
+from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
+
+pytestmark = pytest.mark.gpu
+os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
+
+MICRO_BATCHES = 4
+
+
+def _train(precision: str, cache: bool, steps: int = 2):
+    from llmtrain.engines.megatron_engine import MegatronEngine
+    from llmtrain.precision import te_custom
+
+    over = {
+        "precision": {"bf16_layers": {"first": 0, "last": 0}},
+        "train": {"micro_batch_size": 1, "global_batch_size": MICRO_BATCHES},
+    }
+    engine = MegatronEngine(make_config("tiny", precision, "single", over), DistInfo())
+    if not engine.emulated:
+        dispose(engine)
+        pytest.skip(f"{precision} runs natively here: {engine.backend_description}")
+    if not cache:  # TE then quantizes the weight on every micro-batch (is_first_microbatch=None)
+        for model in engine.models:
+            for m in model.modules():
+                if hasattr(m, "disable_parameter_transpose_cache"):
+                    m.disable_parameter_transpose_cache = True
+    batches = mock_batches(steps * MICRO_BATCHES, 1, 256, 4096, seed=3)
+    losses, calls = [], []
+    for step in range(steps):
+        te_custom.STATE.quantize_calls.clear()
+        engine.begin_step(step + 1)
+        r = engine.train_step(batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES], lr=1e-3)
+        losses.append((r.loss, r.grad_norm))
+        calls.append(dict(te_custom.STATE.quantize_calls))
+    dispose(engine)
+    return losses, calls
+
+
+@pytest.mark.parametrize("precision", ["mxfp8", "nvfp4"])
+def test_weights_quantized_once_per_step_and_results_unchanged(precision):
+    cached, calls = _train(precision, cache=True)
+    plain, calls_plain = _train(precision, cache=False)
+    record(f"weight_cache_{precision}", {"calls_cached": str(calls), "calls_uncached": str(calls_plain),
+                                         "losses_cached": cached, "losses_uncached": plain})  # fmt: skip
+    for c in calls:
+        linears = c[("input", "rowwise")] // MICRO_BATCHES  # one input quantization per micro-batch
+        assert linears > 0 and c[("input", "rowwise")] == linears * MICRO_BATCHES
+        assert c[("weight", "rowwise")] == linears, c  # fprop W: once per step
+        assert c[("weight", "columnwise")] == linears, c  # dgrad W^T: once per step
+    for c in calls_plain:
+        assert c[("weight", "rowwise")] == c[("input", "rowwise")], c  # without the cache: every micro-batch
+    assert cached == plain

@@ -1,0 +1,243 @@
+"""scripts/bench.py and scripts/profile_step.py without a GPU: arguments, the cells and the commands each
+runs (both loops see the same model), the markdown tables, and the profiler's kernel grouping."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench")
+profile_step = _load("profile_step")
+bare = _load("bench_bare_megatron")
+
+
+def test_models_and_groups_in_run_order():
+    args = bench.parse(["--model", "1b,proxy8b", "--precisions", "bf16,fp8_cs,nvfp4"])
+    assert bench.groups(args) == [
+        ("1b", "llmtrain", ["bf16", "fp8_cs", "nvfp4"]), ("1b", "bare", ["bf16", "fp8_cs"]),
+        ("proxy8b", "llmtrain", ["bf16", "fp8_cs", "nvfp4"]), ("proxy8b", "bare", ["bf16", "fp8_cs"]),
+    ]  # fmt: skip
+    assert bench.groups(bench.parse(["--precisions", "mxfp8", "--impls", "bare"])) == []
+
+
+@pytest.mark.parametrize("argv", [["--model", "8b"], ["--model", "1b,70b"], ["--impls", "native"]])
+def test_unknown_choice_is_one_error_line(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.parse(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "allowed values are" in err
+
+
+def test_bare_loop_and_llmtrain_get_the_same_model():
+    args = bench.parse(["--model", "proxy8b,1b", "--profile", "--traces", "/tmp/t", "--trace-models", "1b",
+                        "--trace-precisions", "fp8_cs"])  # fmt: skip
+    b = bare.parse(bench.group_command("bare", "1b", ["bf16", "fp8_cs"], args)[2:])
+    assert (b.layers, b.hidden, b.ffn, b.heads, b.groups, b.kv_channels) == (16, 2048, 8192, 32, 8, 64)
+    assert (b.tie, b.vocab, b.seq, b.mbs, b.mb, b.precisions, b.profile) == (
+        True, 128256, 1024, 4, 4, "bf16,fp8_cs", True)  # fmt: skip
+    assert (
+        bare.trace_path(b, "fp8_cs").endswith("1b_fp8_cs_bare.json.gz") and bare.trace_path(b, "bf16") is None
+    )
+    b8 = bare.parse(bench.group_command("bare", "proxy8b", ["bf16"], args)[2:])
+    assert (b8.layers, b8.hidden, b8.ffn, b8.kv_channels, b8.tie, b8.seq, b8.mbs, b8.mb) == (
+        4, 4096, 14336, 128, False, 8192, 1, 4)  # fmt: skip
+    assert bare.trace_path(b8, "fp8_cs") is None  # traces only for --trace-models
+    worker = bench.parse(bench.group_command("llmtrain", "1b", ["bf16", "nvfp4"], args)[2:])
+    assert worker.worker and worker.model == "1b" and worker.precisions == "bf16,nvfp4"
+    assert bench.shape_of(worker, "1b") == bench.shape_of(args, "1b")
+    assert bench.trace_path(worker, "1b", "fp8_cs", "llmtrain").endswith("1b_fp8_cs_llmtrain.json.gz")
+    assert bench.trace_path(worker, "1b", "nvfp4", "llmtrain") is None
+    cfg = bench.make_cfg("1b", bench.shape_of(worker, "1b"), "nvfp4")
+    assert (cfg.model.num_layers, cfg.model.seq_length, cfg.train.micro_batch_size) == (16, 1024, 4)
+    assert cfg.train.global_batch_size == 16 and cfg.precision.bf16_layers.last == 0
+    with pytest.raises(SystemExit):
+        bare.parse(["--precisions", "bf16,nvfp4"])  # the bare loop runs TE's native recipes only
+
+
+def test_a_group_reports_every_precision_even_when_its_process_fails(monkeypatch):
+    args = bench.parse(["--model", "1b", "--group-timeout", "5"])
+    ok = {"impl": "bare-megatron-core", "precision": "bf16", "step_time_s": 1.0}
+
+    def fake_run(cmd, **kw):
+        return subprocess.CompletedProcess(
+            cmd, 1, "noise\nBENCH_RESULT " + json.dumps(ok) + "\n", "CUDA error"
+        )
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    rows = bench.run_group("bare", "1b", ["bf16", "fp8_cs"], args)
+    assert rows[0] == {"model": "1b", **ok}
+    assert (
+        rows[1]["precision"] == "fp8_cs"
+        and rows[1]["error"].startswith("rc=1")
+        and "CUDA error" in rows[1]["error"]
+    )
+
+    def timeout(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, 5, output=b"BENCH_RESULT " + json.dumps(ok).encode() + b"\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", timeout)
+    rows = bench.run_group("bare", "1b", ["bf16", "fp8_cs"], args)
+    assert "error" not in rows[0] and rows[1]["error"].startswith("timed out after 5s")
+
+
+def _row(model, precision, impl, step, **kw):
+    r = {"model": model, "precision": precision, "impl": impl, "step_time_s": step, "tokens_per_step": 16384,
+         "peak_mem_gib": 20.0, **kw}  # fmt: skip
+    return bench.add_metrics(r, 1e10, 989.0)
+
+
+def _meta():
+    return {
+        "gpu": "NVIDIA H200",
+        "peak_tflops": 989.0,
+        "timing": "5 timed steps after 2 warm-up",
+        "models": {"1b": {"description": "llama3_1b", "flops_per_token": 1e10, "params": 1}},
+        "nominal_hbm_gb_per_s": 4800.0,
+        "kernels": {"tensor": "8192x4096 bf16", "copy_gb_per_s": 3600.0, "rows": [
+            {"kernel": "mxfp8+rowwise", "ms": 0.05, "gb_per_s": 2520.0, "fraction_of_copy_bw": 0.7}]},
+    }  # fmt: skip
+
+
+CALLS = {"weight/rowwise": 64, "weight/columnwise": 64, "input/rowwise": 256, "grad_output/columnwise": 256}
+
+
+def test_markdown_table_ratios_and_errors():
+    rows = [
+        _row("1b", "bf16", "llmtrain-megatron", 0.40),
+        _row("1b", "bf16", "bare-megatron-core", 0.38),
+        _row("1b", "fp8_cs", "llmtrain-megatron", 0.50),
+        _row("1b", "nvfp4", "llmtrain-megatron", 0.60, quantize_calls_per_step=CALLS),
+        {"model": "1b", "precision": "mxfp8", "impl": "llmtrain-megatron", "error": "rc=1: boom"},
+    ]
+    md = bench.markdown(rows, _meta())
+    lines = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in md.splitlines()
+             if ln.startswith("| ") and "---" not in ln}  # fmt: skip
+    assert "1.053x time" in lines["bf16/llmtrain-megatron"]  # 0.40 / 0.38 vs bare
+    assert "1.25x time" in lines["fp8_cs/llmtrain-megatron"]  # 0.50 / 0.40 vs BF16, same implementation
+    assert "40,960" in lines["bf16/llmtrain-megatron"]  # 16384 tokens / 0.4 s
+    assert "failed" in lines["mxfp8/llmtrain-megatron"] and "boom" in lines["mxfp8/llmtrain-megatron"]
+    assert "| 1b | nvfp4 | 64 | 64 | 256 | 0 | 0 | 256 |" in md
+    assert "| mxfp8+rowwise | 50 | 2,520 | 70% | 52% |" in md
+
+
+def test_render_reads_the_results_file(tmp_path, capsys):
+    prof = profile_step.group_trace(_trace()) | {"wall_ms_profiled": 1.0}
+    slower = json.loads(json.dumps(prof))
+    slower["categories"]["amax"]["ms"] += 2.0
+    slower["busy_ms"] += 2.0
+    rows = [
+        _row("1b", "bf16", "llmtrain-megatron", 0.4, profile=prof),
+        _row("1b", "fp8_cs", "llmtrain-megatron", 0.41, profile=slower),
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": _meta(), "results": rows}))
+    bench.main(["--render", str(path)])
+    out = capsys.readouterr().out
+    assert out == bench.markdown(rows, _meta())
+    # step timed without the profiler (400 ms), GPU busy 0.151 ms, idle the rest; then the categories
+    assert "| 1b | bf16 | llmtrain-megatron | 400.0 | 0.2 | 399.8 | 0.0 (13%) | 0.0 (3%) | 0.1 (64%) |" in out
+    # the difference to BF16: +10 ms step, +2 ms busy (all of it amax), +8 ms idle
+    assert "| 1b | fp8_cs - bf16 | llmtrain-megatron | +10.0 | +2.0 | +8.0 | +0.0 | +2.0 | +0.0 |" in out
+
+
+KERNELS = {
+    "void transformer_engine::(anonymous namespace)::amax_kernel<8, __nv_bfloat16>(...)": "amax",
+    "_amax_kernel": "amax",
+    "_fake_quant_kernel": "quantize",
+    "void transformer_engine::detail::cast_transpose_general_kernel<...>": "quantize",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "gemm",
+    "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT": "gemm",
+    "void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, cutlass::bfloat16_t>>": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1": "attention",
+    "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>": "cast",
+    "void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float, float, long>>": "optimizer",
+    "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
+    "void transformer_engine::normalization::rmsnorm_fwd_tuned_kernel<...broadcast...>": "other",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name,category", list(KERNELS.items()))
+def test_classify_kernel_names(name, category):
+    assert profile_step.classify(name) == category
+
+
+def _trace():
+    def k(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    return {"traceEvents": [
+        k("Memcpy HtoD (Pageable -> Device)", 0, 10, "gpu_memcpy"),
+        k("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn", 10, 100),
+        k("_fake_quant_kernel", 105, 20),  # overlaps the GEMM on another stream: 110..125 counted once
+        k("_amax_kernel", 130, 5),
+        k("rmsnorm_fwd", 135, 5),
+        {"ph": "X", "cat": "gpu_user_annotation", "name": profile_step.OPTIMIZER_MARK, "ts": 200, "dur": 50},
+        k("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>", 210, 10),  # in the optimizer
+        k("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>", 300, 4),  # a cast
+        k("Memset (Device)", 310, 2, "gpu_memset"),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 999},  # host side: ignored
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0},
+    ]}  # fmt: skip
+
+
+def test_group_trace_sums_per_category_and_marks_the_optimizer():
+    g = profile_step.group_trace(_trace())
+    ms = {c: v["ms"] for c, v in g["categories"].items()}
+    assert ms == pytest.approx({"quantize": 0.020, "amax": 0.005, "gemm": 0.100, "attention": 0.0, "cast": 0.004,
+                                "optimizer": 0.010, "communication": 0.0, "data": 0.010, "other": 0.007})  # fmt: skip
+    assert g["kernel_ms"] == pytest.approx(0.156)
+    assert g["busy_ms"] == pytest.approx((125 + 10 + 10 + 4 + 2) / 1e3)  # 0..125, 130..140, then 3 alone
+    assert sum(v["share"] for v in g["categories"].values()) == pytest.approx(1.0)
+    assert g["optimizer_marked"] and g["top_kernels"][0]["category"] == "gemm"
+    # Without the annotation the copy inside the optimizer step counts as a cast.
+    plain = profile_step.group_trace(
+        [e for e in _trace()["traceEvents"] if e["cat"] != "gpu_user_annotation"]
+    )
+    assert plain["categories"]["cast"]["ms"] == pytest.approx(0.014) and not plain["optimizer_marked"]
+    # Or by launch: the kernel launched (correlation id) inside the host-side range.
+    host = [e for e in _trace()["traceEvents"] if e["cat"] != "gpu_user_annotation"]
+    host[6] = {**host[6], "args": {"correlation": 42}}  # the copy at 300 us
+    host += [{"ph": "X", "cat": "user_annotation", "name": profile_step.OPTIMIZER_MARK, "ts": 280, "dur": 5},
+             {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 282, "dur": 1,
+              "args": {"correlation": 42}}]  # fmt: skip
+    assert host[6]["ts"] == 300
+    by_launch = profile_step.group_trace(host)
+    assert by_launch["optimizer_marked"]
+    assert by_launch["categories"]["optimizer"]["ms"] == pytest.approx(0.004)
+    assert by_launch["categories"]["cast"]["ms"] == pytest.approx(0.010)
+
+
+def test_profile_one_step_marks_the_optimizer_step_and_restores_it(tmp_path):
+    """On the CPU: no kernels, but the export, the optimizer marker and the trace file work end to end."""
+    import gzip
+
+    import torch
+
+    layer = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(layer.parameters())
+
+    def step():
+        layer(torch.randn(4, 8)).sum().backward()
+        opt.step()
+
+    trace, original = tmp_path / "t.json.gz", opt.step
+    out = profile_step.profile_one_step(step, opt, str(trace))
+    assert out["kernel_ms"] == 0.0 and out["wall_ms_profiled"] > 0
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert any(e.get("name") == profile_step.OPTIMIZER_MARK for e in events)
+    assert opt.step == original  # the marker is gone

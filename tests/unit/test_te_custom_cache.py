@@ -1,0 +1,93 @@
+"""te_custom's FakeQuantizer refreshing TE's cached weight workspace, on the CPU with TE's two quantizer base
+classes stubbed (as TE 2.20 defines the parts used here) and the Triton kernels in the interpreter."""
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+class _IdentityQuantizer:
+    """TE 2.20's IdentityQuantizer, the parts FakeQuantizer inherits."""
+
+    def __init__(self, *, dtype=None, rowwise=True, columnwise=True):
+        self.dtype, self.rowwise_usage, self.columnwise_usage = dtype, rowwise, columnwise
+        self.internal = self.optimize_for_gemm = False
+
+    def _maybe_cast(self, tensor):
+        return tensor.detach()
+
+    def update_quantized(self, src, dst, *, noop_flag=None):
+        data = self._maybe_cast(src)
+        hp = dst._hp_data
+        if hp is not None and (hp.shape, hp.dtype, hp.device) == (data.shape, data.dtype, data.device):
+            hp.copy_(data)
+        else:
+            dst._hp_data = data.detach()
+        return dst
+
+
+@pytest.fixture
+def te_custom(monkeypatch):
+    stubs = {
+        "transformer_engine": types.ModuleType("transformer_engine"),
+        "transformer_engine.pytorch": types.ModuleType("transformer_engine.pytorch"),
+        "transformer_engine.pytorch.tensor": types.ModuleType("transformer_engine.pytorch.tensor"),
+        "transformer_engine.pytorch.tensor.hybrid_tensor": types.ModuleType("hybrid_tensor"),
+        "transformer_engine.pytorch.tensor.identity_tensor": types.ModuleType("identity_tensor"),
+    }
+    stubs["transformer_engine.pytorch.tensor.hybrid_tensor"].HybridQuantizer = object
+    stubs["transformer_engine.pytorch.tensor.identity_tensor"].IdentityQuantizer = _IdentityQuantizer
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    import llmtrain.precision as package
+
+    monkeypatch.delitem(sys.modules, "llmtrain.precision.te_custom", raising=False)
+    monkeypatch.delattr(package, "te_custom", raising=False)  # restored (if there was one) afterwards
+    module = importlib.import_module("llmtrain.precision.te_custom")
+    yield module
+    sys.modules.pop("llmtrain.precision.te_custom", None)  # the stubbed module must not outlive the test
+    if hasattr(package, "te_custom"):
+        delattr(package, "te_custom")
+
+
+def _weight():
+    buffer = torch.randn(3 * 64 * 48, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    return buffer[64 * 48 : 2 * 64 * 48].view(64, 48)  # a view into a parameter buffer, as Megatron's DDP
+
+
+def test_refresh_writes_the_quantized_weight_into_the_cached_buffer(te_custom):
+    from llmtrain.precision.recipe import Operand
+    from llmtrain.precision.triton_kernels import fake_quantize_2d
+
+    q = te_custom.FakeQuantizer(Operand("nvfp4", block_2d=True), 1, role="weight")
+    w = _weight()
+    workspace = types.SimpleNamespace(_hp_data=q._maybe_cast(w))
+    cached = workspace._hp_data
+    with torch.no_grad():
+        w.mul_(-0.5)  # the optimizer step
+    q.update_quantized(w, workspace)
+    assert workspace._hp_data is cached
+    assert torch.equal(cached, fake_quantize_2d(w, "nvfp4", axis=1, block_2d=True))
+    assert te_custom.STATE.quantize_calls[("weight", "rowwise")] == 2
+
+
+def test_a_workspace_made_in_qaf_aliases_the_weight_and_is_replaced_not_written(te_custom):
+    from llmtrain.precision.recipe import Operand
+    from llmtrain.precision.triton_kernels import fake_quantize_2d
+
+    q = te_custom.FakeQuantizer(Operand("nvfp4"), 0, backward=True, role="weight")  # dgrad W^T
+    w = _weight()
+    te_custom.set_qaf(True)
+    workspace = types.SimpleNamespace(_hp_data=q._maybe_cast(w))  # QAF passes the weight through
+    assert workspace._hp_data.data_ptr() == w.data_ptr()
+    te_custom.set_qaf(False)
+    before = w.clone()
+    q.update_quantized(w, workspace)
+    assert torch.equal(w, before)  # TE's plain copy_ would have written quantized values into the weight
+    assert torch.equal(workspace._hp_data, fake_quantize_2d(w, "nvfp4", axis=0))
