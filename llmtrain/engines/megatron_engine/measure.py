@@ -112,14 +112,12 @@ def _leaf_tensors(t: torch.Tensor):
 
 
 def storage_bytes(tensors, seen: set) -> int:
-    """Bytes of the CUDA storages behind `tensors` not already in `seen` (views of one buffer count once)."""
+    """Bytes of the storages behind `tensors` not already in `seen` (views of one buffer count once)."""
     total = 0
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
         for leaf in _leaf_tensors(t):
-            if not leaf.is_cuda:
-                continue
             storage = leaf.untyped_storage()
             if storage.data_ptr() in seen or storage.nbytes() == 0:
                 continue
