@@ -119,6 +119,7 @@ class MegatronEngine(Engine):
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(**settings.optimizer_config_kwargs(cfg.optim, cfg.parallel), **gather_opt),
             self.ddp_models,
+            use_gloo_process_groups=self._gloo,
         )
         self._wire_schedule(finalize_model_grads)
         if cfg.train.init_from:
@@ -148,14 +149,15 @@ class MegatronEngine(Engine):
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         lay = self.layout
+        # dry_run=measure's fake backend cannot host gloo groups (its FakeStore stores nothing); only
+        # checkpointing could use them, and a measured dry run saves none.
+        self._gloo = torch.distributed.get_backend() != "fake"
         ps.initialize_model_parallel(
             tensor_model_parallel_size=lay.tp,
             pipeline_model_parallel_size=lay.pp,
             virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
             context_parallel_size=lay.cp,
-            # dry_run=measure's fake backend cannot host gloo groups (its FakeStore stores nothing); only
-            # checkpointing could use them, and a measured dry run saves none.
-            create_gloo_process_groups=torch.distributed.get_backend() != "fake",
+            create_gloo_process_groups=self._gloo,
         )
         # Megatron-LM's convention: same init on all DP ranks, different per pipeline stage.
         seed = int(self.cfg.train.seed) + 100 * ps.get_pipeline_model_parallel_rank()

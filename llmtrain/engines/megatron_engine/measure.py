@@ -33,7 +33,8 @@ DRY_RUN_VALUES = [False, True, "measure"]
 NOT_REAL = (
     "NOT REAL: losses and communication. Collectives and pipeline transfers are no-ops (torch's fake "
     "process group), so this rank computes on garbage from its peers and the times exclude all "
-    "communication; shapes, sharding and memory are this rank's real ones."
+    "communication; shapes, sharding and memory are this rank's real ones (NCCL's own buffers, outside "
+    "PyTorch's allocator, are not counted)."
 )
 
 
