@@ -282,7 +282,12 @@ def _measure(cfg, world: int, rank: int) -> dict:
     finally:
         out.setdefault("stage", _stage_of(rank, lay))
         est = estimate_memory(
-            cfg, lay, "megatron", stage=out["stage"], param_gather=out.get("lowp_param_gather")
+            cfg,
+            lay,
+            "megatron",
+            stage=out["stage"],
+            param_gather=out.get("lowp_param_gather"),
+            emulated=out.get("emulated"),
         )
         out["estimate"] = {
             "weights": est.weights / GIB,
