@@ -222,7 +222,7 @@ def _measure(cfg, world: int, rank: int) -> dict:
     }
     torch.cuda.set_device(0)
     torch.cuda.reset_peak_memory_stats()
-    eng = None
+    eng, peak_before_last = None, 0
     try:
         with _updates_never_skipped():
             eng = MegatronEngine(cfg, DistInfo(rank=rank, world_size=world, local_rank=0))
@@ -239,7 +239,6 @@ def _measure(cfg, world: int, rank: int) -> dict:
         )
         batches = mock_batches(n_mb, int(cfg.train.micro_batch_size), spec.seq_length, spec.vocab_size)
         times = []
-        peak_before_last = 0
         for step in range(1, int(cfg.measure.steps) + 1):
             out["phase"] = f"step {step}"
             torch.cuda.synchronize()
@@ -275,7 +274,7 @@ def _measure(cfg, world: int, rank: int) -> dict:
     except torch.cuda.OutOfMemoryError as exc:
         out["oom"] = True
         out["error"] = str(exc).splitlines()[0][:300]
-        out["peak_before_oom_gib"] = torch.cuda.max_memory_allocated() / GIB
+        out["peak_before_oom_gib"] = max(torch.cuda.max_memory_allocated(), peak_before_last) / GIB
     except Exception as exc:  # recorded for scripts/measure_layouts.py, then raised as usual
         out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         raise
