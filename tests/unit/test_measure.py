@@ -193,15 +193,20 @@ def test_lowp_param_gather_stores_quantized_layers_in_low_precision_only():
     assert (on.grads, on.optimizer, on.activations) == (off.grads, off.optimizer, off.activations)
 
 
-def test_fp8_proxy_matches_the_measured_gap_to_bf16():
-    """docs/benchmarks.md, 4-layer Llama 3 8B proxy on an H200: FP8-CS peaked 47.4 GiB, BF16 46.5 GiB."""
-    over = {"model": {"num_layers": 4}, "train": {"global_batch_size": 4, "micro_batch_size": 1}}
-    bf16, fp8 = (
-        estimate_memory(make_config("llama3_8b", p, "megatron_8b", over), layout_of(make_config(
-            "llama3_8b", p, "megatron_8b", over), 1), "megatron", param_gather=False, emulated=False)
-        for p in ("bf16", "fp8_cs")
-    )  # fmt: skip
-    assert (fp8.total - bf16.total) / GIB == pytest.approx(0.9, abs=0.15)
+def _proxy(precision: str, emulated: bool):
+    over = {"model": {"num_layers": 4}, "train": {"global_batch_size": 4, "micro_batch_size": 1},
+            "precision": {"bf16_layers": {"last": 0}}}  # fmt: skip
+    cfg = make_config("llama3_8b", precision, "megatron_8b", over)
+    return estimate_memory(cfg, layout_of(cfg, 1), "megatron", param_gather=False, emulated=emulated)
+
+
+def test_proxy_estimates_match_the_measured_gaps_to_bf16():
+    """docs/benchmarks.md, 4-layer Llama 3 8B proxy on an H200 (peak GiB): BF16 46.5, FP8-CS (native)
+    47.4, MXFP8 and NVFP4 (emulated, all 4 layers quantized) 49.8 each."""
+    bf16 = _proxy("bf16", False).total
+    assert (_proxy("fp8_cs", False).total - bf16) / GIB == pytest.approx(0.9, abs=0.15)
+    for precision in ("mxfp8", "nvfp4"):
+        assert (_proxy(precision, True).total - bf16) / GIB == pytest.approx(3.3, abs=0.15)
 
 
 def test_pp1_estimate_is_unchanged_for_bf16():
