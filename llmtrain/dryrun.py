@@ -1,6 +1,6 @@
 """`dry_run=true`: what a recipe costs before it runs (parameters, FLOPs, memory, batch arithmetic)."""
 
-from llmtrain.config.estimate import GIB, estimate_memory, layout_of
+from llmtrain.config.estimate import GIB, estimate_memory, layout_of, lowp_param_gather_planned
 from llmtrain.models import ModelSpec
 
 REFERENCE_GPU = ("H100", 80.0)
@@ -27,6 +27,11 @@ def fp8_speed_warning(cfg, engine: str) -> str | None:
 
 
 def dry_run_report(cfg, world: int, engine: str) -> str:
+    from llmtrain.engines.megatron_engine.measure import check_dry_run_value, measure_report
+
+    check_dry_run_value(cfg.dry_run)
+    if cfg.dry_run == "measure":  # one rank built and stepped for real under a fake process group
+        return measure_report(cfg, world, engine)
     spec = ModelSpec.from_config(cfg.model)
     lay = layout_of(cfg, world)
     mem = estimate_memory(cfg, lay, engine)
@@ -41,7 +46,8 @@ def dry_run_report(cfg, world: int, engine: str) -> str:
         f"last {cfg.precision.bf16_layers.last})",
         f"engine       {engine}; world {lay.world} = tp {lay.tp} x pp {lay.pp} (vpp {lay.vpp}) x cp {lay.cp} "
         f"x dp {lay.dp}; distributed optimizer {'on' if cfg.parallel.distributed_optimizer else 'off'}, "
-        f"recompute {cfg.parallel.recompute}",
+        f"recompute {cfg.parallel.recompute}, low-precision param all-gather "
+        f"{'on' if lowp_param_gather_planned(cfg) else 'off'}",
         f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} x dp {lay.dp} x grad-accum "
         f"{lay.grad_accum}; {tokens_per_step:,} tokens/step (seq {spec.seq_length}); "
         f"{t.steps:,} steps = {t.steps * tokens_per_step / 1e9:.2f} B tokens",

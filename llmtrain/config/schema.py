@@ -41,6 +41,10 @@ class ParallelConfig:
     grad_accum_fusion: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Keep the quantized layers' parameters in FP8/NVFP4 for the distributed optimizer's all-gather
+    # (Megatron-Bridge's fp8_param_gather / fp4_param_gather). null = on where Bridge turns it on and TE
+    # runs the recipe natively on this GPU (engines/megatron_engine/param_gather.py).
+    lowp_param_gather: bool | None = None
 
 
 @dataclass
@@ -136,6 +140,16 @@ class EngineConfig:
 
 
 @dataclass
+class MeasureConfig:
+    """dry_run=measure: one rank of the planned world, built and stepped for real on this GPU."""
+
+    rank: int = 0  # global rank to emulate; -1 = the last one (last pipeline stage, holds the output layer)
+    steps: int = 3  # optimizer steps; the peak of the last one is reported
+    micro_batches: int = 0  # per step; 0 = enough to fill the pipeline (min(grad-accum, 2*pp), at least 2)
+    json: str | None = None  # also append the result as one JSON line to this file
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -146,7 +160,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    dry_run: bool = False
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    dry_run: Any = False  # false | true (estimate) | measure (llmtrain/engines/megatron_engine/measure.py)
 
 
 def register_configs() -> None:

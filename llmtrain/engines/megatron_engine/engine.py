@@ -16,7 +16,7 @@ import torch
 
 from llmtrain import precision
 from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
-from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, settings
+from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, param_gather, settings
 from llmtrain.errors import UserError
 from llmtrain.models import ModelSpec
 
@@ -130,6 +130,10 @@ class MegatronEngine(Engine):
         _NativeBackward.mode = None  # the base recipe's backward, whatever an earlier engine left
         if not self.emulated and cfg.precision.name != "bf16":
             settings.require_native_phases(cfg.precision, _te_backward_override_available())
+        self.lowp_param_gather = param_gather.resolve(cfg.parallel, cfg.precision, capability)
+        gather_tc, gather_ddp, gather_opt = param_gather.megatron_kwargs(
+            cfg.precision, self.lowp_param_gather
+        )
         if self.emulated:  # our quantizers inside TE: the factory reads this recipe
             from llmtrain.precision import te_custom
 
@@ -146,6 +150,7 @@ class MegatronEngine(Engine):
         config_kwargs = settings.transformer_config_kwargs(
             self.spec, cfg.parallel, self.layout, precision_kwargs
         )
+        config_kwargs.update(gather_tc)
         notes = []
         if config_kwargs["gradient_accumulation_fusion"] and not _grad_accum_fusion_available():
             # Megatron's own output-layer linear needs apex's extension for it; TE layers alone can't have it.
@@ -153,13 +158,15 @@ class MegatronEngine(Engine):
             notes.append("grad_accum_fusion off (apex fused_weight_gradient_mlp_cuda not installed)")
         self.config = TransformerConfig(**config_kwargs)
         self.models = self._build_models(ps)  # unwrapped GPTModel chunks (checkpoint/weight I/O)
-        ddp_config = DistributedDataParallelConfig(**settings.ddp_config_kwargs(cfg.parallel))
+        ddp_config = DistributedDataParallelConfig(**settings.ddp_config_kwargs(cfg.parallel), **gather_ddp)
         self.ddp_models = [
             DistributedDataParallel(self.config, ddp_config, m, disable_bucketing=i > 0)
             for i, m in enumerate(self.models)
         ]
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(**settings.optimizer_config_kwargs(cfg.optim, cfg.parallel)), self.ddp_models
+            OptimizerConfig(**settings.optimizer_config_kwargs(cfg.optim, cfg.parallel), **gather_opt),
+            self.ddp_models,
+            use_gloo_process_groups=self._gloo,
         )
         self._wire_schedule(finalize_model_grads)
         if cfg.train.init_from:
@@ -169,8 +176,8 @@ class MegatronEngine(Engine):
         self.backend_description = (
             f"Megatron-Core {mcore_version} + TE {te_version}: {precision_desc}; "
             f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} cp={lay.cp} dp={lay.dp} sp={lay.sequence_parallel} "
-            f"dist_opt={bool(cfg.parallel.distributed_optimizer)} recompute={cfg.parallel.recompute}"
-            + "".join(f"; {n}" for n in notes)
+            f"dist_opt={bool(cfg.parallel.distributed_optimizer)} recompute={cfg.parallel.recompute} "
+            f"lowp_param_gather={self.lowp_param_gather}" + "".join(f"; {n}" for n in notes)
         )
         if dist.is_main:
             log.info("engine: %s", self.backend_description)
@@ -189,11 +196,15 @@ class MegatronEngine(Engine):
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         lay = self.layout
+        # dry_run=measure's fake backend cannot host gloo groups (its FakeStore stores nothing); only
+        # checkpointing could use them, and a measured dry run saves none.
+        self._gloo = torch.distributed.get_backend() != "fake"
         ps.initialize_model_parallel(
             tensor_model_parallel_size=lay.tp,
             pipeline_model_parallel_size=lay.pp,
             virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
             context_parallel_size=lay.cp,
+            create_gloo_process_groups=self._gloo,
         )
         # Megatron-LM's convention: same init on all DP ranks, different per pipeline stage.
         seed = int(self.cfg.train.seed) + 100 * ps.get_pipeline_model_parallel_rank()
