@@ -20,7 +20,9 @@
 # Environment: BUDGET (s), PYTHON (python3), STUDY_OVERRIDES (extra Hydra overrides for every point, e.g.
 # "model=study_85m hydra.sweep.dir=.study/runs_85m" -- give another sweep dir whenever the overrides change
 # what a point trains, so no run resumes another's checkpoint), STUDY_NEW_CORPUS=1 (accept a corpus that
-# differs from the one recorded in docs/results/gpu/corpus/summary.json).
+# differs from the one recorded in docs/results/gpu/corpus/summary.json), STUDY_CORPUS_ARGS (more
+# arguments of build_study_corpus.py, e.g. "--roots DIR"), STUDY_DIR (instead of .study: corpus, caches,
+# runs, logs; tests use it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -28,7 +30,11 @@ budget=${BUDGET:-560}
 deadline=$((start + budget))
 out=${OUT:-.study/out}
 py=${PYTHON:-python3}
-study=.study
+study=${STUDY_DIR:-.study}
+overrides=(${STUDY_OVERRIDES:-})
+if [ "$study" != .study ]; then # another home for corpus, caches and runs (tests)
+  overrides=("data.paths=[$study/corpus/study]" "data.cache_dir=$study/cache" "hydra.sweep.dir=$study/runs" "${overrides[@]}")
+fi
 kept=docs/results/gpu
 collect=$study/collect
 tokenizer=$kept/corpus/tokenizer.json
@@ -48,8 +54,9 @@ build_corpus() {
     log "corpus: $study/corpus/study up to date"
   else
     log "corpus: building (budget $(($(left) - 30)) s)"
+    # shellcheck disable=SC2086
     timeout $(($(left) - 30)) $py scripts/build_study_corpus.py --out $study/corpus --tokenizer "$tokenizer" \
-      >>"$study/logs/corpus.log" 2>&1
+      ${STUDY_CORPUS_ARGS:-} >>"$study/logs/corpus.log" 2>&1
     local rc=$?
     tail -3 "$study/logs/corpus.log" | tee -a "$out/run_study.log"
     [ $rc -eq 0 ] || { log "corpus: failed (rc=$rc), see $study/logs/corpus.log"; return 1; }
@@ -76,8 +83,8 @@ status() { $py -c "import sys; from llmtrain.analysis.runs import run_status; pr
 run_point() {
   local p=$1 dir
   dir=$($py -c "import sys; from llmtrain.analysis.runs import study_run_dir; print(study_run_dir(sys.argv[1], sys.argv[2:]))" \
-    "$p" ${STUDY_OVERRIDES:-})
-  if [ "$(status "$kept/$p")" = done ] && [ -z "${STUDY_OVERRIDES:-}" ]; then
+    "$p" "${overrides[@]}")
+  if [ "$(status "$kept/$p")" = done ] && [ ${#overrides[@]} -eq 0 ]; then
     log "$p: finished (in $kept/$p), skipped"
     return 0
   fi
@@ -90,8 +97,7 @@ run_point() {
       return 1
     fi
     log "$p: training for at most $t s"
-    # shellcheck disable=SC2086
-    timeout --signal=TERM --kill-after=30 $t $py -m llmtrain -m recipe=gpu_study point="$p" ${STUDY_OVERRIDES:-} \
+    timeout --signal=TERM --kill-after=30 $t $py -m llmtrain -m recipe=gpu_study point="$p" "${overrides[@]}" \
       >>"$study/logs/$p.log" 2>&1
     log "$p: rc=$? ($(status "$dir"))"
   fi
