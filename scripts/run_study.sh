@@ -22,7 +22,7 @@
 # what a point trains, so no run resumes another's checkpoint), STUDY_NEW_CORPUS=1 (accept a corpus that
 # differs from the one recorded in docs/results/gpu/corpus/summary.json), STUDY_CORPUS_ARGS (more
 # arguments of build_study_corpus.py, e.g. "--roots DIR"), STUDY_DIR (instead of .study: corpus, caches,
-# runs, logs; tests use it).
+# runs, logs; tests use it), MEASURE_MODELS / MEASURE_STEPS (measure: models, steps; STUDY_OVERRIDES apply).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -99,7 +99,9 @@ run_point() {
     log "$p: training for at most $t s"
     timeout --signal=TERM --kill-after=30 $t $py -m llmtrain -m recipe=gpu_study point="$p" "${overrides[@]}" \
       >>"$study/logs/$p.log" 2>&1
-    log "$p: rc=$? ($(status "$dir"))"
+    local rc=$?
+    log "$p: rc=$rc ($(status "$dir"))"
+    [ $rc -eq 0 ] || [ $rc -eq 124 ] || tail -3 "$study/logs/$p.log" | tee -a "$out/run_study.log"
   fi
   mkdir -p "$collect/$p"
   cp "$dir/metrics.jsonl" "$dir/config.yaml" "$collect/$p/" 2>/dev/null
@@ -110,14 +112,16 @@ run_point() {
 measure() {
   # Throughput of the two model candidates, BF16 and emulated NVFP4, on mock tokens (no corpus needed).
   local steps=${MEASURE_STEPS:-30}
-  for m in study_125m study_85m; do
+  for m in ${MEASURE_MODELS:-study_125m study_85m}; do
     for p in bf16_s1 nvfp4_s1; do
       local t=$(($(left) - 20))
       [ $t -ge 60 ] || { log "measure $m $p: not started, $(left) s left"; continue; }
       timeout --kill-after=10 $((t < 150 ? t : 150)) $py -m llmtrain recipe=gpu_study point=$p model=$m \
-        data.mock=true 'data.paths=[]' train.steps="$steps" train.eval_interval=1000 train.checkpoint_interval=0 \
-        hydra.run.dir=$study/measure/$m-$p >>"$study/logs/measure.log" 2>&1
-      log "measure $m $p: rc=$?"
+        "${overrides[@]}" data.mock=true 'data.paths=[]' train.steps="$steps" train.eval_interval=1000 \
+        train.checkpoint_interval=0 hydra.run.dir=$study/measure/$m-$p >>"$study/logs/measure.log" 2>&1
+      local rc=$?
+      log "measure $m $p: rc=$rc"
+      [ $rc -eq 0 ] || tail -2 "$study/logs/measure.log" | tee -a "$out/run_study.log"
       mkdir -p "$collect/measure"
       cp $study/measure/$m-$p/metrics.jsonl "$collect/measure/$m-$p.jsonl" 2>/dev/null
     done

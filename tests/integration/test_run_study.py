@@ -30,16 +30,20 @@ SMALL = [
 ]
 
 
-def driver(tmp_path, *args, budget=500):
-    env = cli_env() | {
-        "OUT": str(tmp_path / "out"),
-        "STUDY_DIR": str(tmp_path / "study"),
-        "STUDY_CORPUS_ARGS": f"--roots {ROOTS} --workers 1",
-        "STUDY_OVERRIDES": " ".join(SMALL),
-        "STUDY_NEW_CORPUS": "1",  # not the corpus recorded in docs/results/gpu
-        "BUDGET": str(budget),
-        "PYTHON": sys.executable,
-    }
+def driver(tmp_path, *args, budget=500, extra_env=None):
+    env = (
+        cli_env()
+        | {
+            "OUT": str(tmp_path / "out"),
+            "STUDY_DIR": str(tmp_path / "study"),
+            "STUDY_CORPUS_ARGS": f"--roots {ROOTS} --workers 1",
+            "STUDY_OVERRIDES": " ".join(SMALL),
+            "STUDY_NEW_CORPUS": "1",  # not the corpus recorded in docs/results/gpu
+            "BUDGET": str(budget),
+            "PYTHON": sys.executable,
+        }
+        | (extra_env or {})
+    )
     return subprocess.run(
         ["bash", "scripts/run_study.sh", *args],
         cwd=REPO,
@@ -54,6 +58,7 @@ def test_driver_builds_the_corpus_runs_a_point_and_skips_it_when_finished(tmp_pa
     proc = driver(tmp_path, "run", "bf16_s2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "study" / "runs" / "bf16_s2"  # the run dir is named by the point
+    assert [p.name for p in run.parent.iterdir() if p.is_dir()] == ["bf16_s2"]  # only the point asked for
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "val_loss" in records[-1]
     assert "bf16_s2: rc=0 (done)" in proc.stdout
@@ -79,3 +84,13 @@ def test_driver_starts_no_point_it_has_no_time_for(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nvfp4_s1: not started" in proc.stdout
     assert not (tmp_path / "study" / "runs").exists()
+
+
+def test_measure_writes_a_throughput_table(tmp_path):
+    env = {"MEASURE_MODELS": "study_85m", "MEASURE_STEPS": "3"}
+    env["STUDY_OVERRIDES"] = " ".join(SMALL + ["precision.bf16_layers.last=0"])  # nvfp4 on 2 layers
+    proc = driver(tmp_path, "measure", extra_env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = (tmp_path / "out" / "measure.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["study_85m-bf16_s1", "study_85m-nvfp4_s1"]
+    assert all(line.split("|")[2].strip() == "3" for line in table[2:])  # MEASURE_STEPS
