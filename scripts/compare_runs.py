@@ -230,9 +230,9 @@ def main(argv=None) -> int:
         written = ["loss_curves.png", "loss_gap.png"] + (
             ["sqrt3.png"] if plot_sqrt3(runs, colors, args.out) else []
         )
-        groups = group_runs(runs)
+        base_group = seed_group(baseline.label)
+        groups = group_runs(runs, base_group)
         if len(groups) < len(runs):  # some point ran with several seeds
-            base_group = seed_group(baseline.label)
             seeds_table = group_table(runs, base_group, args.window)
             (args.out / "table_seeds.md").write_text(seeds_table)
             plot_gap_seeds(groups, base_group, args.out, args.window)

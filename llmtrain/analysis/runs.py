@@ -167,11 +167,13 @@ def seed_group(label: str) -> str:
     return SEED_SUFFIX.sub("", label)
 
 
-def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+def group_runs(runs: list[Run], baseline: str | None = None) -> dict[str, list[Run]]:
+    """Runs by seed group: the baseline group first, then the groups of several seeds, then the rest,
+    each in the order of the runs."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(seed_group(run.label), []).append(run)
-    return groups
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] != baseline, len(kv[1]) == 1)))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -226,6 +228,7 @@ def gap_band(
 def _fmt_mean_std(mean: float | None, std: float | None, fmt: str, unit: str = "") -> str:
     if mean is None:
         return "n/a"
+    mean = round(mean, 12) + 0.0  # no "-0.00%" for a mean that is zero up to rounding
     text = f"{format(mean, fmt)}{unit}"
     return text + (f" ± {format(std, fmt.lstrip('+'))}{unit}" if std is not None else "")
 
@@ -233,7 +236,7 @@ def _fmt_mean_std(mean: float | None, std: float | None, fmt: str, unit: str = "
 def group_table(runs: list[Run], baseline_group: str, window: int = 10) -> str:
     """One row per seed group: seeds, final train and val loss, their gaps to the baseline group's seed
     mean at the same steps (mean ± sample std over seeds), tokens/s and MFU."""
-    groups = group_runs(runs)
+    groups = group_runs(runs, baseline_group)
     if baseline_group not in groups:
         raise UserError(f"baseline group {baseline_group!r} matches none of: {', '.join(groups)}")
     base = groups[baseline_group]

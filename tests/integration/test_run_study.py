@@ -88,7 +88,7 @@ def test_driver_starts_no_point_it_has_no_time_for(tmp_path):
 
 def test_measure_writes_a_throughput_table(tmp_path):
     env = {"MEASURE_MODELS": "study_85m", "MEASURE_STEPS": "3"}
-    env["STUDY_OVERRIDES"] = " ".join(SMALL + ["precision.bf16_layers.last=0"])  # nvfp4 on 2 layers
+    env["STUDY_OVERRIDES"] = " ".join([*SMALL, "precision.bf16_layers.last=0"])  # nvfp4 on 2 layers
     proc = driver(tmp_path, "measure", extra_env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "out" / "measure.md").read_text().splitlines()
