@@ -116,14 +116,17 @@ measure() {
     for p in bf16_s1 nvfp4_s1; do
       local t=$(($(left) - 20))
       [ $t -ge 60 ] || { log "measure $m $p: not started, $(left) s left"; continue; }
+      rm -rf "$study/measure/$m-$p" # a fresh run each time, never a resume of the last measurement
       timeout --kill-after=10 $((t < 150 ? t : 150)) $py -m llmtrain recipe=gpu_study point=$p model=$m \
         "${overrides[@]}" data.mock=true 'data.paths=[]' train.steps="$steps" train.eval_interval=1000 \
-        train.checkpoint_interval=0 hydra.run.dir=$study/measure/$m-$p >>"$study/logs/measure.log" 2>&1
+        train.checkpoint_interval=0 train.resume=never hydra.run.dir=$study/measure/$m-$p \
+        >>"$study/logs/measure.log" 2>&1
       local rc=$?
       log "measure $m $p: rc=$rc"
       [ $rc -eq 0 ] || tail -2 "$study/logs/measure.log" | tee -a "$out/run_study.log"
       mkdir -p "$collect/measure"
       cp $study/measure/$m-$p/metrics.jsonl "$collect/measure/$m-$p.jsonl" 2>/dev/null
+      rm -rf "$study/measure/$m-$p/checkpoints" # the final save (~1.8 GB) is of no use
     done
   done
   $py - "$collect/measure" <<'EOF' | tee "$out/measure.md" | tee -a "$out/run_study.log"
