@@ -2,9 +2,13 @@
 
     python scripts/compare_runs.py multirun/2026-12-01/12-53-33 --baseline bf16 --out docs/results
 
+    python scripts/compare_runs.py docs/results/gpu --baseline bf16 --out docs/results/gpu   # GPU study
+
 Reads each run's metrics.jsonl (and config.yaml / .hydra/overrides.yaml for labels). Writes
 <out>/loss_curves.png, <out>/loss_gap.png, <out>/sqrt3.png (when a run logged the sqrt(3) monitor) and
-<out>/table.md; prints the table.
+<out>/table.md; prints the table. When runs repeat a point over seeds (labels NAME_s1, NAME_s2, ...), also
+<out>/gap_seeds.png (gap to the baseline's seed mean over tokens, mean over seeds, ± 1 std shaded) and
+<out>/table_seeds.md (one row per point: mean ± std over seeds).
 """
 
 import argparse
@@ -13,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmtrain.analysis.runs import find_runs, summary_table
+from llmtrain.analysis.runs import find_runs, gap_band, group_runs, group_table, seed_group, summary_table
 from llmtrain.errors import UserError
 
 # The first steps fall from ~ln(vocab); leaving them out of the y range keeps the differences visible.
@@ -142,6 +146,60 @@ def plot_sqrt3(runs, colors, out: Path) -> bool:
     return True
 
 
+def _tokens_per_step(runs) -> float | None:
+    rec = next((r for run in runs for r in run.records if r.get("tokens") and r.get("step")), None)
+    return rec["tokens"] / rec["step"] if rec else None
+
+
+def plot_gap_seeds(groups: dict, baseline: str, out: Path, window: int) -> None:
+    """Relative gap of each point to the baseline's seed mean over tokens: the mean over the point's
+    seeds (train: line; val: dots), the seed spread (± 1 sample std) shaded where a point has >= 2 seeds."""
+    import matplotlib.pyplot as plt
+
+    runs = [r for g in groups.values() for r in g]
+    per_step = _tokens_per_step(runs)
+    scale, xlabel = (per_step / 1e6, "tokens (M)") if per_step else (1.0, "step")
+    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    visible = []
+    for i, (name, group) in enumerate(groups.items()):
+        color = "black" if name == baseline else cmap(i % cmap.N)
+        steps, mean, std = gap_band(group, groups[baseline], "loss", window)
+        steps, mean, std = (
+            zip(*[p for p in zip(steps, mean, std) if p[0] >= window]) if steps else ([], [], [])
+        )
+        x = [s * scale for s in steps]
+        ax.plot(x, mean, color=color, lw=2.0 if name == baseline else 1.2, label=f"{name} (n={len(group)})")
+        if len(group) > 1:
+            lo = [m - (d or 0) for m, d in zip(mean, std)]
+            hi = [m + (d or 0) for m, d in zip(mean, std)]
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+            visible += lo + hi
+        visible += list(mean)
+        vsteps, vmean, vstd = gap_band(group, groups[baseline], "val_loss")
+        ax.errorbar(
+            [s * scale for s in vsteps],
+            vmean,
+            yerr=[d or 0 for d in vstd],
+            fmt="o",
+            ms=4,
+            color=color,
+            capsize=2,
+        )
+    ax.axhline(0, color="k", lw=0.8)
+    skip = SKIP_FRACTION * max((r.records[-1]["step"] for r in runs if r.records), default=0) * scale
+    ax.set_xlim(left=skip)
+    _set_ylim(ax, [v for v in visible if v == v] + [0.0])
+    ax.set(
+        xlabel=xlabel,
+        ylabel=f"loss gap to the mean of {baseline} (%)",
+        title=f"Gap to {baseline} over tokens: train (line, moving mean of {window} steps; band: ± 1 std over "
+        "seeds), validation (dots, ± 1 std)",
+    )
+    _finish(fig, ax, out / "gap_seeds.png", outside=True)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run dirs or sweep dirs containing them")
@@ -172,6 +230,14 @@ def main(argv=None) -> int:
         written = ["loss_curves.png", "loss_gap.png"] + (
             ["sqrt3.png"] if plot_sqrt3(runs, colors, args.out) else []
         )
+        base_group = seed_group(baseline.label)
+        groups = group_runs(runs, base_group)
+        if len(groups) < len(runs):  # some point ran with several seeds
+            seeds_table = group_table(runs, base_group, args.window)
+            (args.out / "table_seeds.md").write_text(seeds_table)
+            plot_gap_seeds(groups, base_group, args.out, args.window)
+            table += "\n" + seeds_table
+            written += ["gap_seeds.png", "table_seeds.md"]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Load runs and summarise them against a baseline (relative loss gap, throughput, QAF switch step)."""
+"""Load runs and summarise them against a baseline (relative loss gap, throughput, QAF switch step), alone
+or grouped over seeds (points named NAME_s1, NAME_s2, ... as in recipes/gpu_study.yaml)."""
 
 import json
 import math
@@ -31,13 +32,18 @@ class Run:
     def sqrt3_threshold(self) -> float:
         return float(self.config.get("precision", {}).get("monitor", {}).get("threshold", math.sqrt(3)))
 
+    def _steady_median(self, key: str) -> float | None:
+        # Median of steady-state steps: the first steps include warm-up and compilation.
+        values = sorted(r[key] for r in self.records[len(self.records) // 5 :] if key in r)
+        return values[len(values) // 2] if values else None
+
     @property
     def tokens_per_s(self) -> float | None:
-        # Median of steady-state steps: the first steps include warm-up and compilation.
-        values = sorted(
-            r["tokens_per_s"] for r in self.records[len(self.records) // 5 :] if "tokens_per_s" in r
-        )
-        return values[len(values) // 2] if values else None
+        return self._steady_median("tokens_per_s")
+
+    @property
+    def mfu(self) -> float | None:
+        return self._steady_median("mfu")
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -46,7 +52,10 @@ def _overrides(run_dir: Path) -> list[str]:
 
 
 def _short(override: str) -> str:
-    """`precision=study/nvfp4_last0` -> `nvfp4_last0`, `precision.rht=false` -> `rht=false`."""
+    """`precision=study/nvfp4_last0` -> `nvfp4_last0`, `precision.rht=false` -> `rht=false`,
+    `point=nvfp4_s2` -> `nvfp4_s2`."""
+    if override.startswith("point="):
+        return override.removeprefix("point=")
     if override.startswith("precision="):
         return override.removeprefix("precision=").rpartition("/")[2]  # a variant in a subfolder
     return override.removeprefix("precision.")
@@ -146,3 +155,158 @@ def summary_table(runs: list[Run], baseline: Run, window: int = 10) -> str:
         "eval); QAF step: the step that switched to quantization-aware finetuning."
     )
     return "\n".join(rows) + "\n\n" + notes + "\n"
+
+
+# ---- seed groups (recipes/gpu_study.yaml: points NAME_s1, NAME_s2, ... differ only in train.seed) ------
+SEED_SUFFIX = re.compile(r"_s(\d+)$")
+VAL_BF16_KEY = "val_loss_bf16"  # validation loss of the same weights with a BF16 forward, where logged
+
+
+def seed_group(label: str) -> str:
+    """`nvfp4_s2` -> `nvfp4`; a label without a seed suffix is its own group."""
+    return SEED_SUFFIX.sub("", label)
+
+
+def group_runs(runs: list[Run], baseline: str | None = None) -> dict[str, list[Run]]:
+    """Runs by seed group: the baseline group first, then the groups of several seeds, then the rest,
+    each in the order of the runs."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(seed_group(run.label), []).append(run)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] != baseline, len(kv[1]) == 1)))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_series(runs: list[Run], key: str, window: int = 1) -> dict[int, float]:
+    """Mean over runs of the moving mean of `key`, at the steps every run logged."""
+    from statistics import fmean
+
+    per_run = []
+    for run in runs:
+        steps, values = run.series(key)
+        per_run.append(dict(zip(steps, _moving_mean(values, window))))
+    common = set.intersection(*(set(d) for d in per_run)) if per_run else set()
+    return {s: fmean(d[s] for d in per_run) for s in sorted(common)}
+
+
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def gap_band(
+    group: list[Run], baseline: list[Run], key: str, window: int = 1
+) -> tuple[list[int], list[float], list[float | None]]:
+    """Relative gap (%) of each run's (smoothed) `key` to the baseline's seed mean, at the steps every
+    run of both logged: steps, mean over the group's seeds, sample std over them (None for one seed)."""
+    base = mean_series(baseline, key, window)
+    per_run = []
+    for run in group:
+        steps, values = run.series(key)
+        per_run.append(dict(zip(steps, _moving_mean(values, window))))
+    steps = sorted(set(base).intersection(*(set(d) for d in per_run)))
+    means, stds = [], []
+    for s in steps:
+        mean, std = _mean_std([100 * (d[s] - base[s]) / base[s] for d in per_run])
+        means.append(mean)
+        stds.append(std)
+    return steps, means, stds
+
+
+def _fmt_mean_std(mean: float | None, std: float | None, fmt: str, unit: str = "") -> str:
+    if mean is None:
+        return "n/a"
+    mean = round(mean, 12) + 0.0  # no "-0.00%" for a mean that is zero up to rounding
+    text = f"{format(mean, fmt)}{unit}"
+    return text + (f" ± {format(std, fmt.lstrip('+'))}{unit}" if std is not None else "")
+
+
+def group_table(runs: list[Run], baseline_group: str, window: int = 10) -> str:
+    """One row per seed group: seeds, final train and val loss, their gaps to the baseline group's seed
+    mean at the same steps (mean ± sample std over seeds), tokens/s and MFU."""
+    groups = group_runs(runs, baseline_group)
+    if baseline_group not in groups:
+        raise UserError(f"baseline group {baseline_group!r} matches none of: {', '.join(groups)}")
+    base = groups[baseline_group]
+    has_bf16_val = any(r.series(VAL_BF16_KEY)[0] for r in runs)
+    head = "| point | seeds | steps | train loss | train gap | val loss | val gap |"
+    head += " val loss, BF16 fwd | val gap, BF16 fwd |" if has_bf16_val else ""
+    head += " tokens/s | MFU |"
+    rows = [head, "|" + " --- |" + " ---: |" * (head.count("|") - 2)]
+    for name, group in groups.items():
+        steps = min(r.records[-1]["step"] if r.records else 0 for r in group)
+        cells = [name, str(len(group)), str(steps)]
+        keys = [("loss", window), ("val_loss", 1)] + ([(VAL_BF16_KEY, 1)] if has_bf16_val else [])
+        for key, win in keys:
+            # The last steps every run of the group and of the baseline logged: an unfinished run is
+            # compared with the baseline where it stopped.
+            common = sorted(set(mean_series(group, key)).intersection(mean_series(base, key)))
+            last = common[-win:]
+            finals = [_mean_at(r, key, last) for r in group]
+            if not last or any(v is None for v in finals):
+                cells += ["n/a", "n/a"]
+                continue
+            bases = [_mean_at(r, key, last) for r in base]
+            base_mean = sum(bases) / len(bases)
+            cells.append(_fmt_mean_std(*_mean_std(finals), ".4f"))
+            cells.append(
+                _fmt_mean_std(*_mean_std([100 * (v - base_mean) / base_mean for v in finals]), "+.2f", "%")
+            )
+        tps = [r.tokens_per_s for r in group if r.tokens_per_s is not None]
+        mfu = [r.mfu for r in group if r.mfu is not None]
+        cells.append(f"{sum(tps) / len(tps):,.0f}" if tps else "n/a")
+        cells.append(f"{100 * sum(mfu) / len(mfu):.1f}%" if mfu else "n/a")
+        rows.append("| " + " | ".join(cells) + " |")
+    notes = (
+        f"Groups: points that differ only in the seed suffix (_s1, _s2, ...). Train loss: mean of the last "
+        f"{window} logged steps; val loss: the last evaluation; both at steps every run of the group and of "
+        f"{baseline_group} reached. Gaps: relative to the mean over {baseline_group}'s seeds, as mean ± sample "
+        f"std over the group's seeds (no ± for one seed; {baseline_group}'s own row is its seed spread). "
+        "tokens/s, MFU: median step after the first 20% of each run, averaged over seeds; emulated formats "
+        "(MXFP8, NVFP4 on Hopper) run extra quantization kernels, so their speed says nothing about Blackwell."
+    )
+    return "\n".join(rows) + "\n\n" + notes + "\n"
+
+
+# ---- the GPU study's run dirs (scripts/run_study.sh) ---------------------------------------------------
+STUDY_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "gpu_study.yaml"
+STUDY_RUNS = ".study/runs"
+
+
+def study_points(recipe: Path = STUDY_RECIPE) -> list[str]:
+    """The points of the recipe's sweep, in order."""
+    params = yaml.safe_load(Path(recipe).read_text())["hydra"]["sweeper"]["params"]
+    return [p.strip() for p in str(params["point"]).split(",") if p.strip()]
+
+
+def study_run_dir(point: str, overrides: list[str] = ()) -> Path:
+    """Where `python -m llmtrain -m recipe=gpu_study point=POINT [overrides]` writes: the sweep dir (the
+    recipe's, or a hydra.sweep.dir override) / POINT."""
+    sweep = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")), STUDY_RUNS)
+    return Path(sweep) / point
+
+
+def run_status(run_dir: Path) -> str:
+    """`done` (metrics.jsonl reached config.yaml's train.steps), `partial`, or `missing`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        return "missing"
+    try:
+        steps = int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"])
+        run = load_run(run_dir)
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return "partial"
+    last = max((r.get("step", 0) for r in run.records), default=0)
+    return "done" if last >= steps else "partial"
