@@ -62,10 +62,11 @@ def _weight():
 
 
 def test_refresh_writes_the_quantized_weight_into_the_cached_buffer(te_custom):
-    from llmtrain.precision.recipe import Operand
+    from llmtrain.precision.recipe import Operand, PrecisionRecipe
     from llmtrain.precision.triton_kernels import fake_quantize_2d
 
-    q = te_custom.FakeQuantizer(Operand("nvfp4", block_2d=True), 1, role="weight")
+    te_custom.set_recipe(PrecisionRecipe(fprop_w=Operand("nvfp4", block_2d=True)))
+    q = te_custom.FakeQuantizer("fprop_w", 1, role="weight")
     w = _weight()
     workspace = types.SimpleNamespace(_hp_data=q._maybe_cast(w))
     cached = workspace._hp_data
@@ -78,10 +79,11 @@ def test_refresh_writes_the_quantized_weight_into_the_cached_buffer(te_custom):
 
 
 def test_a_workspace_made_in_qaf_aliases_the_weight_and_is_replaced_not_written(te_custom):
-    from llmtrain.precision.recipe import Operand
+    from llmtrain.precision.recipe import Operand, PrecisionRecipe
     from llmtrain.precision.triton_kernels import fake_quantize_2d
 
-    q = te_custom.FakeQuantizer(Operand("nvfp4"), 0, backward=True, role="weight")  # dgrad W^T
+    te_custom.set_recipe(PrecisionRecipe(dgrad_w=Operand("nvfp4")))
+    q = te_custom.FakeQuantizer("dgrad_w", 0, backward=True, role="weight")  # dgrad W^T
     w = _weight()
     te_custom.set_qaf(True)
     workspace = types.SimpleNamespace(_hp_data=q._maybe_cast(w))  # QAF passes the weight through
