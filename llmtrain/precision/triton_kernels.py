@@ -112,10 +112,15 @@ def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC:
     offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RHT:
-        # hadamard.hadamard: exact FP64 sum of (+-x/4) terms, rounded once to FP32.
+        # hadamard.hadamard: exact FP64 sum of (+-x/4) terms, rounded to FP32, then to the input dtype
+        # (TE rounds its RHT output to the input dtype before the amax and the quantization).
         signs = tl.load(signs_ptr + tl.arange(0, 16)).to(tl.float64)
         xb = tl.reshape(x.to(tl.float64), (BR * BC // 16, 16)) * signs[None, :]
         x = tl.reshape((_fwht16(xb) * 0.25).to(tl.float32), (BR, BC))
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            x = _round_to_bf16(x)
+        elif x_ptr.dtype.element_ty == tl.float16:
+            x = x.to(tl.float16).to(tl.float32)
     return x, offs, mask, rows, cols
 
 

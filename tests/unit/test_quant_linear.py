@@ -161,3 +161,23 @@ def test_bf16_autocast_and_dtypes():
     y.float().backward(dy)
     assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
     assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_rht_under_bf16_autocast_rounds_the_transform_to_bf16():
+    """As TE: the wgrad operands are transformed in the GEMM dtype (BF16), i.e. the RHT output is rounded
+    to BF16 before its amax and quantization (keeping it FP32 changes ~1% of the FP4 codes)."""
+    from llmtrain.precision.quantize import quantize_parts
+
+    layer = _layer(_cfg("nvfp4_1d", rht=True))
+    x, dy = _data()
+    dy = dy.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(dy)
+    signs = torch.tensor(TE_SIGNS)
+    a = hadamard(dy.reshape(-1, 48).t().contiguous(), 16, signs)
+    b = hadamard(x.reshape(-1, 64).t().contiguous().bfloat16(), 16, signs)
+    assert a.dtype == b.dtype == torch.bfloat16
+    pa, pb = quantize_parts(a, "nvfp4", "nearest"), quantize_parts(b, "nvfp4", "nearest")
+    ref = ((pa.values.bfloat16() @ pb.values.bfloat16().t()).float() * (pa.factor * pb.factor)).bfloat16()
+    assert torch.equal(layer.weight.grad, ref.float())

@@ -40,7 +40,8 @@ def _reference(x, fmt, axis, block_2d, signs):
     xt = x if axis == 1 else x.t().contiguous()
     cols = xt.shape[1]
     if signs is not None:  # a ragged axis is transformed (and quantized) zero-padded to whole blocks
-        xt = hadamard(torch.nn.functional.pad(xt.float(), (0, -cols % 16)), 16, signs)
+        # in x's dtype: the transform is rounded to it, as TE does
+        xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
     y = fake_quantize(xt.float(), fmt, block_2d=block_2d)[:, :cols]
     return y if axis == 1 else y.t()
 
@@ -71,9 +72,10 @@ def test_2d_blocks_match_reference_and_agree_across_axes(fmt, axis):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_rht_then_nvfp4_matches_reference(axis):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rht_then_nvfp4_matches_reference(axis, dtype):
     signs = torch.tensor(TE_SIGNS)
-    for name, x in _inputs(torch.bfloat16).items():
+    for name, x in _inputs(dtype).items():
         ours = fake_quantize_2d(x, "nvfp4", axis=axis, rht_signs=signs, out_dtype=torch.float32)
         _assert_bitwise(ours, _reference(x, "nvfp4", axis, False, signs), f"rht axis={axis} {name}")
 
