@@ -114,10 +114,7 @@ class _QuantLinearFn(torch.autograd.Function):
                     size, signs = r.rht_size, layer.rht_signs(x.device)
                     pad = -a.shape[1] % size  # zero tokens leave the product unchanged
                     a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
-                    a, b = (
-                        hadamard(a.to(cd), size, signs),
-                        hadamard(b.to(cd), size, signs),
-                    )  # GEMM dtype, as TE
+                    a, b = hadamard(a.to(cd), size, signs), hadamard(b.to(cd), size, signs)
                 dw = _gemm(_operand(a, r.wgrad_dy, layer), _operand(b, r.wgrad_x, layer), cd)
             dw = dw.to(weight.dtype)
         return dx, dw, None
