@@ -57,6 +57,7 @@ class PrecisionConfig:
     dgrad_rounding: str = "nearest"
     wgrad_rounding: str = "nearest"
     sr_operands: str = "grad"  # grad | all
+    sr_bits: int = 8  # [prec-num] random bits per element in SR: 8 = native TE (cvt.rs), 24 = unbiased
     bf16_layers: BF16Layers = field(default_factory=BF16Layers)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     qaf: QAFConfig = field(default_factory=QAFConfig)

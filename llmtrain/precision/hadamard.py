@@ -38,7 +38,7 @@ def hadamard(x: torch.Tensor, size: int = 16, signs: torch.Tensor | None = None)
     accumulator to the input dtype (`cvt.rn.bf16x2.f32`) before the amax and the quantization, and its
     reference quantizer multiplies in the input dtype. We sum in FP64, where with H's entries +-1/4 (size
     16) every product and, for BF16 inputs (and FP32 ones whose block spans less than 2**25), the sum are
-    exact, then round to FP32 and from there to x's dtype: an FP32 accumulator that is exact gives the
+    exact, then round to FP32 and from there to x's dtype (FP64 inputs stay FP64): an FP32 accumulator that is exact gives the
     same, in any summation order, so the Triton kernels (llmtrain.precision.triton_kernels) reproduce it
     bit for bit. For BF16 inputs this equals TE's reference element for element (tests/unit/
     test_quant_te_reference.py); for FP32 inputs TE's FP32 matmul rounds in its own order (last bit).
@@ -47,4 +47,5 @@ def hadamard(x: torch.Tensor, size: int = 16, signs: torch.Tensor | None = None)
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the Hadamard size {size}")
     t = hadamard_matrix(size, signs, x.device).double()
     out = x.double().reshape(-1, size) @ t
-    return out.view(x.shape).float().to(x.dtype)
+    out = out.view(x.shape)
+    return out if x.dtype == torch.float64 else out.float().to(x.dtype)

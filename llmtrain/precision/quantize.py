@@ -20,10 +20,12 @@ from llmtrain.precision.formats import (
     E4M3,
     E5M2,
     ROUNDINGS,
+    SR_BITS,
     e2m1_decode,
     e2m1_encode,
     e8m0_to_float,
     pack_fp4,
+    random_bits,
     unpack_fp4,
 )
 
@@ -64,11 +66,13 @@ class Parts:
     factor: torch.Tensor | None
 
 
-def check_args(fmt: str, rounding: str) -> None:
+def check_args(fmt: str, rounding: str, sr_bits: int = 8) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: allowed values are {', '.join(FORMATS)}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r}: allowed values are {', '.join(ROUNDINGS)}")
+    if sr_bits not in SR_BITS:
+        raise ValueError(f"sr_bits={sr_bits}: allowed values are {', '.join(map(str, SR_BITS))}")
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -77,15 +81,32 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, 1) if x.ndim == 0 else x.reshape(-1, x.shape[-1])
 
 
-def _quantize_rows(x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool, generator, sign=False):
+def _sr_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    """The Philox seed of one stochastic quantization: `seed`, else one draw from `generator` (or torch's
+    default generator), so that successive calls with one generator get different bits."""
+    if seed is not None:
+        return int(seed)
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+def _quantize_rows(
+    x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool, generator, sign=False, seed=None, sr_bits=8
+):
     """x2: [rows, cols] any float dtype -> raw quantizer output on the padded FP32 tensor."""
     xf = x2.float().contiguous()
+    rbits = None
+    if rounding == "stochastic":
+        rows, cols = xf.shape
+        rbits = random_bits(rows, cols, _sr_seed(seed, generator), sr_bits, xf.device)
     if fmt in _FP8:
-        return scaling.per_tensor_fp8(xf, _FP8[fmt], rounding, generator)
+        return scaling.per_tensor_fp8(xf, _FP8[fmt], rounding, rbits, sr_bits)
     xf = scaling.pad_to(xf, 1, BLOCK[fmt])
+    if rbits is not None:
+        rbits = scaling.pad_to(rbits, 1, BLOCK[fmt])
     if fmt == "mxfp8":
-        return scaling.mxfp8(xf, rounding, block_2d, generator)
-    return scaling.nvfp4(xf, rounding, block_2d, generator, sign=sign)
+        return scaling.mxfp8(xf, rounding, block_2d, rbits, sr_bits)
+    return scaling.nvfp4(xf, rounding, block_2d, rbits, sr_bits, sign=sign)
 
 
 def quantize(
@@ -95,16 +116,20 @@ def quantize(
     rounding: str = "nearest",
     block_2d: bool = False,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    sr_bits: int = 8,
 ) -> QuantizedTensor:
     """Quantize `x` to `fmt` (fp8_e4m3 | fp8_e5m2 | mxfp8 | nvfp4) along its last dimension.
 
-    rounding: nearest (to even) | stochastic (uses `generator`). block_2d: square tiles (16x16 nvfp4,
-    32x32 mxfp8) over the last two dimensions so that x and x^T see the same values; ignored for the
-    per-tensor FP8 formats.
+    rounding: nearest (to even) | stochastic. block_2d: square tiles (16x16 nvfp4, 32x32 mxfp8) over the
+    last two dimensions so that x and x^T see the same values; ignored for the per-tensor FP8 formats.
+    Stochastic rounding: sr_bits random bits per element (8: native TE's distribution, 24: unbiased to
+    2**-24; formats.round_to_format) from Philox(seed), the seed drawn from `generator` when not given.
+    The Triton kernels draw the same bits for the same seed (triton_kernels.fake_quantize_2d).
     """
-    check_args(fmt, rounding)
+    check_args(fmt, rounding, sr_bits)
     x2 = _rows(x)
-    out = _quantize_rows(x2, fmt, rounding, block_2d, generator, sign=True)
+    out = _quantize_rows(x2, fmt, rounding, block_2d, generator, sign=True, seed=seed, sr_bits=sr_bits)
     if fmt in _FP8:
         elems, scale_inv = out
         codes = elems.to(_FP8[fmt].torch_dtype).view(torch.uint8)
@@ -156,12 +181,14 @@ def fake_quantize(
     rounding: str = "nearest",
     block_2d: bool = False,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    sr_bits: int = 8,
 ) -> torch.Tensor:
     """Quantize then dequantize: same shape and dtype as `x`; equals dequantize(quantize(x)) bit for bit."""
-    check_args(fmt, rounding)
+    check_args(fmt, rounding, sr_bits)
     if x.numel() == 0:
         return x.clone()
-    out = _quantize_rows(_rows(x), fmt, rounding, block_2d, generator)
+    out = _quantize_rows(_rows(x), fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits)
     if fmt == "nvfp4":
         elems, s_blk, amax, _ = out
         return _finish(_dequantize_elems(fmt, elems, s_blk, amax), x.shape, x.dtype)
@@ -169,11 +196,18 @@ def fake_quantize(
 
 
 def quantize_parts(
-    x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool = False, generator=None
+    x2: torch.Tensor,
+    fmt: str,
+    rounding: str,
+    block_2d: bool = False,
+    generator=None,
+    *,
+    seed: int | None = None,
+    sr_bits: int = 8,
 ) -> Parts:
     """Quantize a 2-D tensor for a GEMM (see Parts); padding along the last dimension is dropped."""
     cols = x2.shape[1]
-    out = _quantize_rows(x2, fmt, rounding, block_2d, generator)
+    out = _quantize_rows(x2, fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits)
     if fmt in _FP8:
         return Parts(out[0], out[1])
     if fmt == "mxfp8":

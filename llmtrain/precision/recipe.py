@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from llmtrain.errors import ConfigError
 from llmtrain.precision.config import BACKENDS, PRECISION_NAMES
-from llmtrain.precision.formats import ROUNDINGS
+from llmtrain.precision.formats import ROUNDINGS, SR_BITS
 from llmtrain.precision.quantize import FORMATS
 
 OPERAND_FORMATS = ["bf16", *FORMATS]
@@ -105,6 +105,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
     for gemm in ("fprop", "dgrad", "wgrad"):
         _choice(f"precision.{gemm}_rounding", getattr(cfg, f"{gemm}_rounding"), list(ROUNDINGS))
     _choice("precision.sr_operands", cfg.sr_operands, SR_OPERANDS)
+    _choice("precision.sr_bits", cfg.sr_bits, list(SR_BITS))  # [prec-num]
     _choice("precision.rht_signs", cfg.rht_signs, RHT_SIGNS)
     _choice("precision.qaf.trigger", cfg.qaf.trigger, QAF_TRIGGERS)
     if cfg.rht_size != 16:

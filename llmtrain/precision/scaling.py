@@ -50,7 +50,7 @@ def block_amax(x: torch.Tensor, block: int, block_2d: bool) -> torch.Tensor:
     return tiles.repeat_interleave(block, dim=0)[:rows]
 
 
-def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, generator=None):
+def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, rbits=None, sr_bits: int = 8):
     """FP8 current scaling: scale = fmt.max / amax (FP32, IEEE), elements = fmt(x * scale).
 
     As TE's compute_scale_from_amax: an amax of 0 gives scale 1, a scale that overflows FP32 gives FP32 max.
@@ -61,10 +61,12 @@ def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, generator=N
     scale = torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
-    return round_to_format(x * scale, fmt, rounding, generator), torch.reciprocal(scale)
+    return round_to_format(x * scale, fmt, rounding, rbits, sr_bits), torch.reciprocal(scale)
 
 
-def mxfp8(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 32):
+def mxfp8(
+    x: torch.Tensor, rounding: str, block_2d: bool = False, rbits=None, sr_bits: int = 8, block: int = 32
+):
     """MXFP8: per 32 elements an E8M0 scale 2**ceil(log2(amax * fp32(1/448))), so no element saturates.
 
     `x` cols must be a multiple of `block`. Returns (elements [rows, cols], E8M0 codes [rows, cols/block]).
@@ -72,7 +74,7 @@ def mxfp8(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None
     rows, cols = x.shape
     codes = e8m0_from_float_ceil(block_amax(x, block, block_2d) * RCP_448)
     scaled = x.view(rows, cols // block, block) * e8m0_reciprocal(codes).unsqueeze(-1)
-    return round_to_format(scaled, E4M3, rounding, generator).view(rows, cols), codes
+    return round_to_format(scaled, E4M3, rounding, rbits, sr_bits).view(rows, cols), codes
 
 
 def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,13 @@ def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4(
-    x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 16, sign=False
+    x: torch.Tensor,
+    rounding: str,
+    block_2d: bool = False,
+    rbits=None,
+    sr_bits: int = 8,
+    block: int = 16,
+    sign=False,
 ):
     """NVFP4: FP32 tensor scale from amax, E4M3 scale per 16 elements (or 16x16 tile), E2M1 elements.
 
@@ -104,5 +112,5 @@ def nvfp4(
     enc = torch.reciprocal(s_blk.float() * s_dec).clamp_max_(FP32_MAX)
     scaled = x.view(rows, cols // block, block) * enc.unsqueeze(-1)
     negative = (scaled < 0).view(rows, cols) if sign else None
-    elems = round_to_format(scaled, E2M1, rounding, generator).view(rows, cols)
+    elems = round_to_format(scaled, E2M1, rounding, rbits, sr_bits).view(rows, cols)
     return elems, s_blk, amax, negative

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from llmtrain.precision import scaling
+from llmtrain.precision.formats import SR_BITS
 
 # Format ids (constexpr switch inside the kernel) and their grids: (ebits-derived emin, mantissa bits, max).
 FP8_E4M3, FP8_E5M2, MXFP8, NVFP4 = 0, 1, 2, 3
@@ -41,19 +42,43 @@ def _div(a, b):
 
 @triton.jit
 def _round_to_grid(
-    v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, u, STOCHASTIC: tl.constexpr
-):
+    v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, rbits, STOCHASTIC: tl.constexpr,
+    SR_BITS: tl.constexpr = 8,
+):  # fmt: skip
     """formats.round_to_format: saturate at +-MAXV, then round v/ulp to an integer (NaN stays NaN)."""
     v = tl.where(v > MAXV, MAXV, tl.where(v < -MAXV, -MAXV, v))
     exp_bits = v.to(tl.int32, bitcast=True) & 0x7F800000
     ulp_bits = tl.maximum(exp_bits, (EMIN + 127) << 23) - (MBITS << 23)
     t = v * (0x7F000000 - ulp_bits).to(tl.float32, bitcast=True)  # v / ulp, exact
-    if STOCHASTIC:
-        q = tl.floor(t)
-        q = q + tl.where(u < t - q, 1.0, 0.0)
+    if STOCHASTIC:  # |t| rounds away from zero iff rbits < floor(2**SR_BITS * frac|t|) (as cvt.rs)
+        a = tl.abs(t)
+        q = tl.floor(a)
+        threshold = tl.floor((a - q) * (2.0**SR_BITS))
+        q = q + tl.where(rbits.to(tl.float32) < threshold, 1.0, 0.0)
+        sign = t.to(tl.int32, bitcast=True) & -2147483648
+        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # copysign(q, t)
     else:
         q = (t + 12582912.0) - 12582912.0  # + 1.5 * 2**23: round half to even for |t| < 2**22
     return q * ulp_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _random_bits(seed, rows, C, BR: tl.constexpr, BC: tl.constexpr, SR_BITS: tl.constexpr):
+    """formats.random_bits for this program's [BR, BC] tile: element (r, c) has index r * ceil16(C) + c,
+    one Philox call (four words) per G = 16 (8-bit) or 4 (24-bit) consecutive indices."""
+    G: tl.constexpr = 16 if SR_BITS == 8 else 4
+    NG: tl.constexpr = BC // G
+    per_row = (C + 15) // 16 * (16 // G)
+    group = tl.program_id(1) * NG + tl.arange(0, NG)
+    counter = rows[:, None].to(tl.int64) * per_row + group[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BR, NG, 4))  # [..., w] = word w
+    if SR_BITS == 8:
+        shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
+        bits = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [..., word, byte]
+    else:
+        bits = words >> 8
+    return tl.reshape(bits, (BR, BC)).to(tl.int32)
 
 
 @triton.jit
@@ -156,12 +181,12 @@ def _block_amax(a, BR: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOC
 def _fake_quant_kernel(
     x_ptr, out_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed,
     FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, RHT: tl.constexpr,
-    STOCHASTIC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    STOCHASTIC: tl.constexpr, SR_BITS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
-    u = tl.zeros((BR, BC), dtype=tl.float32)
+    x, offs, mask, rows, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    u = tl.zeros((BR, BC), dtype=tl.int32)
     if STOCHASTIC:
-        u = tl.rand(seed, rows[:, None] * C + cols[None, :])
+        u = _random_bits(seed, rows, C, BR, BC, SR_BITS)
     if FMT == 0 or FMT == 1:  # per-tensor current scaling (scaling.per_tensor_fp8)
         MAXV: tl.constexpr = 448.0 if FMT == 0 else 57344.0
         amax = tl.load(amax_ptr)
@@ -170,9 +195,9 @@ def _fake_quant_kernel(
         scale = tl.where(amax == 0, 1.0, scale)
         scale = tl.where(amax < float("inf"), scale, float("nan"))
         if FMT == 0:
-            elems = _round_to_grid(x * scale, -6, 3, 448.0, u, STOCHASTIC)
+            elems = _round_to_grid(x * scale, -6, 3, 448.0, u, STOCHASTIC, SR_BITS)
         else:
-            elems = _round_to_grid(x * scale, -14, 2, 57344.0, u, STOCHASTIC)
+            elems = _round_to_grid(x * scale, -14, 2, 57344.0, u, STOCHASTIC, SR_BITS)
         y = elems * _div(1.0, scale)
     else:
         NB: tl.constexpr = BC // BLOCK
@@ -182,7 +207,7 @@ def _fake_quant_kernel(
         if FMT == 2:  # MXFP8 (scaling.mxfp8)
             code = _e8m0_ceil(bmax * RCP_448)
             recip = tl.where(code == 255, float("nan"), _pow2(254 - tl.minimum(code, 254)))
-            elems = _round_to_grid(xb * recip, -6, 3, 448.0, ub, STOCHASTIC)
+            elems = _round_to_grid(xb * recip, -6, 3, 448.0, ub, STOCHASTIC, SR_BITS)
             dec = tl.where(code == 255, float("nan"), _pow2(tl.minimum(code, 254)))
             y = tl.reshape(elems * dec, (BR, BC))
         else:  # NVFP4 (scaling.nvfp4 + quantize._dequantize_elems)
@@ -193,7 +218,7 @@ def _fake_quant_kernel(
             s_dec = _div(1.0, s_enc)
             s_blk = _round_to_grid(bmax * (s_enc * RCP_6), -6, 3, 448.0, bmax, False)
             enc = tl.minimum(_div(1.0, s_blk * s_dec), FP32_MAX)
-            elems = _round_to_grid(xb * enc, 0, 1, 6.0, ub, STOCHASTIC)
+            elems = _round_to_grid(xb * enc, 0, 1, 6.0, ub, STOCHASTIC, SR_BITS)
             s_amax = s_blk * amax
             final = tl.where(tl.abs(s_amax) == float("inf"), s_blk * (amax * RCP_2688), s_amax * RCP_2688)
             y = tl.reshape(elems * final, (BR, BC))
@@ -218,6 +243,7 @@ def fake_quantize_2d(
     block_2d: bool = False,
     rht_signs: torch.Tensor | None = None,
     seed: int = 0,
+    sr_bits: int = 8,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -225,7 +251,8 @@ def fake_quantize_2d(
 
     Equals `fake_quantize(x, fmt, ...)` (axis=1) or `fake_quantize(x.t(), ...).t()` (axis=0), with
     `hadamard(., 16, rht_signs)` applied along the quantized axis first when rht_signs is given (the
-    values are then those of the transformed tensor). Stochastic rounding draws from Philox(seed).
+    values are then those of the transformed tensor). Stochastic rounding uses `sr_bits` random bits per
+    element from Philox(seed), the same bits as `fake_quantize(..., seed=seed, sr_bits=sr_bits)`.
     """
     if x.ndim != 2:
         raise ValueError(f"fake_quantize_2d takes a 2-D tensor, got shape {tuple(x.shape)}")
@@ -233,6 +260,10 @@ def fake_quantize_2d(
         raise ValueError(f"fmt={fmt!r}: allowed values are {', '.join(FORMAT_IDS)}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding={rounding!r}: allowed values are nearest, stochastic")
+    if sr_bits not in SR_BITS:
+        raise ValueError(f"sr_bits={sr_bits}: allowed values are {', '.join(map(str, SR_BITS))}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed}: must be in [0, 2**63)")
     if axis not in (0, 1):
         raise ValueError(f"axis={axis}: allowed values are 0, 1")
     block = BLOCKS.get(fmt, 16)
@@ -257,6 +288,6 @@ def fake_quantize_2d(
     _fake_quant_kernel[grid](
         x, out, signs, amax, R, C, stride_r, stride_c, seed,
         FMT=FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=block_2d, RHT=rht,
-        STOCHASTIC=rounding == "stochastic", BR=br, BC=bc,
+        STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc,
     )  # fmt: skip
     return out

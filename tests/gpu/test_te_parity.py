@@ -145,6 +145,40 @@ def test_nvfp4_rht_vs_te_reference(layout, tile, dtype):
     assert min(v for k, v in REPORT.items() if k.startswith(prefix)) > 0.999
 
 
+@pytest.mark.parametrize("sr_bits", [8, 24])
+def test_nvfp4_rht_sr_deterministic_parts_vs_te_reference(sr_bits):
+    """BF16 + RHT + stochastic rounding: the amax and block scales do not depend on the random bits and
+    equal TE's (reference, round-to-nearest); every FP4 code is the nearest one or its neighbour toward
+    the value (same sign, magnitude index within 1). The Triton kernel draws the same bits as the torch
+    path for the same seed."""
+    from llmtrain.precision import dequantize
+    from llmtrain.precision.formats import unpack_fp4
+    from llmtrain.precision.triton_kernels import fake_quantize_2d
+
+    ref_q = reference_nvfp4.NVFP4QuantizerRef(dtype=reference_utils.Fp4Formats.E2M1, rowwise=False,
+                                              columnwise=True, with_rht=True)  # fmt: skip
+    signs = torch.tensor(TE_SIGNS, device="cuda")
+    prefix = f"nvfp4_ref_rht_sr{sr_bits}"
+    for name, x in _tensors(torch.bfloat16).items():
+        if name not in EXACT_RHT:
+            continue
+        ref = ref_q.quantize(x)
+        h = hadamard(x.t().contiguous(), 16, signs)
+        q = quantize(h, "nvfp4", rounding="stochastic", seed=77, sr_bits=sr_bits)
+        _record(f"{prefix}/{name}/block_scales", q.scale.view(torch.uint8), ref.scale_t.view(torch.uint8))
+        _record(f"{prefix}/{name}/amax", q.amax, ref.global_amax_col)
+        ours, theirs = unpack_fp4(q.codes).int(), unpack_fp4(ref.data_t).int()
+        step = ((ours & 7) - (theirs & 7)).abs()
+        same_sign = ((ours ^ theirs) & 8 == 0) | ((ours & 7) == 0) | ((theirs & 7) == 0)
+        _record(
+            f"{prefix}/{name}/codes_within_one_step", (step <= 1) & same_sign, torch.ones_like(step).bool()
+        )
+        tri = fake_quantize_2d(x, "nvfp4", axis=0, rht_signs=signs, rounding="stochastic", seed=77,
+                               sr_bits=sr_bits)  # fmt: skip
+        _record(f"{prefix}/{name}/triton_vs_torch", tri.t().contiguous(), dequantize(q))
+    assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix)), REPORT
+
+
 def _mxfp8_te_test_rule(x):
     """E8M0 = smallest power of two >= amax/448 (TE's test reference), elements = E4M3(x / scale)."""
     rows, cols = x.shape

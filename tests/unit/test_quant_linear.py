@@ -181,3 +181,23 @@ def test_rht_under_bf16_autocast_rounds_the_transform_to_bf16():
     pa, pb = quantize_parts(a, "nvfp4", "nearest"), quantize_parts(b, "nvfp4", "nearest")
     ref = ((pa.values.bfloat16() @ pb.values.bfloat16().t()).float() * (pa.factor * pb.factor)).bfloat16()
     assert torch.equal(layer.weight.grad, ref.float())
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_operand_reaches_the_loss_and_the_gradients(setup, bad):
+    """Native TE ignores NaN in its amax and saturates Inf (S_enc = 1), so a GEMM could turn a non-finite
+    input into finite numbers. We make the scale NaN instead: the output and the gradients the operand
+    feeds are non-finite, and the loop's check (non-finite loss or grad norm => skip) fires."""
+    layer = _layer(_cfg(setup, rht=True))
+    x, dy = _data()
+    x_bad = x.clone()
+    x_bad[0, 3, 5] = bad
+    y, dx, dw = _run(layer, x_bad, dy)
+    assert not torch.isfinite(y).all() and not torch.isfinite(dw).all()
+    layer.weight.grad = None
+    dy_bad = dy.clone()
+    dy_bad[1, 2, 7] = bad
+    y, dx, dw = _run(layer, x, dy_bad)
+    assert torch.isfinite(y).all()  # the forward never saw it
+    assert not torch.isfinite(dx).all() and not torch.isfinite(dw).all()

@@ -145,7 +145,11 @@ def test_stochastic_rounding_unbiased(fmt):
     n = 4000
     x = _sample((4, 64), seed=2)
     reps = x.repeat(n, 1)
-    y = fake_quantize(reps, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(0))
+    # 24 random bits: unbiased to 2**-24 of a step (the default 8 are biased by <= 1/256 of a step,
+    # test_quant_formats checks that rate exactly).
+    y = fake_quantize(
+        reps, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(0), sr_bits=24
+    )
     mean = y.view(n, *x.shape).mean(0)
     mbits = {"fp8_e4m3": 3, "fp8_e5m2": 2, "mxfp8": 3, "nvfp4": 1}[fmt]
     block = {"fp8_e4m3": 64, "fp8_e5m2": 64, "mxfp8": 32, "nvfp4": 16}[fmt]
@@ -319,3 +323,16 @@ def test_bad_arguments():
         quantize(x, "bf16")
     with pytest.raises(TypeError):
         quantize(torch.ones(4, 16, dtype=torch.int32), "nvfp4")
+
+
+def test_precision_config_sr_bits_is_validated():
+    from llmtrain.errors import ConfigError
+    from llmtrain.precision.config import PrecisionConfig
+    from llmtrain.precision.recipe import validate
+
+    cfg = PrecisionConfig(name="nvfp4", weight_format="nvfp4", activation_format="nvfp4", grad_format="nvfp4")
+    assert cfg.sr_bits == 8
+    validate(cfg)
+    cfg.sr_bits = 16
+    with pytest.raises(ConfigError, match=r"precision.sr_bits=16: not a valid choice \(allowed: 8, 24\)"):
+        validate(cfg)

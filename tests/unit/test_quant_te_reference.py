@@ -175,3 +175,26 @@ def test_hadamard_bf16_equals_te_reference_transform(te_reference):
         assert bool(same[exact].all()), f"{name}: {int((~same[exact]).sum())} elements differ"
         checked, total = checked + int(exact.sum()), total + exact.numel()
     assert checked > total // 2, (checked, total)  # 5078 of 8256 blocks here
+
+
+def test_nan_input_matches_te_reference_inf_input_is_our_documented_difference(te_reference):
+    """TE's Python reference propagates NaN like we do (torch.max keeps NaN): the amax is NaN, every block
+    scale a NaN code, every FP4 code 0 / every FP8 code NaN. For Inf it follows TE's kernels: S_enc = 1
+    (2688 / inf = 0 -> 1), finite scales, Inf saturating; we make the tensor NaN instead, so the loss
+    shows it (docs/precision.md, "Non-finite values")."""
+    from llmtrain.precision import dequantize
+
+    nv, cs = te_reference.nvfp4, te_reference.current_scaling
+    ref_q = nv.NVFP4QuantizerRef(dtype=nv.reference_utils.Fp4Formats.E2M1, rowwise=True, columnwise=False)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    x[1, 5] = float("nan")
+    ref, q = ref_q.quantize(x), quantize(x, "nvfp4")
+    assert torch.equal(q.codes, ref.data) and q.amax.isnan().all() and ref.global_amax_row.isnan().all()
+    assert q.scale.float().isnan().all() and ref.scale.float().isnan().all()
+    for fmt, te_dtype in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        ref8 = cs.CurrentScalingQuantizerRef(dtype=te_dtype, rowwise=True, columnwise=False).quantize(x)
+        assert torch.equal(quantize(x, fmt).codes, ref8.data.view(torch.uint8)), fmt
+    x[1, 5] = float("inf")
+    ref, q = ref_q.quantize(x), quantize(x, "nvfp4")
+    assert torch.isfinite(ref.scale.float()).all() and ref.global_amax_row.isinf().all()
+    assert dequantize(q).isnan().all()

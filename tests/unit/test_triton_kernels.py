@@ -98,10 +98,33 @@ def test_non_finite_inputs_propagate_nan_like_the_reference():
         _assert_bitwise(ours, ref, f"{fmt} non-finite")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("sr_bits", [8, 24])
+def test_stochastic_rounding_matches_reference_bitwise(fmt, sr_bits):
+    """Same seed, same Philox bits: the kernel and fake_quantize round every element the same way, for
+    both layouts, 2-D tiles and the RHT."""
+    signs = torch.tensor(TE_SIGNS)
+    for name, x in _inputs(torch.bfloat16).items():
+        for axis in (1, 0):
+            for block_2d, rht in ((False, False), (True, False), (False, True)):
+                if rht and fmt != "nvfp4":
+                    continue
+                kw = dict(rounding="stochastic", seed=1234 + axis, sr_bits=sr_bits)
+                ours = fake_quantize_2d(x, fmt, axis=axis, block_2d=block_2d,
+                                        rht_signs=signs if rht else None, out_dtype=torch.float32, **kw)  # fmt: skip
+                xt = x if axis == 1 else x.t().contiguous()
+                cols = xt.shape[1]
+                if rht:
+                    xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
+                ref = fake_quantize(xt.float(), fmt, block_2d=block_2d, **kw)[:, :cols]
+                what = f"{fmt} sr{sr_bits} axis={axis} 2d={block_2d} rht={rht} {name}"
+                _assert_bitwise(ours, ref if axis == 1 else ref.t(), what)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "fp8_e4m3"])
-def test_stochastic_rounding_is_unbiased_and_seeded(fmt):
-    # Values strictly between grid points: the mean of many SR draws approaches the input (unbiased),
-    # while every single draw lies on one of the two neighbouring RTN grid points.
+def test_stochastic_rounding_approaches_the_input_and_is_seeded(fmt):
+    # Values strictly between grid points: the mean of many SR draws approaches the input, while every
+    # single draw lies on one of the two neighbouring RTN grid points.
     torch.manual_seed(0)
     x = (torch.rand(64, 256) * 2 - 1).to(DEVICE)
     draws = torch.stack([fake_quantize_2d(x, fmt, rounding="stochastic", seed=s, out_dtype=torch.float32)
@@ -109,7 +132,8 @@ def test_stochastic_rounding_is_unbiased_and_seeded(fmt):
     rtn = fake_quantize(x, fmt)
     err_sr = (draws.mean(0) - x).abs().mean().item()
     err_rtn = (rtn - x).abs().mean().item()
-    # 64 draws shrink the bias of one draw by ~8x; RTN's error does not shrink at all.
+    # 64 draws shrink the error of one draw by ~8x (8-bit SR's bias, <= 1/256 of a step, is far below);
+    # RTN's error does not shrink at all.
     assert err_sr < err_rtn / 3, (err_sr, err_rtn)
     again = fake_quantize_2d(x, fmt, rounding="stochastic", seed=5, out_dtype=torch.float32)
     assert torch.equal(again, draws[5])
@@ -124,3 +148,5 @@ def test_argument_errors():
         fake_quantize_2d(x, "nvfp4", rounding="up")
     with pytest.raises(ValueError, match="2-D"):
         fake_quantize_2d(x.view(2, 2, 32), "nvfp4")
+    with pytest.raises(ValueError, match="sr_bits=16"):
+        fake_quantize_2d(x, "nvfp4", rounding="stochastic", sr_bits=16)
