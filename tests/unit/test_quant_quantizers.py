@@ -336,3 +336,24 @@ def test_precision_config_sr_bits_is_validated():
     cfg.sr_bits = 16
     with pytest.raises(ConfigError, match=r"precision.sr_bits=16: not a valid choice \(allowed: 8, 24\)"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("e4m3_max", [448, 256])
+def test_4over6_dequantizes_consistently_and_is_no_worse_per_block(e4m3_max):
+    """4over6 keeps, per block, the candidate with the smaller error: its total absolute error is at most
+    that of map-to-6 alone (the plain NVFP4 scales of the same tensor scale) plus FP32 slack."""
+    from llmtrain.precision.quantize import FourOverSix
+
+    fos = FourOverSix("MAE", e4m3_max)
+    x = _sample((64, 256), seed=12)
+    y = fake_quantize(x, "nvfp4", four_over_six=fos)
+    assert torch.equal(dequantize(quantize(x, "nvfp4", four_over_six=fos)), y)
+    if e4m3_max == 448:
+        plain = fake_quantize(x, "nvfp4")
+        err4o6 = (y - x).abs().view(64, 16, 16).sum(-1)
+        err6 = (plain - x).abs().view(64, 16, 16).sum(-1)
+        assert (err4o6 <= err6 * (1 + 1e-5)).all() and (err4o6 < err6).any()
+    with pytest.raises(ValueError, match="four_over_six needs fmt='nvfp4'"):
+        quantize(x, "mxfp8", four_over_six=fos)
+    with pytest.raises(ValueError, match="err_mode='L1'"):
+        quantize(x, "nvfp4", four_over_six=FourOverSix("L1"))

@@ -198,3 +198,28 @@ def test_nan_input_matches_te_reference_inf_input_is_our_documented_difference(t
     ref, q = ref_q.quantize(x), quantize(x, "nvfp4")
     assert torch.isfinite(ref.scale.float()).all() and ref.global_amax_row.isinf().all()
     assert dequantize(q).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+@pytest.mark.parametrize("err_mode,e4m3_max", [("MAE", 448), ("MAE", 256), ("MSE", 256)])
+def test_nvfp4_4over6_matches_te_reference(te_reference, dtype, tile, err_mode, e4m3_max):
+    """TE 2.20's nvfp4_4over6 (NVFP4QuantizerRef(nvfp4_use_4over6=True)): codes, block scales, amax."""
+    from llmtrain.precision.quantize import FourOverSix
+
+    nv = te_reference.nvfp4
+    ref_q = nv.NVFP4QuantizerRef(dtype=nv.reference_utils.Fp4Formats.E2M1, rowwise=True, columnwise=False,
+                                 quant_tile_shape=tile, nvfp4_use_4over6=True, nvfp4_e4m3_max=e4m3_max,
+                                 nvfp4_4over6_err_mode=err_mode)  # fmt: skip
+    fos = FourOverSix(err_mode, e4m3_max)
+    picked4 = 0
+    for name, x in _tensors(dtype).items():
+        ref = ref_q.quantize(x)
+        q = quantize(x, "nvfp4", block_2d=tile == (16, 16), four_over_six=fos)
+        assert torch.equal(q.codes, ref.data), name
+        assert torch.equal(q.scale.view(torch.uint8), ref.scale.view(torch.uint8)), name
+        assert torch.equal(q.amax, ref.global_amax_row), name
+        if e4m3_max == 448:  # same tensor scale as plain NVFP4: a changed block scale means map-to-4
+            plain = quantize(x, "nvfp4", block_2d=tile == (16, 16))
+            picked4 += int((q.scale.view(torch.uint8) != plain.scale.view(torch.uint8)).sum())
+    assert picked4 > 0 or e4m3_max != 448  # some blocks chose map-to-4: the option is really exercised
