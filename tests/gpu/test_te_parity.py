@@ -2,11 +2,14 @@
 
 - FP8 current scaling vs TE's native Float8CurrentScalingQuantizer (E4M3 and E5M2).
 - NVFP4 vs TE's reference quantizer (custom_recipes.reference_nvfp4.NVFP4QuantizerRef), 1x16 and 16x16,
-  plus the column-wise RHT path; vs the native NVFP4Quantizer too where the GPU has it (Blackwell).
+  plus BF16/FP32 + RHT row- and column-wise (torch path and Triton kernel); vs the native NVFP4Quantizer
+  too where the GPU has it (Blackwell).
+- Stochastic rounding's deterministic parts (amax, block scales, codes within one step of nearest); the
+  random bits themselves differ from TE's by design.
 - MXFP8 vs the native MXFP8Quantizer where available (Blackwell); elsewhere vs the E8M0 rule of TE's
   own test reference (tests/pytorch/test_mxfp8_2d_quantize.py: smallest power of two >= amax/448).
-Stochastic rounding is off (its random bits differ by design). Inputs are finite: for NaN/Inf we
-propagate NaN on purpose where TE saturates / skips them (docs/precision.md).
+Inputs are finite: for NaN/Inf we propagate NaN on purpose where TE saturates / skips them
+(docs/precision.md).
 
 Run: pytest -m gpu tests/gpu/test_te_parity.py -s   (LLMTRAIN_PARITY_REPORT=path.json to save the table)
 """
