@@ -118,6 +118,7 @@ class PrecisionConfig:
     wgrad_rounding: str = "nearest"
     sr_operands: str = "grad"  # grad | all
     operands: OperandSettings = field(default_factory=OperandSettings)  # per-operand overrides of the above
+    sr_bits: int = 8  # random bits per element in SR: 8 = native TE (cvt.rs), 24 = unbiased
     bf16_layers: BF16Layers = field(default_factory=BF16Layers)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     qaf: QAFConfig = field(default_factory=QAFConfig)

@@ -1,8 +1,9 @@
 """Element and scale formats: E2M1, E4M3, E5M2 (saturating) and E8M0, and rounding onto their grids.
 
 Values are carried in FP32. Rounding is exact: the grid spacing at |v| is a power of two, so v / ulp is
-exact and only the final integer rounding decides (nearest-even, or stochastic with P(up) = distance to
-the lower neighbour / spacing).
+exact and only the final integer rounding decides: nearest-even, or stochastic as Blackwell's
+`cvt.rs.satfinite` does it (random bits added to the discarded bits of |v|, the carry decides; see
+round_to_format), with the random bits from a seeded Philox4x32-10 that the Triton kernels share.
 """
 
 from dataclasses import dataclass
@@ -27,15 +28,29 @@ E4M3 = FloatFormat("e4m3", 4, 3, -6, 448.0, torch.float8_e4m3fn)
 E5M2 = FloatFormat("e5m2", 5, 2, -14, 57344.0, torch.float8_e5m2)
 
 ROUNDINGS = ("nearest", "stochastic")
+# Random bits per element for stochastic rounding: 8 as native TE on Blackwell (cvt.rs.satfinite.e2m1x4
+# takes one 32-bit word for 4 elements); 24 for studies that want the unbiased rounding.
+SR_BITS = (8, 24)
 
 # E2M1 code (sign bit 3, magnitude bits 0-2) -> value, as TE's cast_from_fp4x2.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def round_to_format(
-    v: torch.Tensor, fmt: FloatFormat, rounding: str = "nearest", generator: torch.Generator | None = None
+    v: torch.Tensor,
+    fmt: FloatFormat,
+    rounding: str = "nearest",
+    rbits: torch.Tensor | None = None,
+    sr_bits: int = 8,
 ) -> torch.Tensor:
-    """Round FP32 `v` onto `fmt`'s grid, saturating at +-fmt.max; NaN stays NaN. Returns FP32."""
+    """Round FP32 `v` onto `fmt`'s grid, saturating at +-fmt.max; NaN stays NaN. Returns FP32.
+
+    stochastic: `rbits` holds one integer in [0, 2**sr_bits) per element (see random_bits). With f the
+    position of |v| between its two neighbours on the grid (0 <= f < 1), |v| rounds away from zero when
+    rbits < floor(2**sr_bits * f), i.e. with probability floor(2**sr_bits * f) / 2**sr_bits: adding
+    sr_bits random bits below the kept ones and truncating, as `cvt.rs` does. With 8 bits that is biased
+    toward zero by up to 1/256 of a step (1/512 on average); with 24 bits by < 2**-24.
+    """
     v = v.float().clamp(-fmt.max, fmt.max)
     if rounding == "nearest" and fmt.torch_dtype is not None:
         # torch's FP8 casts are round-to-nearest-even; the clamp above makes them saturating.
@@ -47,12 +62,69 @@ def round_to_format(
     if rounding == "nearest":
         q = t.round_()  # half to even
     elif rounding == "stochastic":
-        u = torch.rand(t.shape, generator=generator, device=t.device, dtype=torch.float32)
-        q = torch.floor(t)  # round up with probability t - floor(t): unbiased, also for t < 0
-        q += u < t.sub_(q)
+        if rbits is None or sr_bits not in SR_BITS:
+            raise ValueError(f"stochastic rounding needs rbits and sr_bits in {SR_BITS}, got {sr_bits}")
+        a = t.abs()
+        q = torch.floor(a)
+        threshold = torch.floor((a - q) * float(2**sr_bits))  # the top sr_bits bits of the fraction: exact
+        q = torch.copysign(q + (rbits.reshape(q.shape) < threshold), t)
     else:
         raise ValueError(f"rounding={rounding!r}: allowed values are {', '.join(ROUNDINGS)}")
     return q.mul_(ulp_bits.view(torch.float32))
+
+
+# ---- Random bits for stochastic rounding: Philox4x32-10, exactly as Triton's tl.randint4x ----
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b (a < 2**32, b int64 holding a uint32) without int64 overflow."""
+    p, q = a * (b >> 16), a * (b & 0xFFFF)  # each < 2**48
+    return (p + (q >> 16)) >> 16, (((p & 0xFFFF) << 16) + q) & _M32
+
+
+def philox4x32(counter: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """Triton's randint4x(seed, counter) for an int64 `counter` tensor: four uint32 words (in int64)."""
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _M32, (k1 + _PHILOX_KEY[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def sr_group(sr_bits: int) -> int:
+    """Elements served by one Philox call (four 32-bit words): 16 at 8 bits each, 4 at 24 bits."""
+    return 16 if sr_bits == 8 else 4
+
+
+def random_bits(rows: int, cols: int, seed: int, sr_bits: int = 8, device=None) -> torch.Tensor:
+    """int64 [rows, cols] of uniform integers in [0, 2**sr_bits) for element (r, c) of the quantized layout.
+
+    Element (r, c) has index e = r * ceil16(cols) + c; Philox counter e // G (G = sr_group(sr_bits)) gives
+    four words; 8 bits: byte e % 4 of word (e % 16) // 4; 24 bits: the top 24 bits of word e % 4. The
+    Triton kernels draw the very same bits, so both paths round identically for the same seed.
+    """
+    if sr_bits not in SR_BITS:
+        raise ValueError(f"sr_bits={sr_bits}: allowed values are {', '.join(map(str, SR_BITS))}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed}: must be in [0, 2**63)")
+    g = sr_group(sr_bits)
+    per_row = -(-cols // 16) * 16 // g
+    counter = torch.arange(rows * per_row, device=device, dtype=torch.int64)
+    words = torch.stack(philox4x32(counter, seed), -1)  # [groups, 4]
+    if sr_bits == 8:
+        shifts = torch.arange(0, 32, 8, device=device, dtype=torch.int64)
+        bits = (words.unsqueeze(-1) >> shifts) & 0xFF  # [groups, word, byte]
+    else:
+        bits = words >> 8
+    return bits.reshape(rows, per_row * g)[:, :cols]
 
 
 def format_grid(fmt: FloatFormat) -> torch.Tensor:

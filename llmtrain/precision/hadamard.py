@@ -34,13 +34,18 @@ def hadamard(x: torch.Tensor, size: int = 16, signs: torch.Tensor | None = None)
     """x @ (diag(signs) H / sqrt(size)) per `size`-block of the last dimension.
 
     Same shape and dtype as `x`; the last dimension must be a multiple of `size` (ValueError otherwise).
-    Computed in FP64 and rounded once to x's dtype: with H's entries +-1/4 (size 16) every product is exact
-    and, for BF16 inputs (and FP32 ones whose block spans less than 2**25), so is the FP64 sum. The result
-    is then the correctly rounded transform, whatever the summation order, so the GPU kernels
-    (llmtrain.precision.triton_kernels) reproduce it bit for bit.
+    The result is rounded to x's dtype, as Transformer Engine does: its RHT kernels convert the FP32
+    accumulator to the input dtype (`cvt.rn.bf16x2.f32`) before the amax and the quantization, and its
+    reference quantizer multiplies in the input dtype. We sum in FP64, where with H's entries +-1/4 (size
+    16) every product and, for BF16 inputs (and FP32 ones whose block spans less than 2**25), the sum are
+    exact, then round to FP32 and from there to x's dtype (FP64 inputs stay FP64): an FP32 accumulator that is exact gives the
+    same, in any summation order, so the Triton kernels (llmtrain.precision.triton_kernels) reproduce it
+    bit for bit. For BF16 inputs this equals TE's reference element for element (tests/unit/
+    test_quant_te_reference.py); for FP32 inputs TE's FP32 matmul rounds in its own order (last bit).
     """
     if x.shape[-1] % size:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the Hadamard size {size}")
     t = hadamard_matrix(size, signs, x.device).double()
     out = x.double().reshape(-1, size) @ t
-    return out.view(x.shape).to(x.dtype)
+    out = out.view(x.shape)
+    return out if x.dtype == torch.float64 else out.float().to(x.dtype)

@@ -95,7 +95,7 @@ def _operand(t: torch.Tensor, op: Operand, layer: QuantLinear) -> Parts:
     if not op.quantized:
         return Parts(t, None)
     gen = layer.generator(t.device) if op.rounding == "stochastic" else None
-    return quantize_parts(t, op.fmt, op.rounding, op.block_2d, gen)
+    return quantize_parts(t, op.fmt, op.rounding, op.block_2d, gen, sr_bits=layer.recipe.sr_bits)
 
 
 def _weight_operand(weight: torch.Tensor, op: Operand, layer: QuantLinear, transposed: bool, cd) -> Parts:
@@ -182,7 +182,7 @@ class _QuantLinearFn(torch.autograd.Function):
                     size, signs = r.rht_size, layer.rht_signs(x.device)
                     pad = -a.shape[1] % size  # zero tokens leave the product unchanged
                     a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
-                    a, b = hadamard(a.float(), size, signs), hadamard(b.float(), size, signs)
+                    a, b = hadamard(a.to(cd), size, signs), hadamard(b.to(cd), size, signs)
                 dw = _gemm(_operand(a, r.wgrad_dy, layer), _operand(b, r.wgrad_x, layer), cd)
             dw = dw.to(weight.dtype)
         return dx, dw, None

@@ -20,10 +20,12 @@ from llmtrain.precision.formats import (
     E4M3,
     E5M2,
     ROUNDINGS,
+    SR_BITS,
     e2m1_decode,
     e2m1_encode,
     e8m0_to_float,
     pack_fp4,
+    random_bits,
     unpack_fp4,
 )
 
@@ -40,7 +42,8 @@ class QuantizedTensor:
         codes per byte, even element in the low nibble, as TE packs them).
     scale: fp8_*: FP32 [1] dequantization scale (1 / quantization scale); mxfp8: uint8 E8M0 codes
         [rows, blocks]; nvfp4: float8_e4m3fn block scales [rows, blocks] (16x16 tiles repeat per row).
-    amax: nvfp4 only: FP32 [1] tensor amax; the second-level decode scale is amax / (6 * 448).
+    amax: nvfp4 only: FP32 [1] tensor amax; the second-level decode scale is amax / (6 * e4m3_max).
+    e4m3_max: nvfp4: 448, or 256 for 4over6 with that range (FourOverSix).
     """
 
     fmt: str
@@ -50,6 +53,7 @@ class QuantizedTensor:
     shape: torch.Size
     dtype: torch.dtype
     block_2d: bool = False
+    e4m3_max: int = 448
 
 
 @dataclass
@@ -64,11 +68,13 @@ class Parts:
     factor: torch.Tensor | None
 
 
-def check_args(fmt: str, rounding: str) -> None:
+def check_args(fmt: str, rounding: str, sr_bits: int = 8) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: allowed values are {', '.join(FORMATS)}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r}: allowed values are {', '.join(ROUNDINGS)}")
+    if sr_bits not in SR_BITS:
+        raise ValueError(f"sr_bits={sr_bits}: allowed values are {', '.join(map(str, SR_BITS))}")
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -77,15 +83,54 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, 1) if x.ndim == 0 else x.reshape(-1, x.shape[-1])
 
 
-def _quantize_rows(x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool, generator, sign=False):
+def _sr_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    """The Philox seed of one stochastic quantization: `seed`, else one draw from `generator` (or torch's
+    default generator), so that successive calls with one generator get different bits."""
+    if seed is not None:
+        return int(seed)
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+@dataclass(frozen=True)
+class FourOverSix:
+    """TE 2.20's `nvfp4_4over6` block scaling (scaling.nvfp4_4over6); NVFP4, round-to-nearest only."""
+
+    err_mode: str = "MAE"  # MAE | MSE: the error that picks map-to-4 or map-to-6 per block
+    e4m3_max: int = 448  # 448 | 256: the E4M3 range the tensor scale maps the amax to
+
+    @property
+    def rcp_decode(self) -> float:
+        """fp32(1 / (6 * e4m3_max)): the per-tensor decode factor is amax times this."""
+        return scaling.RCP_2688 if self.e4m3_max == 448 else scaling._f32_quotient(1.0, 6.0 * self.e4m3_max)
+
+
+def _quantize_rows(
+    x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool, generator, sign=False, seed=None, sr_bits=8,
+    four_over_six: FourOverSix | None = None,
+):  # fmt: skip
     """x2: [rows, cols] any float dtype -> raw quantizer output on the padded FP32 tensor."""
     xf = x2.float().contiguous()
+    if four_over_six is not None:
+        if fmt != "nvfp4" or rounding != "nearest":
+            raise ValueError(
+                f"four_over_six needs fmt='nvfp4' and rounding='nearest', got {fmt!r}, {rounding!r}"
+            )
+        xf = scaling.pad_to(xf, 1, 16)
+        fos = four_over_six
+        return scaling.nvfp4_4over6(xf, block_2d, fos.err_mode, fos.e4m3_max, sign=sign)
+    rbits = None
+    if rounding == "stochastic":
+        rows, cols = xf.shape
+        rbits = random_bits(rows, cols, _sr_seed(seed, generator), sr_bits, xf.device)
     if fmt in _FP8:
-        return scaling.per_tensor_fp8(xf, _FP8[fmt], rounding, generator)
+        return scaling.per_tensor_fp8(xf, _FP8[fmt], rounding, rbits, sr_bits)
     xf = scaling.pad_to(xf, 1, BLOCK[fmt])
+    if rbits is not None:
+        rbits = scaling.pad_to(rbits, 1, BLOCK[fmt])
     if fmt == "mxfp8":
-        return scaling.mxfp8(xf, rounding, block_2d, generator)
-    return scaling.nvfp4(xf, rounding, block_2d, generator, sign=sign)
+        return scaling.mxfp8(xf, rounding, block_2d, rbits, sr_bits)
+    return scaling.nvfp4(xf, rounding, block_2d, rbits, sr_bits, sign=sign)
 
 
 def quantize(
@@ -95,16 +140,32 @@ def quantize(
     rounding: str = "nearest",
     block_2d: bool = False,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    sr_bits: int = 8,
+    four_over_six: FourOverSix | None = None,
 ) -> QuantizedTensor:
     """Quantize `x` to `fmt` (fp8_e4m3 | fp8_e5m2 | mxfp8 | nvfp4) along its last dimension.
 
-    rounding: nearest (to even) | stochastic (uses `generator`). block_2d: square tiles (16x16 nvfp4,
-    32x32 mxfp8) over the last two dimensions so that x and x^T see the same values; ignored for the
-    per-tensor FP8 formats.
+    rounding: nearest (to even) | stochastic. block_2d: square tiles (16x16 nvfp4, 32x32 mxfp8) over the
+    last two dimensions so that x and x^T see the same values; ignored for the per-tensor FP8 formats.
+    Stochastic rounding: sr_bits random bits per element (8: native TE's distribution, 24: unbiased to
+    2**-24; formats.round_to_format) from Philox(seed), the seed drawn from `generator` when not given.
+    The Triton kernels draw the same bits for the same seed (triton_kernels.fake_quantize_2d).
+    four_over_six: NVFP4 with TE 2.20's adaptive 4-or-6 block scaling (FourOverSix; torch path only).
     """
-    check_args(fmt, rounding)
+    check_args(fmt, rounding, sr_bits)
     x2 = _rows(x)
-    out = _quantize_rows(x2, fmt, rounding, block_2d, generator, sign=True)
+    out = _quantize_rows(
+        x2,
+        fmt,
+        rounding,
+        block_2d,
+        generator,
+        sign=True,
+        seed=seed,
+        sr_bits=sr_bits,
+        four_over_six=four_over_six,
+    )
     if fmt in _FP8:
         elems, scale_inv = out
         codes = elems.to(_FP8[fmt].torch_dtype).view(torch.uint8)
@@ -116,10 +177,11 @@ def quantize(
     elems, s_blk, amax, negative = out
     codes = torch.where(torch.isnan(elems), torch.zeros_like(elems), elems)
     codes = pack_fp4(e2m1_encode(codes, negative))
-    return QuantizedTensor(fmt, codes, s_blk, amax, x.shape, x.dtype, block_2d)
+    e4m3_max = four_over_six.e4m3_max if four_over_six is not None else 448
+    return QuantizedTensor(fmt, codes, s_blk, amax, x.shape, x.dtype, block_2d, e4m3_max)
 
 
-def _dequantize_elems(fmt, elems, scale, amax) -> torch.Tensor:
+def _dequantize_elems(fmt, elems, scale, amax, rcp: float = scaling.RCP_2688) -> torch.Tensor:
     """FP32 values from grid elements and scales, with TE's dequantize arithmetic."""
     if fmt in _FP8:
         return elems * scale
@@ -127,9 +189,8 @@ def _dequantize_elems(fmt, elems, scale, amax) -> torch.Tensor:
     blocks = elems.view(rows, scale.shape[1], -1)
     if fmt == "mxfp8":
         return (blocks * e8m0_to_float(scale).unsqueeze(-1)).view(rows, cols)
-    # TE's dequantize_fp4_kernel: final_scale = (s_blk * amax) * fp32(1 / (6 * 448)). s_blk * amax
+    # TE's dequantize_fp4_kernel: final_scale = (s_blk * amax) * fp32(1 / (6 * 448)) (rcp). s_blk * amax
     # overflows FP32 for amax > ~7.6e35 (TE then returns inf); only there we reassociate.
-    rcp = scaling.RCP_2688
     s_amax = scale.float() * amax
     final = torch.where(torch.isinf(s_amax), scale.float() * (amax * rcp), s_amax * rcp)
     return (blocks * final.unsqueeze(-1)).view(rows, cols)
@@ -146,7 +207,8 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
         elems = e2m1_decode(unpack_fp4(q.codes))
     else:
         elems = q.codes.view(torch.float8_e4m3fn if q.fmt != "fp8_e5m2" else torch.float8_e5m2).float()
-    return _finish(_dequantize_elems(q.fmt, elems, q.scale, q.amax), q.shape, q.dtype)
+    rcp = FourOverSix(e4m3_max=q.e4m3_max).rcp_decode
+    return _finish(_dequantize_elems(q.fmt, elems, q.scale, q.amax, rcp), q.shape, q.dtype)
 
 
 def fake_quantize(
@@ -156,24 +218,40 @@ def fake_quantize(
     rounding: str = "nearest",
     block_2d: bool = False,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
+    sr_bits: int = 8,
+    four_over_six: FourOverSix | None = None,
 ) -> torch.Tensor:
     """Quantize then dequantize: same shape and dtype as `x`; equals dequantize(quantize(x)) bit for bit."""
-    check_args(fmt, rounding)
+    check_args(fmt, rounding, sr_bits)
     if x.numel() == 0:
         return x.clone()
-    out = _quantize_rows(_rows(x), fmt, rounding, block_2d, generator)
+    out = _quantize_rows(
+        _rows(x), fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six
+    )
     if fmt == "nvfp4":
         elems, s_blk, amax, _ = out
-        return _finish(_dequantize_elems(fmt, elems, s_blk, amax), x.shape, x.dtype)
+        rcp = (four_over_six or FourOverSix()).rcp_decode
+        return _finish(_dequantize_elems(fmt, elems, s_blk, amax, rcp), x.shape, x.dtype)
     return _finish(_dequantize_elems(fmt, out[0], out[1], None), x.shape, x.dtype)
 
 
 def quantize_parts(
-    x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool = False, generator=None
+    x2: torch.Tensor,
+    fmt: str,
+    rounding: str,
+    block_2d: bool = False,
+    generator=None,
+    *,
+    seed: int | None = None,
+    sr_bits: int = 8,
+    four_over_six: FourOverSix | None = None,
 ) -> Parts:
     """Quantize a 2-D tensor for a GEMM (see Parts); padding along the last dimension is dropped."""
     cols = x2.shape[1]
-    out = _quantize_rows(x2, fmt, rounding, block_2d, generator)
+    out = _quantize_rows(
+        x2, fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six
+    )
     if fmt in _FP8:
         return Parts(out[0], out[1])
     if fmt == "mxfp8":
@@ -183,4 +261,4 @@ def quantize_parts(
     elems, s_blk, amax, _ = out
     rows, pcols = elems.shape
     values = (elems.view(rows, s_blk.shape[1], -1) * s_blk.float().unsqueeze(-1)).view(rows, pcols)
-    return Parts(values[:, :cols], amax * scaling.RCP_2688)
+    return Parts(values[:, :cols], amax * (four_over_six or FourOverSix()).rcp_decode)

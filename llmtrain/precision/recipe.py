@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from llmtrain.errors import ConfigError
 from llmtrain.precision.config import BACKENDS, OPERAND_NAMES, PRECISION_NAMES
-from llmtrain.precision.formats import ROUNDINGS
+from llmtrain.precision.formats import ROUNDINGS, SR_BITS
 from llmtrain.precision.quantize import FORMATS
 
 OPERAND_FORMATS = ["bf16", *FORMATS]
@@ -94,6 +94,7 @@ class PrecisionRecipe:
     rht: bool = False
     rht_size: int = 16
     rht_signs: str = "te"
+    sr_bits: int = 8  # random bits per element in stochastic rounding (8 = native TE, 24 = unbiased)
 
     @classmethod
     def from_config(cls, cfg) -> "PrecisionRecipe":
@@ -111,7 +112,9 @@ class PrecisionRecipe:
             if fmt != "bf16":
                 ops[name] = Operand(fmt, rounding, block_2d)
         rht = wgrad_rht(cfg, overrides)["wgrad_dy"] and ("wgrad_dy" in ops or "wgrad_x" in ops)
-        return cls(**ops, rht=rht, rht_size=int(cfg.rht_size), rht_signs=cfg.rht_signs)
+        return cls(
+            **ops, rht=rht, rht_size=int(cfg.rht_size), rht_signs=cfg.rht_signs, sr_bits=int(cfg.sr_bits)
+        )
 
     @property
     def quantized(self) -> bool:
@@ -235,6 +238,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
     for gemm in ("fprop", "dgrad", "wgrad"):
         _choice(f"precision.{gemm}_rounding", getattr(cfg, f"{gemm}_rounding"), list(ROUNDINGS))
     _choice("precision.sr_operands", cfg.sr_operands, SR_OPERANDS)
+    _choice("precision.sr_bits", cfg.sr_bits, list(SR_BITS))
     _choice("precision.rht_signs", cfg.rht_signs, RHT_SIGNS)
     _choice("precision.qaf.trigger", cfg.qaf.trigger, QAF_TRIGGERS)
     _validate_operands(cfg)

@@ -50,7 +50,7 @@ def block_amax(x: torch.Tensor, block: int, block_2d: bool) -> torch.Tensor:
     return tiles.repeat_interleave(block, dim=0)[:rows]
 
 
-def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, generator=None):
+def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, rbits=None, sr_bits: int = 8):
     """FP8 current scaling: scale = fmt.max / amax (FP32, IEEE), elements = fmt(x * scale).
 
     As TE's compute_scale_from_amax: an amax of 0 gives scale 1, a scale that overflows FP32 gives FP32 max.
@@ -61,10 +61,12 @@ def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, generator=N
     scale = torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
-    return round_to_format(x * scale, fmt, rounding, generator), torch.reciprocal(scale)
+    return round_to_format(x * scale, fmt, rounding, rbits, sr_bits), torch.reciprocal(scale)
 
 
-def mxfp8(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 32):
+def mxfp8(
+    x: torch.Tensor, rounding: str, block_2d: bool = False, rbits=None, sr_bits: int = 8, block: int = 32
+):
     """MXFP8: per 32 elements an E8M0 scale 2**ceil(log2(amax * fp32(1/448))), so no element saturates.
 
     `x` cols must be a multiple of `block`. Returns (elements [rows, cols], E8M0 codes [rows, cols/block]).
@@ -72,7 +74,7 @@ def mxfp8(x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None
     rows, cols = x.shape
     codes = e8m0_from_float_ceil(block_amax(x, block, block_2d) * RCP_448)
     scaled = x.view(rows, cols // block, block) * e8m0_reciprocal(codes).unsqueeze(-1)
-    return round_to_format(scaled, E4M3, rounding, generator).view(rows, cols), codes
+    return round_to_format(scaled, E4M3, rounding, rbits, sr_bits).view(rows, cols), codes
 
 
 def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,13 @@ def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4(
-    x: torch.Tensor, rounding: str, block_2d: bool = False, generator=None, block: int = 16, sign=False
+    x: torch.Tensor,
+    rounding: str,
+    block_2d: bool = False,
+    rbits=None,
+    sr_bits: int = 8,
+    block: int = 16,
+    sign=False,
 ):
     """NVFP4: FP32 tensor scale from amax, E4M3 scale per 16 elements (or 16x16 tile), E2M1 elements.
 
@@ -104,5 +112,72 @@ def nvfp4(
     enc = torch.reciprocal(s_blk.float() * s_dec).clamp_max_(FP32_MAX)
     scaled = x.view(rows, cols // block, block) * enc.unsqueeze(-1)
     negative = (scaled < 0).view(rows, cols) if sign else None
-    elems = round_to_format(scaled, E2M1, rounding, generator).view(rows, cols)
+    elems = round_to_format(scaled, E2M1, rounding, rbits, sr_bits).view(rows, cols)
+    return elems, s_blk, amax, negative
+
+
+FOUR_OVER_SIX_ERR_MODES = ("MAE", "MSE")
+
+
+def nvfp4_4over6(
+    x: torch.Tensor,
+    block_2d: bool = False,
+    err_mode: str = "MAE",
+    e4m3_max: int = 448,
+    block: int = 16,
+    sign=False,
+):
+    """TE 2.20's NVFP4 "4over6" (NVFP4QuantizerRef(nvfp4_use_4over6=True), default non-fast-math path).
+
+    Each block (1x16 or 16x16) is quantized twice, with its amax mapped to 6 (the usual E4M3 scale) and
+    to 4 (the scale times 1.5), and keeps the candidate whose dequantized values are closer to x (sum of
+    |error| or of error^2 over the block, in FP32 in TE's order; ties keep map-to-6). The tensor scale
+    uses `e4m3_max` (448 or 256: with 256, 1.5x the largest block scale still fits E4M3):
+      S_enc = 6 * e4m3_max / amax;  base = (block_amax / 6) * S_enc
+      s_blk = E4M3(base * 1.5) or E4M3(base);  elem = E2M1(x * min(1 / (s_blk / S_enc), FP32 max))
+    Round to nearest only (TE's reference has no stochastic 4over6). Returns what nvfp4() returns.
+    """
+    if err_mode not in FOUR_OVER_SIX_ERR_MODES:
+        raise ValueError(f"err_mode={err_mode!r}: allowed values are {', '.join(FOUR_OVER_SIX_ERR_MODES)}")
+    if e4m3_max not in (448, 256):
+        raise ValueError(f"e4m3_max={e4m3_max}: allowed values are 448, 256")
+    rows, cols = x.shape
+    nb = cols // block
+    bmax = block_amax(x, block, block_2d)
+    amax = bmax.amax().view(1) if bmax.numel() else torch.zeros(1, device=x.device)
+    s_enc = torch.clamp_max(torch.div(torch.full_like(amax, 6.0 * e4m3_max), amax), FP32_MAX)
+    s_enc = torch.where(s_enc == 0, torch.ones_like(s_enc), s_enc)
+    s_dec = torch.div(1.0, s_enc)
+    # Divisions by device tensors, as TE's reference: a Python-scalar divisor may become a multiplication
+    # by its reciprocal on CUDA, which changes bits.
+    base = torch.div(bmax, torch.full_like(amax, 6.0)) * s_enc
+    xb = x.view(rows, nb, block)
+    denom = torch.full_like(amax, 6.0 * e4m3_max)  # exact in FP32
+    cands = []
+    for s_blk in ((base * 1.5).clamp(-448.0, 448.0).to(torch.float8_e4m3fn),
+                  base.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)):  # fmt: skip
+        enc = torch.clamp_max(torch.div(1.0, s_blk.float() * s_dec), FP32_MAX)
+        scaled = xb * enc.unsqueeze(-1)
+        elems = round_to_format(scaled, E2M1)
+        err = torch.zeros_like(bmax)
+        sf = s_blk.float()
+        for i in range(block):  # TE's order: one element index at a time over all blocks
+            diff = elems[:, :, i] * sf * amax / denom - xb[:, :, i]
+            err = err + (diff * diff if err_mode == "MSE" else diff.abs())
+        cands.append((elems, s_blk, scaled, err))
+    (e4, s4, sc4, err4), (e6, s6, sc6, err6) = cands
+    if block_2d:  # 16 rows' errors summed in the CUDA warp reduction's tree order
+        t = err4.view(-1, block, nb), err6.view(-1, block, nb)
+        sums = []
+        for r in t:
+            r = r[:, 0:8] + r[:, 8:16]
+            r = r[:, 0:4] + r[:, 4:8]
+            r = r[:, 0:2] + r[:, 2:4]
+            sums.append((r[:, 0] + r[:, 1]).repeat_interleave(block, dim=0))
+        pick4 = sums[0] < sums[1]
+    else:
+        pick4 = err4 < err6
+    elems = torch.where(pick4.unsqueeze(-1), e4, e6).view(rows, cols)
+    s_blk = torch.where(pick4, s4.float(), s6.float()).to(torch.float8_e4m3fn)
+    negative = (torch.where(pick4.unsqueeze(-1), sc4, sc6) < 0).view(rows, cols) if sign else None
     return elems, s_blk, amax, negative

@@ -166,6 +166,7 @@ class FakeQuantizer(IdentityQuantizer):
             block_2d=op.block_2d,
             rht_signs=STATE.rht_signs if self.rht else None,
             seed=seed,
+            sr_bits=STATE.recipe.sr_bits,
             out_dtype=data.dtype,
             out=None if into is None else into.view(x2.shape),
         )

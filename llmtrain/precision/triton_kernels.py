@@ -16,11 +16,14 @@ Per-tensor scales need the tensor's amax first: a small reduction kernel (with t
 quantized values are the transformed ones) writes it, then the quantize kernel reads it.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from llmtrain.precision import scaling
+from llmtrain.precision.formats import SR_BITS as _SR_BITS
 
 # Format ids (constexpr switch inside the kernel) and their grids: (ebits-derived emin, mantissa bits, max).
 FP8_E4M3, FP8_E5M2, MXFP8, NVFP4 = 0, 1, 2, 3
@@ -41,19 +44,43 @@ def _div(a, b):
 
 @triton.jit
 def _round_to_grid(
-    v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, u, STOCHASTIC: tl.constexpr
-):
+    v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, rbits, STOCHASTIC: tl.constexpr,
+    SR_BITS: tl.constexpr = 8,
+):  # fmt: skip
     """formats.round_to_format: saturate at +-MAXV, then round v/ulp to an integer (NaN stays NaN)."""
     v = tl.where(v > MAXV, MAXV, tl.where(v < -MAXV, -MAXV, v))
     exp_bits = v.to(tl.int32, bitcast=True) & 0x7F800000
     ulp_bits = tl.maximum(exp_bits, (EMIN + 127) << 23) - (MBITS << 23)
     t = v * (0x7F000000 - ulp_bits).to(tl.float32, bitcast=True)  # v / ulp, exact
-    if STOCHASTIC:
-        q = tl.floor(t)
-        q = q + tl.where(u < t - q, 1.0, 0.0)
+    if STOCHASTIC:  # |t| rounds away from zero iff rbits < floor(2**SR_BITS * frac|t|) (as cvt.rs)
+        a = tl.abs(t)
+        q = tl.floor(a)
+        threshold = tl.floor((a - q) * (2.0**SR_BITS))
+        q = q + tl.where(rbits.to(tl.float32) < threshold, 1.0, 0.0)
+        sign = t.to(tl.int32, bitcast=True) & -2147483648
+        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # copysign(q, t)
     else:
         q = (t + 12582912.0) - 12582912.0  # + 1.5 * 2**23: round half to even for |t| < 2**22
     return q * ulp_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _random_bits(seed, rows, col0, C, BR: tl.constexpr, BC: tl.constexpr, SR_BITS: tl.constexpr):
+    """formats.random_bits for the [BR, BC] tile at (rows, col0) of the quantized layout: element (r, c)
+    has index r * ceil16(C) + c, one Philox call (four words) per G = 16 (8-bit) or 4 (24-bit) indices."""
+    G: tl.constexpr = 16 if SR_BITS == 8 else 4
+    NG: tl.constexpr = BC // G
+    per_row = (C + 15) // 16 * (16 // G)
+    group = col0 // G + tl.arange(0, NG)
+    counter = rows[:, None].to(tl.int64) * per_row + group[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BR, NG, 4))  # [..., w] = word w
+    if SR_BITS == 8:
+        shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
+        bits = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [..., word, byte]
+    else:
+        bits = words >> 8
+    return tl.reshape(bits, (BR, BC)).to(tl.int32)
 
 
 @triton.jit
@@ -103,6 +130,23 @@ def _fwht16(x):
 
 
 @triton.jit
+def _rht16(x, signs_ptr, x_ptr):
+    """hadamard.hadamard along the last axis of the FP32 tile x (its length a multiple of 16): the exact
+    FP64 sum of the (+-x/4) terms, rounded to FP32, then to x_ptr's element type (as TE rounds its RHT
+    output to the input dtype before the amax and the quantization)."""
+    n: tl.constexpr = x.shape[0]
+    m: tl.constexpr = x.shape[1]
+    signs = tl.load(signs_ptr + tl.arange(0, 16)).to(tl.float64)
+    xb = tl.reshape(x.to(tl.float64), (n * m // 16, 16)) * signs[None, :]
+    y = tl.reshape((_fwht16(xb) * 0.25).to(tl.float32), (n, m))
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        y = _round_to_bf16(y)
+    elif x_ptr.dtype.element_ty == tl.float16:
+        y = y.to(tl.float16).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
                RHT: tl.constexpr):  # fmt: skip
     """The [BR, BC] tile of program (pid 0, pid 1) in FP32, zero-padded, RHT'd along C when asked."""
@@ -112,10 +156,7 @@ def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC:
     offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RHT:
-        # hadamard.hadamard: exact FP64 sum of (+-x/4) terms, rounded once to FP32.
-        signs = tl.load(signs_ptr + tl.arange(0, 16)).to(tl.float64)
-        xb = tl.reshape(x.to(tl.float64), (BR * BC // 16, 16)) * signs[None, :]
-        x = tl.reshape((_fwht16(xb) * 0.25).to(tl.float32), (BR, BC))
+        x = _rht16(x, signs_ptr, x_ptr)
     return x, offs, mask, rows, cols
 
 
@@ -124,9 +165,7 @@ def _amax_kernel(x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.co
                  RHT: tl.constexpr):  # fmt: skip
     """amax_ptr[0] = max |x| over the tensor (after the RHT when RHT); NaN counts as +inf."""
     x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
-    a = tl.abs(x)
-    a = tl.where(a == a, a, float("inf"))
-    tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0))
+    tl.atomic_max(amax_ptr, _nan_inf(x))
 
 
 @triton.jit
@@ -148,15 +187,23 @@ def _block_amax(a, BR: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOC
 
 
 @triton.jit
-def _fake_quant_kernel(
-    x_ptr, out_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed,
-    FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, RHT: tl.constexpr,
-    STOCHASTIC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+def _nan_inf(a):
+    """|x| for an amax: NaN counts as +inf (so a NaN anywhere makes the tensor scale NaN)."""
+    a = tl.abs(a)
+    return tl.max(tl.max(tl.where(a == a, a, float("inf")), axis=1), axis=0)
+
+
+@triton.jit
+def _quantize_tile(
+    x, rows, col0, C, amax_ptr, seed,
+    FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, STOCHASTIC: tl.constexpr,
+    SR_BITS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
-    u = tl.zeros((BR, BC), dtype=tl.float32)
+    """Quantize-dequantize the FP32 tile x [BR, BC] (rows `rows`, columns col0.. of the quantized layout,
+    whose length is C) along its last axis; the tensor amax (FP8, NVFP4) is read from amax_ptr."""
+    u = tl.zeros((BR, BC), dtype=tl.int32)
     if STOCHASTIC:
-        u = tl.rand(seed, rows[:, None] * C + cols[None, :])
+        u = _random_bits(seed, rows, col0, C, BR, BC, SR_BITS)
     if FMT == 0 or FMT == 1:  # per-tensor current scaling (scaling.per_tensor_fp8)
         MAXV: tl.constexpr = 448.0 if FMT == 0 else 57344.0
         amax = tl.load(amax_ptr)
@@ -165,9 +212,9 @@ def _fake_quant_kernel(
         scale = tl.where(amax == 0, 1.0, scale)
         scale = tl.where(amax < float("inf"), scale, float("nan"))
         if FMT == 0:
-            elems = _round_to_grid(x * scale, -6, 3, 448.0, u, STOCHASTIC)
+            elems = _round_to_grid(x * scale, -6, 3, 448.0, u, STOCHASTIC, SR_BITS)
         else:
-            elems = _round_to_grid(x * scale, -14, 2, 57344.0, u, STOCHASTIC)
+            elems = _round_to_grid(x * scale, -14, 2, 57344.0, u, STOCHASTIC, SR_BITS)
         y = elems * _div(1.0, scale)
     else:
         NB: tl.constexpr = BC // BLOCK
@@ -177,7 +224,7 @@ def _fake_quant_kernel(
         if FMT == 2:  # MXFP8 (scaling.mxfp8)
             code = _e8m0_ceil(bmax * RCP_448)
             recip = tl.where(code == 255, float("nan"), _pow2(254 - tl.minimum(code, 254)))
-            elems = _round_to_grid(xb * recip, -6, 3, 448.0, ub, STOCHASTIC)
+            elems = _round_to_grid(xb * recip, -6, 3, 448.0, ub, STOCHASTIC, SR_BITS)
             dec = tl.where(code == 255, float("nan"), _pow2(tl.minimum(code, 254)))
             y = tl.reshape(elems * dec, (BR, BC))
         else:  # NVFP4 (scaling.nvfp4 + quantize._dequantize_elems)
@@ -188,20 +235,121 @@ def _fake_quant_kernel(
             s_dec = _div(1.0, s_enc)
             s_blk = _round_to_grid(bmax * (s_enc * RCP_6), -6, 3, 448.0, bmax, False)
             enc = tl.minimum(_div(1.0, s_blk * s_dec), FP32_MAX)
-            elems = _round_to_grid(xb * enc, 0, 1, 6.0, ub, STOCHASTIC)
+            elems = _round_to_grid(xb * enc, 0, 1, 6.0, ub, STOCHASTIC, SR_BITS)
             s_amax = s_blk * amax
             final = tl.where(tl.abs(s_amax) == float("inf"), s_blk * (amax * RCP_2688), s_amax * RCP_2688)
             y = tl.reshape(elems * final, (BR, BC))
+    return y
+
+
+@triton.jit
+def _store(out_ptr, offs, y, mask):
     if out_ptr.dtype.element_ty == tl.bfloat16:
         y = _round_to_bf16(y)  # explicit RNE: the same bits on the GPU and in the interpreter
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(axis: int, block: int, block_2d: bool) -> tuple[int, int]:
-    """(BR, BC): BC (quantized axis) spans whole blocks; the longer side follows memory order."""
-    if axis == 1:  # quantized axis contiguous: wide tiles
-        return (block if block_2d else 16), 256
-    return 128, (2 * block if block < 32 else block)  # quantized axis strided: tall tiles
+@triton.jit
+def _fake_quant_kernel(
+    x_ptr, out_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed,
+    FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, RHT: tl.constexpr,
+    STOCHASTIC: tl.constexpr, SR_BITS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    x, offs, mask, rows, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    y = _quantize_tile(x, rows, tl.program_id(1) * BC, C, amax_ptr, seed,
+                       FMT, BLOCK, BLOCK_2D, STOCHASTIC, SR_BITS, BR, BC)  # fmt: skip
+    _store(out_ptr, offs, y, mask)
+
+
+# ---- Both layouts of one tensor from one read: a [TM, TN] tile in memory order, transposed in registers
+# for the column-wise operand (blocks along dim 0). Each layout has its own format, rounding, tiles, RHT.
+
+
+@triton.jit
+def _amax_pair_kernel(
+    x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c,
+    ROW: tl.constexpr, ROW_RHT: tl.constexpr, COL: tl.constexpr, COL_RHT: tl.constexpr,
+    TM: tl.constexpr, TN: tl.constexpr,
+):  # fmt: skip
+    """amax_ptr[0] / [1] = max |x| of the row-wise / column-wise operand (after its RHT)."""
+    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False)
+    if ROW:
+        xr = x
+        if ROW_RHT:
+            xr = _rht16(xr, signs_ptr, x_ptr)
+        tl.atomic_max(amax_ptr, _nan_inf(xr))
+    if COL:
+        xc = tl.trans(x)
+        if COL_RHT:
+            xc = _rht16(xc, signs_ptr, x_ptr)
+        tl.atomic_max(amax_ptr + 1, _nan_inf(xc))
+
+
+@triton.jit
+def _fake_quant_pair_kernel(
+    x_ptr, row_ptr, col_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed_row, seed_col,
+    ROW_FMT: tl.constexpr, ROW_BLOCK: tl.constexpr, ROW_2D: tl.constexpr, ROW_RHT: tl.constexpr,
+    ROW_SR: tl.constexpr,
+    COL_FMT: tl.constexpr, COL_BLOCK: tl.constexpr, COL_2D: tl.constexpr, COL_RHT: tl.constexpr,
+    COL_SR: tl.constexpr,
+    SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+):  # fmt: skip
+    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False)
+    if ROW_FMT >= 0:
+        xr = x
+        if ROW_RHT:
+            xr = _rht16(xr, signs_ptr, x_ptr)
+        y = _quantize_tile(xr, rows, tl.program_id(1) * TN, C, amax_ptr, seed_row,
+                           ROW_FMT, ROW_BLOCK, ROW_2D, ROW_SR, SR_BITS, TM, TN)  # fmt: skip
+        _store(row_ptr, offs, y, mask)
+    if COL_FMT >= 0:
+        xc = tl.trans(x)  # [TN, TM]: the column-wise operand's rows are x's columns
+        if COL_RHT:
+            xc = _rht16(xc, signs_ptr, x_ptr)
+        yc = _quantize_tile(xc, cols, tl.program_id(0) * TM, R, amax_ptr + 1, seed_col,
+                            COL_FMT, COL_BLOCK, COL_2D, COL_SR, SR_BITS, TN, TM)  # fmt: skip
+        _store(col_ptr, offs, tl.trans(yc), mask)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One layout of a tensor for fake_quantize_2d_pair: fake_quantize_2d's arguments for one axis."""
+
+    fmt: str
+    rounding: str = "nearest"
+    block_2d: bool = False
+    rht: bool = False  # transform along the quantized axis first (needs rht_signs)
+    seed: int = 0  # Philox seed of stochastic rounding
+
+
+def _check(x: torch.Tensor, d: Direction, sr_bits: int, rht_signs) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"fake_quantize_2d takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if d.fmt not in FORMAT_IDS:
+        raise ValueError(f"fmt={d.fmt!r}: allowed values are {', '.join(FORMAT_IDS)}")
+    if d.rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding={d.rounding!r}: allowed values are nearest, stochastic")
+    if sr_bits not in _SR_BITS:
+        raise ValueError(f"sr_bits={sr_bits}: allowed values are {', '.join(map(str, _SR_BITS))}")
+    if not 0 <= d.seed < 2**63:
+        raise ValueError(f"seed={d.seed}: must be in [0, 2**63)")
+    if d.rht and rht_signs is None:
+        raise ValueError("rht=True needs rht_signs (16 signs of the Hadamard transform)")
+
+
+def _signs(x: torch.Tensor, rht_signs: torch.Tensor | None) -> torch.Tensor:
+    if rht_signs is None:
+        return torch.empty(16, device=x.device, dtype=torch.float32)
+    return rht_signs.to(device=x.device, dtype=torch.float32).contiguous()
+
+
+def _new_out(x: torch.Tensor, out_dtype) -> torch.Tensor:
+    return torch.empty_strided(x.shape, x.stride(), dtype=out_dtype or x.dtype, device=x.device)
+
+
+def _row_tile(block: int, block_2d: bool) -> tuple[int, int]:
+    """(BR, BC) of the row-wise kernel: BC (quantized, contiguous axis) spans whole blocks."""
+    return (block if block_2d else 16), 256
 
 
 def fake_quantize_2d(
@@ -213,6 +361,7 @@ def fake_quantize_2d(
     block_2d: bool = False,
     rht_signs: torch.Tensor | None = None,
     seed: int = 0,
+    sr_bits: int = 8,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -220,31 +369,28 @@ def fake_quantize_2d(
 
     Equals `fake_quantize(x, fmt, ...)` (axis=1) or `fake_quantize(x.t(), ...).t()` (axis=0), with
     `hadamard(., 16, rht_signs)` applied along the quantized axis first when rht_signs is given (the
-    values are then those of the transformed tensor). Stochastic rounding draws from Philox(seed).
+    values are then those of the transformed tensor). Stochastic rounding uses `sr_bits` random bits per
+    element from Philox(seed), the same bits as `fake_quantize(..., seed=seed, sr_bits=sr_bits)`.
+    `out`, if given, must be strided like x. axis=0 runs the pair kernel (fake_quantize_2d_pair), whose
+    tiles are read in memory order and transposed in registers.
     """
-    if x.ndim != 2:
-        raise ValueError(f"fake_quantize_2d takes a 2-D tensor, got shape {tuple(x.shape)}")
-    if fmt not in FORMAT_IDS:
-        raise ValueError(f"fmt={fmt!r}: allowed values are {', '.join(FORMAT_IDS)}")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding={rounding!r}: allowed values are nearest, stochastic")
     if axis not in (0, 1):
         raise ValueError(f"axis={axis}: allowed values are 0, 1")
-    block = BLOCKS.get(fmt, 16)
-    block_2d = bool(block_2d) and fmt in BLOCKS
-    R, C = (x.shape[0], x.shape[1]) if axis == 1 else (x.shape[1], x.shape[0])
-    stride_r, stride_c = (x.stride(0), x.stride(1)) if axis == 1 else (x.stride(1), x.stride(0))
+    d = Direction(fmt, rounding, bool(block_2d), rht_signs is not None, int(seed))
+    _check(x, d, sr_bits, rht_signs)
     if out is None:
-        out = torch.empty_strided(x.shape, x.stride(), dtype=out_dtype or x.dtype, device=x.device)
+        out = _new_out(x, out_dtype)
+    if axis == 0:
+        return _launch_pair(x, None, d, rht_signs, sr_bits, None, out)[1]
     if x.numel() == 0:
         return out
+    block = BLOCKS.get(fmt, 16)
+    block_2d = bool(block_2d) and fmt in BLOCKS
+    R, C = x.shape
+    stride_r, stride_c = x.stride()
     rht = rht_signs is not None
-    signs = (
-        rht_signs.to(device=x.device, dtype=torch.float32).contiguous()
-        if rht
-        else torch.empty(16, device=x.device, dtype=torch.float32)
-    )
-    br, bc = _tile(axis, block, block_2d)
+    signs = _signs(x, rht_signs)
+    br, bc = _row_tile(block, block_2d)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     amax = torch.zeros(1, device=x.device, dtype=torch.float32)
     if fmt != "mxfp8":
@@ -252,6 +398,74 @@ def fake_quantize_2d(
     _fake_quant_kernel[grid](
         x, out, signs, amax, R, C, stride_r, stride_c, seed,
         FMT=FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=block_2d, RHT=rht,
-        STOCHASTIC=rounding == "stochastic", BR=br, BC=bc,
+        STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc,
     )  # fmt: skip
     return out
+
+
+PAIR_TILE = 64  # [64, 64] tiles: whole 16- and 32-blocks (and 2-D tiles) along both axes
+
+
+def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_bits, row_out, col_out):
+    if x.numel() == 0:
+        return row_out, col_out
+    R, C = x.shape
+    signs = _signs(x, rht_signs)
+    grid = (triton.cdiv(R, PAIR_TILE), triton.cdiv(C, PAIR_TILE))
+    amax = torch.zeros(2, device=x.device, dtype=torch.float32)
+    need_row = row is not None and row.fmt != "mxfp8"
+    need_col = col is not None and col.fmt != "mxfp8"
+    if need_row or need_col:
+        _amax_pair_kernel[grid](
+            x, signs, amax, R, C, x.stride(0), x.stride(1),
+            ROW=need_row, ROW_RHT=need_row and row.rht, COL=need_col, COL_RHT=need_col and col.rht,
+            TM=PAIR_TILE, TN=PAIR_TILE,
+        )  # fmt: skip
+
+    def consts(d: Direction | None):
+        if d is None:
+            return -1, 16, False, False, False, 0
+        blocked = d.fmt in BLOCKS
+        return (FORMAT_IDS[d.fmt], BLOCKS.get(d.fmt, 16), d.block_2d and blocked, d.rht,
+                d.rounding == "stochastic", d.seed)  # fmt: skip
+
+    rf, rb, r2, rr, rs, r_seed = consts(row)
+    cf, cb, c2, cr, cs, c_seed = consts(col)
+    dummy = row_out if row_out is not None else col_out
+    _fake_quant_pair_kernel[grid](
+        x, row_out if row_out is not None else dummy, col_out if col_out is not None else dummy, signs, amax,
+        R, C, x.stride(0), x.stride(1), r_seed, c_seed,
+        ROW_FMT=rf, ROW_BLOCK=rb, ROW_2D=r2, ROW_RHT=rr, ROW_SR=rs,
+        COL_FMT=cf, COL_BLOCK=cb, COL_2D=c2, COL_RHT=cr, COL_SR=cs,
+        SR_BITS=sr_bits, TM=PAIR_TILE, TN=PAIR_TILE,
+    )  # fmt: skip
+    return row_out, col_out
+
+
+def fake_quantize_2d_pair(
+    x: torch.Tensor,
+    row: Direction | None,
+    col: Direction | None,
+    *,
+    rht_signs: torch.Tensor | None = None,
+    sr_bits: int = 8,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both quantizations a GEMM pair needs of one 2-D tensor, from one read of it.
+
+    Returns (row-wise, column-wise) fake-quantized tensors, each shaped and strided like x (None where its
+    Direction is None), equal bit for bit to
+        fake_quantize_2d(x, row.fmt, axis=1, rounding=row.rounding, block_2d=row.block_2d,
+                         rht_signs=rht_signs if row.rht else None, seed=row.seed, sr_bits=sr_bits)
+    and the same with axis=0 for `col`. One pass computes the tensor amaxes of both layouts (after their
+    RHT), a second reads each [64, 64] tile once, quantizes it row-wise and, transposed in registers,
+    column-wise, RHT and stochastic rounding fused, and writes both outputs (instead of two passes each).
+    """
+    for d in (row, col):
+        if d is not None:
+            _check(x, d, sr_bits, rht_signs)
+    row_out = _new_out(x, out_dtype) if row is not None else None
+    col_out = _new_out(x, out_dtype) if col is not None else None
+    if row is None and col is None:
+        return None, None
+    return _launch_pair(x, row, col, rht_signs, sr_bits, row_out, col_out)

@@ -2,11 +2,14 @@
 
 - FP8 current scaling vs TE's native Float8CurrentScalingQuantizer (E4M3 and E5M2).
 - NVFP4 vs TE's reference quantizer (custom_recipes.reference_nvfp4.NVFP4QuantizerRef), 1x16 and 16x16,
-  plus the column-wise RHT path; vs the native NVFP4Quantizer too where the GPU has it (Blackwell).
+  plus BF16/FP32 + RHT row- and column-wise (torch path and Triton kernel); vs the native NVFP4Quantizer
+  too where the GPU has it (Blackwell).
+- Stochastic rounding's deterministic parts (amax, block scales, codes within one step of nearest); the
+  random bits themselves differ from TE's by design.
 - MXFP8 vs the native MXFP8Quantizer where available (Blackwell); elsewhere vs the E8M0 rule of TE's
   own test reference (tests/pytorch/test_mxfp8_2d_quantize.py: smallest power of two >= amax/448).
-Stochastic rounding is off (its random bits differ by design). Inputs are finite: for NaN/Inf we
-propagate NaN on purpose where TE saturates / skips them (docs/precision.md).
+Inputs are finite: for NaN/Inf we propagate NaN on purpose where TE saturates / skips them
+(docs/precision.md).
 
 Run: pytest -m gpu tests/gpu/test_te_parity.py -s   (LLMTRAIN_PARITY_REPORT=path.json to save the table)
 """
@@ -109,19 +112,74 @@ def test_nvfp4_vs_te_reference(tile, dtype):
     assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix))
 
 
-def test_nvfp4_rht_columnwise_vs_te_reference():
+# Tensors whose 16-blocks span < 2**12 in magnitude: TE's FP32 (tensor-core) accumulation of the RHT is
+# exact there, so its summation order cannot matter and BF16 + RHT must agree bit for bit.
+EXACT_RHT = ("normal", "zero_blocks", "all_zero", "e2m1_ties")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+@pytest.mark.parametrize("layout", ["columnwise", "rowwise"])
+def test_nvfp4_rht_vs_te_reference(layout, tile, dtype):
+    """TE's reference applies the RHT to its column-wise operand x^T; our row-wise RHT of x is that
+    operand of x^T. The transform is rounded to the input dtype (BF16) as in TE, by the torch path
+    (hadamard) and the Triton kernel (fake_quantize_2d, compared as dequantized values)."""
+    from llmtrain.precision import dequantize
+    from llmtrain.precision.triton_kernels import fake_quantize_2d
+
+    ref_q = reference_nvfp4.NVFP4QuantizerRef(dtype=reference_utils.Fp4Formats.E2M1, rowwise=False,
+                                              columnwise=True, with_rht=True, quant_tile_shape=tile)  # fmt: skip
+    signs = torch.tensor(TE_SIGNS, device="cuda")
+    prefix = f"nvfp4_ref_rht/{layout}/{tile[0]}x{tile[1]}/{str(dtype)[6:]}"
+    block_2d = tile == (16, 16)
+    for name, x in _tensors(dtype).items():
+        x = x if layout == "columnwise" else x.t().contiguous()
+        ref = ref_q.quantize(x)
+        q = quantize(hadamard(x.t().contiguous(), 16, signs), "nvfp4", block_2d=block_2d)
+        _record(f"{prefix}/{name}/codes", q.codes, ref.data_t)
+        _record(f"{prefix}/{name}/block_scales", q.scale.view(torch.uint8), ref.scale_t.view(torch.uint8))
+        _record(f"{prefix}/{name}/amax", q.amax, ref.global_amax_col)
+        tri = fake_quantize_2d(x, "nvfp4", axis=0, block_2d=block_2d, rht_signs=signs)
+        _record(f"{prefix}/{name}/triton_vs_torch", tri.t().contiguous(), dequantize(q))
+    if dtype == torch.bfloat16:
+        exact = [k for k in REPORT if k.startswith(prefix) and k.split("/")[-2] in EXACT_RHT]
+        assert all(REPORT[k] == 1.0 for k in exact), {k: REPORT[k] for k in exact}
+    assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix) and k.endswith("triton_vs_torch"))
+    assert min(v for k, v in REPORT.items() if k.startswith(prefix)) > 0.999
+
+
+@pytest.mark.parametrize("sr_bits", [8, 24])
+def test_nvfp4_rht_sr_deterministic_parts_vs_te_reference(sr_bits):
+    """BF16 + RHT + stochastic rounding: the amax and block scales do not depend on the random bits and
+    equal TE's (reference, round-to-nearest); every FP4 code is the nearest one or its neighbour toward
+    the value (same sign, magnitude index within 1). The Triton kernel draws the same bits as the torch
+    path for the same seed."""
+    from llmtrain.precision import dequantize
+    from llmtrain.precision.formats import unpack_fp4
+    from llmtrain.precision.triton_kernels import fake_quantize_2d
+
     ref_q = reference_nvfp4.NVFP4QuantizerRef(dtype=reference_utils.Fp4Formats.E2M1, rowwise=False,
                                               columnwise=True, with_rht=True)  # fmt: skip
     signs = torch.tensor(TE_SIGNS, device="cuda")
-    for name, x in _tensors(torch.float32).items():
+    prefix = f"nvfp4_ref_rht_sr{sr_bits}"
+    for name, x in _tensors(torch.bfloat16).items():
+        if name not in EXACT_RHT:
+            continue
         ref = ref_q.quantize(x)
-        q = quantize(hadamard(x.t().contiguous(), 16, signs), "nvfp4")
-        # The RHT is a 16x16 GEMM: on GPU our FP32 matmul and TE's may round differently (TF32 off).
-        _record(f"nvfp4_ref_rht/{name}/codes", q.codes, ref.data_t)
+        h = hadamard(x.t().contiguous(), 16, signs)
+        q = quantize(h, "nvfp4", rounding="stochastic", seed=77, sr_bits=sr_bits)
+        _record(f"{prefix}/{name}/block_scales", q.scale.view(torch.uint8), ref.scale_t.view(torch.uint8))
+        _record(f"{prefix}/{name}/amax", q.amax, ref.global_amax_col)
+        ours, theirs = unpack_fp4(q.codes).int(), unpack_fp4(ref.data_t).int()
+        step = ((ours & 7) - (theirs & 7)).abs()
+        same_sign = ((ours ^ theirs) & 8 == 0) | ((ours & 7) == 0) | ((theirs & 7) == 0)
         _record(
-            f"nvfp4_ref_rht/{name}/block_scales", q.scale.view(torch.uint8), ref.scale_t.view(torch.uint8)
+            f"{prefix}/{name}/codes_within_one_step", (step <= 1) & same_sign, torch.ones_like(step).bool()
         )
-    assert min(v for k, v in REPORT.items() if k.startswith("nvfp4_ref_rht")) > 0.999
+        tri = fake_quantize_2d(x, "nvfp4", axis=0, rht_signs=signs, rounding="stochastic", seed=77,
+                               sr_bits=sr_bits)  # fmt: skip
+        _record(f"{prefix}/{name}/triton_vs_torch", tri.t().contiguous(), dequantize(q))
+    assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix)), REPORT
 
 
 def _mxfp8_te_test_rule(x):

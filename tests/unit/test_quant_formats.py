@@ -17,6 +17,8 @@ from llmtrain.precision.formats import (
     e8m0_to_float,
     format_grid,
     pack_fp4,
+    philox4x32,
+    random_bits,
     round_to_format,
     unpack_fp4,
 )
@@ -139,7 +141,7 @@ def test_generic_rounding_matches_torch_fp8_cast(fmt):
 def test_rounding_saturates_and_keeps_nan(fmt):
     v = torch.tensor([fmt.max * 1.01, -1e30, math.inf, -math.inf, math.nan])
     for rounding in ("nearest", "stochastic"):
-        out = round_to_format(v, fmt, rounding)
+        out = round_to_format(v, fmt, rounding, torch.full(v.shape, 255))
         assert out[:4].tolist() == [fmt.max, -fmt.max, fmt.max, -fmt.max]
         assert math.isnan(out[4].item())
 
@@ -149,29 +151,69 @@ def test_rounding_idempotent(fmt):
     v = torch.randn(10_000) * fmt.max / 3
     once = round_to_format(v, fmt)
     assert torch.equal(round_to_format(once, fmt), once)
-    sr = round_to_format(v, fmt, "stochastic", torch.Generator().manual_seed(1))
-    assert torch.equal(round_to_format(sr, fmt, "stochastic"), sr)  # grid points never move
+    sr = round_to_format(v, fmt, "stochastic", random_bits(1, v.numel(), seed=1))
+    assert torch.equal(round_to_format(sr, fmt, "stochastic", torch.zeros(v.shape)), sr)  # grid points stay
 
 
-def test_stochastic_rounding_is_unbiased_and_uses_neighbours():
-    # 0.3 in E2M1 lies between 0 and 0.5: P(0.5) = 0.6. 2.6 between 2 and 3: P(3) = 0.6. -5 between -4, -6.
-    n = 200_000
-    v = torch.tensor([0.3, 2.6, -5.0, 1.0]).repeat(n, 1)
-    out = round_to_format(v, E2M1, "stochastic", torch.Generator().manual_seed(3))
-    assert set(out[:, 0].unique().tolist()) == {0.0, 0.5}
-    assert set(out[:, 1].unique().tolist()) == {2.0, 3.0}
-    assert set(out[:, 2].unique().tolist()) == {-4.0, -6.0}
-    assert out[:, 3].unique().tolist() == [1.0]
-    # Mean within 6 standard errors: sd of one draw <= spacing / 2.
-    se = torch.tensor([0.5, 1.0, 2.0, 0.0]) / 2 / n**0.5
-    assert ((out.mean(0) - v[0]).abs() <= 6 * se + 1e-7).all()
+@pytest.mark.parametrize("sr_bits", [8, 24])
+def test_stochastic_rounding_probability_is_exact_over_all_random_bits(sr_bits):
+    """P(away from zero) = floor(2**sr_bits * f) / 2**sr_bits exactly, f = position between neighbours.
+
+    8 bits: every one of the 256 random values is tried, so the count of ups is the probability exactly
+    (native TE / cvt.rs: f = k/256 + eps rounds up for exactly k of them). 24 bits: the threshold is
+    checked at its two sides."""
+    n = 2**sr_bits
+    for spacing, lo, fmt in ((0.5, 0.0, E2M1), (2.0, 4.0, E2M1), (2.0**-9, 2.0**-6, E4M3)):
+        for k in (0, 1, 77, 128, 255):
+            for eps in (0.0, 2.0**-20, 0.75 / 256):
+                f = k / 256 + eps
+                v = torch.tensor([lo + f * spacing, -(lo + f * spacing)])
+                expect = math.floor(n * f)  # rbits < expect round up
+                if sr_bits == 8:
+                    out = round_to_format(
+                        v.repeat(n, 1), fmt, "stochastic", torch.arange(n)[:, None].expand(n, 2)
+                    )
+                    ups = (out.abs() > lo).sum(0).tolist()
+                    assert ups == [expect, expect], (fmt.name, k, eps)
+                else:
+                    r = torch.tensor([[expect - 1] * 2, [expect] * 2]).clamp_min(0)
+                    out = round_to_format(v.repeat(2, 1), fmt, "stochastic", r, sr_bits).abs()
+                    assert out[1].tolist() == [lo] * 2, (fmt.name, k, eps)  # rbits = threshold: down
+                    if expect > 0:
+                        assert out[0].tolist() == [lo + spacing] * 2, (fmt.name, k, eps)
 
 
-def test_stochastic_rounding_reproducible_with_generator():
-    v = torch.randn(1000) * 3
-    a = round_to_format(v, E2M1, "stochastic", torch.Generator().manual_seed(5))
-    b = round_to_format(v, E2M1, "stochastic", torch.Generator().manual_seed(5))
-    assert torch.equal(a, b)
+def test_eight_bit_stochastic_rounding_is_biased_toward_zero_as_on_blackwell():
+    """End to end with Philox bits: f = 2/256 - 2**-16 rounds up with probability 1/256 at 8 bits (as
+    cvt.rs), ~2/256 at 24. Each rate lies within 6 binomial sigmas of its own p, and 12 sigmas apart."""
+    n = 2**17
+    f = 2 / 256 - 2.0**-16
+    v = torch.full((n,), 2.0 + f)  # between 2 and 3 in E2M1
+    for sr_bits, p in ((8, 1 / 256), (24, f)):
+        out = round_to_format(v, E2M1, "stochastic", random_bits(1, n, seed=5, sr_bits=sr_bits), sr_bits)
+        assert set(out.unique().tolist()) <= {2.0, 3.0}
+        rate = (out == 3.0).double().mean().item()
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(rate - p) < 6 * sigma, (sr_bits, rate, p)
+    assert f - 1 / 256 > 12 * (f * (1 - f) / n) ** 0.5  # the two hypotheses are told apart
+
+
+def test_philox_matches_the_reference_vectors():
+    """Philox4x32-10 known-answer test (Salmon et al., Random123 kat_vectors: counter 0, key 0). Triton's
+    randint4x is this generator with key (seed_lo, seed_hi), counter (c_lo, c_hi, 0, 0)."""
+    words = philox4x32(torch.zeros(1, dtype=torch.int64), 0)
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_random_bits_are_reproducible_and_laid_out_per_element():
+    a = random_bits(5, 40, seed=7)
+    assert torch.equal(a, random_bits(5, 40, seed=7)) and not torch.equal(a, random_bits(5, 40, seed=8))
+    assert a.shape == (5, 40) and int(a.min()) >= 0 and int(a.max()) < 256
+    # Row r starts at index r * 48 (40 rounded up to whole 16-blocks): row 1 = the bits from offset 48.
+    flat = random_bits(1, 48 * 5, seed=7)
+    assert torch.equal(a[1], flat[0, 48:88])
+    with pytest.raises(ValueError, match="sr_bits=16"):
+        random_bits(2, 16, seed=1, sr_bits=16)
 
 
 def test_unknown_rounding_raises():

@@ -161,3 +161,55 @@ def test_bf16_autocast_and_dtypes():
     y.float().backward(dy)
     assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
     assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_rht_under_bf16_autocast_rounds_the_transform_to_bf16():
+    """As TE: the wgrad operands are transformed in the GEMM dtype (BF16), i.e. the RHT output is rounded
+    to BF16 before its amax and quantization (keeping it FP32 changes ~1% of the FP4 codes)."""
+    from llmtrain.precision.quantize import quantize_parts
+
+    layer = _layer(_cfg("nvfp4_1d", rht=True))
+    x, dy = _data()
+    dy = dy.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(dy)
+    signs = torch.tensor(TE_SIGNS)
+    a = hadamard(dy.reshape(-1, 48).t().contiguous(), 16, signs)
+    b = hadamard(x.reshape(-1, 64).t().contiguous().bfloat16(), 16, signs)
+    assert a.dtype == b.dtype == torch.bfloat16
+    pa, pb = quantize_parts(a, "nvfp4", "nearest"), quantize_parts(b, "nvfp4", "nearest")
+    ref = ((pa.values.bfloat16() @ pb.values.bfloat16().t()).float() * (pa.factor * pb.factor)).bfloat16()
+    assert torch.equal(layer.weight.grad, ref.float())
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_operand_reaches_the_loss_and_the_gradients(setup, bad):
+    """Native TE ignores NaN in its amax and saturates Inf (S_enc = 1), so a GEMM could turn a non-finite
+    input into finite numbers. We make the scale NaN instead: the output and the gradients the operand
+    feeds are non-finite, and the loop's check (non-finite loss or grad norm => skip) fires."""
+    layer = _layer(_cfg(setup, rht=True))
+    x, dy = _data()
+    x_bad = x.clone()
+    x_bad[0, 3, 5] = bad
+    y, dx, dw = _run(layer, x_bad, dy)
+    assert not torch.isfinite(y).all() and not torch.isfinite(dw).all()
+    layer.weight.grad = None
+    dy_bad = dy.clone()
+    dy_bad[1, 2, 7] = bad
+    y, dx, dw = _run(layer, x, dy_bad)
+    assert torch.isfinite(y).all()  # the forward never saw it
+    assert not torch.isfinite(dx).all() and not torch.isfinite(dw).all()
+
+
+def test_sr_bits_reaches_the_layer():
+    """precision.sr_bits=24 (unbiased draw) gives other stochastic roundings than the default 8 bits."""
+    x, dy = _data()
+    grads = {}
+    for bits in (8, 24):
+        cfg = _cfg("nvfp4", dgrad_rounding="stochastic", wgrad_rounding="stochastic", sr_bits=bits)
+        layer = _layer(cfg)
+        assert layer.recipe.sr_bits == bits
+        grads[bits] = _run(layer, x, dy)
+    assert any(not torch.equal(a, b) for a, b in zip(grads[8], grads[24]))

@@ -145,7 +145,11 @@ def test_stochastic_rounding_unbiased(fmt):
     n = 4000
     x = _sample((4, 64), seed=2)
     reps = x.repeat(n, 1)
-    y = fake_quantize(reps, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(0))
+    # 24 random bits: unbiased to 2**-24 of a step (the default 8 are biased by <= 1/256 of a step,
+    # test_quant_formats checks that rate exactly).
+    y = fake_quantize(
+        reps, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(0), sr_bits=24
+    )
     mean = y.view(n, *x.shape).mean(0)
     mbits = {"fp8_e4m3": 3, "fp8_e5m2": 2, "mxfp8": 3, "nvfp4": 1}[fmt]
     block = {"fp8_e4m3": 64, "fp8_e5m2": 64, "mxfp8": 32, "nvfp4": 16}[fmt]
@@ -319,3 +323,37 @@ def test_bad_arguments():
         quantize(x, "bf16")
     with pytest.raises(TypeError):
         quantize(torch.ones(4, 16, dtype=torch.int32), "nvfp4")
+
+
+def test_precision_config_sr_bits_is_validated():
+    from llmtrain.errors import ConfigError
+    from llmtrain.precision.config import PrecisionConfig
+    from llmtrain.precision.recipe import validate
+
+    cfg = PrecisionConfig(name="nvfp4", weight_format="nvfp4", activation_format="nvfp4", grad_format="nvfp4")
+    assert cfg.sr_bits == 8
+    validate(cfg)
+    cfg.sr_bits = 16
+    with pytest.raises(ConfigError, match=r"precision.sr_bits=16: not a valid choice \(allowed: 8, 24\)"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("e4m3_max", [448, 256])
+def test_4over6_dequantizes_consistently_and_is_no_worse_per_block(e4m3_max):
+    """4over6 keeps, per block, the candidate with the smaller error: its total absolute error is at most
+    that of map-to-6 alone (the plain NVFP4 scales of the same tensor scale) plus FP32 slack."""
+    from llmtrain.precision.quantize import FourOverSix
+
+    fos = FourOverSix("MAE", e4m3_max)
+    x = _sample((64, 256), seed=12)
+    y = fake_quantize(x, "nvfp4", four_over_six=fos)
+    assert torch.equal(dequantize(quantize(x, "nvfp4", four_over_six=fos)), y)
+    if e4m3_max == 448:
+        plain = fake_quantize(x, "nvfp4")
+        err4o6 = (y - x).abs().view(64, 16, 16).sum(-1)
+        err6 = (plain - x).abs().view(64, 16, 16).sum(-1)
+        assert (err4o6 <= err6 * (1 + 1e-5)).all() and (err4o6 < err6).any()
+    with pytest.raises(ValueError, match="four_over_six needs fmt='nvfp4'"):
+        quantize(x, "mxfp8", four_over_six=fos)
+    with pytest.raises(ValueError, match="err_mode='L1'"):
+        quantize(x, "nvfp4", four_over_six=FourOverSix("L1"))

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpr
 
 from llmtrain.precision import fake_quantize, hadamard  # noqa: E402
 from llmtrain.precision.hadamard import TE_SIGNS  # noqa: E402
-from llmtrain.precision.triton_kernels import fake_quantize_2d  # noqa: E402
+from llmtrain.precision.triton_kernels import Direction, fake_quantize_2d, fake_quantize_2d_pair  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ["fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4"]
@@ -40,7 +40,8 @@ def _reference(x, fmt, axis, block_2d, signs):
     xt = x if axis == 1 else x.t().contiguous()
     cols = xt.shape[1]
     if signs is not None:  # a ragged axis is transformed (and quantized) zero-padded to whole blocks
-        xt = hadamard(torch.nn.functional.pad(xt.float(), (0, -cols % 16)), 16, signs)
+        # in x's dtype: the transform is rounded to it, as TE does
+        xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
     y = fake_quantize(xt.float(), fmt, block_2d=block_2d)[:, :cols]
     return y if axis == 1 else y.t()
 
@@ -71,9 +72,10 @@ def test_2d_blocks_match_reference_and_agree_across_axes(fmt, axis):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_rht_then_nvfp4_matches_reference(axis):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rht_then_nvfp4_matches_reference(axis, dtype):
     signs = torch.tensor(TE_SIGNS)
-    for name, x in _inputs(torch.bfloat16).items():
+    for name, x in _inputs(dtype).items():
         ours = fake_quantize_2d(x, "nvfp4", axis=axis, rht_signs=signs, out_dtype=torch.float32)
         _assert_bitwise(ours, _reference(x, "nvfp4", axis, False, signs), f"rht axis={axis} {name}")
 
@@ -96,10 +98,33 @@ def test_non_finite_inputs_propagate_nan_like_the_reference():
         _assert_bitwise(ours, ref, f"{fmt} non-finite")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("sr_bits", [8, 24])
+def test_stochastic_rounding_matches_reference_bitwise(fmt, sr_bits):
+    """Same seed, same Philox bits: the kernel and fake_quantize round every element the same way, for
+    both layouts, 2-D tiles and the RHT."""
+    signs = torch.tensor(TE_SIGNS)
+    for name, x in _inputs(torch.bfloat16).items():
+        for axis in (1, 0):
+            for block_2d, rht in ((False, False), (True, False), (False, True)):
+                if rht and fmt != "nvfp4":
+                    continue
+                kw = dict(rounding="stochastic", seed=1234 + axis, sr_bits=sr_bits)
+                ours = fake_quantize_2d(x, fmt, axis=axis, block_2d=block_2d,
+                                        rht_signs=signs if rht else None, out_dtype=torch.float32, **kw)  # fmt: skip
+                xt = x if axis == 1 else x.t().contiguous()
+                cols = xt.shape[1]
+                if rht:
+                    xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
+                ref = fake_quantize(xt.float(), fmt, block_2d=block_2d, **kw)[:, :cols]
+                what = f"{fmt} sr{sr_bits} axis={axis} 2d={block_2d} rht={rht} {name}"
+                _assert_bitwise(ours, ref if axis == 1 else ref.t(), what)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "fp8_e4m3"])
-def test_stochastic_rounding_is_unbiased_and_seeded(fmt):
-    # Values strictly between grid points: the mean of many SR draws approaches the input (unbiased),
-    # while every single draw lies on one of the two neighbouring RTN grid points.
+def test_stochastic_rounding_approaches_the_input_and_is_seeded(fmt):
+    # Values strictly between grid points: the mean of many SR draws approaches the input, while every
+    # single draw lies on one of the two neighbouring RTN grid points.
     torch.manual_seed(0)
     x = (torch.rand(64, 256) * 2 - 1).to(DEVICE)
     draws = torch.stack([fake_quantize_2d(x, fmt, rounding="stochastic", seed=s, out_dtype=torch.float32)
@@ -107,7 +132,8 @@ def test_stochastic_rounding_is_unbiased_and_seeded(fmt):
     rtn = fake_quantize(x, fmt)
     err_sr = (draws.mean(0) - x).abs().mean().item()
     err_rtn = (rtn - x).abs().mean().item()
-    # 64 draws shrink the bias of one draw by ~8x; RTN's error does not shrink at all.
+    # 64 draws shrink the error of one draw by ~8x (8-bit SR's bias, <= 1/256 of a step, is far below);
+    # RTN's error does not shrink at all.
     assert err_sr < err_rtn / 3, (err_sr, err_rtn)
     again = fake_quantize_2d(x, fmt, rounding="stochastic", seed=5, out_dtype=torch.float32)
     assert torch.equal(again, draws[5])
@@ -122,3 +148,65 @@ def test_argument_errors():
         fake_quantize_2d(x, "nvfp4", rounding="up")
     with pytest.raises(ValueError, match="2-D"):
         fake_quantize_2d(x.view(2, 2, 32), "nvfp4")
+    with pytest.raises(ValueError, match="sr_bits=16"):
+        fake_quantize_2d(x, "nvfp4", rounding="stochastic", sr_bits=16)
+
+
+def _reference_direction(x, d, axis, signs, sr_bits):
+    """fake_quantize of x's row-wise (axis 1) or column-wise (axis 0) operand, as a Direction says."""
+    xt = x if axis == 1 else x.t().contiguous()
+    cols = xt.shape[1]
+    if d.rht:
+        xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
+    y = fake_quantize(
+        xt.float(), d.fmt, rounding=d.rounding, block_2d=d.block_2d, seed=d.seed, sr_bits=sr_bits
+    )
+    y = y[:, :cols]
+    return y if axis == 1 else y.t()
+
+
+PAIRS = {  # (row-wise, column-wise): TE's slots (input, weight, grad_output) and mixed recipes
+    "nvfp4_input": (Direction("nvfp4"), Direction("nvfp4", "stochastic", rht=True, seed=11)),
+    "nvfp4_weight_2d": (Direction("nvfp4", block_2d=True), Direction("nvfp4", block_2d=True)),
+    "nvfp4_grad": (
+        Direction("nvfp4", "stochastic", seed=3),
+        Direction("nvfp4", "stochastic", rht=True, seed=4),
+    ),
+    "mxfp8": (Direction("mxfp8"), Direction("mxfp8", "stochastic", seed=5)),
+    "mxfp8_2d": (Direction("mxfp8", block_2d=True), Direction("mxfp8", block_2d=True)),
+    "fp8_cs": (Direction("fp8_e4m3"), Direction("fp8_e5m2", "stochastic", seed=6)),
+    "mixed_row_rht": (Direction("nvfp4", rht=True), Direction("mxfp8")),
+    "row_only": (Direction("fp8_e4m3", "stochastic", seed=8), None),
+    "col_only": (None, Direction("nvfp4", rht=True)),
+}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("sr_bits", [8, 24])
+def test_pair_kernel_gives_both_layouts_bit_for_bit(pair, sr_bits):
+    """One read, both quantizations: each output equals the reference of its own layout (and so the
+    single-layout kernel), whatever the other layout does."""
+    row, col = PAIRS[pair]
+    signs = torch.tensor(TE_SIGNS)
+    for name, x in _inputs(torch.bfloat16).items():
+        got_row, got_col = fake_quantize_2d_pair(x, row, col, rht_signs=signs, sr_bits=sr_bits,
+                                                 out_dtype=torch.float32)  # fmt: skip
+        for d, got, axis in ((row, got_row, 1), (col, got_col, 0)):
+            if d is None:
+                assert got is None
+                continue
+            ref = _reference_direction(x, d, axis, signs, sr_bits)
+            _assert_bitwise(got, ref, f"{pair} sr{sr_bits} axis={axis} {name}")
+
+
+def test_pair_kernel_bf16_outputs_and_argument_errors():
+    x = _inputs(torch.bfloat16)["normal"]
+    row, col = fake_quantize_2d_pair(x, Direction("nvfp4"), Direction("mxfp8"))
+    assert row.dtype == col.dtype == torch.bfloat16 and row.stride() == x.stride()
+    assert torch.equal(row, fake_quantize_2d(x, "nvfp4", axis=1))
+    assert torch.equal(col, fake_quantize_2d(x, "mxfp8", axis=0))
+    assert fake_quantize_2d_pair(x, None, None) == (None, None)
+    with pytest.raises(ValueError, match="rht=True needs rht_signs"):
+        fake_quantize_2d_pair(x, Direction("nvfp4", rht=True), None)
+    with pytest.raises(ValueError, match="fmt='int4'"):
+        fake_quantize_2d_pair(x, None, Direction("int4"))
