@@ -163,7 +163,7 @@ def kernel_bench() -> tuple[list[dict], dict]:
     import triton
 
     from llmtrain.precision.hadamard import TE_SIGNS
-    from llmtrain.precision.triton_kernels import fake_quantize_2d
+    from llmtrain.precision.triton_kernels import Direction, fake_quantize_2d, fake_quantize_2d_pair
 
     x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(x)
@@ -191,6 +191,20 @@ def kernel_bench() -> tuple[list[dict], dict]:
         label = "+".join(
             [fmt, "rowwise" if axis == 1 else "columnwise"] + [k if k != "rht_signs" else "rht" for k in kw]
         )
+        rows.append({"kernel": label, "ms": ms, "bytes_moved": moved, "gb_per_s": moved / ms / 1e6,
+                     "fraction_of_copy_bw": moved / ms / 1e6 / copy_gbs})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    # Both layouts of one tensor from one read (weights: 16x16 tiles; activations: column-wise RHT + SR).
+    pairs = [
+        ("nvfp4+pair+2d", Direction("nvfp4", block_2d=True), Direction("nvfp4", block_2d=True)),
+        ("nvfp4+pair+col_rht_sr", Direction("nvfp4"), Direction("nvfp4", "stochastic", rht=True, seed=1)),
+        ("mxfp8+pair", Direction("mxfp8"), Direction("mxfp8")),
+    ]
+    for label, row, col in pairs:
+        ms = triton.testing.do_bench(
+            lambda row=row, col=col: fake_quantize_2d_pair(x, row, col, rht_signs=signs)
+        )
+        moved = (1 if row.fmt == "mxfp8" else 2) * nbytes + 2 * nbytes  # amax pass (NVFP4), read, two writes
         rows.append({"kernel": label, "ms": ms, "bytes_moved": moved, "gb_per_s": moved / ms / 1e6,
                      "fraction_of_copy_bw": moved / ms / 1e6 / copy_gbs})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
