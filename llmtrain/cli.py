@@ -180,18 +180,43 @@ def preflight(argv: list[str]) -> None:
     GlobalHydra.instance().clear()
 
 
+# ---- the run dir, decided before Hydra writes into it -----------------------------------------------
+_PLAN = None  # the RunPlan made before Hydra started (single runs); run() uses it
+
+
+def _hydra_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def plan_before_hydra(argv: list[str]) -> list[str]:
+    """Validate the run dir and the resume point of a single run before Hydra writes `.hydra/` into it.
+
+    Returns overrides to add (`hydra.run.dir=<dir>-restartN` for train.resume=never beside an existing run).
+    """
+    global _PLAN
+    if any(a in INSPECT_FLAGS or a in ("-m", "--multirun") for a in argv):
+        return []  # sweeps: each point is planned in run(), after Hydra made its dir
+    from llmtrain.train.run_dir import plan_run
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        try:
+            full = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            run_dir = Path(str(full.hydra.run.dir)).absolute()
+        except Exception as e:
+            raise UserError(describe_composition_error(e, overrides)) from None
+    GlobalHydra.instance().clear()
+    cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    if cfg.dry_run or (cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ):
+        return []
+    _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
+    if _PLAN.run_dir != run_dir:
+        return [f"hydra.run.dir={_hydra_quote(str(_PLAN.run_dir))}"]
+    return []
+
+
 # ---- the run -------------------------------------------------------------------------------------------
-def _fresh_run_dir(run_dir: Path) -> Path:
-    """train.resume=never never overwrites an existing run: it starts in a sibling directory."""
-    if not ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
-        return run_dir
-    for i in itertools.count(1):
-        candidate = run_dir.with_name(f"{run_dir.name}-restart{i}")
-        if not candidate.exists():
-            return candidate
-    raise AssertionError("unreachable")
-
-
 def run(cfg) -> None:
     from llmtrain import launch
     from llmtrain.dist import dist_info_from_env
@@ -206,13 +231,18 @@ def run(cfg) -> None:
     if cfg.dry_run:
         print(dry_run_report(cfg, world, engine))
         return
-    if cfg.train.resume == "never":
-        run_dir = _fresh_run_dir(run_dir)
+    from llmtrain.train.run_dir import CONFIG_HEADER, claim, plan_run
+
+    plan = _PLAN if _PLAN is not None and _PLAN.run_dir == run_dir else plan_run(cfg, run_dir, engine)
+    run_dir = plan.run_dir
     dist = dist_info_from_env()
     if dist.is_main:
+        if plan.note:
+            print(plan.note, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    summary = train(cfg, run_dir, after_preemption=launch.after_preemption)
+        claim(run_dir)
+        (run_dir / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
+    summary = train(cfg, run_dir, after_preemption=launch.after_preemption, resume_dir=plan.resume_dir)
     if dist.is_main:
         loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
         how = f"stopped by {summary.stopped_by} at" if summary.stopped_by else "done:"
@@ -239,10 +269,14 @@ def _hydra_main(cfg) -> None:
 
 
 def main() -> None:
+    from llmtrain.train.signals import install_early
+
+    install_early()  # a SIGTERM/Ctrl-C from now on is acknowledged, not a silent exit 143
     register_configs()
     register_resolvers()
     try:
         preflight(sys.argv[1:])
+        sys.argv += plan_before_hydra(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,63 @@ def test_resolve_accepts_run_dir_checkpoints_dir_and_step_dir(tmp_path):
         assert resolve_checkpoint_path(p) == step_dir
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_path(tmp_path / "nope")
+
+
+class FullDiskEngine:
+    """Writes part of its file, then fails the way a full disk does."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def save(self, directory: Path) -> None:
+        (directory / "model.pt").write_bytes(b"x" * 1000)
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4054"),
+    ],
+)
+def test_full_disk_leaves_previous_checkpoint_and_no_temp_dir(tmp_path, exc):
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    good = save(mgr, 2)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot write checkpoint step 4 to .*: no space left .*step_00000002 is intact; free space and rerun",
+    ):
+        mgr.save(4, FullDiskEngine(exc), {"step": 4}, {"rng": 1}, 0, "model: {}\n")
+    assert not list(tmp_path.glob(".tmp_*"))
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert mgr.latest_valid() == good
+
+
+def test_space_is_checked_before_writing_when_the_size_is_known(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    save(mgr, 2)
+    size = sum(p.stat().st_size for p in (tmp_path / "step_00000002").iterdir())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=size // 2))
+
+    class MustNotWrite:
+        def save(self, directory):
+            raise AssertionError("wrote although the space was known to be too small")
+
+    with pytest.raises(
+        CheckpointError, match=r"step 4 .*not enough space \(needs ~.* GB, .* free\); step_00000002 is intact"
+    ):
+        mgr.save(4, MustNotWrite(), {"step": 4}, {"rng": 1}, 0, "model: {}\n")
+    assert not list(tmp_path.glob(".tmp_*"))
+
+
+def test_other_write_errors_are_one_line_too(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    with pytest.raises(
+        CheckpointError, match=r"step 2 .*PermissionError: denied; no earlier checkpoint exists"
+    ):
+        mgr.save(2, FullDiskEngine(PermissionError("denied")), {"step": 2}, {"rng": 1}, 0, "model: {}\n")
+    assert not list(tmp_path.glob(".tmp_*"))
