@@ -155,10 +155,37 @@ def _config_sweep(point: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in params.items() if key not in given]
 
 
+def _quoted(key: str, value: str) -> str:
+    """A copy-pasteable shell argument that hands Hydra `key` with `value` as one quoted string."""
+    return f"\"{key}='{value}'\""
+
+
+def check_override_syntax(argv: list[str], multirun: bool) -> None:
+    """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
+    command-line form that works."""
+    parser = OverridesParser.create()
+    for arg in (a for a in argv if "=" in a and not a.startswith("-")):
+        key, _, value = arg.partition("=")
+        try:
+            (ov,) = parser.parse_overrides([arg])
+        except Exception as e:
+            if any(ord(c) > 127 for c in value):
+                problem = "Hydra reads non-ASCII characters only inside quotes"
+            else:
+                problem = f"cannot parse it ({str(e).splitlines()[0]})"
+            raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
+        if ov.is_sweep_override() and not multirun:
+            raise UserError(
+                f"{arg}: a comma on the command line makes a sweep, which runs only with -m; for one value "
+                f"that holds commas write {_quoted(key, value)}"
+            )
+
+
 def preflight(argv: list[str]) -> None:
     overrides = _user_overrides(argv)
     inspect_only = any(a in INSPECT_FLAGS for a in argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    check_override_syntax(argv, multirun)
     try:
         points = _sweep_points(overrides)
     except Exception as e:

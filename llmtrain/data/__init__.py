@@ -66,7 +66,10 @@ class TrainData:
     def valid_batches(self, num_steps: int) -> list[dict[str, torch.Tensor]]:
         if self.valid is None:
             raise ConfigError(
-                "data.split", "(no valid share)", "evaluation needs a valid split", "e.g. 949,50,1"
+                "data.split",
+                "(no valid share)",
+                "evaluation needs a valid split",
+                "e.g. \"data.split='949,50,1'\"",
             )
         mbs, dp = self.micro_batch_size, self.dp_size
         base = [
@@ -152,7 +155,7 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
         eod_mask_loss=bool(d.get("eod_mask_loss", False)),
     )
     if train is None or len(train) == 0:
-        raise ConfigError("data.split", d.split, "leaves no training data", "e.g. 949,50,1")
+        raise ConfigError("data.split", d.split, "leaves no training data", "e.g. \"data.split='949,50,1'\"")
     import hashlib
 
     fingerprint = hashlib.sha256(

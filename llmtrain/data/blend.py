@@ -130,7 +130,7 @@ def _check_nonempty_splits(prefixes: list[str], split_matrix, split: str) -> Non
                     "data.split",
                     split,
                     f"leaves the {name} share of {prefix} ({n} documents) empty",
-                    "more documents, or a larger share, e.g. 90,10,0",
+                    "more documents, or a larger share, e.g. \"data.split='90,10,0'\"",
                 )
 
 

@@ -7,8 +7,10 @@ before all ranks have met in the process group, so they all see the same directo
 the dir it trains in with its job id, so a requeued job (same id) continues its own run.
 """
 
+import errno
 import os
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +67,16 @@ def check_run_dir_usable(run_dir: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{key}: {existing} is a file, not a directory; choose another hydra.run.dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}: {existing} is not writable; choose a hydra.run.dir you can write to")
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
+        if existing == run_dir:  # an existing run dir is not touched, not even by a probe
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied")
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".llmtrain-probe-", dir=existing))
+    except OSError as e:
+        raise UserError(
+            f"{key}: cannot create it in {existing} ({e.strerror}); choose a hydra.run.dir you can write to"
+        ) from None
     config = run_dir / "config.yaml"
     if config.is_file() and not ((run_dir / ".hydra").is_dir() or has_training_state(run_dir)):
         with open(config) as f:

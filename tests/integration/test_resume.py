@@ -1,6 +1,7 @@
 """Exact resume: SIGKILL at several points, SIGTERM, corrupt latest checkpoint — same losses, bit for bit."""
 
 import os
+from pathlib import Path
 import signal
 import subprocess
 import time
@@ -290,3 +291,37 @@ def test_resume_never_with_two_ranks_and_an_existing_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run-restart1" / "checkpoints" / "step_00000002" / "rng_rank00001.pt").is_file()
     assert not (tmp_path / "run-restart2").exists()
+
+
+# ---- signals -------------------------------------------------------------------------------------------
+def handler_installed(pid: int, sig: int) -> bool:
+    """Linux: the process catches `sig` (SigCgt mask in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path):
+    proc = start(tmp_path)
+    wait_for_steps(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "SIGINT received: stopping after this step with a checkpoint" in err and "stopped by SIGINT" in out
+    stopped_at = len(read_metrics(tmp_path))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+
+
+def test_sigterm_during_start_up_is_acknowledged_not_a_silent_143(tmp_path):
+    proc = start(tmp_path)
+    deadline = time.time() + 60
+    while not handler_installed(proc.pid, signal.SIGTERM):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.005)
+    assert not (tmp_path / "metrics.jsonl").exists()  # still starting: nothing trained yet
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err and "stopped by SIGTERM before step 1" in out

@@ -130,3 +130,25 @@ def test_other_write_errors_are_one_line_too(tmp_path):
     ):
         mgr.save(2, FullDiskEngine(PermissionError("denied")), {"step": 2}, {"rng": 1}, 0, "model: {}\n")
     assert not list(tmp_path.glob(".tmp_*"))
+
+
+def test_second_ctrl_c_exits_at_once(monkeypatch, capfd):
+    """The stop request's handler: the first SIGINT asks for a checkpoint, the second exits with 130."""
+    import os
+    import signal
+
+    from llmtrain.train.signals import StopRequest
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT" and not exits
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [130]
+    finally:
+        stop.uninstall()
+    err = capfd.readouterr().err
+    assert "SIGINT received: stopping after this step with a checkpoint (Ctrl-C again" in err
+    assert "second Ctrl-C: exiting now, without a checkpoint" in err

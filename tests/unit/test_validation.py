@@ -65,6 +65,24 @@ CASES = [
     (["train.resume=/no/such/ckpt"], "train.resume='/no/such/ckpt': checkpoint path does not exist"),
     (["engine=megatron"], "engine='megatron': needs CUDA, megatron-core and transformer-engine"),
     (["recipe=llama3_8b"], "llama3_8b needs ~"),
+    # ranges of every numeric key (issue 16 item 10): each of these crashed mid-run or ran silently
+    (["logging.interval=0"], "logging.interval=0: must be > 0"),
+    (["train.seed=-1"], "train.seed=-1: must be in [0, 4294967296)"),
+    (["train.eval_interval=5", "train.eval_steps=0"], "train.eval_steps=0: must be > 0"),
+    (["train.checkpoint_interval=-1"], "train.checkpoint_interval=-1: must be >= 0"),
+    (["train.keep_last=-2"], "train.keep_last=-2: must be >= 0"),
+    (["train.inject_nan_steps=[0]"], "train.inject_nan_steps=[0]: steps are 1..60"),
+    (["optim.beta2=1.0"], "optim.beta2=1.0: must be in [0, 1)"),
+    (["optim.eps=0"], "optim.eps=0.0: must be > 0"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be >= 0"),
+    (["optim.decay_fraction=1.5"], "optim.decay_fraction=1.5: must be in [0, 1]"),
+    (["model.norm_eps=0"], "model.norm_eps=0.0: must be > 0"),
+    (["dry_run=true", "cluster.nodes=0"], "cluster.nodes=0: must be > 0"),
+    (["dry_run=true", "cluster.gpus_per_node=0"], "cluster.gpus_per_node=0: must be > 0"),
+    (["cluster.requeue_limit=-1"], "cluster.requeue_limit=-1: must be >= 0"),
+    (["data.split='90,x,0'"], "data.split='90,x,0': not comma-separated numbers"),
+    (["data.split='0,10,0'"], "needs 1-3 weights >= 0 (train,valid,test) with train > 0"),
+    (["data.split=90,10,0"], "a comma on the command line makes a sweep, which runs only with -m"),
 ]
 
 
@@ -85,7 +103,7 @@ def test_sweep_points_are_each_validated():
 
 
 def test_valid_overrides_pass():
-    preflight(["recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
+    preflight(["-m", "recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
     preflight(["recipe=llama3_8b", "precision=nvfp4", "dry_run=true"])
 
 
