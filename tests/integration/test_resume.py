@@ -1,10 +1,10 @@
 """Exact resume: SIGKILL at several points, SIGTERM, corrupt latest checkpoint — same losses, bit for bit."""
 
 import os
-from pathlib import Path
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch

@@ -113,3 +113,34 @@ def test_a_recipe_defined_sweep_is_validated_before_any_point_runs():
     with pytest.raises(UserError, match=r"precision\.bf16_layers=.*keeps all 1 transformer layers"):
         preflight(["-m", "recipe=precision_sweep", "model.num_layers=1"])
     preflight(["-m", "recipe=precision_sweep", "precision=bf16,fp8_cs", "model.num_layers=1"])  # CLI wins
+
+
+TOOL_CASES = [
+    ("llmtrain.convert", ["import", "/x", "/y", "--tp", "0"], "argument --tp: 0 must be >= 1"),
+    ("llmtrain.convert", ["import", "/x", "/y", "--pp", "two"], "argument --pp: 'two' is not an integer"),
+    ("llmtrain.convert", ["export", "/x", "/y", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ("llmtrain.convert", ["export", "/x", "/y", "--max-shard-size", "0"], "--max-shard-size '0' must be > 0"),
+    ("llmtrain.eval", ["/x", "--steps", "0"], "argument --steps: 0 must be >= 1"),
+    ("llmtrain.eval", ["/x", "--micro-batch-size", "-1"], "argument --micro-batch-size: -1 must be >= 1"),
+    ("llmtrain.eval", ["/x", "--seq-length", "1"], "argument --seq-length: 1 must be >= 2"),
+    ("llmtrain.eval", ["/x", "--limit", "0"], "argument --limit: 0 must be >= 1"),
+    ("llmtrain.eval", ["/x", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "workers=-5"], "workers=-5: must be >= -1"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "batch_mb=0"], "batch_mb=0.0: must be > 0"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "commit_mb=-1"], "commit_mb=-1.0: must be > 0"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "txt_mode=word"], "txt_mode='word': not a valid choice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("module", "argv", "expected"), TOOL_CASES, ids=[" ".join(c[1]) for c in TOOL_CASES])
+def test_tool_flags_are_range_checked_in_one_line(module, argv, expected, capsys):
+    import importlib
+
+    main = importlib.import_module(module + (".__main__" if module == "llmtrain.convert" else "")).main
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1, err
