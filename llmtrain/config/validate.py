@@ -88,6 +88,7 @@ def validate_split(split) -> None:
 def validate_train(t, logging_cfg) -> None:
     _positive("train.steps", t.steps)
     _positive("train.global_batch_size", t.global_batch_size)
+    _positive("train.micro_batch_size", t.micro_batch_size)
     _choice("train.device", t.device, DEVICES)
     _within("train.seed", t.seed, 0, 2**32, high_open=True)  # numpy (Megatron's shuffle) takes no more
     _at_least("train.checkpoint_interval", t.checkpoint_interval, 0, "0 = only at the end and on a stop")

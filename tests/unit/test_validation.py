@@ -67,6 +67,7 @@ CASES = [
     (["recipe=llama3_8b"], "llama3_8b needs ~"),
     # ranges of every numeric key (issue 16 item 10): each of these crashed mid-run or ran silently
     (["logging.interval=0"], "logging.interval=0: must be > 0"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0: must be > 0"),
     (["train.seed=-1"], "train.seed=-1: must be in [0, 4294967296)"),
     (["train.eval_interval=5", "train.eval_steps=0"], "train.eval_steps=0: must be > 0"),
     (["train.checkpoint_interval=-1"], "train.checkpoint_interval=-1: must be >= 0"),
@@ -144,3 +145,24 @@ def test_tool_flags_are_range_checked_in_one_line(module, argv, expected, capsys
     err = capsys.readouterr().err
     assert code == 2 and expected in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_recipe_file_errors_name_the_file_and_line(tmp_path):
+    from llmtrain.cli import resolve_recipes
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# @package _global_\ntrain:\n  steps: 7\n  seed: [1\n")
+    with pytest.raises(UserError, match=rf"recipe={bad}: {bad}:5: YAML error: expected ','"):
+        resolve_recipes([f"recipe={bad}"])
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train:\n  steps: 7\n")
+    with pytest.raises(UserError, match=r"must start with the line '# @package _global_'"):
+        resolve_recipes([f"recipe={plain}"])
+    with pytest.raises(UserError, match=r"no such file"):
+        resolve_recipes([f"recipe={tmp_path / 'none.yaml'}"])
+    with pytest.raises(UserError, match=r"file:// entries only"):
+        resolve_recipes(["hydra.searchpath=[pkg://x]", "recipe=mine"])
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\ntrain: [\n")
+    with pytest.raises(UserError, match=r"recipe=mine: .*mine\.yaml:3: YAML error"):
+        resolve_recipes(["--config-dir", str(tmp_path), "recipe=mine"])
