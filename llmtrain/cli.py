@@ -327,7 +327,7 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         try:
             full = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-            run_dir = Path(str(full.hydra.run.dir)).absolute()
+            run_dir = Path(os.path.abspath(str(full.hydra.run.dir)))  # as Hydra makes runtime.output_dir
         except Exception as e:
             raise UserError(describe_composition_error(e, overrides)) from None
     GlobalHydra.instance().clear()
