@@ -25,6 +25,8 @@ class StopRequest:
     def install(self) -> "StopRequest":
         if not self.installed:
             for sig in self.SIGNALS:
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # started with Ctrl-C ignored (nohup, `cmd &` in a script): keep it so
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -152,3 +152,19 @@ def test_second_ctrl_c_exits_at_once(monkeypatch, capfd):
     err = capfd.readouterr().err
     assert "SIGINT received: stopping after this step with a checkpoint (Ctrl-C again" in err
     assert "second Ctrl-C: exiting now, without a checkpoint" in err
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A process started with SIGINT ignored (nohup, `cmd &` in a script) keeps it so, as Python does."""
+    import signal
+
+    from llmtrain.train.signals import StopRequest
+
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopRequest().install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGINT, saved)
