@@ -372,7 +372,7 @@ def run(cfg) -> None:
         how = f"stopped by {summary.stopped_by} at" if summary.stopped_by else "done:"
         print(
             f"{how} step {summary.steps_done}, loss {loss} | metrics {run_dir / 'metrics.jsonl'} | "
-            f"checkpoint {summary.checkpoint} | config {run_dir / 'config.yaml'}",
+            f"checkpoint {summary.checkpoint or 'none written'} | config {run_dir / 'config.yaml'}",
             flush=True,
         )
     if summary.stopped_by and HydraConfig.get().mode == RunMode.MULTIRUN:

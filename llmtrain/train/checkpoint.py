@@ -91,6 +91,8 @@ def tree_bytes(root: Path) -> int:
 
 
 def _gb(n: float) -> str:
+    if n < 1e9:
+        return f"{n / 1e6:.1f} MB"
     return f"{n / 1e9:.2f} GB" if n < 1e11 else f"{n / 1e9:.0f} GB"
 
 

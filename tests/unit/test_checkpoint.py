@@ -117,7 +117,7 @@ def test_space_is_checked_before_writing_when_the_size_is_known(tmp_path, monkey
             raise AssertionError("wrote although the space was known to be too small")
 
     with pytest.raises(
-        CheckpointError, match=r"step 4 .*not enough space \(needs ~.* GB, .* free\); step_00000002 is intact"
+        CheckpointError, match=r"step 4 .*not enough space \(needs ~.* [MG]B, .* free\); step_00000002 is intact"
     ):
         mgr.save(4, MustNotWrite(), {"step": 4}, {"rng": 1}, 0, "model: {}\n")
     assert not list(tmp_path.glob(".tmp_*"))
