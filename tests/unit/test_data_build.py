@@ -115,13 +115,15 @@ def test_user_errors(cache, tmp_path):
 
 def test_sample_order_does_not_depend_on_the_budget(cache):
     """Megatron shuffles by the sample count it is asked for; one-epoch builds make the order budget-free."""
-    short = build_data(make_cfg(cache, **{"train.steps": 60}), dp_rank=0, dp_size=1)
-    long = build_data(
-        make_cfg(cache, **{"train.steps": 600, "train.global_batch_size": 16}), dp_rank=0, dp_size=1
-    )
+    # At seq 256 the corpus holds ~4k samples: 600 steps of 16 span more than 2 epochs, 60 steps less than one
+    # (the case that reordered the data: 0 of 26 sampled positions agreed before the fix).
+    over = {"model.seq_length": 256, "train.global_batch_size": 16}
+    short = build_data(make_cfg(cache, **over, **{"train.steps": 60}), dp_rank=0, dp_size=1)
+    long = build_data(make_cfg(cache, **over, **{"train.steps": 600}), dp_rank=0, dp_size=1)
+    assert 600 * 16 > 2 * len(short.train) > 2 * 60 * 16
     assert short.fingerprint == long.fingerprint
     n = len(short.train)
-    for i in [0, 1, 17, 500, n - 1, n, n + 5, 3 * n + 2]:  # also beyond the first epoch
+    for i in [*range(0, 960, 37), n - 1, n, n + 5, 3 * n + 2]:  # also beyond the first epoch
         assert torch.equal(short.train[i]["tokens"], long.train[i]["tokens"]), i
     # A batch addressed by sample is the same whatever the global batch size around it.
     assert torch.equal(short.batch_at(96)[0]["tokens"], long.batch_at(96)[0]["tokens"])
