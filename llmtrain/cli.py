@@ -94,7 +94,13 @@ def check_and_validate(cfg, *, inspect_only: bool = False) -> tuple[int, str]:
 
 # ---- pre-flight: compose + validate every point of the command line -----------------------------------
 def _user_overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if "=" in a and not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
+    return [
+        a
+        for a in argv
+        if "=" in a
+        and not a.startswith("-")
+        and (a.startswith("hydra.searchpath=") or not a.startswith(("hydra.", "hydra/")))
+    ]
 
 
 def _sweep_points(overrides: list[str]) -> list[list[str]]:
@@ -141,6 +147,97 @@ def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
     return msg
 
 
+# ---- recipes outside the repo ---------------------------------------------------------------------------
+def _split_search_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without --config-dir/-cd and hydra.searchpath, the directories they named, in order)."""
+    rest, dirs, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+        elif arg.startswith("hydra.searchpath="):
+            try:
+                (ov,) = OverridesParser.create().parse_overrides([arg])
+                entries = ov.value()
+            except Exception as e:
+                raise UserError(
+                    f"{arg}: cannot parse it ({str(e).splitlines()[0]}); e.g. hydra.searchpath=[file:///DIR]"
+                ) from None
+            entries = entries if isinstance(entries, list) else [entries]
+            for entry in map(str, entries):
+                if not entry.startswith("file://"):
+                    raise UserError(
+                        f"{arg}: {entry!r}: llmtrain takes file:// entries only, e.g. [file:///DIR]"
+                    )
+                dirs.append(entry.removeprefix("file://"))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, [str(Path(d).expanduser().absolute()) for d in dirs]
+
+
+def check_recipe_file(path: Path, key: str) -> None:
+    """A recipe YAML parses (else file:line: problem) and is a `# @package _global_` file like the shipped ones."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{key}: cannot read {path} ({e.strerror})") from None
+    try:
+        body = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{key}: {where}: YAML error: {problem}; fix the file") from None
+    if body is not None and not isinstance(body, dict):
+        raise UserError(f"{key}: {path} must hold a mapping of config keys (like recipes/tiny.yaml)")
+    if "@package _global_" not in text.split("\n", 1)[0]:
+        raise UserError(
+            f"{key}: {path} must start with the line '# @package _global_' (as recipes/tiny.yaml does), "
+            "so its keys land at the top of the config"
+        )
+
+
+def resolve_recipes(argv: list[str]) -> list[str]:
+    """Recipes outside the repo: `recipe=/path/mine.yaml`, `--config-dir DIR recipe=mine` and
+    `hydra.searchpath=[file://DIR]` (DIR/recipe/mine.yaml) all become one `hydra.searchpath=[...]` override
+    that preflight composes with, as Hydra does; the recipe file is checked first (YAML error: file:line)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    rest, dirs = _split_search_args(argv)
+    out = []
+    for arg in rest:
+        key, _, value = arg.partition("=")
+        if key in ("recipe", "+recipe") and (value.endswith((".yaml", ".yml")) or Path(value).is_file()):
+            path = Path(value).expanduser().absolute()
+            if not path.is_file():
+                raise UserError(f"{arg}: no such file; pass a recipe name or the path of a .yaml file")
+            check_recipe_file(path, arg)
+            link_dir = Path(tempfile.mkdtemp(prefix="llmtrain-recipe-"))
+            atexit.register(shutil.rmtree, link_dir, True)
+            (link_dir / "recipe").mkdir()
+            (link_dir / "recipe" / f"{path.stem}.yaml").symlink_to(path)
+            dirs.append(str(link_dir))
+            arg = f"recipe={path.stem}"
+        elif key in ("recipe", "+recipe") and value:
+            for d in [*dirs, CONFIG_DIR]:
+                if (candidate := Path(d) / "recipe" / f"{value}.yaml").is_file():
+                    check_recipe_file(candidate, arg)
+                    break
+        out.append(arg)
+    if dirs:
+        out.append("hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in dirs) + "]")
+    return out
+
+
 INSPECT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve")
 
 
@@ -155,10 +252,37 @@ def _config_sweep(point: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in params.items() if key not in given]
 
 
+def _quoted(key: str, value: str) -> str:
+    """A copy-pasteable shell argument that hands Hydra `key` with `value` as one quoted string."""
+    return f"\"{key}='{value}'\""
+
+
+def check_override_syntax(argv: list[str], multirun: bool) -> None:
+    """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
+    command-line form that works."""
+    parser = OverridesParser.create()
+    for arg in (a for a in argv if "=" in a and not a.startswith("-")):
+        key, _, value = arg.partition("=")
+        try:
+            (ov,) = parser.parse_overrides([arg])
+        except Exception as e:
+            if any(ord(c) > 127 for c in value):
+                problem = "Hydra reads non-ASCII characters only inside quotes"
+            else:
+                problem = f"cannot parse it ({str(e).splitlines()[0]})"
+            raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
+        if ov.is_sweep_override() and not multirun:
+            raise UserError(
+                f"{arg}: a comma on the command line makes a sweep, which runs only with -m; for one value "
+                f"that holds commas write {_quoted(key, value)}"
+            )
+
+
 def preflight(argv: list[str]) -> None:
     overrides = _user_overrides(argv)
     inspect_only = any(a in INSPECT_FLAGS for a in argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    check_override_syntax(argv, multirun)
     try:
         points = _sweep_points(overrides)
     except Exception as e:
@@ -180,18 +304,43 @@ def preflight(argv: list[str]) -> None:
     GlobalHydra.instance().clear()
 
 
+# ---- the run dir, decided before Hydra writes into it -----------------------------------------------
+_PLAN = None  # the RunPlan made before Hydra started (single runs); run() uses it
+
+
+def _hydra_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def plan_before_hydra(argv: list[str]) -> list[str]:
+    """Validate the run dir and the resume point of a single run before Hydra writes `.hydra/` into it.
+
+    Returns overrides to add (`hydra.run.dir=<dir>-restartN` for train.resume=never beside an existing run).
+    """
+    global _PLAN
+    if any(a in INSPECT_FLAGS or a in ("-m", "--multirun") for a in argv):
+        return []  # sweeps: each point is planned in run(), after Hydra made its dir
+    from llmtrain.train.run_dir import plan_run
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        try:
+            full = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            run_dir = Path(os.path.abspath(str(full.hydra.run.dir)))  # as Hydra makes runtime.output_dir
+        except Exception as e:
+            raise UserError(describe_composition_error(e, overrides)) from None
+    GlobalHydra.instance().clear()
+    cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    if cfg.dry_run or (cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ):
+        return []
+    _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
+    if _PLAN.run_dir != run_dir:
+        return [f"hydra.run.dir={_hydra_quote(str(_PLAN.run_dir))}"]
+    return []
+
+
 # ---- the run -------------------------------------------------------------------------------------------
-def _fresh_run_dir(run_dir: Path) -> Path:
-    """train.resume=never never overwrites an existing run: it starts in a sibling directory."""
-    if not ((run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()):
-        return run_dir
-    for i in itertools.count(1):
-        candidate = run_dir.with_name(f"{run_dir.name}-restart{i}")
-        if not candidate.exists():
-            return candidate
-    raise AssertionError("unreachable")
-
-
 def run(cfg) -> None:
     from llmtrain import launch
     from llmtrain.dist import dist_info_from_env
@@ -206,19 +355,24 @@ def run(cfg) -> None:
     if cfg.dry_run:
         print(dry_run_report(cfg, world, engine))
         return
-    if cfg.train.resume == "never":
-        run_dir = _fresh_run_dir(run_dir)
+    from llmtrain.train.run_dir import CONFIG_HEADER, claim, plan_run
+
+    plan = _PLAN if _PLAN is not None and _PLAN.run_dir == run_dir else plan_run(cfg, run_dir, engine)
+    run_dir = plan.run_dir
     dist = dist_info_from_env()
     if dist.is_main:
+        if plan.note:
+            print(plan.note, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    summary = train(cfg, run_dir, after_preemption=launch.after_preemption)
+        claim(run_dir)
+        (run_dir / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
+    summary = train(cfg, run_dir, after_preemption=launch.after_preemption, resume_dir=plan.resume_dir)
     if dist.is_main:
         loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
         how = f"stopped by {summary.stopped_by} at" if summary.stopped_by else "done:"
         print(
             f"{how} step {summary.steps_done}, loss {loss} | metrics {run_dir / 'metrics.jsonl'} | "
-            f"checkpoint {summary.checkpoint} | config {run_dir / 'config.yaml'}",
+            f"checkpoint {summary.checkpoint or 'none written'} | config {run_dir / 'config.yaml'}",
             flush=True,
         )
     if summary.stopped_by and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -239,10 +393,15 @@ def _hydra_main(cfg) -> None:
 
 
 def main() -> None:
+    from llmtrain.train.signals import install_early
+
+    install_early()  # a SIGTERM/Ctrl-C from now on is acknowledged, not a silent exit 143
     register_configs()
     register_resolvers()
     try:
+        sys.argv[1:] = resolve_recipes(sys.argv[1:])
         preflight(sys.argv[1:])
+        sys.argv += plan_before_hydra(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

@@ -9,7 +9,6 @@ JSON line: {"checkpoint", "step", "valid_loss", "perplexity", "tokens", ...}. Er
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -174,24 +173,31 @@ def lm_eval_tasks(
 def main(argv: list[str] | None = None) -> int:
     # No HF_HUB_OFFLINE here: perplexity reads only local files, and lm-eval tasks may need to download
     # their datasets (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 make them use the cache only).
-    p = argparse.ArgumentParser(prog="python -m llmtrain.eval", description=__doc__.split("\n")[0])
+    from llmtrain.argcheck import OneLineParser, int_at_least
+
+    p = OneLineParser(prog="python -m llmtrain.eval", description=__doc__.split("\n")[0])
     p.add_argument(
         "checkpoint", help="llmtrain run dir / checkpoints/ / step dir, or a Hugging Face Llama dir"
     )
-    p.add_argument("--steps", type=int, default=10, help="held-out micro-batches to evaluate (default 10)")
     p.add_argument(
-        "--micro-batch-size", type=int, default=None, help="default: the run's train.micro_batch_size"
+        "--steps", type=int_at_least(1), default=10, help="held-out micro-batches to evaluate (default 10)"
     )
-    p.add_argument("--seq-length", type=int, default=None, help="default: the model's seq_length")
+    p.add_argument(
+        "--micro-batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="default: the run's train.micro_batch_size",
+    )
+    p.add_argument("--seq-length", type=int_at_least(2), default=None, help="default: the model's seq_length")
     p.add_argument(
         "--tokenizer", default=None, help="default: the run's data.tokenizer / the HF dir's tokenizer"
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="float32 | bfloat16")
     p.add_argument(
         "--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval tasks (optional)"
     )
-    p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="lm-eval: examples per task")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
     try:

@@ -25,6 +25,17 @@ def _positive(key: str, value) -> None:
         raise ConfigError(key, value, "must be > 0")
 
 
+def _at_least(key: str, value, low, why: str = "") -> None:
+    if value is None or value < low:
+        raise ConfigError(key, value, f"must be >= {low}" + (f" ({why})" if why else ""))
+
+
+def _within(key: str, value, low, high, *, high_open: bool = False) -> None:
+    ok = value is not None and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(key, value, f"must be in [{low}, {high}{')' if high_open else ']'}")
+
+
 def _divides(key: str, value: int, by_key: str, by: int, fix: str) -> None:
     if by <= 0 or value % by:
         raise ConfigError(key, value, f"must be divisible by {by_key}={by}; {fix}")
@@ -57,6 +68,64 @@ def validate_model(m) -> None:
     )
     if (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.hidden_size", m.hidden_size, "head dimension must be even for RoPE")
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        _positive(f"model.{key}", m[key])
+
+
+def validate_split(split) -> None:
+    """Megatron's form: up to three non-negative weights, comma-separated (train,valid,test)."""
+    fix = "e.g. \"data.split='949,50,1'\""
+    try:
+        weights = [float(w) for w in str(split).split(",")]
+    except ValueError:
+        raise ConfigError("data.split", split, f"not comma-separated numbers; {fix}") from None
+    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or weights[0] <= 0:
+        raise ConfigError(
+            "data.split", split, f"needs 1-3 weights >= 0 (train,valid,test) with train > 0; {fix}"
+        )
+
+
+def validate_train(t, logging_cfg) -> None:
+    _positive("train.steps", t.steps)
+    _positive("train.global_batch_size", t.global_batch_size)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _choice("train.device", t.device, DEVICES)
+    _within("train.seed", t.seed, 0, 2**32, high_open=True)  # numpy (Megatron's shuffle) takes no more
+    _at_least("train.checkpoint_interval", t.checkpoint_interval, 0, "0 = only at the end and on a stop")
+    _at_least("train.keep_last", t.keep_last, 0, "0 = keep every checkpoint")
+    _at_least("train.eval_interval", t.eval_interval, 0, "0 = no evaluation")
+    if t.eval_interval > 0:
+        _positive("train.eval_steps", t.eval_steps)
+    _at_least("train.nan.max_skips", t.nan.max_skips, 0)
+    for step in t.inject_nan_steps:
+        if not 1 <= step <= t.steps:
+            raise ConfigError("train.inject_nan_steps", list(t.inject_nan_steps), f"steps are 1..{t.steps}")
+    _positive("logging.interval", logging_cfg.interval)
+
+
+def validate_optim(o, steps: int) -> None:
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.name", o.name, ["adamw"])
+    _positive("optim.lr", o.lr)
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    _within("optim.beta1", o.beta1, 0, 1, high_open=True)
+    _within("optim.beta2", o.beta2, 0, 1, high_open=True)
+    _positive("optim.eps", o.eps)
+    _at_least("optim.clip_grad", o.clip_grad, 0, "0 = no clipping")
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _within("optim.decay_fraction", o.decay_fraction, 0, 1)
+
+
+def validate_cluster(c) -> None:
+    _choice("cluster.type", c.type, CLUSTERS)
+    _positive("cluster.nodes", c.nodes)
+    _positive("cluster.gpus_per_node", c.gpus_per_node)
+    if c.cpus_per_task is not None:
+        _positive("cluster.cpus_per_task", c.cpus_per_task)
+    _at_least("cluster.requeue_limit", c.requeue_limit, 0)
+    _at_least("cluster.signal_seconds", c.signal_seconds, 0)
 
 
 def validate_parallel(cfg, world: int, engine: str) -> None:
@@ -134,24 +203,20 @@ def validate(cfg, *, world: int, engine: str) -> None:
     validate_model(cfg.model)
     precision.validate(cfg.precision, num_layers=cfg.model.num_layers)  # the precision layer's own rules
     t, m = cfg.train, cfg.model
-    _positive("train.steps", t.steps)
-    _positive("train.global_batch_size", t.global_batch_size)
-    _choice("train.device", t.device, DEVICES)
+    validate_train(t, cfg.logging)
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().exists():
         raise ConfigError(
             "train.resume", t.resume, "checkpoint path does not exist", ["auto", "never", "PATH"]
         )
     o = cfg.optim
-    _choice("optim.schedule", o.schedule, SCHEDULES)
-    _choice("optim.name", o.name, ["adamw"])
-    _positive("optim.lr", o.lr)
-    if not 0 <= o.min_lr <= o.lr:
-        raise ConfigError("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    validate_optim(o, t.steps)
     if cfg.precision.name != "bf16":  # triggers against train.steps, the batch and the LR schedule
         tokens_per_step = t.global_batch_size * m.seq_length
         precision.validate_schedule(cfg.precision, precision.RunShape(t.steps, tokens_per_step, o))
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _choice("logging.console", cfg.logging.console, CONSOLES)
-    _choice("cluster.type", cfg.cluster.type, CLUSTERS)
+    validate_cluster(cfg.cluster)
     validate_parallel(cfg, world, engine)
+    validate_split(cfg.data.split)
+    _at_least("data.num_workers", cfg.data.num_workers, 0)
     validate_data(cfg.data)

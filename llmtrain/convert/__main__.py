@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 
+from llmtrain.argcheck import OneLineParser, int_at_least
 from llmtrain.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m llmtrain.convert",
         description="Convert between Hugging Face Llama and llmtrain checkpoints.",
     )
@@ -28,10 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", default="torch", choices=["torch", "megatron"], help="engine layout (default torch)"
     )
     imp.add_argument(
-        "--tp", type=int, default=1, help="megatron engine: tensor-parallel size the weights are sharded for"
+        "--tp",
+        type=int_at_least(1),
+        default=1,
+        help="megatron engine: tensor-parallel size the weights are sharded for",
     )
     imp.add_argument(
-        "--pp", type=int, default=1, help="megatron engine: pipeline-parallel size (checked, recorded)"
+        "--pp",
+        type=int_at_least(1),
+        default=1,
+        help="megatron engine: pipeline-parallel size (checked, recorded)",
     )
     imp.add_argument("--name", default=None, help="model.name to record (default: the HF directory name)")
     imp.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -39,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="llmtrain checkpoint -> HF Llama directory (transformers-loadable)")
     exp.add_argument("checkpoint", help="run dir, its checkpoints/ dir (follows `latest`) or a step_* dir")
     exp.add_argument("out", help="HF directory to create")
-    exp.add_argument("--dtype", default="float32", help="weight dtype: float32 (default), bfloat16, float16")
+    exp.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype: float32 (default), bfloat16, float16",
+    )
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     exp.add_argument(
         "--tokenizer", default=None, help="tokenizer to ship (default: the run's data.tokenizer)"
@@ -68,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
             )
         else:
+            from llmtrain.convert.hf import parse_size
+
+            if parse_size(args.max_shard_size) <= 0:
+                raise UserError(
+                    f"--max-shard-size {args.max_shard_size!r} must be > 0; use e.g. 5GB or 500MB"
+                )
             out = api.export_hf(
                 args.checkpoint,
                 args.out,

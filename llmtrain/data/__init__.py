@@ -1,10 +1,13 @@
-"""Data for training: tokenizer + train/valid samples from Megatron indexed datasets, addressed by step.
+"""Data for training: tokenizer + train/valid samples from Megatron indexed datasets, addressed by sample.
 
-Sampling contract (engine- and DP-size independent, exact resume from the step number alone): global
-step k covers the global samples [k*GBS, (k+1)*GBS) of the train dataset; micro-batch j of DP rank r
-holds samples k*GBS + j*mbs*dp + r*mbs + [0, mbs). Validation uses the same layout over a fixed
-prefix of the valid dataset. The datasets come from megatron.core.datasets (see blend.py), so the
-sample order is the one Megatron-LM would produce for the same blend, split, seed and sequence length.
+Sampling contract (engine-, DP-size- and budget-independent): the data position of a run is the number of
+samples it has consumed, so a resume continues from it whatever the new global batch size or train.steps.
+The batch that starts at global sample s gives micro-batch j of DP rank r the samples
+s + j*mbs*dp + r*mbs + [0, mbs). Megatron's GPTDataset is asked for one epoch (its shuffle depends on the
+number of samples it is asked for, so a budget-sized build would reorder the data whenever train.steps
+changes); later epochs revisit it in another order (`EpochCycle`). Validation uses the same layout over a
+fixed prefix of the valid dataset. The datasets come from megatron.core.datasets (see blend.py), so the
+first epoch is the order Megatron-LM gives the same blend, split, seed and sequence length for one epoch.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llmtrain.data.tokenizer import eos_token, load_tokenizer, vocab_size
-from llmtrain.errors import ConfigError, UserError
+from llmtrain.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -33,18 +36,12 @@ class TrainData:
     global_batch_size: int
     vocab_size: int
     eod: int
-    fingerprint: str = ""  # identifies the sample order; the loop may store and compare it on resume
+    fingerprint: str = ""  # identifies the sample order; checkpoints store it and a resume compares it
 
     def num_micro_batches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def _micro_batch(self, dataset, first: int) -> dict[str, torch.Tensor]:
-        n = len(dataset)
-        if first + self.micro_batch_size > n:
-            raise UserError(
-                f"data: sample {first + self.micro_batch_size - 1} asked of a dataset of {n} samples; "
-                "the datasets are sized from train.steps, train.eval_steps and the batch size: rebuild with the new values"
-            )
         import torch
 
         samples = [dataset[i] for i in range(first, first + self.micro_batch_size)]
@@ -54,18 +51,25 @@ class TrainData:
             "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),
         }
 
-    def train_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
-        base = step * self.global_batch_size
+    def batch_at(self, first_sample: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the global batch that starts at global sample `first_sample`."""
         mbs, dp = self.micro_batch_size, self.dp_size
         return [
-            self._micro_batch(self.train, base + j * mbs * dp + self.dp_rank * mbs)
+            self._micro_batch(self.train, first_sample + j * mbs * dp + self.dp_rank * mbs)
             for j in range(self.num_micro_batches())
         ]
+
+    def train_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Step `step` of a run that kept this global batch size throughout (tests, eval tools)."""
+        return self.batch_at(step * self.global_batch_size)
 
     def valid_batches(self, num_steps: int) -> list[dict[str, torch.Tensor]]:
         if self.valid is None:
             raise ConfigError(
-                "data.split", "(no valid share)", "evaluation needs a valid split", "e.g. 949,50,1"
+                "data.split",
+                "(no valid share)",
+                "evaluation needs a valid split",
+                "e.g. \"data.split='949,50,1'\"",
             )
         mbs, dp = self.micro_batch_size, self.dp_size
         base = [
@@ -76,10 +80,38 @@ class TrainData:
         return [self._micro_batch(self.valid, b) for b in base]
 
 
-def _sizes(cfg) -> list[int]:
-    gbs = cfg.train.global_batch_size
-    eval_samples = max(int(cfg.train.eval_steps), 1) * gbs
-    return [max(int(cfg.train.steps), 1) * gbs, eval_samples, gbs]
+class EpochCycle:
+    """Endless view of a one-epoch dataset: epoch e > 0 visits it in another order, (a_e*i + b_e) mod n with
+    a_e coprime to n, drawn from the seed (O(1) memory, unlike a permutation of every sample)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.n = dataset, seed, len(dataset)
+        self._epoch_maps: dict[int, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _map(self, epoch: int) -> tuple[int, int]:
+        if epoch not in self._epoch_maps:
+            import math
+            import random
+
+            r = random.Random(f"{self.seed}-{epoch}")
+            a = r.randrange(1, max(self.n, 2))
+            while math.gcd(a, self.n) != 1:
+                a = r.randrange(1, max(self.n, 2))
+            self._epoch_maps[epoch] = (a, r.randrange(self.n))
+        return self._epoch_maps[epoch]
+
+    def __getitem__(self, i: int):
+        epoch, j = divmod(int(i), self.n)
+        if epoch:
+            a, b = self._map(epoch)
+            j = (a * j + b) % self.n
+        return self.dataset[j]
+
+
+SAMPLE_ORDER = "one-epoch+affine-cycle-v1"  # part of the fingerprint: a change of scheme is a change of order
 
 
 def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainData:
@@ -117,17 +149,21 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
         split=d.split,
         seq_length=cfg.model.seq_length,
         seed=cfg.train.seed,
-        sizes=_sizes(cfg),
         eod=eod,
         vocab_size=vocab,
         cache_dir=index_dir,
         eod_mask_loss=bool(d.get("eod_mask_loss", False)),
     )
     if train is None or len(train) == 0:
-        raise ConfigError("data.split", d.split, "leaves no training data", "e.g. 949,50,1")
+        raise ConfigError("data.split", d.split, "leaves no training data", "e.g. \"data.split='949,50,1'\"")
+    import hashlib
+
+    fingerprint = hashlib.sha256(
+        f"{getattr(train, 'unique_description_hash', '')}|{SAMPLE_ORDER}".encode()
+    ).hexdigest()[:16]
     return TrainData(
-        train=train,
-        valid=valid if valid is not None and len(valid) else None,
+        train=EpochCycle(train, cfg.train.seed),
+        valid=EpochCycle(valid, cfg.train.seed) if valid is not None and len(valid) else None,
         seq_length=cfg.model.seq_length,
         dp_rank=dp_rank,
         dp_size=dp_size,
@@ -135,5 +171,5 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
         global_batch_size=gbs,
         vocab_size=vocab,
         eod=eod,
-        fingerprint=getattr(train, "unique_description_hash", ""),
+        fingerprint=fingerprint,
     )

@@ -1,7 +1,8 @@
 """Train/valid/test datasets through megatron.core.datasets (GPTDataset + BlendedMegatronDatasetBuilder).
 
-Both engines read samples from here, so the sample order depends only on the data config, the seed,
-the sequence length and the number of samples (train.steps * GBS) -- not on the engine or DP size.
+Both engines read samples from here, so the sample order depends only on the data config, the seed and
+the sequence length -- not on the engine, the DP size or the training budget: every split is built for one
+epoch (a weighted blend, which Megatron must size, for the samples its datasets hold in one epoch).
 Megatron builds its index caches (document/sample/shuffle indices) on rank 0 first when
 torch.distributed is initialized; the other ranks then load them.
 """
@@ -78,7 +79,35 @@ def parse_blend(paths, key: str = "data.paths") -> tuple[list[str], list[float] 
                 f"missing {' and '.join(p + s for s in missing)}",
                 "a prefix written by `python -m llmtrain.data.prepare`",
             )
+        check_dataset_files(p, key)
     return prefixes, weights
+
+
+def check_dataset_files(prefix: str, key: str = "data.paths") -> dict:
+    """The .idx must describe exactly the .bin's bytes, and agree with the prepare manifest where present."""
+    import json
+
+    from llmtrain.data.indexed import describe_pair
+
+    fix = "rebuild both files with `python -m llmtrain.data.prepare`"
+    try:
+        found = describe_pair(prefix)
+    except ValueError as e:
+        raise UserError(f"{key}: {e}; {fix}") from None
+    manifest_path = Path(prefix + ".manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        return found
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: {manifest_path} is unreadable ({e}); {fix}") from None
+    for field in ("documents", "tokens"):
+        if field in manifest and manifest[field] != found[field]:
+            raise UserError(
+                f"{key}: {manifest_path} records {manifest[field]} {field} but {prefix}.idx describes "
+                f"{found[field]} (files of different datasets); {fix}"
+            )
+    return found
 
 
 def num_sequences(prefix: str) -> int:
@@ -101,7 +130,7 @@ def _check_nonempty_splits(prefixes: list[str], split_matrix, split: str) -> Non
                     "data.split",
                     split,
                     f"leaves the {name} share of {prefix} ({n} documents) empty",
-                    "more documents, or a larger share, e.g. 90,10,0",
+                    "more documents, or a larger share, e.g. \"data.split='90,10,0'\"",
                 )
 
 
@@ -134,7 +163,6 @@ def build_datasets(
     split: str,
     seq_length: int,
     seed: int,
-    sizes: list[int],
     eod: int,
     vocab_size: int,
     cache_dir: str,
@@ -169,6 +197,13 @@ def build_datasets(
     config.split_matrix[2] = None
     if not mock:
         _check_nonempty_splits(prefixes, config.split_matrix, split)
+    sizes = [None, None, None]
+    if weights is not None:  # Megatron needs a size to blend by weight: one epoch's worth, as a count
+        tokens = sum(check_dataset_files(p)["tokens"] for p in prefixes)
+        sizes = [
+            1 if bounds is None else max(1, int(tokens * (bounds[1] - bounds[0]) / seq_length))
+            for bounds in config.split_matrix
+        ]
     cls = MockGPTDataset if mock else GPTDataset
     try:
         with _single_process_guard(config.path_to_cache):

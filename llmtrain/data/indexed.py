@@ -91,3 +91,45 @@ def write_index(idx_path: Path, lens_path: Path, dtype: np.dtype, chunk: int = 1
         out.flush()
         os.fsync(out.fileno())
         del lens
+
+
+ITEM_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron DType code -> bytes per token
+HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
+
+
+def describe_pair(prefix: str) -> dict:
+    """Read `PREFIX.idx` and check it describes exactly the bytes of `PREFIX.bin`.
+
+    Returns {'sequences', 'documents', 'tokens'}; raises ValueError with the problem in words (the caller
+    names the config key and the fix).
+    """
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    idx_bytes = idx.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES or not head.startswith(INDEX_HEADER):
+        raise ValueError(f"{idx} is not a Megatron index (bad header)")
+    (version,) = struct.unpack("<Q", head[9:17])
+    code = head[17]
+    n, docs = struct.unpack("<QQ", head[18:34])
+    if version != 1 or code not in ITEM_SIZES:
+        raise ValueError(f"{idx}: unsupported index version {version} or dtype code {code}")
+    expected_idx = HEADER_BYTES + n * 4 + n * 8 + docs * 8
+    if idx_bytes != expected_idx:
+        raise ValueError(f"{idx} has {idx_bytes} bytes but its header describes {expected_idx} (truncated?)")
+    tokens, bin_expected = 0, 0
+    if n:
+        lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=HEADER_BYTES, shape=(n,))
+        last_pointer = np.memmap(idx, dtype=np.int64, mode="r", offset=HEADER_BYTES + 4 * n, shape=(n,))[-1]
+        tokens = int(lengths.sum(dtype=np.int64))
+        bin_expected = int(last_pointer) + int(lengths[-1]) * ITEM_SIZES[code]
+        if tokens * ITEM_SIZES[code] != bin_expected:
+            raise ValueError(f"{idx}: sequence offsets and lengths disagree (damaged index)")
+        del lengths
+    bin_bytes = bin_.stat().st_size
+    if bin_bytes != bin_expected:
+        raise ValueError(
+            f"{bin_} has {bin_bytes} bytes but {idx.name} describes {bin_expected} "
+            "(a truncated .bin, or the .idx of another dataset)"
+        )
+    return {"sequences": int(n), "documents": max(int(docs) - 1, 0), "tokens": tokens}

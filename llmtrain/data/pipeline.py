@@ -137,39 +137,53 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     tok_sha = file_sha256(tok_file)
     fp = _fingerprint(opts, sources, tok_sha, eos_id, dtype)
 
-    with FileLock(str(paths["lock"])):
-        done = _read_json(paths["manifest"])
-        if paths["idx"].exists() and paths["bin"].exists() and not opts.overwrite:
-            if done and done.get("fingerprint") == fp:
-                log(f"{paths['prefix']}: up to date ({done['documents']} documents, {done['tokens']} tokens)")
-                return done
-            raise UserError(
-                f"output={opts.output}: a different dataset exists there; pass overwrite=true or another output"
-            )
-        state = _read_json(paths["state"])
-        if state and state.get("fingerprint") != fp:
-            log(f"{paths['work']}: left by a run on other inputs/settings; starting from scratch")
-            state = None
-        if state and state.get("phase") == "finalizing":
-            return _publish(paths, log)
-        if state is None:
-            shutil.rmtree(paths["work"], ignore_errors=True)
-            paths["work"].mkdir(parents=True)
-            state = {
-                "fingerprint": fp,
-                "phase": "writing",
-                "source": 0,
-                "records": 0,
-                "bytes_in": 0,
-                "documents": 0,
-                "tokens": 0,
-                "stats": {},
-                "sources": {},
-                "bin_bytes": 0,
-            }
-        elif state["documents"]:
-            log(f"resuming {paths['prefix']} at {state['documents']} documents ({state['tokens']} tokens)")
+    try:
+        with FileLock(str(paths["lock"])):
+            return _prepare_locked(opts, paths, sources, tok_file, tok_sha, eos_name, eos_id, dtype, fp, log)
+    finally:
+        # The lock file is only a rendezvous; finished outputs need no 0-byte PREFIX.lock beside them.
+        paths["lock"].unlink(missing_ok=True)
+
+
+def _prepare_locked(opts, paths, sources, tok_file, tok_sha, eos_name, eos_id, dtype, fp, log) -> dict:
+    done = _read_json(paths["manifest"])
+    if paths["idx"].exists() and paths["bin"].exists() and not opts.overwrite:
+        if done and done.get("fingerprint") == fp:
+            log(f"{paths['prefix']}: up to date ({done['documents']} documents, {done['tokens']} tokens)")
+            return done
+        raise UserError(
+            f"output={opts.output}: a different dataset exists there; pass overwrite=true or another output"
+        )
+    state = _read_json(paths["state"])
+    if state and state.get("fingerprint") != fp:
+        log(f"{paths['work']}: left by a run on other inputs/settings; starting from scratch")
+        state = None
+    if state and state.get("phase") == "finalizing":
+        return _publish(paths, log)
+    if state is None:
+        shutil.rmtree(paths["work"], ignore_errors=True)
+        paths["work"].mkdir(parents=True)
+        state = {
+            "fingerprint": fp,
+            "phase": "writing",
+            "source": 0,
+            "records": 0,
+            "bytes_in": 0,
+            "documents": 0,
+            "tokens": 0,
+            "stats": {},
+            "sources": {},
+            "bin_bytes": 0,
+        }
+    elif state["documents"]:
+        log(f"resuming {paths['prefix']} at {state['documents']} documents ({state['tokens']} tokens)")
+    try:
         return _run(opts, paths, state, sources, str(tok_file), tok_sha, eos_name, eos_id, dtype, log)
+    except UserError:
+        # A damaged input or a strict-mode stop: the inputs must change, which voids the partial work, so
+        # nothing half-written stays behind. (An interrupt keeps it: rerunning the command resumes.)
+        shutil.rmtree(paths["work"], ignore_errors=True)
+        raise
 
 
 def _run(opts, paths, state, sources, tok_file, tok_sha, eos_name, eos_id, dtype, log) -> dict:

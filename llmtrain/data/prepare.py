@@ -54,6 +54,13 @@ def compose(argv: list[str]) -> PrepareConfig:
             raise ConfigError(
                 key, "???", "required", "python -m llmtrain.data.prepare input=... tokenizer=... output=..."
             )
+    if cfg.workers < -1:
+        raise ConfigError("workers", cfg.workers, "must be >= -1 (0 = one process per core, -1 = threads)")
+    for key in ("batch_mb", "commit_mb"):
+        if not cfg[key] > 0:
+            raise ConfigError(key, cfg[key], "must be > 0")
+    if cfg.txt_mode not in ("file", "line", "paragraph"):
+        raise ConfigError("txt_mode", cfg.txt_mode, "not a valid choice", ["file", "line", "paragraph"])
     out = OmegaConf.to_object(cfg)
     if isinstance(out.input, list | tuple):
         out.input = [str(x) for x in out.input]

@@ -17,8 +17,10 @@ import gzip
 import hashlib
 import json
 import lzma
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,21 @@ def expand_inputs(inputs) -> list[Source]:
         out += [Source(str(p), _format_of(p), p.stat().st_size) for p in files]
     seen: set[str] = set()
     return [s for s in out if not (s.path in seen or seen.add(s.path))]
+
+
+@contextmanager
+def damaged_file_is_one_line(path: str):
+    """A truncated or fake .gz/.xz/.bz2, or a damaged parquet file: one line naming it (exit 2)."""
+    try:
+        yield
+    except (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError) as e:
+        if isinstance(e, UnicodeDecodeError):
+            raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"input {path}: damaged or truncated file ({type(e).__name__}: {detail}); "
+            "replace it (re-download or recreate it) or leave it out of the input"
+        ) from None
 
 
 def _open_binary(path: str):
@@ -230,7 +247,7 @@ class Reader:
             return f.read(1 << 16).lstrip().startswith(b"[")
 
     def _read(self, size: int) -> Iterator[bytes]:
-        with _open_binary(self.source.path) as f:
+        with damaged_file_is_one_line(self.source.path), _open_binary(self.source.path) as f:
             while block := f.read(size):
                 self._hash.update(block)
                 yield block
@@ -272,6 +289,7 @@ class Reader:
             problems: list[Problem] = []
             if isinstance(value, tuple):  # a problem found while reading
                 problems.append(value)
+                value = None
             else:
                 value = check_text(value, self.text_key, where, problems)
             for p in problems:
@@ -308,13 +326,19 @@ class Reader:
 
         for _ in self._read(1 << 22):  # the hash of the file
             pass
-        pf = pq.ParquetFile(self.source.path)
+        with damaged_file_is_one_line(self.source.path):
+            pf = pq.ParquetFile(self.source.path)
         if self.text_key not in pf.schema_arrow.names:
             raise ConfigError(
                 "text_key", self.text_key, f"not a column of {self.source.path}", pf.schema_arrow.names
             )
         row = 0
-        for batch in pf.iter_batches(batch_size=4096, columns=[self.text_key]):
+        batches = pf.iter_batches(batch_size=4096, columns=[self.text_key])
+        while True:
+            with damaged_file_is_one_line(self.source.path):
+                batch = next(batches, None)
+            if batch is None:
+                return
             for value in batch.column(0).to_pylist():
                 yield value, f"row {row}"
                 row += 1

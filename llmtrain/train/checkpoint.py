@@ -5,6 +5,7 @@ manifest.json} and <run>/checkpoints/latest (a text file naming the step dir). A
 appears by rename of a fully written, fsynced temp dir, so a crash leaves either the old or the new one.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -71,11 +72,84 @@ def verify(step_dir: Path) -> None:
             raise CheckpointError(f"{step_dir}: checksum mismatch in {rel} (corrupt or truncated)")
 
 
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _no_space(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the chain; torch.save says only `unexpected pos` / `file write failed`."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        if "No space left" in str(exc) or "unexpected pos" in str(exc) or "file write failed" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _gb(n: float) -> str:
+    if n < 1e9:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n < 1e11 else f"{n / 1e9:.0f} GB"
+
+
 class CheckpointManager:
-    def __init__(self, root: Path, *, keep_last: int, is_main: bool, barrier=lambda: None):
+    """`agree(flag) -> bool` is True on every rank when `flag` is True on any rank (a collective); with it a
+    failure on one rank aborts the save on all of them instead of leaving the others at a barrier."""
+
+    def __init__(self, root: Path, *, keep_last: int, is_main: bool, barrier=lambda: None, agree=None):
         self.root, self.keep_last, self.is_main, self.barrier = Path(root), keep_last, is_main, barrier
+        self.agree = agree or (lambda flag: flag)
 
     # ---- saving -------------------------------------------------------------------------------------
+    def _intact(self) -> str:
+        pointer = self.root / "latest"
+        name = pointer.read_text().strip() if pointer.is_file() else None
+        return f"{name} is intact" if name else "no earlier checkpoint exists"
+
+    def _needed_bytes(self) -> int | None:
+        """The size of the newest checkpoint: a new one of the same run is as large (None for the first)."""
+        dirs = self.step_dirs()
+        return tree_bytes(dirs[-1]) if dirs else None
+
+    def _check_space(self, step: int) -> None:
+        needed = self._needed_bytes()
+        if needed is None:
+            return
+        free = shutil.disk_usage(self.root).free
+        if free < needed * 1.05:
+            raise CheckpointError(
+                f"cannot write checkpoint step {step} to {self.root}: not enough space (needs ~{_gb(needed)}, "
+                f"{_gb(free)} free); {self._intact()}; free space and rerun the same command"
+            )
+
+    def _abort(self, step: int, tmp: Path, error: BaseException | None) -> None:
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, CheckpointError):
+            raise error
+        if error is None:
+            raise CheckpointError(
+                f"cannot write checkpoint step {step} to {self.root}: another rank failed (its error line says "
+                f"why); {self._intact()}"
+            )
+        if _no_space(error):
+            needed = self._needed_bytes()
+            free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+            need = f"needs ~{_gb(needed)}, " if needed else ""
+            raise CheckpointError(
+                f"cannot write checkpoint step {step} to {self.root}: no space left ({need}{_gb(free)} free); "
+                f"{self._intact()}; free space and rerun the same command"
+            ) from None
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"cannot write checkpoint step {step} to {self.root}: {type(error).__name__}: {first}; "
+            f"{self._intact()}; fix the cause and rerun the same command"
+        ) from None
+
     def save(
         self,
         step: int,
@@ -86,37 +160,58 @@ class CheckpointManager:
         config_yaml: str,
         extra_manifest: dict | None = None,
     ) -> Path:
-        """All ranks call this. Returns the final step dir."""
+        """All ranks call this. Returns the final step dir. On any failure (full disk, I/O error) the temp
+        dir is removed, the previous checkpoints stay as they were and every rank raises CheckpointError."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
+        error = None
         if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left over from a crash during an earlier save of this step
-            tmp.mkdir()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left over from a crash during an earlier save of this step
+                self._check_space(step)
+                tmp.mkdir()
+            except (CheckpointError, OSError) as e:
+                error = e
+        if self.agree(error is not None):
+            self._abort(step, tmp, error)
         self.barrier()
-        engine.save(tmp)
-        torch.save(rank_state, tmp / f"rng_rank{rank:05d}.pt")
+        try:
+            engine.save(tmp)
+            torch.save(rank_state, tmp / f"rng_rank{rank:05d}.pt")
+        except Exception as e:  # any write failure: clean up, say so in one line
+            error = e
+        if self.agree(error is not None):
+            self._abort(step, tmp, error)
         self.barrier()
         if self.is_main:
-            torch.save(trainer_state, tmp / "trainer.pt")
-            (tmp / "config.yaml").write_text(config_yaml)
-            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "files": files,
-                **(extra_manifest or {}),
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            _fsync_tree(tmp)
-            if final.exists():  # same step saved again (e.g. signal right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic_text(self.root / "latest", final.name + "\n")
-            self._prune()
+            try:
+                self._finish(step, tmp, final, trainer_state, config_yaml, extra_manifest)
+            except Exception as e:
+                error = e
+        if self.agree(error is not None):
+            self._abort(step, tmp, error)
         self.barrier()
         return final
+
+    def _finish(self, step, tmp, final, trainer_state, config_yaml, extra_manifest) -> None:
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": files,
+            **(extra_manifest or {}),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # same step saved again (e.g. signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic_text(self.root / "latest", final.name + "\n")
+        self._prune()
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -141,12 +236,13 @@ class CheckpointManager:
             named = self.root / pointer.read_text().strip()
             if named in candidates:  # never resume past the pointer: newer dirs can only be stale
                 candidates = candidates[: candidates.index(named) + 1]
-        for step_dir in reversed(candidates):
+        for i in range(len(candidates) - 1, -1, -1):
             try:
-                verify(step_dir)
-                return step_dir
+                verify(candidates[i])
+                return candidates[i]
             except CheckpointError as e:
-                warnings.warn(f"skipping checkpoint: {e}; falling back to the previous one", stacklevel=2)
+                then = f"trying {candidates[i - 1].name}" if i else "no older checkpoint left"
+                warnings.warn(f"skipping checkpoint: {e}; {then}", stacklevel=2)
         return None
 
 

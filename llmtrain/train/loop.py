@@ -18,9 +18,10 @@ from llmtrain.models import ModelSpec
 from llmtrain.precision import PrecisionController
 from llmtrain.precision.phases import is_qaf
 from llmtrain.train import rng
-from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path
+from llmtrain.train.checkpoint import CheckpointManager
+from llmtrain.train.run_dir import resume_point
 from llmtrain.train.schedule import schedule_from_config
-from llmtrain.train.signals import StopRequest
+from llmtrain.train.signals import stop_request
 
 
 @dataclass
@@ -33,22 +34,23 @@ class RunSummary:
     resumed_from: Path | None = None
 
 
-def _find_resume_point(cfg, ckpt: CheckpointManager) -> Path | None:
-    mode = cfg.train.resume
-    if mode == "never":
-        return None
-    if mode == "auto":
-        return ckpt.latest_valid()
-    return resolve_checkpoint_path(mode)
+_FIND = object()  # train(resume_dir=...) default: find the resume point here
 
 
 def _nan_poisoned(batches):
     return [{**mb, "loss_mask": mb["loss_mask"] * float("nan")} for mb in batches]
 
 
-def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
-    """Run (or resume) the configured training in `run_dir`. All ranks call this."""
+def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> RunSummary:
+    """Run (or resume) the configured training in `run_dir`. All ranks call this.
+
+    `resume_dir`: the checkpoint to resume (None: start fresh), as `run_dir.plan_run` decided it before
+    anything was written; by default it is found here (train.resume, checked the same way).
+    """
     dist = dist_info_from_env()
+    stop, own_stop = stop_request()  # before the slow part: a signal while loading is acknowledged
+    if resume_dir is _FIND:
+        resume_dir = resume_point(cfg, run_dir, cfg.engine.name if cfg.engine.name != "auto" else None)
     rng.seed_everything(cfg.train.seed + dist.rank)
     engine = build_engine(cfg, dist)
     data = build_data(cfg, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
@@ -58,8 +60,13 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
             cfg.model.vocab_size,
             f"the tokenizer has {data.vocab_size} tokens; set model.vocab_size >= {data.vocab_size}",
         )
+    device = getattr(engine, "device", torch.device("cpu"))
     ckpt = CheckpointManager(
-        run_dir / "checkpoints", keep_last=cfg.train.keep_last, is_main=dist.is_main, barrier=engine.barrier
+        run_dir / "checkpoints",
+        keep_last=cfg.train.keep_last,
+        is_main=dist.is_main,
+        barrier=engine.barrier,
+        agree=lambda flag: any_rank(flag, device),
     )
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     controller = PrecisionController(
@@ -67,12 +74,20 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     )
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
-    start_step, nan_skips = 0, 0
-    resume_dir = _find_resume_point(cfg, ckpt)
+    start_step, nan_skips, consumed, data_note = 0, 0, 0, None
     if resume_dir is not None:
         engine.load(resume_dir)
         trainer_state = torch.load(resume_dir / "trainer.pt", weights_only=True)
         start_step, nan_skips = trainer_state["step"], trainer_state["nan_skips"]
+        # The data position is the samples consumed (older checkpoints: steps x this run's batch size).
+        consumed = int(trainer_state.get("consumed_samples", start_step * cfg.train.global_batch_size))
+        saved_order = trainer_state.get("data_fingerprint")
+        if saved_order != data.fingerprint:
+            data_note = (
+                f"data order differs from the checkpoint's ({saved_order or 'not recorded'} -> "
+                f"{data.fingerprint}: data, split, seed, seq_length or sampler changed); continuing at sample "
+                f"{consumed} of the new order"
+            )
         controller.load_state_dict(trainer_state["precision"])
         if controller.phase:
             engine.set_phase(controller.recipe)
@@ -85,17 +100,17 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     )
     logger.info(f"engine: {engine.backend_description}; dp={engine.dp_size}")
     if resume_dir is not None:
-        logger.info(f"resumed from {resume_dir} (step {start_step})")
+        logger.info(f"resumed from {resume_dir} (step {start_step}, sample {consumed})")
         if controller.phase:
             logger.info(f"precision phase {controller.phase_name!r} (since step {controller.starts[-1]})")
+    if data_note:
+        logger.info(f"warning: {data_note}")
 
     spec = ModelSpec.from_config(cfg.model)
     peak = device_peak_tflops(getattr(engine, "device", torch.device("cpu")))
     lr_at = schedule_from_config(cfg.optim, controller.base_steps)  # appended phases have their own
     valid = data.valid_batches(cfg.train.eval_steps) if cfg.train.eval_interval > 0 else []
     inject_nan = set(cfg.train.inject_nan_steps)
-    stop = StopRequest().install()
-    device = getattr(engine, "device", torch.device("cpu"))
     last_loss, last_ckpt, stopped_by, steps_done = None, None, None, start_step
 
     def save(step_no: int) -> Path:
@@ -103,7 +118,8 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
             "step": step_no,
             "nan_skips": nan_skips,
             "precision": controller.state_dict(),
-            "consumed_samples": step_no * cfg.train.global_batch_size,
+            "consumed_samples": consumed,
+            "data_fingerprint": data.fingerprint,
         }
         return ckpt.save(
             step_no,
@@ -116,10 +132,17 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
         )
 
     try:
-        for step in range(start_step, cfg.train.steps):
+        if any_rank(stop.requested, device):  # a signal during start-up or the checkpoint load
+            stopped_by = stop.signal_name or "signal on another rank"
+            logger.info(f"stopped by {stopped_by} before step {start_step + 1}; nothing new to save")
+            last_ckpt = resume_dir
+            if after_preemption is not None:
+                after_preemption(cfg, run_dir)
+        for step in range(start_step, cfg.train.steps if stopped_by is None else start_step):
             step_no = step + 1
             t0 = time.perf_counter()
-            batches = data.train_batch(step)
+            batches = data.batch_at(consumed)
+            consumed += cfg.train.global_batch_size
             if step_no in inject_nan:
                 batches = _nan_poisoned(batches)
             lr = controller.learning_rate(step, lr_at)
@@ -133,7 +156,7 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
                 "loss": result.loss,
                 "lr": lr,
                 "grad_norm": result.grad_norm,
-                "tokens": step_no * tokens_per_step,
+                "tokens": consumed * cfg.model.seq_length,
                 "tokens_per_s": tokens_per_step / dt,
                 "step_time_s": dt,
             }
@@ -189,11 +212,12 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
                     after_preemption(cfg, run_dir)
                 break
         else:
-            if start_step >= cfg.train.steps:
+            if start_step >= cfg.train.steps and stopped_by is None:
                 logger.info(f"nothing to do: already at step {start_step} of train.steps={cfg.train.steps}")
                 last_ckpt = resume_dir
     finally:
-        stop.uninstall()
+        if own_stop:
+            stop.uninstall()
         logger.close()
     return RunSummary(
         run_dir=run_dir,

@@ -137,3 +137,42 @@ def test_sigterm_stops_a_local_sweep_and_the_same_command_resumes_it(tmp_path):
     run_cli(*args[:-3], f"train.steps={budget}", f"hydra.sweep.dir={sweep}", check=True)
     assert len(read_metrics(sweep / "1")) == budget
     assert read_metrics(sweep / "0")[done]["step"] == done + 1  # point 0 went on from its checkpoint
+
+
+def test_run_dir_and_hydra_level_problems_are_one_line_with_a_fix_that_works(tmp_path):
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (f"hydra.run.dir={tmp_path / 'afile'}", "is a file, not a directory"),
+        (f"hydra.run.dir={tmp_path / 'afile' / 'run'}", "is a file, not a directory"),
+        (f"hydra.run.dir={tmp_path / 'runs' / 'éte'}", f"write it as \"hydra.run.dir='{tmp_path / 'runs' / 'éte'}'\""),
+        ("data.split=90,10,0", "write \"data.split='90,10,0'\""),
+    ]  # fmt: skip
+    for arg, expected in cases:
+        proc = run_cli(*FAST, "train.steps=1", arg)
+        assert proc.returncode == 2, (arg, proc.stderr)
+        lines = [line for line in proc.stderr.strip().splitlines() if line]
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr, (arg, proc.stderr)
+    assert (tmp_path / "afile").read_text() == ""
+    # the suggested forms work as printed (the shell strips the outer double quotes)
+    run_dir = tmp_path / "runs" / "éte"
+    run_cli(*FAST, "train.steps=1", f"hydra.run.dir='{run_dir}'", "data.split='90,10,0'", check=True)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["split"] == "90,10,0"
+
+
+def test_recipes_outside_the_repo_in_all_three_forms(tmp_path):
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: tiny\ntrain:\n  steps: 7\noptim:\n  lr: 1.0e-3\n"
+    )
+    for args in (
+        [f"recipe={tmp_path / 'recipe' / 'mine.yaml'}"],
+        ["--config-dir", str(tmp_path), "recipe=mine"],
+        [f"hydra.searchpath=[file://{tmp_path}]", "recipe=mine"],
+    ):
+        cfg = yaml.safe_load(run_cli("--cfg", "job", *args, check=True).stdout)
+        assert (cfg["train"]["steps"], cfg["optim"]["lr"]) == (7, 1e-3), args
+    # validated like the shipped recipes: a bad value is one line before anything runs
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\ntrain:\n  micro_batch_size: 0\n")
+    proc = run_cli("--config-dir", str(tmp_path), "recipe=mine", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "train.micro_batch_size=0: must be > 0" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -259,3 +259,60 @@ def test_resume_after_a_crash_counts_every_record_once(tmp_path, tokdir, golden_
     assert files(tmp_path / "out") == files(tmp_path / "reference")
     assert manifest["malformed"] == reference["malformed"] and sum(manifest["malformed"].values()) > 10
     assert manifest["sources"] == reference["sources"]
+
+
+@pytest.mark.parametrize("txt_mode", ["file", "line", "paragraph"])
+@pytest.mark.parametrize("workers", [-1, 1])
+def test_invalid_utf8_in_txt_is_counted_and_skipped(tmp_path, tokdir, txt_mode, workers):
+    (tmp_path / "a.txt").write_bytes(b"a good file\n")
+    (tmp_path / "b.txt").write_bytes(b"good first line\n\nbad \xff byte here\n\nlast good line\n")
+    logs: list[str] = []
+    inputs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    manifest = run_prepare(inputs, tokdir, tmp_path / "out", logs, txt_mode=txt_mode, workers=workers)
+    assert manifest["malformed"]["non_utf8"] == 1
+    assert manifest["documents"] == {"file": 1, "line": 3, "paragraph": 3}[txt_mode]
+    assert any("non utf8" in line and "skipped" in line for line in logs)
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()
+
+
+def test_input_with_only_invalid_utf8_says_there_is_nothing_to_write(tmp_path, tokdir):
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"bad \xff byte\n")
+    with pytest.raises(UserError, match=r"no document to write .*non_utf8 1"):
+        run_prepare(src, tokdir, tmp_path / "out")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def _damaged(tmp_path, kind):
+    good = (GOLDEN / "input.jsonl").read_bytes()
+    if kind == "truncated.gz":
+        path = tmp_path / "in.jsonl.gz"
+        path.write_bytes(gzip.compress(good)[:200])
+    elif kind == "fake.gz":
+        path = tmp_path / "in.jsonl.gz"
+        path.write_bytes(good)
+    elif kind == "truncated.xz":
+        import lzma
+
+        path = tmp_path / "in.jsonl.xz"
+        path.write_bytes(lzma.compress(good)[:200])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "in.parquet"
+        texts = [json.loads(line)["text"] for line in good.decode().splitlines()]
+        pq.write_table(pa.table({"text": texts}), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated.gz", "fake.gz", "truncated.xz", "truncated.parquet"])
+def test_damaged_input_file_is_one_line_and_leaves_nothing_behind(tmp_path, tokdir, kind):
+    path = _damaged(tmp_path, kind)
+    proc = run_module(f"input={path}", f"tokenizer={tokdir}", f"output={tmp_path / 'out'}", "progress=false")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert str(path) in err and "damaged or truncated file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no .partial, .lock, .bin, .idx

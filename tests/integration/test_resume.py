@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,187 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path):
     assert "dp=2" in proc.stdout
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
     assert os.path.exists(ddp / "checkpoints" / "step_00000004" / "rng_rank00001.pt")
+
+
+# ---- resume at the edges (issue 16) --------------------------------------------------------------------
+def compose_cfg(*overrides):
+    """The config `python -m llmtrain` would build, composed in-process (no subprocess start-up cost)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmtrain.cli import CONFIG_DIR
+    from llmtrain.config.resolvers import register_resolvers
+    from llmtrain.config.schema import register_configs
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*FAST, "engine=torch", "train.device=cpu", *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def tree_digest(root):
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_changed_global_batch_size_continues_at_the_consumed_sample(tmp_path):
+    """Data position = samples consumed: a resume with another global batch size skips and repeats nothing."""
+    from llmtrain.data import build_data
+    from llmtrain.train.loop import train
+
+    train(compose_cfg("train.steps=3", "train.checkpoint_interval=3"), tmp_path)
+    cfg = compose_cfg("train.steps=5", "train.global_batch_size=8", "train.checkpoint_interval=1")
+    summary = train(cfg, tmp_path)
+    assert summary.resumed_from.name == "step_00000003"
+    tokens = [r["tokens"] for r in read_metrics(tmp_path)]
+    assert tokens == [4 * 64, 8 * 64, 12 * 64, 20 * 64, 28 * 64]  # not step x new batch (24, 40, ...)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)
+    assert state["consumed_samples"] == 20
+    assert state["data_fingerprint"] == build_data(cfg).fingerprint
+    # step 4 trained samples 12..19 (the data right after step 3's), as the loop asked for them
+    data = build_data(cfg)
+    expected = torch.cat([mb["tokens"] for mb in data.batch_at(12)])
+    assert torch.equal(expected, torch.stack([data.train[i]["tokens"] for i in range(12, 20)]).long())
+
+
+def test_every_checkpoint_corrupt_refuses_and_touches_nothing(tmp_path):
+    run_cli(
+        *ARGS[:-3], "train.steps=4", "train.checkpoint_interval=2", f"hydra.run.dir={tmp_path}", check=True
+    )
+    for model in (tmp_path / "checkpoints").glob("step_*/model.safetensors"):
+        model.write_bytes(model.read_bytes()[:500])
+    before = tree_digest(tmp_path)
+    proc = run_cli(*ARGS[:-3], "train.steps=6", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "all 2 checkpoints fail verification" in last and "train.resume=never" in last
+    assert tree_digest(tmp_path) == before
+
+
+def test_refused_resume_and_resume_never_leave_the_old_run_byte_for_byte(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(*ARGS[:-3], "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
+    before = tree_digest(run_dir)
+    proc = run_cli(*ARGS[:-3], "train.steps=4", "model.num_layers=3", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.num_layers=3 but the checkpoint" in proc.stderr and "set model.num_layers=2" in proc.stderr
+    assert tree_digest(run_dir) == before  # config.yaml and .hydra/ still say num_layers 2
+    run_cli(*ARGS[:-3], "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}", check=True)
+    assert tree_digest(run_dir) == before
+    assert (tmp_path / "run-restart1" / "checkpoints" / "latest").is_file()
+
+
+def test_resume_refuses_what_it_cannot_load_before_loading(tmp_path):
+    from llmtrain.errors import CheckpointError, UserError
+    from llmtrain.train.loop import train
+    from llmtrain.train.run_dir import plan_run
+
+    train_dir = tmp_path / "run"
+    train_dir.mkdir()
+    train(compose_cfg("train.steps=1"), train_dir)
+    step = train_dir / "checkpoints" / "step_00000001"
+    for key, value, theirs in [("model.hidden_size", 128, 64), ("model.vocab_size", 8192, 4096),
+                               ("model.tie_embeddings", True, False)]:  # fmt: skip
+        cfg = compose_cfg(f"{key}={value}", f"train.resume={step}")
+        with pytest.raises(
+            CheckpointError, match=rf"{key}={value} but the checkpoint .* has {theirs}; set {key}={theirs}"
+        ):
+            plan_run(cfg, tmp_path / "new", "torch")
+    with pytest.raises(CheckpointError, match=r"written by the torch engine .* resume with engine=torch"):
+        plan_run(compose_cfg(f"train.resume={step}"), tmp_path / "new", "megatron")
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("model.safetensors", "config.yaml"):
+        (weights_only / name).write_bytes((step / name).read_bytes())
+    from llmtrain.convert.io import write_manifest
+
+    write_manifest(weights_only, 1)
+    with pytest.raises(CheckpointError, match=rf"weights-only checkpoint .* train.init_from={weights_only}"):
+        plan_run(compose_cfg(f"train.resume={weights_only}"), tmp_path / "new", "torch")
+    # someone else's config.yaml in the run dir is not replaced
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("mine: 1\n")
+    with pytest.raises(UserError, match=r"config.yaml exists and is not an llmtrain run's"):
+        plan_run(compose_cfg(), foreign, "torch")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"is a file, not a directory"):
+        plan_run(compose_cfg(), tmp_path / "file" / "run", "torch")
+
+
+def test_resume_never_is_one_decision_and_a_requeued_slurm_job_continues_its_run(tmp_path, monkeypatch):
+    """Ranks decide alone but alike: a dir only counts as taken once it holds training state; a SLURM job
+    marks its dir, so a requeue (same job id) continues there instead of starting restartN+1."""
+    from llmtrain.train.loop import train
+    from llmtrain.train.run_dir import claim, plan_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(compose_cfg("train.steps=1"), run_dir)
+    cfg = compose_cfg("train.resume=never", "train.steps=2")
+    first = plan_run(cfg, run_dir, "torch")
+    assert first.run_dir.name == "run-restart1" and first.resume_dir is None
+    first.run_dir.mkdir()  # rank 0 got there first (Hydra made the dir, config.yaml written)
+    (first.run_dir / ".hydra").mkdir()
+    assert plan_run(cfg, run_dir, "torch").run_dir == first.run_dir  # a later rank agrees
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    claim(first.run_dir)
+    train(cfg, first.run_dir, resume_dir=None)
+    again = plan_run(compose_cfg("train.resume=never", "train.steps=3"), run_dir, "torch")
+    assert again.run_dir == first.run_dir and again.resume_dir.name == "step_00000002"
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: a new run beside both
+    assert plan_run(cfg, run_dir, "torch").run_dir.name == "run-restart2"
+
+
+@pytest.mark.slow
+def test_resume_never_with_two_ranks_and_an_existing_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(*FAST, "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
+    cmd = llmtrain_cmd(*FAST, "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}")
+    cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
+    proc = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run-restart1" / "checkpoints" / "step_00000002" / "rng_rank00001.pt").is_file()
+    assert not (tmp_path / "run-restart2").exists()
+
+
+# ---- signals -------------------------------------------------------------------------------------------
+def handler_installed(pid: int, sig: int) -> bool:
+    """Linux: the process catches `sig` (SigCgt mask in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path):
+    proc = start(tmp_path)
+    wait_for_steps(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "SIGINT received: stopping after this step with a checkpoint" in err and "stopped by SIGINT" in out
+    stopped_at = len(read_metrics(tmp_path))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+
+
+def test_sigterm_during_start_up_is_acknowledged_not_a_silent_143(tmp_path):
+    proc = start(tmp_path)
+    deadline = time.time() + 60
+    while not handler_installed(proc.pid, signal.SIGTERM):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.005)
+    assert not (tmp_path / "metrics.jsonl").exists()  # still starting: nothing trained yet
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err and "stopped by SIGTERM before step 1" in out

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,102 @@ def test_resolve_accepts_run_dir_checkpoints_dir_and_step_dir(tmp_path):
         assert resolve_checkpoint_path(p) == step_dir
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_path(tmp_path / "nope")
+
+
+class FullDiskEngine:
+    """Writes part of its file, then fails the way a full disk does."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def save(self, directory: Path) -> None:
+        (directory / "model.pt").write_bytes(b"x" * 1000)
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4054"),
+    ],
+)
+def test_full_disk_leaves_previous_checkpoint_and_no_temp_dir(tmp_path, exc):
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    good = save(mgr, 2)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot write checkpoint step 4 to .*: no space left .*step_00000002 is intact; free space and rerun",
+    ):
+        mgr.save(4, FullDiskEngine(exc), {"step": 4}, {"rng": 1}, 0, "model: {}\n")
+    assert not list(tmp_path.glob(".tmp_*"))
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert mgr.latest_valid() == good
+
+
+def test_space_is_checked_before_writing_when_the_size_is_known(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    save(mgr, 2)
+    size = sum(p.stat().st_size for p in (tmp_path / "step_00000002").iterdir())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=size // 2))
+
+    class MustNotWrite:
+        def save(self, directory):
+            raise AssertionError("wrote although the space was known to be too small")
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"step 4 .*not enough space \(needs ~.* [MG]B, .* free\); step_00000002 is intact",
+    ):
+        mgr.save(4, MustNotWrite(), {"step": 4}, {"rng": 1}, 0, "model: {}\n")
+    assert not list(tmp_path.glob(".tmp_*"))
+
+
+def test_other_write_errors_are_one_line_too(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    with pytest.raises(
+        CheckpointError, match=r"step 2 .*PermissionError: denied; no earlier checkpoint exists"
+    ):
+        mgr.save(2, FullDiskEngine(PermissionError("denied")), {"step": 2}, {"rng": 1}, 0, "model: {}\n")
+    assert not list(tmp_path.glob(".tmp_*"))
+
+
+def test_second_ctrl_c_exits_at_once(monkeypatch, capfd):
+    """The stop request's handler: the first SIGINT asks for a checkpoint, the second exits with 130."""
+    import os
+    import signal
+
+    from llmtrain.train.signals import StopRequest
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT" and not exits
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [130]
+    finally:
+        stop.uninstall()
+    err = capfd.readouterr().err
+    assert "SIGINT received: stopping after this step with a checkpoint (Ctrl-C again" in err
+    assert "second Ctrl-C: exiting now, without a checkpoint" in err
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A process started with SIGINT ignored (nohup, `cmd &` in a script) keeps it so, as Python does."""
+    import signal
+
+    from llmtrain.train.signals import StopRequest
+
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopRequest().install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGINT, saved)

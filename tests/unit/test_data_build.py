@@ -111,9 +111,63 @@ def test_user_errors(cache, tmp_path):
         build_data(make_cfg(cache, **{"data.paths": [str(tmp_path / "half")]}), dp_rank=0, dp_size=1)
     with pytest.raises(ConfigError, match="weight and prefix"):
         build_data(make_cfg(cache, **{"data.paths": [0.5, "a", 0.5]}), dp_rank=0, dp_size=1)
-    data = build_data(make_cfg(cache), dp_rank=0, dp_size=1)
-    with pytest.raises(UserError, match=r"sized from train\.steps"):
-        data.train_batch(10_000)
+
+
+def test_sample_order_does_not_depend_on_the_budget(cache):
+    """Megatron shuffles by the sample count it is asked for; one-epoch builds make the order budget-free."""
+    # At seq 256 the corpus holds ~4k samples: 600 steps of 16 span more than 2 epochs, 60 steps less than one
+    # (the case that reordered the data: 0 of 26 sampled positions agreed before the fix).
+    over = {"model.seq_length": 256, "train.global_batch_size": 16}
+    short = build_data(make_cfg(cache, **over, **{"train.steps": 60}), dp_rank=0, dp_size=1)
+    long = build_data(make_cfg(cache, **over, **{"train.steps": 600}), dp_rank=0, dp_size=1)
+    assert 600 * 16 > 2 * len(short.train) > 2 * 60 * 16
+    assert short.fingerprint == long.fingerprint
+    n = len(short.train)
+    for i in [*range(0, 960, 37), n - 1, n, n + 5, 3 * n + 2]:  # also beyond the first epoch
+        assert torch.equal(short.train[i]["tokens"], long.train[i]["tokens"]), i
+    # A batch addressed by sample is the same whatever the global batch size around it.
+    assert torch.equal(short.batch_at(96)[0]["tokens"], long.batch_at(96)[0]["tokens"])
+
+
+def test_later_epochs_visit_every_sample_in_another_order(cache):
+    data = build_data(make_cfg(cache, **{"model.seq_length": 1024}), dp_rank=0, dp_size=1)
+    n = len(data.train)
+    first = [int(data.train[i]["tokens"][0]) * 7 + int(data.train[i]["tokens"][5]) for i in range(n)]
+    second = [int(data.train[n + i]["tokens"][0]) * 7 + int(data.train[n + i]["tokens"][5]) for i in range(n)]
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_mismatched_or_truncated_dataset_files_are_refused(cache, tmp_path):
+    build_data(make_cfg(cache), dp_rank=0, dp_size=1)
+    (prefix,) = [p.with_suffix("") for p in cache.glob("datasets/kjv-*/kjv.idx")]
+    bad = tmp_path / "bad"
+    data = prefix.with_suffix(".bin").read_bytes()
+    (tmp_path / "bad.idx").write_bytes(prefix.with_suffix(".idx").read_bytes())
+    (tmp_path / "bad.bin").write_bytes(data[: len(data) // 2])  # truncated .bin
+    with pytest.raises(
+        UserError,
+        match=r"data.paths: .*bad\.bin has \d+ bytes but bad\.idx describes .*llmtrain\.data\.prepare",
+    ):
+        build_data(make_cfg(cache, **{"data.paths": [str(bad)]}), dp_rank=0, dp_size=1)
+    # the .idx of another dataset (fewer documents): the sizes disagree
+    (tmp_path / "bad.bin").write_bytes(data)
+    idx = prefix.with_suffix(".idx").read_bytes()
+    with lzma.open(CORPUS_DIR / "kjv.jsonl.xz", "rt") as f:
+        (tmp_path / "other.jsonl").write_text("".join(f.readlines()[:100]))
+    opts = PrepareOptions([str(tmp_path / "other.jsonl")], "builtin", str(tmp_path / "other"), progress=False)
+    prepare(opts, log=lambda _: None)
+    (tmp_path / "bad.idx").write_bytes((tmp_path / "other.idx").read_bytes())
+    with pytest.raises(UserError, match=r"bad\.bin has .* the \.idx of another dataset"):
+        build_data(make_cfg(cache, **{"data.paths": [str(bad)]}), dp_rank=0, dp_size=1)
+    # a manifest that describes other files
+    (tmp_path / "bad.idx").write_bytes(idx)
+    manifest = json.loads(prefix.with_suffix(".manifest.json").read_text())
+    (tmp_path / "bad.manifest.json").write_text(json.dumps({**manifest, "documents": 7}))
+    with pytest.raises(UserError, match=r"records 7 documents but .*1189"):
+        build_data(make_cfg(cache, **{"data.paths": [str(bad)]}), dp_rank=0, dp_size=1)
+    (tmp_path / "bad.idx").write_bytes(idx[:-8])
+    with pytest.raises(UserError, match=r"bad\.idx has .* bytes but its header describes"):
+        build_data(make_cfg(cache, **{"data.paths": [str(bad)]}), dp_rank=0, dp_size=1)
 
 
 def test_mock_data(cache):

@@ -65,6 +65,25 @@ CASES = [
     (["train.resume=/no/such/ckpt"], "train.resume='/no/such/ckpt': checkpoint path does not exist"),
     (["engine=megatron"], "engine='megatron': needs CUDA, megatron-core and transformer-engine"),
     (["recipe=llama3_8b"], "llama3_8b needs ~"),
+    # ranges of every numeric key (issue 16 item 10): each of these crashed mid-run or ran silently
+    (["logging.interval=0"], "logging.interval=0: must be > 0"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0: must be > 0"),
+    (["train.seed=-1"], "train.seed=-1: must be in [0, 4294967296)"),
+    (["train.eval_interval=5", "train.eval_steps=0"], "train.eval_steps=0: must be > 0"),
+    (["train.checkpoint_interval=-1"], "train.checkpoint_interval=-1: must be >= 0"),
+    (["train.keep_last=-2"], "train.keep_last=-2: must be >= 0"),
+    (["train.inject_nan_steps=[0]"], "train.inject_nan_steps=[0]: steps are 1..60"),
+    (["optim.beta2=1.0"], "optim.beta2=1.0: must be in [0, 1)"),
+    (["optim.eps=0"], "optim.eps=0.0: must be > 0"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be >= 0"),
+    (["optim.decay_fraction=1.5"], "optim.decay_fraction=1.5: must be in [0, 1]"),
+    (["model.norm_eps=0"], "model.norm_eps=0.0: must be > 0"),
+    (["dry_run=true", "cluster.nodes=0"], "cluster.nodes=0: must be > 0"),
+    (["dry_run=true", "cluster.gpus_per_node=0"], "cluster.gpus_per_node=0: must be > 0"),
+    (["cluster.requeue_limit=-1"], "cluster.requeue_limit=-1: must be >= 0"),
+    (["data.split='90,x,0'"], "data.split='90,x,0': not comma-separated numbers"),
+    (["data.split='0,10,0'"], "needs 1-3 weights >= 0 (train,valid,test) with train > 0"),
+    (["data.split=90,10,0"], "a comma on the command line makes a sweep, which runs only with -m"),
 ]
 
 
@@ -85,7 +104,7 @@ def test_sweep_points_are_each_validated():
 
 
 def test_valid_overrides_pass():
-    preflight(["recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
+    preflight(["-m", "recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
     preflight(["recipe=llama3_8b", "precision=nvfp4", "dry_run=true"])
 
 
@@ -98,3 +117,55 @@ def test_a_recipe_defined_sweep_is_validated_before_any_point_runs():
     preflight(
         ["-m", "recipe=precision_sweep", "precision=bf16,variant/fp8_cs_all_layers", "model.num_layers=1"]
     )
+
+
+TOOL_CASES = [
+    ("llmtrain.convert", ["import", "/x", "/y", "--tp", "0"], "argument --tp: 0 must be >= 1"),
+    ("llmtrain.convert", ["import", "/x", "/y", "--pp", "two"], "argument --pp: 'two' is not an integer"),
+    ("llmtrain.convert", ["export", "/x", "/y", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ("llmtrain.convert", ["export", "/x", "/y", "--max-shard-size", "0"], "--max-shard-size '0' must be > 0"),
+    ("llmtrain.eval", ["/x", "--steps", "0"], "argument --steps: 0 must be >= 1"),
+    ("llmtrain.eval", ["/x", "--micro-batch-size", "-1"], "argument --micro-batch-size: -1 must be >= 1"),
+    ("llmtrain.eval", ["/x", "--seq-length", "1"], "argument --seq-length: 1 must be >= 2"),
+    ("llmtrain.eval", ["/x", "--limit", "0"], "argument --limit: 0 must be >= 1"),
+    ("llmtrain.eval", ["/x", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "workers=-5"], "workers=-5: must be >= -1"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "batch_mb=0"], "batch_mb=0.0: must be > 0"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "commit_mb=-1"], "commit_mb=-1.0: must be > 0"),
+    ("llmtrain.data.prepare", ["input=/x", "tokenizer=builtin", "output=/y", "txt_mode=word"], "txt_mode='word': not a valid choice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("module", "argv", "expected"), TOOL_CASES, ids=[" ".join(c[1]) for c in TOOL_CASES])
+def test_tool_flags_are_range_checked_in_one_line(module, argv, expected, capsys):
+    import importlib
+
+    main = importlib.import_module(module + (".__main__" if module == "llmtrain.convert" else "")).main
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_recipe_file_errors_name_the_file_and_line(tmp_path):
+    from llmtrain.cli import resolve_recipes
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# @package _global_\ntrain:\n  steps: 7\n  seed: [1\n")
+    with pytest.raises(UserError, match=rf"recipe={bad}: {bad}:5: YAML error: expected ','"):
+        resolve_recipes([f"recipe={bad}"])
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train:\n  steps: 7\n")
+    with pytest.raises(UserError, match=r"must start with the line '# @package _global_'"):
+        resolve_recipes([f"recipe={plain}"])
+    with pytest.raises(UserError, match=r"no such file"):
+        resolve_recipes([f"recipe={tmp_path / 'none.yaml'}"])
+    with pytest.raises(UserError, match=r"file:// entries only"):
+        resolve_recipes(["hydra.searchpath=[pkg://x]", "recipe=mine"])
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\ntrain: [\n")
+    with pytest.raises(UserError, match=r"recipe=mine: .*mine\.yaml:3: YAML error"):
+        resolve_recipes(["--config-dir", str(tmp_path), "recipe=mine"])

@@ -1,0 +1,191 @@
+"""Where a run trains and what it resumes from, decided before anything in the run dir is written.
+
+`cli.main` calls `plan_run` before Hydra starts (Hydra writes `.hydra/*.yaml` into the run dir as it starts),
+so a refused resume, or `train.resume=never` next to an existing run, leaves the old run byte for byte.
+Every rank makes the same decision on its own: no rank writes training state (checkpoints/, metrics.jsonl)
+before all ranks have met in the process group, so they all see the same directories. A SLURM job marks
+the dir it trains in with its job id, so a requeued job (same id) continues its own run.
+"""
+
+import errno
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llmtrain.errors import CheckpointError, UserError
+from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path, verify
+
+CONFIG_HEADER = "# llmtrain: resolved config of this run\n"
+JOB_FILE = ".llmtrain_job"  # the SLURM job id that trains in this dir
+# Fields that change tensor shapes or their meaning (as convert.api.STRUCTURAL; kept here to stay light).
+STRUCTURAL = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "vocab_size",
+    "tie_embeddings",
+)
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    resume_dir: Path | None
+    note: str | None = None  # one line for the log, e.g. why the run moved to <dir>-restartN
+
+
+def has_training_state(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+
+
+def job_id() -> str | None:
+    """The scheduler's job id; SLURM keeps it across requeues."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def _owned_by(run_dir: Path, job: str | None) -> bool:
+    try:
+        return job is not None and (run_dir / JOB_FILE).read_text().strip() == job
+    except OSError:
+        return False
+
+
+def check_run_dir_usable(run_dir: Path) -> None:
+    """A run dir that is a file, sits under a file, cannot be created, or holds someone else's config.yaml."""
+    key = f"hydra.run.dir={run_dir}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{key}: is a file, not a directory; choose another hydra.run.dir")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}: {existing} is a file, not a directory; choose another hydra.run.dir")
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
+        if existing == run_dir:  # an existing run dir is not touched, not even by a probe
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied")
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".llmtrain-probe-", dir=existing))
+    except OSError as e:
+        raise UserError(
+            f"{key}: cannot create it in {existing} ({e.strerror}); choose a hydra.run.dir you can write to"
+        ) from None
+    config = run_dir / "config.yaml"
+    if config.is_file() and not ((run_dir / ".hydra").is_dir() or has_training_state(run_dir)):
+        with open(config) as f:
+            ours = f.read(len(CONFIG_HEADER)) == CONFIG_HEADER
+        if not ours:
+            raise UserError(
+                f"{key}: {config} exists and is not an llmtrain run's; it would be replaced. "
+                "Choose another hydra.run.dir (or move the file)"
+            )
+
+
+def fresh_run_dir(run_dir: Path) -> tuple[Path, bool]:
+    """train.resume=never: (dir, continue_it). The first of run_dir, run_dir-restart1, ... that this SLURM
+    job already trains in (continue it), or that holds no training state (start there)."""
+    job = job_id()
+    for i in range(10_000):
+        candidate = run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-restart{i}")
+        if _owned_by(candidate, job):
+            return candidate, True
+        if not has_training_state(candidate):
+            return candidate, False
+    raise UserError(f"hydra.run.dir={run_dir}: 10000 restarts exist; choose another hydra.run.dir")
+
+
+def latest_in_run(run_dir: Path) -> Path | None:
+    """The checkpoint to resume in `run_dir`, None when it has none; refuses when all of them are corrupt."""
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last=0, is_main=False)
+    found = manager.step_dirs()
+    if not found:
+        return None
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        latest = manager.latest_valid()
+    if latest is not None:
+        for w in skipped:  # one line each (the full error below says it when none is left)
+            print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    if latest is None:
+        try:
+            verify(found[-1])
+            problem = "unreadable"
+        except CheckpointError as e:
+            problem = str(e)
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints'}: all {len(found)} checkpoints fail verification (newest: {problem}); "
+            "nothing was changed. Repair or move them away to resume, or start fresh beside this run with "
+            "train.resume=never"
+        )
+    return latest
+
+
+def check_resumable(cfg, step_dir: Path, engine: str | None) -> None:
+    """Refuse, before loading anything, a checkpoint this config cannot resume (one line with the fix)."""
+    if not (step_dir / "trainer.pt").is_file():
+        raise CheckpointError(
+            f"train.resume: {step_dir} is a weights-only checkpoint (no optimizer or data position); start from "
+            f"its weights with train.init_from={step_dir} train.resume=never"
+        )
+    try:
+        manifest = yaml.safe_load((step_dir / "manifest.json").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        manifest = {}
+    written_by = manifest.get("engine")
+    if engine and written_by and written_by != engine:
+        raise CheckpointError(
+            f"train.resume: {step_dir} was written by the {written_by} engine and this run uses {engine}; "
+            f"resume with engine={written_by}, or start from its weights with train.init_from={step_dir} "
+            "train.resume=never"
+        )
+    try:
+        theirs = (yaml.safe_load((step_dir / "config.yaml").read_text()) or {}).get("model", {})
+    except (OSError, yaml.YAMLError):
+        return  # verified checkpoints always carry it; the engine's load reports anything else
+    for key in STRUCTURAL:
+        if key in theirs and cfg.model.get(key) != theirs[key]:
+            raise CheckpointError(
+                f"train.resume: model.{key}={cfg.model.get(key)} but the checkpoint {step_dir} has {theirs[key]}; "
+                f"set model.{key}={theirs[key]} to resume it, or train.resume=never to start a new run"
+            )
+
+
+def resume_point(cfg, run_dir: Path, engine: str | None = None) -> Path | None:
+    mode = str(cfg.train.resume)
+    if mode == "never":
+        return None
+    found = latest_in_run(run_dir) if mode == "auto" else resolve_checkpoint_path(mode)
+    if found is not None:
+        check_resumable(cfg, found, engine)
+    return found
+
+
+def plan_run(cfg, run_dir: Path, engine: str | None = None) -> RunPlan:
+    """Validate the run dir and the resume point; touches nothing."""
+    run_dir = Path(run_dir)
+    check_run_dir_usable(run_dir)
+    if str(cfg.train.resume) != "never":
+        return RunPlan(run_dir, resume_point(cfg, run_dir, engine))
+    chosen, continue_it = fresh_run_dir(run_dir)
+    if continue_it:  # a requeued SLURM job: its own earlier incarnation started this run
+        latest = latest_in_run(chosen)
+        if latest is not None:
+            check_resumable(cfg, latest, engine)
+        return RunPlan(chosen, latest, f"SLURM job {job_id()} continues its run in {chosen}")
+    if chosen != run_dir:
+        check_run_dir_usable(chosen)
+        return RunPlan(chosen, None, f"train.resume=never: {run_dir} holds a run; starting fresh in {chosen}")
+    return RunPlan(chosen, None)
+
+
+def claim(run_dir: Path) -> None:
+    """Mark `run_dir` as this SLURM job's (rank 0, once the plan is final)."""
+    if (job := job_id()) is not None:
+        (run_dir / JOB_FILE).write_text(job + "\n")
