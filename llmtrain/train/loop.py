@@ -88,6 +88,7 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
     peak = device_peak_tflops(getattr(engine, "device", torch.device("cpu")))
     lr_at = schedule_from_config(cfg.optim, cfg.train.steps)
     valid = data.valid_batches(cfg.train.eval_steps) if cfg.train.eval_interval > 0 else []
+    eval_bf16 = bool(cfg.train.eval_bf16) and cfg.precision.name != "bf16"
     inject_nan = set(cfg.train.inject_nan_steps)
     stop = StopRequest().install()
     device = getattr(engine, "device", torch.device("cpu"))
@@ -153,14 +154,18 @@ def train(cfg, run_dir: Path, *, after_preemption=None) -> RunSummary:
                     )
             else:
                 last_loss = result.loss
-            if controller.should_probe(step_no):
-                record |= controller.record_probe(step_no, engine.probe_quantization_noise(batches[0]))
+            if controller.should_probe(step_no) and step_no < cfg.train.steps:
+                # On the next step's batch: not trained on yet, and what the next update will see.
+                probe = engine.probe_quantization_noise(data.train_batch(step_no), step_no)
+                record |= controller.record_probe(step_no, probe)
             if controller.should_switch_qaf(step_no):
                 engine.set_qaf(True)
                 record["qaf_switch"] = True
                 logger.info(f"step {step_no}: switched to quantization-aware finetuning (backward in BF16)")
             if valid and (step_no % cfg.train.eval_interval == 0 or step_no == cfg.train.steps):
                 record["val_loss"] = engine.eval_loss(valid)
+                if eval_bf16:  # the same weights with a BF16 forward, as NVIDIA evaluates FP4 models
+                    record["val_loss_bf16"] = engine.eval_loss(valid, quantized=False)
             logger.log_step(record, echo=step_no % cfg.logging.interval == 0 or step_no == cfg.train.steps)
 
             stop_now = any_rank(stop.requested, device)
