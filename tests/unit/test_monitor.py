@@ -171,3 +171,21 @@ def test_controller_logs_every_definition_and_triggers_on_the_total_noise():
     assert logged["sqrt3/layers.0.mlp.up_proj"] == 1.0 and logged["sqrt3/min"] == 1.0
     assert c.should_switch_qaf(10)  # 1.5 < sqrt(3): the total-noise ratio fires, not backward/sr
     assert c.record_probe(20, None) == {}
+
+
+def test_torch_engine_bf16_eval_is_the_unconverted_model_on_the_same_weights():
+    from llmtrain.engines.base import DistInfo
+    from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
+    from llmtrain.engines.torch_engine import TorchEngine
+
+    small = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 172, "num_attention_heads": 4,
+             "num_query_groups": 2, "seq_length": 64, "vocab_size": 256}  # fmt: skip
+    over = {"model": small, "train": {"device": "cpu"}}
+    fp4 = TorchEngine(make_config("tiny", "nvfp4_fp4all", overrides=over), DistInfo())
+    bf16 = TorchEngine(make_config("tiny", "bf16", overrides=over), DistInfo())
+    bf16.model.load_state_dict(fp4.model.state_dict())  # QuantLinear keeps the parameter names
+    batches = mock_batches(2, 2, small["seq_length"], small["vocab_size"])
+    quantized = fp4.eval_loss(batches)
+    assert fp4.eval_loss(batches, quantized=False) == pytest.approx(bf16.eval_loss(batches), rel=1e-6)
+    assert fp4.eval_loss(batches, quantized=False) != quantized
+    assert fp4.eval_loss(batches) == quantized  # the quantized forward is back
