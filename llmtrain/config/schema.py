@@ -93,6 +93,7 @@ class TrainConfig:
     keep_last: int = 3
     eval_interval: int = 250
     eval_steps: int = 10
+    eval_bf16: bool = True  # quantized precisions: also val_loss_bf16, the same weights with a BF16 forward
     resume: str = "auto"  # auto | never | PATH
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda

@@ -51,8 +51,11 @@ class Engine(ABC):
         """Forward/backward over this DP rank's micro-batches, all-reduce, clip, optimizer step at `lr`."""
 
     @abstractmethod
-    def eval_loss(self, micro_batches: list[MicroBatch]) -> float:
-        """Mean loss over the micro-batches (all DP ranks), no gradients."""
+    def eval_loss(self, micro_batches: list[MicroBatch], quantized: bool = True) -> float:
+        """Mean loss over the micro-batches (all DP ranks), no gradients.
+
+        quantized=False: the same weights with every GEMM unquantized (BF16, as a bf16 run computes).
+        """
 
     @abstractmethod
     def save(self, directory: Path) -> None:
@@ -62,9 +65,13 @@ class Engine(ABC):
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote."""
 
-    def probe_quantization_noise(self, micro_batch: MicroBatch) -> dict[str, float]:
-        """Per-layer gradient-norm / quantization-noise ratios for the sqrt(3) monitor ({} if unsupported)."""
-        return {}
+    def probe_quantization_noise(self, micro_batches: list[MicroBatch], step: int):
+        """sqrt(3) monitor after optimizer step `step`, on this rank's share of one global batch.
+
+        Returns a precision.monitor.NoiseProbe (None if unsupported or nothing is quantized) and leaves
+        the training state (weights, grads, optimizer, RNG, SR streams, QAF mode) untouched.
+        """
+        return None
 
     def set_phase(self, recipe) -> None:
         """A precision phase starts: quantize every GEMM outside the BF16 layers as `recipe` (a

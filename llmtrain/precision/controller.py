@@ -10,6 +10,7 @@ the same phase with the same LR. Inert for bf16.
 import statistics
 
 from llmtrain.errors import CheckpointError
+from llmtrain.precision.monitor import NoiseProbe
 from llmtrain.precision.phases import (
     Phase,
     RunShape,
@@ -72,8 +73,13 @@ class PrecisionController:
     def should_probe(self, step: int) -> bool:
         return self.active and bool(self.cfg.monitor.enabled) and step % self.cfg.monitor.interval == 0
 
-    def record_probe(self, step: int, ratios: dict[str, float]) -> dict[str, float]:
-        """Metrics to log: sqrt3/<layer>, sqrt3/all, sqrt3/min, sqrt3/median, sqrt3/frac_below, streak."""
+    def record_probe(self, step: int, probe: "NoiseProbe | dict[str, float] | None") -> dict[str, float]:
+        """Metrics to log: sqrt3/<layer>, sqrt3/all, min, median, frac_below, below_streak, and the
+        NoiseProbe's other definitions and norms (sqrt3/backward, sqrt3/sr, sqrt3/grad_norm, ...).
+
+        `probe` is what the engine's probe returned; a plain {layer: ratio, "all": ratio} dict also works.
+        """
+        ratios, extra = (probe.ratios, probe.metrics) if isinstance(probe, NoiseProbe) else (probe or {}, {})
         per_layer = {k: v for k, v in ratios.items() if k != "all"}
         if not per_layer:
             return {}
@@ -90,7 +96,7 @@ class PrecisionController:
             "sqrt3/frac_below": sum(v < threshold for v in vals) / len(vals),
             "sqrt3/below_streak": self.below_streak,
         }
-        return metrics
+        return metrics | {f"sqrt3/{k}": v for k, v in extra.items()}
 
     # ---- phases ----------------------------------------------------------------------------------
     def advance(self, step: int) -> Phase | None:

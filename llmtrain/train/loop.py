@@ -110,6 +110,7 @@ def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> Run
     peak = device_peak_tflops(getattr(engine, "device", torch.device("cpu")))
     lr_at = schedule_from_config(cfg.optim, controller.base_steps)  # appended phases have their own
     valid = data.valid_batches(cfg.train.eval_steps) if cfg.train.eval_interval > 0 else []
+    eval_bf16 = bool(cfg.train.eval_bf16) and cfg.precision.name != "bf16"
     inject_nan = set(cfg.train.inject_nan_steps)
     last_loss, last_ckpt, stopped_by, steps_done = None, None, None, start_step
 
@@ -184,8 +185,10 @@ def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> Run
                     )
             else:
                 last_loss = result.loss
-            if controller.should_probe(step_no):
-                record |= controller.record_probe(step_no, engine.probe_quantization_noise(batches[0]))
+            if controller.should_probe(step_no) and step_no < cfg.train.steps:
+                # On the next step's batch: not trained on yet, and what the next update will see.
+                probe = engine.probe_quantization_noise(data.batch_at(consumed), step_no)
+                record |= controller.record_probe(step_no, probe)
             before = controller.recipe
             started = controller.advance(step_no)
             if started is not None:
@@ -199,6 +202,8 @@ def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> Run
                 )
             if valid and (step_no % cfg.train.eval_interval == 0 or step_no == cfg.train.steps):
                 record["val_loss"] = engine.eval_loss(valid)
+                if eval_bf16:  # the same weights with a BF16 forward, as NVIDIA evaluates FP4 models
+                    record["val_loss_bf16"] = engine.eval_loss(valid, quantized=False)
             logger.log_step(record, echo=step_no % cfg.logging.interval == 0 or step_no == cfg.train.steps)
 
             stop_now = any_rank(stop.requested, device)

@@ -6,6 +6,7 @@ Set LLMTRAIN_TEST_RESULTS=<file.jsonl> to have the numbers appended there.
 
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -73,39 +74,106 @@ def test_native_backend_refuses_what_this_gpu_cannot_run():
     record("error_native_mxfp8", {"message": str(info.value)})
 
 
+LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
 def test_emulated_monitor_and_qaf_switch():
-    """sqrt(3) probe: finite per-layer ratios; QAF then trains with the backward in BF16."""
+    """sqrt(3) probe on the next global batch: finite ratios, all three noise definitions; QAF then trains
+    with the backward in BF16 and the probe still measures the quantized backward."""
     engine = engine_for("nvfp4_fp4all")
     batches = mock_batches(2, 2, 256, 4096)
     for step in (1, 2):
         engine.begin_step(step)
         engine.train_step(batches, lr=1e-3)
-    ratios = engine.probe_quantization_noise(batches[0])
-    assert set(ratios) == {
-        *(
-            f"layers.{i}.{m}"
-            for i in range(4)
-            for m in (
-                "self_attention.linear_qkv",
-                "self_attention.linear_proj",
-                "mlp.linear_fc1",
-                "mlp.linear_fc2",
-            )
-        ),
-        "all",
-    }
-    assert all(0 < v < float("inf") for v in ratios.values()), ratios
+    probe = engine.probe_quantization_noise(mock_batches(2, 2, 256, 4096, seed=1), 2)
+    assert set(probe.ratios) == {*(f"layers.{i}.{m}" for i in range(4) for m in LINEARS), "all"}
+    assert all(0 < v < float("inf") for v in probe.ratios.values()), probe.ratios
+    assert all(0 < probe.metrics[k] < float("inf") for k in ("backward", "sr", "grad_norm")), probe.metrics
     engine.set_qaf(True)
-    ratios_qaf = engine.probe_quantization_noise(batches[0])
+    probe_qaf = engine.probe_quantization_noise(batches, 2)
     engine.begin_step(3)
     r = engine.train_step(batches, lr=1e-3)
-    record("monitor_nvfp4_fp4all", {"ratios": ratios, "after_qaf_loss": r.loss})
+    record(
+        "monitor_nvfp4_fp4all", {"ratios": probe.ratios, "metrics": probe.metrics, "after_qaf_loss": r.loss}
+    )
     assert math.isfinite(r.loss) and not r.skipped
-    assert all(0 < v < float("inf") for v in ratios_qaf.values())  # the probe sets its own mode
+    assert all(0 < v < float("inf") for v in probe_qaf.ratios.values())  # the probe sets its own mode
     from llmtrain.precision import te_custom
 
     assert te_custom.STATE.qaf  # the probe put the QAF flag back
     dispose(engine)
+
+
+def test_emulated_probe_is_the_same_within_sr_noise_for_micro_batch_1_2_4():
+    """One global batch of 8 sequences split into micro-batches of 1, 2 and 4, three SR draws each (as
+    tests/unit/test_monitor.py on the CPU): the mean ratios must agree within 3 pooled standard deviations
+    of one draw. The unquantized gradient norm differs only by each micro-batch's dW being rounded to BF16
+    once (2**-9 relative per element) before the FP32 accumulation, hence rel 2e-2."""
+    engine = engine_for("nvfp4_fp4all")
+    tokens = mock_batches(1, 8, 256, 4096, seed=3, zipf=1.1)[0]
+
+    def split(mbs):
+        return [{k: v[i : i + mbs] for k, v in tokens.items()} for i in range(0, 8, mbs)]
+
+    draws = {mbs: [engine.probe_quantization_noise(split(mbs), s) for s in (1, 2, 3)] for mbs in (1, 2, 4)}
+    dispose(engine)
+    table = {mbs: [p.ratios | p.metrics for p in ps] for mbs, ps in draws.items()}
+    record("probe_layouts_nvfp4_fp4all", {str(k): v for k, v in table.items()})
+    norms = [p["grad_norm"] for ps in table.values() for p in ps]
+    assert max(norms) == pytest.approx(min(norms), rel=2e-2)
+    for key in ("all", "backward", "sr"):
+        per_layout = [[p[key] for p in ps] for ps in table.values()]
+        sd = math.sqrt(statistics.mean(statistics.variance(v) for v in per_layout))
+        means = [statistics.mean(v) for v in per_layout]
+        assert sd > 0 and max(means) - min(means) < 3 * sd, (key, means, sd)
+
+
+def test_probe_and_bf16_eval_change_no_loss():
+    """Same seed, same batches, 4 steps: probing the next batch and evaluating (quantized and BF16) after
+    every step gives the losses of a run that does neither. With overlap_grad_reduce and 4 micro-batches,
+    so a grad sync that the schedule's own no_sync would let through on the last micro-batch shows."""
+    batches = [mock_batches(4, 1, 256, 4096, seed=s) for s in range(5)]
+
+    def run(probe: bool) -> list[float]:
+        engine = engine_for("nvfp4_fp4all", overrides={"parallel": {"overlap_grad_reduce": True}})
+        losses = []
+        for step in range(4):
+            engine.begin_step(step + 1)
+            losses.append(engine.train_step(batches[step], lr=1e-3).loss)
+            if probe:
+                engine.probe_quantization_noise(batches[step + 1], step + 1)
+                engine.eval_loss(batches[4], quantized=False)
+                engine.eval_loss(batches[4])
+        dispose(engine)
+        return losses
+
+    probed, plain = run(True), run(False)
+    record("probe_no_side_effect", {"probed": probed, "plain": plain})
+    assert probed == pytest.approx(plain, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["nvfp4_fp4all", "fp8_cs"])
+def test_bf16_eval_is_a_bf16_engine_on_the_same_weights(precision):
+    """eval_loss(quantized=False) runs the same BF16 weights through TE without its FP8/FP4 autocast
+    (emulated nvfp4_fp4all; fp8_cs native on Hopper and newer): a bf16 engine loaded with those weights
+    runs the same TE BF16 kernels, so the losses agree to BF16 rounding of the reductions at most."""
+    batches = mock_batches(2, 2, 256, 4096, seed=7)
+    engine = engine_for(precision)
+    engine.begin_step(1)
+    engine.train_step(mock_batches(2, 2, 256, 4096), lr=1e-3)
+    quantized = engine.eval_loss(batches)
+    bf16_forward = engine.eval_loss(batches, quantized=False)
+    again = engine.eval_loss(batches)
+    weights = engine.reference_state_dict()
+    dispose(engine)
+    reference = engine_for("bf16")
+    reference.load_reference_state_dict(weights)
+    expected = reference.eval_loss(batches)
+    dispose(reference)
+    record(f"bf16_eval_{precision}", {"quantized": quantized, "bf16": bf16_forward, "bf16_engine": expected})
+    assert again == quantized  # the quantized forward is back
+    assert bf16_forward != quantized
+    assert bf16_forward == pytest.approx(expected, rel=1e-3)
 
 
 def test_skips_non_finite_update():

@@ -1,6 +1,5 @@
-"""convert_model on the Llama, the shipped precision configs, the sqrt(3) probe and the QAF controller."""
+"""convert_model on the Llama, the shipped precision configs and the QAF controller (the probe: test_monitor.py)."""
 
-import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from llmtrain.precision import (
     PrecisionController,
     QuantLinear,
     convert_model,
-    probe_quantization_noise,
     quantized_layers,
     set_qaf,
 )
@@ -121,40 +119,6 @@ def test_bf16_is_a_noop_and_bad_configs_raise():
         convert_model(model(), load("fp8_cs", backend="native"))
     with pytest.raises(ConfigError, match=r"precision\.qaf.trigger"):
         PrecisionController(load("nvfp4_fp4all", **{"qaf.trigger": "never"}), 100)
-
-
-def test_probe_reports_per_layer_ratios_and_leaves_state_untouched():
-    m = model()
-    convert_model(m, load("nvfp4_fp4all"), seed=0)
-    mb = batch(1)
-    loss_fn(m, mb).backward()
-    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-    weights = {n: p.detach().clone() for n, p in m.named_parameters()}
-    set_qaf(m, True)
-    ratios = probe_quantization_noise(m, mb, loss_fn)
-    assert set(ratios) == set(quantized_layers(m)) | {"all"}
-    assert "layers.0.self_attn.q_proj" in ratios and "layers.2.mlp.down_proj" in ratios
-    assert all(0 < v < math.inf for v in ratios.values())
-    # FP4 backward on this tiny model: noise is of the order of the gradient, not orders below.
-    assert 0.1 < ratios["all"] < 100
-    for n, p in m.named_parameters():
-        assert torch.equal(p.grad, grads[n]) and torch.equal(p.detach(), weights[n])
-    assert all(mod.qaf for mod in quantized_layers(m).values())  # mode restored
-    # With the backward not quantized, there is no noise: the ratio is infinite.
-    m2 = model()
-    convert_model(m2, load("nvfp4_fp4all", quantize_dgrad=False, quantize_wgrad=False))
-    assert probe_quantization_noise(m2, mb, loss_fn)["all"] == math.inf
-    assert probe_quantization_noise(model(), mb, loss_fn) == {}
-
-
-def test_fp8_noise_is_smaller_than_fp4_noise():
-    mb = batch(2)
-    out = {}
-    for name in ("fp8_cs", "nvfp4_fp4all"):
-        m = model()
-        convert_model(m, load(name))
-        out[name] = probe_quantization_noise(m, mb, loss_fn)["all"]
-    assert out["fp8_cs"] > 2 * out["nvfp4_fp4all"]  # measured: ~13.9 vs ~4.8 on this model
 
 
 def test_controller_sqrt3_trigger_with_patience_and_resume():

@@ -344,59 +344,85 @@ class MegatronEngine(Engine):
                         out[f"layers.{layer.layer_number - 1}.{name.removesuffix('.weight')}"] = param
         return out
 
-    def probe_quantization_noise(self, micro_batch: MicroBatch) -> dict[str, float]:
-        """sqrt(3) monitor: weight gradients of one micro-batch with the backward quantized and in BF16.
+    @contextlib.contextmanager
+    def _unquantized(self):
+        """Every TE linear in plain BF16, native or emulated back end.
 
-        Same estimator as the torch engine (precision/monitor.py): ratio = ||G_hp|| / ||G_q - G_hp|| per
-        layer and over all. Each rank takes its local gradients (no DP reduction: the hooks and
-        finalize_model_grads are held off), squared norms are summed over DP and TP ranks and the
-        per-layer entries gathered over pipeline stages. Clobbers the gradient buffers (the caller runs
-        it after the optimizer step).
+        Megatron enters TE's FP8/FP4 autocast per layer only while config.fp8 / config.fp4 is set, and
+        reads them at every forward (TransformerBlock.forward); every module shares self.config.
+        """
+        saved = (self.config.fp8, self.config.fp4)
+        self.config.fp8, self.config.fp4 = None, None
+        try:
+            yield
+        finally:
+            self.config.fp8, self.config.fp4 = saved
+
+    def probe_quantization_noise(self, micro_batches: list[MicroBatch], step: int):
+        """sqrt(3) probe (precision/monitor.py) on this rank's share of one global batch.
+
+        Four gradient passes through Megatron's own schedule over all micro-batches, with every DP grad
+        sync held off; each pass's local main_grad of the quantized weights is summed over DP x CP ranks
+        and divided by the batch's token count (the per-token mean gradient the optimizer applies) before
+        any norm is taken. Per-layer squared norms are then summed over TP shards and gathered over
+        pipeline stages. Needs the emulated back end (QAF mode, SR streams); clobbers the gradient
+        buffers, which train_step zeroes first, and restores everything else it touches.
         """
         if not self.emulated:
-            return {}
+            return None
         from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        from llmtrain.precision import te_custom
+        from llmtrain.precision import monitor, te_custom
 
         weights = self._quantized_weights()
-        saved_qaf = te_custom.STATE.qaf
-        saved = (self.config.finalize_model_grads_func, self.config.grad_sync_func)
-        self.config.finalize_model_grads_func, self.config.grad_sync_func = None, None
-        grads = {}
-        try:
-            for hp in (False, True):
-                te_custom.set_qaf(hp)
-                for m in self.ddp_models:
-                    m.zero_grad_buffer()
-                with contextlib.ExitStack() as stack:
-                    for m in self.ddp_models:
-                        stack.enter_context(m.no_sync())
-                    self._run([micro_batch], forward_only=False, reduce=False)
-                grads[hp] = [p.main_grad.detach().float().clone() for p in weights.values()]
-        finally:
-            te_custom.set_qaf(saved_qaf)
-            self.config.finalize_model_grads_func, self.config.grad_sync_func = saved
+        params = list(weights.values())
+        key_a, key_b = monitor.probe_keys(step)
+        tokens = torch.stack([mb["loss_mask"].float().sum() for mb in micro_batches]).sum().to(self.device)
+        torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group())  # CP ranks share batches
+
+        def gradient(kind: str) -> torch.Tensor:
             for m in self.ddp_models:
                 m.zero_grad_buffer()
-        sq = torch.stack(
-            [torch.stack([hp.square().sum(), (q - hp).square().sum()]) for q, hp in zip(grads[False], grads[True])]
-        ) if weights else torch.zeros(0, 2, device=self.device)  # fmt: skip
-        torch.distributed.all_reduce(sq, group=ps.get_data_parallel_group(with_context_parallel=True))
-        torch.distributed.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
-        per_stage = dict(zip(weights, sq.tolist()))
+            te_custom.set_qaf(kind == "qaf")
+            te_custom.STATE.step, te_custom.STATE.calls = (key_b if kind == "redraw" else key_a), 0
+            with contextlib.ExitStack() as stack:
+                if kind == "full":
+                    stack.enter_context(self._unquantized())
+                for m in self.ddp_models:  # no grad-ready hook may start a DP reduction
+                    stack.enter_context(m.no_sync())
+                self._run(micro_batches, forward_only=False, reduce=False)
+            if not params:
+                return torch.zeros(0, device=self.device)
+            flat = torch.cat([p.main_grad.detach().float().reshape(-1) for p in params])
+            torch.distributed.all_reduce(flat, group=ps.get_data_parallel_group(with_context_parallel=True))
+            return flat / tokens.clamp_min(1.0)
+
+        cfg = self.config
+        saved_hooks = (cfg.finalize_model_grads_func, cfg.grad_sync_func, cfg.no_sync_func)
+        saved_emulation = (te_custom.STATE.qaf, te_custom.STATE.step, te_custom.STATE.calls)
+        cuda_rng, tracker_rng = torch.cuda.get_rng_state(self.device), get_cuda_rng_tracker().get_states()
+        # The schedule's own no_sync would end before the last micro-batch and let its hooks reduce.
+        cfg.finalize_model_grads_func, cfg.grad_sync_func, cfg.no_sync_func = None, None, None
+        try:
+            with self._params_synced():
+                table = monitor.noise_table(gradient, [p.numel() for p in params])
+        finally:
+            cfg.finalize_model_grads_func, cfg.grad_sync_func, cfg.no_sync_func = saved_hooks
+            te_custom.STATE.qaf, te_custom.STATE.step, te_custom.STATE.calls = saved_emulation
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+            get_cuda_rng_tracker().set_states(tracker_rng)
+            for m in self.ddp_models:
+                m.zero_grad_buffer()
+        torch.distributed.all_reduce(table, group=ps.get_tensor_model_parallel_group())  # TP shards
+        per_stage = dict(zip(weights, table.tolist()))
         if self.layout.pp > 1:
             gathered = [None] * self.layout.pp
             torch.distributed.all_gather_object(
                 gathered, per_stage, group=ps.get_pipeline_model_parallel_group()
             )
             per_stage = {k: v for part in gathered for k, v in part.items()}
-        if not per_stage:
-            return {}
-        out = {k: (v[0] ** 0.5 / v[1] ** 0.5 if v[1] > 0 else float("inf")) for k, v in per_stage.items()}
-        total = [sum(v[i] for v in per_stage.values()) for i in (0, 1)]
-        out["all"] = total[0] ** 0.5 / total[1] ** 0.5 if total[1] > 0 else float("inf")
-        return out
+        return monitor.noise_probe(list(per_stage), list(per_stage.values()))
 
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
         for m in self.ddp_models:
@@ -422,8 +448,9 @@ class MegatronEngine(Engine):
             for m in self.ddp_models:
                 m.enable_forward_pre_hook()
 
-    def eval_loss(self, micro_batches: list[MicroBatch]) -> float:
-        with self._params_synced(), torch.no_grad():
+    def eval_loss(self, micro_batches: list[MicroBatch], quantized: bool = True) -> float:
+        mode = contextlib.nullcontext() if quantized else self._unquantized()
+        with self._params_synced(), torch.no_grad(), mode:
             return self._run(micro_batches, forward_only=True)
 
     def save(self, directory: Path) -> None:

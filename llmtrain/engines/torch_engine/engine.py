@@ -14,6 +14,7 @@ from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
 from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.models import ModelSpec
 from llmtrain.models.llama import LlamaModel, causal_lm_loss
+from llmtrain.precision.modes import unquantized
 
 
 def pick_device(requested: str, dist: DistInfo) -> torch.device:
@@ -123,19 +124,22 @@ class TorchEngine(Engine):
         return StepResult(loss=loss_value, grad_norm=norm_value)
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[MicroBatch]) -> float:
+    def eval_loss(self, micro_batches: list[MicroBatch], quantized: bool = True) -> float:
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        for mb in micro_batches:
-            total += self._loss(self.model, mb)
+        with nullcontext() if quantized else unquantized(self.model):
+            for mb in micro_batches:
+                total += self._loss(self.model, mb)
         total /= max(len(micro_batches), 1)
         if self.dist.world_size > 1:
             torch.distributed.all_reduce(total)
             total /= self.dist.world_size
         return total.item()
 
-    def probe_quantization_noise(self, micro_batch: MicroBatch) -> dict[str, float]:
-        return precision.probe_quantization_noise(self.model, self._to_device(micro_batch), model_loss)
+    def probe_quantization_noise(self, micro_batches: list[MicroBatch], step: int):
+        """The sqrt(3) probe on this rank's share of a global batch, in the training's autocast."""
+        batches = [self._to_device(mb) for mb in micro_batches]
+        return precision.probe_quantization_noise(self.model, batches, self._loss, step)
 
     def set_phase(self, recipe) -> None:
         precision.set_recipe(self.model, recipe)
