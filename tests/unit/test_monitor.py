@@ -116,7 +116,8 @@ def test_noise_definitions_on_recipes_where_they_are_known():
     assert fwd["backward"] == math.inf and fwd["sr"] == math.inf and 0 < fwd["all"] < math.inf
     # Round-to-nearest everywhere: two draws are identical, the backward still adds noise.
     rtn = values(probe_quantization_noise(
-        converted("nvfp4_fp4all", dgrad_rounding="nearest", wgrad_rounding="nearest"), batches, loss_fn, step=1))  # fmt: skip
+        converted("nvfp4_fp4all", dgrad_rounding="nearest", wgrad_rounding="nearest",
+                  **{"operands.wgrad_x.rounding": "nearest"}), batches, loss_fn, step=1))  # fmt: skip
     assert rtn["sr"] == math.inf and 0 < rtn["backward"] < math.inf
     # FP8 adds far less noise than FP4 (measured ~14 vs ~5 on the one-micro-batch probe).
     fp8 = values(probe_quantization_noise(converted("fp8_cs"), batches, loss_fn, step=1))
