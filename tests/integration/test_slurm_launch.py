@@ -1,10 +1,8 @@
 """SLURM launch pieces that need no daemons: templates, generated scripts, the requeue decision.
 
-scontrol/squeue are replaced by small scripts on PATH that log their arguments. The end-to-end tests
-against real slurmctld/slurmd are in test_slurm.py.
+The end-to-end tests against real slurmctld/slurmd are in test_slurm.py.
 """
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
 from llmtrain.errors import ConfigError
 from llmtrain.launch import after_preemption
-from llmtrain.launch.sbatch import BODY_MARKER, REPO, render_script, template_body
+from llmtrain.launch.sbatch import BODY_MARKER, REPO, render_script, template_body, time_limit_seconds
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
 
@@ -88,49 +86,95 @@ def test_bad_cluster_values_are_one_line_errors(tmp_path):
 
 
 @pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """scontrol/squeue stand-ins: they append their argv to calls.log; squeue prints $FAKE_STATE."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
-    bin_dir.mkdir()
-    for tool, out in (("scontrol", ""), ("squeue", 'echo "$FAKE_STATE"')):
-        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\n{out}\n')
-        (bin_dir / tool).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+def stop_file(tmp_path, monkeypatch):
+    """Rank 0 inside a job step: LLMTRAIN_STOP_FILE set as the job body sets it; no SLURM tools on PATH."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # as in a container without squeue/scontrol
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("FAKE_STATE", "RUNNING")
+    monkeypatch.setenv("LLMTRAIN_STOP_FILE", str(tmp_path / "stop"))
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
-    return calls
+    return tmp_path / "stop"
 
 
-def requeued(calls: Path) -> bool:
-    return calls.exists() and "scontrol requeue 42" in calls.read_text()
+def checkpointed(run_dir: Path, step: int) -> Path:
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    return run_dir
 
 
-def test_warning_signal_requeues_below_the_limit(fake_slurm, capsys):
-    after_preemption(make_cfg("cluster.requeue_limit=2"), Path("/runs/r"))
-    assert requeued(fake_slurm)
-    assert "requeueing job 42 (restart 1 of at most 2)" in capsys.readouterr().out
+def test_a_stop_before_the_last_step_tells_the_batch_script(stop_file, tmp_path):
+    run_dir = checkpointed(tmp_path / "run", 40)
+    after_preemption(make_cfg("train.steps=160", "cluster.requeue_limit=2"), run_dir)
+    assert stop_file.read_text() == f"40 160 2 {run_dir}/checkpoints/step_00000040\n"
 
 
-def test_requeue_limit_stops_the_loop_with_a_message(fake_slurm, monkeypatch, capsys):
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    after_preemption(make_cfg("cluster.requeue_limit=2"), Path("/runs/r"))
-    assert not requeued(fake_slurm)
-    out = capsys.readouterr().out
-    assert "already restarted 2 times (cluster.requeue_limit=2)" in out and "hydra.run.dir=/runs/r" in out
+def test_a_stop_at_the_last_step_is_a_finished_run(stop_file, tmp_path):
+    after_preemption(make_cfg("train.steps=40"), checkpointed(tmp_path / "run", 40))
+    assert not stop_file.exists()
 
 
-@pytest.mark.parametrize("state", ["COMPLETING", "CANCELLED", ""])
-def test_cancelled_or_timed_out_jobs_are_not_requeued(fake_slurm, monkeypatch, capsys, state):
-    monkeypatch.setenv("FAKE_STATE", state)  # scancel / time limit: slurmctld already ends the job
-    after_preemption(make_cfg(), Path("/runs/r"))
-    assert not requeued(fake_slurm)
-    assert "not requeueing job 42" in capsys.readouterr().out
-
-
-def test_only_rank_zero_requeues(fake_slurm, monkeypatch):
+def test_only_rank_zero_writes_the_stop_file(stop_file, monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "1")
-    after_preemption(make_cfg(), Path("/runs/r"))
-    assert not fake_slurm.exists()
+    after_preemption(make_cfg("train.steps=160"), checkpointed(tmp_path / "run", 40))
+    assert not stop_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("04:00:00", 14400),
+        ("90", 5400),
+        ("2:30", 150),
+        ("1-00:00:00", 86400),
+        ("1-2", 93600),
+        ("UNLIMITED", None),
+    ],
+)
+def test_time_limits_in_slurm_formats(text, seconds):
+    assert time_limit_seconds(text) == seconds
+
+
+def test_a_warning_at_or_before_the_start_is_refused(tmp_path):
+    cfg = make_cfg("cluster=slurm", "cluster.time=00:02:00", "cluster.signal_seconds=120")
+    with pytest.raises(ConfigError, match=r"cluster.signal_seconds=120: must be below cluster.time=00:02:00"):
+        render_script(cfg, name="n", log_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"cluster.time='4h'"):
+        render_script(make_cfg("cluster=slurm", "cluster.time=4h"), name="n", log_dir=tmp_path)
+
+
+def test_site_keys_reach_the_script(tmp_path):
+    cfg = make_cfg(
+        "cluster=slurm",
+        "cluster.nodes=2",
+        "+cluster.env={NCCL_IB_HCA: mlx5_0, NCCL_DEBUG: WARN}",
+        "cluster.setup=['module load cuda/12.8','source /opt/env.sh']",
+        "cluster.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
+        "cluster.container_mounts=[/data:/data]",
+        "cluster.cpu_bind=cores",
+    )
+    script = render_script(cfg, name="my run", log_dir=tmp_path / "log dir")
+    head = script.split(BODY_MARKER)[0]
+    for line in (
+        '#SBATCH --job-name="my run"',
+        f'#SBATCH --output="{tmp_path}/log dir/%x-%j.out"',
+        "#SBATCH --exclusive",  # multi-node GPU job: whole nodes by default
+        "#SBATCH --mem=0",
+        "export NCCL_IB_HCA=mlx5_0",
+        "export LLMTRAIN_CONTAINER_MOUNTS=/data:/data",
+        "export LLMTRAIN_CONTAINER_ENV=NCCL_IB_HCA,NCCL_DEBUG",
+        "export LLMTRAIN_SRUN_ARGS=--cpu-bind=cores",
+        "export LLMTRAIN_PYTHON=python",  # the container's, not this machine's venv
+        "module load cuda/12.8",
+    ):
+        assert line in head.splitlines(), line
+    assert "--exclusive" not in render_script(make_cfg("cluster=slurm"), name="n", log_dir=tmp_path)
+    py = make_cfg("cluster=slurm", "cluster.container_image=img", "cluster.python=/opt/py/bin/python")
+    assert "export LLMTRAIN_PYTHON=/opt/py/bin/python" in render_script(py, name="n", log_dir=tmp_path)
+    (tmp_path / "job.sbatch").write_text(script)
+    subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
+
+
+def test_quotes_in_a_job_name_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster\.job_name"):
+        render_script(make_cfg("cluster=slurm", "cluster.job_name='a\"b'"), name='a"b', log_dir=tmp_path)
