@@ -170,6 +170,16 @@ def _last_step(run_dir: str) -> int | None:
     return None
 
 
+def _ended_at(entry: dict, last_end: dict | None) -> int | None:
+    """The step a job's last run ended at: rank 0's stop record (a signal stopped it; it outlives a batch
+    shell that SLURM killed first), else the job body's end record."""
+    try:
+        return int((Path(entry["run_dir"]) / f".llmtrain.stop.{entry['job_id']}").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(last_end["step"]) if last_end and str(last_end.get("step", "")).isdigit() else None
+
+
 def job_status(entry: dict, live: dict | None, accounted: dict | None) -> dict:
     """Everything `status` shows for one job, from SLURM (squeue, else sacct) and the job's own records."""
     events = read_events(entry["rank_logs"])
@@ -187,12 +197,8 @@ def job_status(entry: dict, live: dict | None, accounted: dict | None) -> dict:
     else:
         state, source = ("LOST" if starts else "GONE"), "job records"
     running = state in ("RUNNING", "COMPLETING")
-    # Progress of this job: the run dir while it trains there, else the step its last run ended at.
-    step = (
-        _last_step(entry["run_dir"])
-        if running
-        else (int(last_end["step"]) if last_end and "step" in last_end else None)
-    )
+    # Progress of this job: the run dir while it trains there, else where its last run ended.
+    step = _last_step(entry["run_dir"]) if running else _ended_at(entry, last_end)
     exit_code = last_end.get("rc") if last_end else (accounted or {}).get("exit_code")
     restarts = live["restarts"] if live and live.get("restarts") else str(max(starts - 1, 0))
     return {

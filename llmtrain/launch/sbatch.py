@@ -64,9 +64,13 @@ def check_cluster(cfg) -> None:
         )
     if c.job_name is not None and re.search(r"[\"\n\\]", c.job_name):
         raise ConfigError("cluster.job_name", c.job_name, "must not contain quotes, backslashes or newlines")
-    for name in c.env:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
-            raise ConfigError(f"cluster.env.{name}", c.env[name], "not a valid environment variable name")
+    for entry in c.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", str(entry), flags=re.S):
+            raise ConfigError("cluster.env", entry, "each entry is NAME=value, e.g. NCCL_DEBUG=WARN")
+
+
+def job_env(cfg) -> dict[str, str]:
+    return dict(str(e).split("=", 1) for e in cfg.cluster.env)
 
 
 def time_limit_seconds(text: str) -> int | None:
@@ -136,12 +140,12 @@ def render_script(cfg, *, name: str, log_dir: Path) -> str:
         env["LLMTRAIN_CONTAINER_IMAGE"] = c.container_image
         if c.container_mounts:
             env["LLMTRAIN_CONTAINER_MOUNTS"] = ",".join(c.container_mounts)
-        container_env = list(c.container_env) + [k for k in c.env if k not in c.container_env]
+        container_env = list(c.container_env) + [k for k in job_env(cfg) if k not in c.container_env]
         if container_env:  # pyxis keeps the image's value of a variable unless it is named here
             env["LLMTRAIN_CONTAINER_ENV"] = ",".join(container_env)
     if c.cpu_bind:
         env["LLMTRAIN_SRUN_ARGS"] = f"--cpu-bind={c.cpu_bind}"
-    env |= {str(k): str(v) for k, v in c.env.items()}
+    env |= job_env(cfg)
     lines += ["", *(f"export {k}={shlex.quote(v)}" for k, v in env.items())]
     if c.setup:
         lines += ["# cluster.setup", *c.setup]

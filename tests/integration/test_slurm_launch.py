@@ -147,7 +147,7 @@ def test_site_keys_reach_the_script(tmp_path):
     cfg = make_cfg(
         "cluster=slurm",
         "cluster.nodes=2",
-        "+cluster.env={NCCL_IB_HCA: mlx5_0, NCCL_DEBUG: WARN}",
+        "cluster.env=['NCCL_IB_HCA=mlx5_0','NCCL_DEBUG=WARN']",
         "cluster.setup=['module load cuda/12.8','source /opt/env.sh']",
         "cluster.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
         "cluster.container_mounts=[/data:/data]",
@@ -178,3 +178,8 @@ def test_site_keys_reach_the_script(tmp_path):
 def test_quotes_in_a_job_name_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"cluster\.job_name"):
         render_script(make_cfg("cluster=slurm", "cluster.job_name='a\"b'"), name='a"b', log_dir=tmp_path)
+
+
+def test_env_entries_must_be_name_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster\.env='NCCL_DEBUG': each entry is NAME=value"):
+        render_script(make_cfg("cluster=slurm", "cluster.env=[NCCL_DEBUG]"), name="n", log_dir=tmp_path)
