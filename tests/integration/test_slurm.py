@@ -226,6 +226,15 @@ def test_sweep_submits_one_job_per_point(env, tmp_path):
     assert losses(sweep / "0") != losses(sweep / "1")  # each point ran its own seed
 
 
+def release(env, job: str) -> None:
+    """Start a requeued job now instead of after SLURM's ~2 min requeue delay (BeginTime), once the node
+    has cleaned up its previous run: restarted earlier, slurmd refuses it ("Job credential revoked")."""
+    deadline = time.monotonic() + 30
+    while sh(env, "sinfo", "-h", "-N", "-o", "%T").stdout.strip() != "idle" and time.monotonic() < deadline:
+        time.sleep(0.25)
+    sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
 def warn(env, job: str) -> None:
     """The time-limit warning, sent now: USR1 to the batch script only, as --signal=B:USR1@N does."""
     sh(env, "scancel", "--batch", "--signal=USR1", job)
@@ -253,9 +262,8 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(env, reference,
     # must neither kill the starting ranks nor get lost.
     wait_log(run_dir / "logs" / f"llmtrain-tiny-{job}.out", f"llmtrain: job {job} restart 0")
     warn(env, job)
-    # scontrol requeue holds the job ~2 min (BeginTime); release it as soon as it is pending again
     wait_for(env, job, {"PENDING"}, run_dir, timeout=90)
-    sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    release(env, job)
     wait_for(env, job, {"RUNNING"}, run_dir, timeout=60)
     stopped_at = len(read_metrics(run_dir))
     assert 1 <= stopped_at < STEPS
@@ -373,7 +381,7 @@ def test_one_job_per_run_dir(env, tmp_path):
     assert "resume with the same command" not in job_log(run_dir, job)
     refused = sh(env, sys.executable, "-m", "llmtrain", *cmd, check=False)
     assert refused.returncode == 2 and f"belongs to job {job} (PENDING)" in refused.stderr
-    sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    release(env, job)
     wait_steps(run_dir, stopped_at + 3)
     wait_log(
         run_dir / "logs" / f"llmtrain-tiny-{job}" / "rank0.log", f"resumed from {run_dir}/checkpoints/step_"
