@@ -117,7 +117,7 @@ def wait_steps(run_dir: Path, at_least: int, timeout: float = 120) -> int:
     raise AssertionError(f"{run_dir} did not reach step {at_least}\n{logs_of(run_dir)}")
 
 
-def sbatch_template(env, run_dir: Path, *overrides: str) -> str:
+def sbatch_template(env, run_dir: Path, *overrides: str, sbatch_opts: tuple[str, ...] = ()) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     job_env = {**env, "LLMTRAIN_LOG_DIR": str(run_dir / "logs")}
     out = sh(
@@ -126,6 +126,7 @@ def sbatch_template(env, run_dir: Path, *overrides: str) -> str:
         "--parsable",
         f"--output={run_dir}/%x-%j.out",
         *CPU_TEMPLATE,
+        *sbatch_opts,
         "slurm/train.sbatch",
         *overrides,
         f"hydra.run.dir={run_dir}",
@@ -368,7 +369,9 @@ def test_one_job_per_run_dir(env, tmp_path):
         f"error: cluster=slurm: run dir {run_dir} belongs to job {job} (RUNNING), which trains or resumes "
         f"there; wait for it, cancel it (python -m llmtrain.launch cancel {job}) or choose another hydra.run.dir"
     ]
-    other = sbatch_template(env, run_dir, *RUN, "--ntasks-per-node=1")  # bypasses the submit-side check
+    other = sbatch_template(
+        env, run_dir, *RUN, sbatch_opts=("--ntasks-per-node=1",)
+    )  # bypasses the submit-side check
     info = wait_done(env, other, run_dir, expect="FAILED")
     assert info["ExitCode"] == "16:0"
     assert f"error: run dir {run_dir} is in use by job {job}" in logs_of(run_dir)
