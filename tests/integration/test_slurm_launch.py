@@ -3,7 +3,9 @@
 The end-to-end tests against real slurmctld/slurmd are in test_slurm.py.
 """
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from llmtrain.config.schema import register_configs
 from llmtrain.errors import ConfigError
 from llmtrain.launch import after_preemption
 from llmtrain.launch.sbatch import BODY_MARKER, REPO, render_script, template_body, time_limit_seconds
+from tests.helpers import cli_env
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
 
@@ -183,3 +186,82 @@ def test_quotes_in_a_job_name_are_refused(tmp_path):
 def test_env_entries_must_be_name_value(tmp_path):
     with pytest.raises(ConfigError, match=r"cluster\.env='NCCL_DEBUG': each entry is NAME=value"):
         render_script(make_cfg("cluster=slurm", "cluster.env=[NCCL_DEBUG]"), name="n", log_dir=tmp_path)
+
+
+def _entry(tmp_path, events: str, steps: int = 40) -> dict:
+    run_dir, rank_logs = tmp_path / "run", tmp_path / "run" / "logs" / "j-7"
+    rank_logs.mkdir(parents=True)
+    (rank_logs / "events").write_text(events)
+    (run_dir / "config.yaml").write_text(f"train:\n  steps: {steps}\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 40}\n')  # the run dir's latest: another job's
+    return {
+        "job_id": "7",
+        "name": "j",
+        "run_dir": str(run_dir),
+        "rank_logs": str(rank_logs),
+        "log": "j-7.out",
+    }
+
+
+def test_status_of_a_forgotten_job_comes_from_its_own_records(tmp_path):
+    """No squeue entry (MinJobAge) and no accounting: state, restarts, elapsed across restarts, the job's
+    own progress, exit code and error line come from the job body's events file."""
+    from llmtrain.launch.jobs import job_status
+
+    events = "100 start restart=0\n130 end rc=0 step=12 requeue\n300 start restart=1\n"
+    events += "310 end rc=3 step=17 rank=1 error=error: training diverged: 2 non-finite steps\n"
+    s = job_status(_entry(tmp_path, events), None, None)
+    assert (s["state"], s["restarts"], s["elapsed_s"], s["step"], s["steps"]) == ("FAILED", 1, 40, 17, "40")
+    assert (s["exit_code"], s["error"], s["state_from"]) == (
+        3,
+        "error: training diverged: 2 non-finite steps",
+        "job records",
+    )
+
+
+def test_status_of_a_job_that_never_ran_shows_no_progress(tmp_path):
+    from llmtrain.launch.jobs import job_status
+
+    s = job_status(_entry(tmp_path, ""), {"state": "CANCELLED", "restarts": "0", "reason": "None"}, None)
+    assert (s["state"], s["step"], s["exit_code"], s["elapsed_s"]) == ("CANCELLED", None, None, 0)
+
+
+def test_status_prefers_sacct_when_slurmctld_forgot_the_job(tmp_path):
+    from llmtrain.launch.jobs import job_status
+
+    s = job_status(_entry(tmp_path, "100 start restart=0\n"), None, {"state": "NODE_FAIL", "exit_code": "0"})
+    assert (s["state"], s["state_from"]) == ("NODE_FAIL", "sacct")
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
+    """dry_run=true cluster=slurm on a machine whose sbatch would record any call."""
+    calls = tmp_path / "calls"
+    (tmp_path / "bin").mkdir()
+    for tool in ("sbatch", "squeue", "srun"):
+        (tmp_path / "bin" / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\nexit 1\n')
+        (tmp_path / "bin" / tool).chmod(0o755)
+    env = {**cli_env(), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    env.pop("SLURM_JOB_ID", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmtrain",
+        "recipe=tiny",
+        "cluster=slurm",
+        "cluster.nodes=2",
+        "dry_run=true",
+    ]
+    cmd += [
+        "train.global_batch_size=128",
+        "cluster.preview=true",
+        "cluster.partition=batch",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "dry run: would submit job llmtrain-tiny: 2 node(s) x 8 rank(s) (1 GPU each), time 04:00:00, "
+        in proc.stdout
+    )
+    assert "partition batch" in proc.stdout and "#SBATCH --exclusive" in proc.stdout
+    assert "nothing submitted" in proc.stdout and not calls.exists()
