@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from llmtrain.errors import UserError
+from llmtrain.launch.sbatch import OWNER_FILE, STOPPED_EXIT
 
 ACTIVE = {
     "PENDING",
@@ -25,7 +26,6 @@ ACTIVE = {
     "SIGNALING",
     "STAGE_OUT",
 }
-STOPPED_EXIT = 75  # see sbatch.STOPPED_EXIT
 
 
 def jobs_file() -> Path:
@@ -100,8 +100,6 @@ def accounted_states(job_ids: list[str]) -> dict[str, dict]:
 
 def live_owner(run_dir: Path) -> tuple[str, str] | None:
     """(job id, state) of the pending or running job that owns run_dir, if any."""
-    from llmtrain.launch.sbatch import OWNER_FILE
-
     try:
         job = (Path(run_dir) / OWNER_FILE).read_text().strip()
     except OSError:
@@ -191,9 +189,9 @@ def job_status(entry: dict, live: dict | None, accounted: dict | None) -> dict:
     elif accounted:
         state, source = accounted["state"], "sacct"
     elif last_end is not None:  # slurmctld forgot it and no accounting: the job body's own end record
-        rc = int(last_end.get("rc", -1))
-        state = "COMPLETED" if rc == 0 else ("STOPPED" if rc == STOPPED_EXIT else "FAILED")
-        source = "job records"
+        rc = int(last_end["rc"]) if str(last_end.get("rc", "")).isdigit() else None
+        states = {None: "REQUEUED", 0: "COMPLETED", STOPPED_EXIT: "STOPPED"}
+        state, source = states.get(rc, "FAILED"), "job records"
     else:
         state, source = ("LOST" if starts else "GONE"), "job records"
     running = state in ("RUNNING", "COMPLETING")
@@ -205,7 +203,7 @@ def job_status(entry: dict, live: dict | None, accounted: dict | None) -> dict:
         "job_id": entry["job_id"],
         "name": entry["name"],
         "state": state,
-        "reason": (live or {}).get("reason", "") if (live or {}).get("reason") not in ("None", None) else "",
+        "reason": reason if (reason := (live or {}).get("reason", "")) != "None" else "",
         "state_from": source,
         "restarts": int(restarts) if str(restarts).isdigit() else restarts,
         "elapsed_s": elapsed_seconds(events, running),
