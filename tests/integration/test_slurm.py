@@ -228,8 +228,10 @@ def test_sweep_submits_one_job_per_point(env, tmp_path):
 
 
 def release(env, job: str) -> None:
-    """Start a requeued job now instead of after SLURM's ~2 min requeue delay (BeginTime), once the node
-    has cleaned up its previous run: restarted earlier, slurmd refuses it ("Job credential revoked")."""
+    """Start a requeued job now instead of after SLURM's ~2 min requeue delay (BeginTime). Not at once:
+    slurmd refuses a launch whose credential is not newer than the job's revocation at the requeue, in
+    whole seconds ("Killing non-startable batch JobId=J: Job credential revoked", FAILED 1:0)."""
+    time.sleep(2)
     deadline = time.monotonic() + 30
     while sh(env, "sinfo", "-h", "-N", "-o", "%T").stdout.strip() != "idle" and time.monotonic() < deadline:
         time.sleep(0.25)
