@@ -130,7 +130,7 @@ class ClusterConfig:
     job_name: str | None = None  # default llmtrain-<model name>; sweep points add -<index>
     # Shell lines run in the batch script before training (e.g. "module load cuda/12.8", "source env.sh").
     setup: list[str] = field(default_factory=list)
-    env: list[str] = field(default_factory=list)  # NAME=value exported for every rank, e.g. NCCL_IB_HCA=mlx5_0
+    env: list[str] = field(default_factory=list)  # NAME=value for every rank, e.g. NCCL_DEBUG=WARN
     python: str | None = None  # interpreter in the job; default: this one, or `python` in a container
     container_mounts: list[str] = field(default_factory=list)  # pyxis --container-mounts, e.g. /data:/data
     container_env: list[str] = field(default_factory=list)  # pyxis --container-env: these override the image

@@ -2,7 +2,7 @@
 
 Every job trains the tiny model on CPU with gloo. Losses are compared bitwise with the template run, so a
 submitted, a preempted-and-requeued and a resubmitted run must all continue exactly. Whole module (with
-test_slurm_launch.py): 118-150 s on 2 cores while another job kept one core busy.
+test_slurm_launch.py): 196-229 s on 2 cores shared with other work (load average 3-5).
 """
 
 import json
