@@ -349,8 +349,7 @@ def run(cfg) -> None:
 
     world, engine = check_and_validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.cluster.type == "slurm" and not launch.inside_scheduler_job():
-        launch.submit(cfg, list(HydraConfig.get().overrides.task))
+    if launch.dispatch(cfg, world, engine):  # cluster=slurm: submit, dry-run plan, or srun in an allocation
         return
     if cfg.dry_run:
         print(dry_run_report(cfg, world, engine))

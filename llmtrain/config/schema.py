@@ -133,6 +133,15 @@ class ClusterConfig:
     signal_seconds: int = 120  # --signal=B:USR1@N: warning this long before the time limit
     extra_sbatch: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--exclusive"]
     job_name: str | None = None  # default llmtrain-<model name>; sweep points add -<index>
+    # Shell lines run in the batch script before training (e.g. "module load cuda/12.8", "source env.sh").
+    setup: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)  # NAME=value for every rank, e.g. NCCL_DEBUG=WARN
+    python: str | None = None  # interpreter in the job; default: this one, or `python` in a container
+    container_mounts: list[str] = field(default_factory=list)  # pyxis --container-mounts, e.g. /data:/data
+    container_env: list[str] = field(default_factory=list)  # pyxis --container-env: these override the image
+    exclusive: bool | None = None  # --exclusive and --mem=0; null: on for multi-node GPU jobs
+    cpu_bind: str | None = None  # srun --cpu-bind (e.g. cores); null: SLURM's default
+    preview: bool = False  # with dry_run=true: also print the generated sbatch script
 
 
 @dataclass

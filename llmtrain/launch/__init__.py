@@ -5,11 +5,16 @@ from pathlib import Path
 
 from llmtrain.launch.requeue import after_preemption
 
-__all__ = ["after_preemption", "inside_scheduler_job", "restart_count", "submit"]
+__all__ = ["after_preemption", "dispatch", "inside_scheduler_job", "restart_count", "submit"]
 
 
 def inside_scheduler_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
+
+
+def inside_job_step() -> bool:
+    """In an srun step (the job's ranks), as opposed to an allocation's shell (salloc, a batch script)."""
+    return inside_scheduler_job() and "SLURM_STEP_ID" in os.environ
 
 
 def restart_count() -> int:
@@ -17,17 +22,48 @@ def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) if inside_scheduler_job() else 0
 
 
+def dispatch(cfg, world: int, engine: str) -> bool:
+    """What `cluster=slurm` does here; True when that was all (nothing to train in this process).
+
+    - inside an srun step (the job's ranks): train (False);
+    - dry_run=true: print the plan (with cluster.preview=true also the sbatch script); nothing runs;
+    - no allocation: submit with sbatch;
+    - inside an allocation without a step (salloc, or a batch script of your own): run the ranks there
+      with srun, at the allocation's size.
+    """
+    if cfg.cluster.type != "slurm" or inside_job_step():
+        return False
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.dry_run:
+        from llmtrain.dryrun import dry_run_report
+        from llmtrain.launch.allocation import allocation_plan
+        from llmtrain.launch.plan import plan
+
+        print(allocation_plan(cfg, run_dir) if inside_scheduler_job() else plan(cfg, overrides, run_dir))
+        print(dry_run_report(cfg, world, engine))
+        return True
+    if inside_scheduler_job():
+        from llmtrain.launch.allocation import run_in_allocation
+
+        rc = run_in_allocation(cfg, overrides, run_dir)
+        if rc != 0:
+            raise SystemExit(rc)
+        return True
+    submit(cfg, overrides)
+    return True
+
+
 def submit(cfg, overrides: list[str]) -> None:
     """Submit this run (one sweep point) as a SLURM batch job; print the job id and log path, and return."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from llmtrain.errors import ConfigError
     from llmtrain.launch import jobs
     from llmtrain.launch.sbatch import submit_run
 
-    if cfg.cluster.type != "slurm":
-        raise ConfigError("cluster.type", cfg.cluster.type, "cannot submit to this cluster type", ["slurm"])
     hc = HydraConfig.get()
     sweep_index = hc.job.num if hc.mode == RunMode.MULTIRUN else None
     sub = submit_run(cfg, overrides, Path(hc.runtime.output_dir), sweep_index)

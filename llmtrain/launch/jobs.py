@@ -1,13 +1,16 @@
-"""The jobs a user submitted with `cluster=slurm`: a small JSONL file, plus live state from squeue."""
+"""The jobs a user submitted with `cluster=slurm`: a small JSONL file, live state from squeue, sacct when
+slurmctld has forgotten a job, and each job's own records (`<rank logs>/events`, written by the job body)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from llmtrain.errors import UserError
+from llmtrain.launch.sbatch import OWNER_FILE, STOPPED_EXIT
 
 ACTIVE = {
     "PENDING",
@@ -66,66 +69,206 @@ def _need(tool: str) -> None:
 
 
 def live_states(job_ids: list[str]) -> dict[str, dict]:
-    """{job_id: {state, restarts, elapsed, reason}} for the jobs slurmctld still knows (MinJobAge)."""
+    """{job_id: {state, restarts, reason}} for the jobs slurmctld still knows (MinJobAge)."""
     if not job_ids:
         return {}
     _need("squeue")
-    fields = "JobID:|,State:|,RestartCnt:|,TimeUsed:|,Reason:|"
+    fields = "JobID:|,State:|,RestartCnt:|,Reason:|"
     cmd = ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-O", fields]
     proc = subprocess.run(cmd, capture_output=True, text=True)  # unknown ids are left out (rc 1 if all)
     states = {}
     for line in proc.stdout.splitlines():
-        job, state, restarts, elapsed, reason = (line.split("|") + [""] * 5)[:5]
-        states[job.strip()] = {
-            "state": state.strip(),
-            "restarts": restarts.strip(),
-            "elapsed": elapsed.strip(),
-            "reason": reason.strip(),
-        }
+        job, state, restarts, reason = (line.split("|") + [""] * 4)[:4]
+        states[job.strip()] = {"state": state.strip(), "restarts": restarts.strip(), "reason": reason.strip()}
     return states
 
 
-def progress(run_dir: str) -> str:
-    """`step N/M` from the run's metrics.jsonl and config.yaml, or '-' before the first step."""
-    metrics = Path(run_dir) / "metrics.jsonl"
-    last = None
-    if metrics.exists():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                last = json.loads(line).get("step", last)
-            except json.JSONDecodeError:
-                continue
-    if last is None:
-        return "-"
-    total = "?"
-    config = Path(run_dir) / "config.yaml"
-    if config.exists():
-        from omegaconf import OmegaConf
-
-        total = OmegaConf.load(config).get("train", {}).get("steps", "?")
-    return f"step {last}/{total}"
+def accounted_states(job_ids: list[str]) -> dict[str, dict]:
+    """{job_id: {state, exit_code}} from sacct; {} where accounting is not configured."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    cmd = ["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobIDRaw,State,ExitCode"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {}  # e.g. "Slurm accounting storage is disabled"
+    out = {}
+    for line in proc.stdout.splitlines():
+        job, state, code = ([*line.split("|"), "", ""])[:3]
+        out[job] = {"state": state.split()[0] if state else "", "exit_code": code.split(":")[0]}
+    return out
 
 
-def status(all_jobs: bool = False) -> str:
-    entries = load()
-    if not entries:
-        return f"no jobs submitted with cluster=slurm yet ({jobs_file()})"
-    live = live_states([e["job_id"] for e in entries])
-    rows = []
-    for e in entries:
-        s = live.get(e["job_id"], {"state": "GONE", "restarts": "?", "elapsed": "", "reason": ""})
-        if not all_jobs and s["state"] == "GONE":
+def live_owner(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of the pending or running job that owns run_dir, if any."""
+    try:
+        job = (Path(run_dir) / OWNER_FILE).read_text().strip()
+    except OSError:
+        return None
+    if not job.isdigit() or shutil.which("squeue") is None:
+        return None
+    state = live_states([job]).get(job, {}).get("state", "")
+    return (job, state) if state in ACTIVE else None
+
+
+def read_events(rank_logs: str) -> list[dict]:
+    """The job body's `<epoch> start restart=N` / `<epoch> end rc=N [step=N] [error=...]` lines."""
+    path = Path(rank_logs) / "events"
+    events = []
+    if not path.exists():
+        return events
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = re.match(r"(\d+) (start|end) ?(.*)$", line)
+        if not m:
             continue
-        state = s["state"] + (f" ({s['reason']})" if s["reason"] not in ("", "None") else "")
-        row = (e["job_id"], e["name"], state, s["restarts"], s["elapsed"] or "-")
-        rows.append((*row, progress(e["run_dir"]), e["log"]))
+        ev = {"t": int(m.group(1)), "kind": m.group(2)}
+        rest = m.group(3)
+        if "error=" in rest:
+            rest, ev["error"] = rest.split("error=", 1)
+        ev |= dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+        events.append(ev)
+    return events
+
+
+def elapsed_seconds(events: list[dict], running: bool) -> int:
+    """Time trained across all restarts of the job: each start to its end (or to now while running)."""
+    total, start = 0, None
+    for ev in events:
+        if ev["kind"] == "start":
+            start = ev["t"]
+        elif start is not None:
+            total, start = total + ev["t"] - start, None
+    if start is not None and running:
+        total += int(time.time()) - start
+    return total
+
+
+def _hms(seconds: int) -> str:
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+def _steps_total(run_dir: str) -> str:
+    config = Path(run_dir) / "config.yaml"
+    if not config.exists():
+        return "?"
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(config).get("train", {}).get("steps", "?"))
+
+
+def _last_step(run_dir: str) -> int | None:
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    for line in reversed(metrics.read_text(encoding="utf-8").splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _ended_at(entry: dict, last_end: dict | None) -> int | None:
+    """The step a job's last run ended at: rank 0's stop record (a signal stopped it; it outlives a batch
+    shell that SLURM killed first), else the job body's end record."""
+    try:
+        return int((Path(entry["run_dir"]) / f".llmtrain.stop.{entry['job_id']}").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(last_end["step"]) if last_end and str(last_end.get("step", "")).isdigit() else None
+
+
+def job_status(entry: dict, live: dict | None, accounted: dict | None) -> dict:
+    """Everything `status` shows for one job, from SLURM (squeue, else sacct) and the job's own records."""
+    events = read_events(entry["rank_logs"])
+    ends = [e for e in events if e["kind"] == "end"]
+    last_end = ends[-1] if ends and events[-1]["kind"] == "end" else None
+    starts = sum(e["kind"] == "start" for e in events)
+    if live:
+        state, source = live["state"], "squeue"
+    elif accounted:
+        state, source = accounted["state"], "sacct"
+    elif last_end is not None:  # slurmctld forgot it and no accounting: the job body's own end record
+        rc = int(last_end["rc"]) if str(last_end.get("rc", "")).isdigit() else None
+        states = {None: "REQUEUED", 0: "COMPLETED", STOPPED_EXIT: "STOPPED"}
+        state, source = states.get(rc, "FAILED"), "job records"
+    else:
+        state, source = ("LOST" if starts else "GONE"), "job records"
+    running = state in ("RUNNING", "COMPLETING")
+    # Progress of this job: the run dir while it trains there, else where its last run ended.
+    step = _last_step(entry["run_dir"]) if running else _ended_at(entry, last_end)
+    exit_code = last_end.get("rc") if last_end else (accounted or {}).get("exit_code")
+    restarts = live["restarts"] if live and live.get("restarts") else str(max(starts - 1, 0))
+    return {
+        "job_id": entry["job_id"],
+        "name": entry["name"],
+        "state": state,
+        "reason": reason if (reason := (live or {}).get("reason", "")) != "None" else "",
+        "state_from": source,
+        "restarts": int(restarts) if str(restarts).isdigit() else restarts,
+        "elapsed_s": elapsed_seconds(events, running),
+        "step": step,
+        "steps": _steps_total(entry["run_dir"]),
+        "exit_code": int(exit_code)
+        if exit_code not in (None, "") and str(exit_code).lstrip("-").isdigit()
+        else None,
+        "error": (last_end or {}).get("error") or None,
+        "run_dir": entry["run_dir"],
+        "log": entry["log"],
+    }
+
+
+def statuses(all_jobs: bool = False) -> list[dict]:
+    entries = load()
+    ids = [e["job_id"] for e in entries]
+    live = live_states(ids)
+    gone = [j for j in ids if j not in live]
+    accounted = accounted_states(gone) if gone else {}
+    out = []
+    for e in entries:
+        s = job_status(e, live.get(e["job_id"]), accounted.get(e["job_id"]))
+        if all_jobs or e["job_id"] in live:
+            out.append(s)
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("JOB", "NAME", "STATE", "RESTARTS", "TIME", "PROGRESS", "EXIT", "LOG")
+    table = []
+    for s in rows:
+        state = s["state"] + (f" ({s['reason']})" if s["reason"] else "")
+        progress = f"step {s['step']}/{s['steps']}" if s["step"] is not None else "-"
+        exit_code = "-" if s["exit_code"] is None else str(s["exit_code"])
+        table.append(
+            (
+                s["job_id"],
+                s["name"],
+                state,
+                str(s["restarts"]),
+                _hms(s["elapsed_s"]),
+                progress,
+                exit_code,
+                s["log"],
+            )
+        )
+    widths = [max(len(r[i]) for r in [head, *table]) for i in range(len(head) - 1)]
+    lines = []
+    for r, s in zip([head, *table], [None, *rows]):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if s is not None and s["error"]:
+            lines.append(f"    {s['error']}")
+    return "\n".join(lines)
+
+
+def status(all_jobs: bool = False, as_json: bool = False) -> str:
+    if not load():
+        return "[]" if as_json else f"no jobs submitted with cluster=slurm yet ({jobs_file()})"
+    rows = statuses(all_jobs)
+    if as_json:
+        return json.dumps(rows, indent=1)
     if not rows:
         return "no tracked jobs known to slurmctld any more (--all lists them from the jobs file)"
-    head = ("JOB", "NAME", "STATE", "RESTARTS", "TIME", "PROGRESS", "LOG")
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head) - 1)]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [head, *rows]
-    )
+    return format_table(rows)
 
 
 def cancel(job_ids: list[str], all_active: bool = False) -> str:
@@ -137,8 +280,25 @@ def cancel(job_ids: list[str], all_active: bool = False) -> str:
             return "no active jobs to cancel"
     if not job_ids:
         raise UserError("cancel: give job ids or --all (active jobs from `python -m llmtrain.launch status`)")
+    bad = [j for j in job_ids if not re.fullmatch(r"\d+(_\d+)?", j)]
+    if bad:
+        raise UserError(
+            f"cancel: {' '.join(bad)} is not a SLURM job id (see `python -m llmtrain.launch status`)"
+        )
     _need("scancel")
-    proc = subprocess.run(["scancel", *job_ids], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"scancel {' '.join(job_ids)}: {' '.join(proc.stderr.split())}")
-    return f"cancelled {' '.join(job_ids)}"
+    known = live_states(job_ids)
+    unknown = [j for j in job_ids if j not in known]
+    if unknown:
+        raise UserError(
+            f"cancel: no such job {' '.join(unknown)} (slurmctld does not know it; "
+            "`python -m llmtrain.launch status --all` lists your jobs); nothing cancelled"
+        )
+    done = [j for j in job_ids if known[j]["state"] not in ACTIVE]
+    todo = [j for j in job_ids if j not in done]
+    if todo:
+        proc = subprocess.run(["scancel", *todo], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise UserError(f"scancel {' '.join(todo)}: {' '.join(proc.stderr.split())}")
+    parts = [f"cancelled {' '.join(todo)}"] if todo else []
+    parts += [f"job {j} already ended ({known[j]['state']})" for j in done]
+    return "; ".join(parts)

@@ -1,52 +1,37 @@
-"""After a signal-triggered checkpoint inside a SLURM job: requeue it (rank 0), within cluster.requeue_limit.
+"""After a signal stopped training early with a checkpoint, inside a SLURM job: tell the batch script.
 
-Only a warning signal while the job is still RUNNING requeues it. A plain `scancel` or the time limit
-itself also end in SIGTERM, but by then slurmctld already shows the job CANCELLED / TIMEOUT / COMPLETING:
-requeueing those would undo a user's cancel, so they only get a message. A job that fails (non-zero exit)
+Rank 0 writes one line, `<step> <train.steps> <cluster.requeue_limit> <checkpoint>`, to $LLMTRAIN_STOP_FILE
+(set by the job body in slurm/*.sbatch). The batch script, which runs outside any container and has the
+SLURM tools, then requeues the job or says why not (cancelled, time limit, requeue limit, already
+requeued by SLURM) and ends it with exit status 75 when it did not reach train.steps. The ranks themselves
+never call squeue/scontrol, so a container without SLURM tools works. A job that fails (non-zero exit)
 never reaches this code, and SLURM does not requeue failed jobs, so real errors are never retried.
 """
 
 import os
-import subprocess
+from pathlib import Path
 
 from llmtrain.dist import dist_info_from_env
 
 
-def _say(text: str) -> None:
-    print(f"llmtrain: {text}", flush=True)
-
-
-def job_state(job_id: str) -> str | None:
-    proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    if proc.returncode != 0:
+def stopped_step(run_dir: Path) -> tuple[int, Path] | None:
+    """The step and directory of checkpoints/latest (just written for the stop), if any."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        name = latest.read_text().strip()
+        return int(name.rsplit("_", 1)[-1]), latest.parent / name
+    except (OSError, ValueError):
         return None
-    return proc.stdout.strip() or None
 
 
 def after_preemption(cfg, run_dir) -> None:
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if job_id is None or not dist_info_from_env().is_main:
+    stop_file = os.environ.get("LLMTRAIN_STOP_FILE")
+    if not stop_file or not dist_info_from_env().is_main:
         return
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # SLURM's count: requeues and node failures
-    limit = cfg.cluster.requeue_limit
-    resume_hint = f"resume with the same command and hydra.run.dir={run_dir}"
-    if restarts >= limit:
-        _say(
-            f"not requeueing job {job_id}: it already restarted {restarts} times (cluster.requeue_limit="
-            f"{limit}); the checkpoint is in {run_dir}/checkpoints; {resume_hint}"
-        )
-        return
-    state = job_state(job_id)
-    if state != "RUNNING":
-        _say(
-            f"not requeueing job {job_id}: it is {state or 'unknown to squeue'} (cancelled or at its time "
-            f"limit, not warned); {resume_hint}"
-        )
-        return
-    _say(
-        f"requeueing job {job_id} (restart {restarts + 1} of at most {limit}); it resumes from "
-        f"{run_dir}/checkpoints/latest"
-    )
-    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if proc.returncode != 0:
-        _say(f"scontrol requeue {job_id} failed: {' '.join(proc.stderr.split())}; {resume_hint}")
+    found = stopped_step(Path(run_dir).resolve())
+    if found is None or found[0] >= cfg.train.steps:
+        return  # nothing to resume: the run is complete (or never checkpointed)
+    step, ckpt = found
+    tmp = Path(f"{stop_file}.tmp")
+    tmp.write_text(f"{step} {cfg.train.steps} {cfg.cluster.requeue_limit} {ckpt}\n")
+    tmp.replace(stop_file)  # the batch script never reads half a line

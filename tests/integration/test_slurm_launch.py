@@ -1,11 +1,11 @@
 """SLURM launch pieces that need no daemons: templates, generated scripts, the requeue decision.
 
-scontrol/squeue are replaced by small scripts on PATH that log their arguments. The end-to-end tests
-against real slurmctld/slurmd are in test_slurm.py.
+The end-to-end tests against real slurmctld/slurmd are in test_slurm.py.
 """
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,8 @@ from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
 from llmtrain.errors import ConfigError
 from llmtrain.launch import after_preemption
-from llmtrain.launch.sbatch import BODY_MARKER, REPO, render_script, template_body
+from llmtrain.launch.sbatch import BODY_MARKER, REPO, render_script, template_body, time_limit_seconds
+from tests.helpers import cli_env
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
 
@@ -88,49 +89,179 @@ def test_bad_cluster_values_are_one_line_errors(tmp_path):
 
 
 @pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """scontrol/squeue stand-ins: they append their argv to calls.log; squeue prints $FAKE_STATE."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
-    bin_dir.mkdir()
-    for tool, out in (("scontrol", ""), ("squeue", 'echo "$FAKE_STATE"')):
-        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\n{out}\n')
-        (bin_dir / tool).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+def stop_file(tmp_path, monkeypatch):
+    """Rank 0 inside a job step: LLMTRAIN_STOP_FILE set as the job body sets it; no SLURM tools on PATH."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # as in a container without squeue/scontrol
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("FAKE_STATE", "RUNNING")
+    monkeypatch.setenv("LLMTRAIN_STOP_FILE", str(tmp_path / "stop"))
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
-    return calls
+    return tmp_path / "stop"
 
 
-def requeued(calls: Path) -> bool:
-    return calls.exists() and "scontrol requeue 42" in calls.read_text()
+def checkpointed(run_dir: Path, step: int) -> Path:
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    return run_dir
 
 
-def test_warning_signal_requeues_below_the_limit(fake_slurm, capsys):
-    after_preemption(make_cfg("cluster.requeue_limit=2"), Path("/runs/r"))
-    assert requeued(fake_slurm)
-    assert "requeueing job 42 (restart 1 of at most 2)" in capsys.readouterr().out
+def test_a_stop_before_the_last_step_tells_the_batch_script(stop_file, tmp_path):
+    run_dir = checkpointed(tmp_path / "run", 40)
+    after_preemption(make_cfg("train.steps=160", "cluster.requeue_limit=2"), run_dir)
+    assert stop_file.read_text() == f"40 160 2 {run_dir}/checkpoints/step_00000040\n"
 
 
-def test_requeue_limit_stops_the_loop_with_a_message(fake_slurm, monkeypatch, capsys):
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    after_preemption(make_cfg("cluster.requeue_limit=2"), Path("/runs/r"))
-    assert not requeued(fake_slurm)
-    out = capsys.readouterr().out
-    assert "already restarted 2 times (cluster.requeue_limit=2)" in out and "hydra.run.dir=/runs/r" in out
+def test_a_stop_at_the_last_step_is_a_finished_run(stop_file, tmp_path):
+    after_preemption(make_cfg("train.steps=40"), checkpointed(tmp_path / "run", 40))
+    assert not stop_file.exists()
 
 
-@pytest.mark.parametrize("state", ["COMPLETING", "CANCELLED", ""])
-def test_cancelled_or_timed_out_jobs_are_not_requeued(fake_slurm, monkeypatch, capsys, state):
-    monkeypatch.setenv("FAKE_STATE", state)  # scancel / time limit: slurmctld already ends the job
-    after_preemption(make_cfg(), Path("/runs/r"))
-    assert not requeued(fake_slurm)
-    assert "not requeueing job 42" in capsys.readouterr().out
-
-
-def test_only_rank_zero_requeues(fake_slurm, monkeypatch):
+def test_only_rank_zero_writes_the_stop_file(stop_file, monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "1")
-    after_preemption(make_cfg(), Path("/runs/r"))
-    assert not fake_slurm.exists()
+    after_preemption(make_cfg("train.steps=160"), checkpointed(tmp_path / "run", 40))
+    assert not stop_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("04:00:00", 14400),
+        ("90", 5400),
+        ("2:30", 150),
+        ("1-00:00:00", 86400),
+        ("1-2", 93600),
+        ("UNLIMITED", None),
+    ],
+)
+def test_time_limits_in_slurm_formats(text, seconds):
+    assert time_limit_seconds(text) == seconds
+
+
+def test_a_warning_at_or_before_the_start_is_refused(tmp_path):
+    cfg = make_cfg("cluster=slurm", "cluster.time=00:02:00", "cluster.signal_seconds=120")
+    with pytest.raises(ConfigError, match=r"cluster.signal_seconds=120: must be below cluster.time=00:02:00"):
+        render_script(cfg, name="n", log_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"cluster.time='4h'"):
+        render_script(make_cfg("cluster=slurm", "cluster.time=4h"), name="n", log_dir=tmp_path)
+
+
+def test_site_keys_reach_the_script(tmp_path):
+    cfg = make_cfg(
+        "cluster=slurm",
+        "cluster.nodes=2",
+        "cluster.env=['NCCL_IB_HCA=mlx5_0','NCCL_DEBUG=WARN']",
+        "cluster.setup=['module load cuda/12.8','source /opt/env.sh']",
+        "cluster.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
+        "cluster.container_mounts=[/data:/data]",
+        "cluster.cpu_bind=cores",
+    )
+    script = render_script(cfg, name="my run", log_dir=tmp_path / "log dir")
+    head = script.split(BODY_MARKER)[0]
+    for line in (
+        '#SBATCH --job-name="my run"',
+        f'#SBATCH --output="{tmp_path}/log dir/%x-%j.out"',
+        "#SBATCH --exclusive",  # multi-node GPU job: whole nodes by default
+        "#SBATCH --mem=0",
+        "export NCCL_IB_HCA=mlx5_0",
+        "export LLMTRAIN_CONTAINER_MOUNTS=/data:/data",
+        "export LLMTRAIN_CONTAINER_ENV=NCCL_IB_HCA,NCCL_DEBUG",
+        "export LLMTRAIN_SRUN_ARGS=--cpu-bind=cores",
+        "export LLMTRAIN_PYTHON=python",  # the container's, not this machine's venv
+        "module load cuda/12.8",
+    ):
+        assert line in head.splitlines(), line
+    assert "--exclusive" not in render_script(make_cfg("cluster=slurm"), name="n", log_dir=tmp_path)
+    py = make_cfg("cluster=slurm", "cluster.container_image=img", "cluster.python=/opt/py/bin/python")
+    assert "export LLMTRAIN_PYTHON=/opt/py/bin/python" in render_script(py, name="n", log_dir=tmp_path)
+    (tmp_path / "job.sbatch").write_text(script)
+    subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
+
+
+def test_quotes_in_a_job_name_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster\.job_name"):
+        render_script(make_cfg("cluster=slurm", "cluster.job_name='a\"b'"), name='a"b', log_dir=tmp_path)
+
+
+def test_env_entries_must_be_name_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster\.env='NCCL_DEBUG': each entry is NAME=value"):
+        render_script(make_cfg("cluster=slurm", "cluster.env=[NCCL_DEBUG]"), name="n", log_dir=tmp_path)
+
+
+def _entry(tmp_path, events: str, steps: int = 40) -> dict:
+    run_dir, rank_logs = tmp_path / "run", tmp_path / "run" / "logs" / "j-7"
+    rank_logs.mkdir(parents=True)
+    (rank_logs / "events").write_text(events)
+    (run_dir / "config.yaml").write_text(f"train:\n  steps: {steps}\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 40}\n')  # the run dir's latest: another job's
+    return {
+        "job_id": "7",
+        "name": "j",
+        "run_dir": str(run_dir),
+        "rank_logs": str(rank_logs),
+        "log": "j-7.out",
+    }
+
+
+def test_status_of_a_forgotten_job_comes_from_its_own_records(tmp_path):
+    """No squeue entry (MinJobAge) and no accounting: state, restarts, elapsed across restarts, the job's
+    own progress, exit code and error line come from the job body's events file."""
+    from llmtrain.launch.jobs import job_status
+
+    events = "100 start restart=0\n130 end rc=0 step=12 requeue\n300 start restart=1\n"
+    events += "310 end rc=3 step=17 rank=1 error=error: training diverged: 2 non-finite steps\n"
+    s = job_status(_entry(tmp_path, events), None, None)
+    assert (s["state"], s["restarts"], s["elapsed_s"], s["step"], s["steps"]) == ("FAILED", 1, 40, 17, "40")
+    assert (s["exit_code"], s["error"], s["state_from"]) == (
+        3,
+        "error: training diverged: 2 non-finite steps",
+        "job records",
+    )
+
+
+def test_status_of_a_job_that_never_ran_shows_no_progress(tmp_path):
+    from llmtrain.launch.jobs import job_status
+
+    s = job_status(_entry(tmp_path, ""), {"state": "CANCELLED", "restarts": "0", "reason": "None"}, None)
+    assert (s["state"], s["step"], s["exit_code"], s["elapsed_s"]) == ("CANCELLED", None, None, 0)
+
+
+def test_status_prefers_sacct_when_slurmctld_forgot_the_job(tmp_path):
+    from llmtrain.launch.jobs import job_status
+
+    s = job_status(_entry(tmp_path, "100 start restart=0\n"), None, {"state": "NODE_FAIL", "exit_code": "0"})
+    assert (s["state"], s["state_from"]) == ("NODE_FAIL", "sacct")
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
+    """dry_run=true cluster=slurm on a machine whose sbatch would record any call."""
+    calls = tmp_path / "calls"
+    (tmp_path / "bin").mkdir()
+    for tool in ("sbatch", "squeue", "srun"):
+        (tmp_path / "bin" / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\nexit 1\n')
+        (tmp_path / "bin" / tool).chmod(0o755)
+    env = {**cli_env(), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    env.pop("SLURM_JOB_ID", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmtrain",
+        "recipe=tiny",
+        "cluster=slurm",
+        "cluster.nodes=2",
+        "dry_run=true",
+    ]
+    cmd += [
+        "train.global_batch_size=128",
+        "cluster.preview=true",
+        "cluster.partition=batch",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "dry run: would submit job llmtrain-tiny: 2 node(s) x 8 rank(s) (1 GPU each), time 04:00:00, "
+        in proc.stdout
+    )
+    assert "partition batch" in proc.stdout and "#SBATCH --exclusive" in proc.stdout
+    assert "nothing submitted" in proc.stdout and not calls.exists()
