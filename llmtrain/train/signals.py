@@ -5,6 +5,7 @@ load is not a silent exit 143: it is acknowledged in one line and the loop stops
 second Ctrl-C exits at once (code 130) without a checkpoint.
 """
 
+import atexit
 import os
 import signal
 
@@ -54,8 +55,17 @@ class StopRequest:
 _PROCESS = StopRequest()
 
 
+def _ignore_warning_signal_at_exit() -> None:
+    # Python's finalization resets a signal with a Python handler to SIG_DFL (terminate), but leaves an
+    # ignored one ignored. The SLURM job body re-sends its warning (USR1) until the ranks are gone, so a
+    # rank that already stopped for it must not die of the next one while it shuts down (exit 138).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def install_early() -> StopRequest:
     """The process-wide stop request, installed now (the CLI calls this first; it stays for the process)."""
+    if not _PROCESS.installed:
+        atexit.register(_ignore_warning_signal_at_exit)
     return _PROCESS.install()
 
 
