@@ -24,13 +24,28 @@ def dist_info_from_env() -> DistInfo:
     )
 
 
-def init_process_group(dist: DistInfo, backend: str) -> None:
-    """Initialise the default process group for multi-process runs (no-op for a single process)."""
-    if dist.world_size == 1 or torch.distributed.is_initialized():
+_created = False  # llmtrain created the default process group, so llmtrain also destroys it
+
+
+def init_process_group(dist: DistInfo, backend: str, *, single_process: bool = False) -> None:
+    """Initialise the default process group for multi-process runs (for one process too if `single_process`,
+    as Megatron needs); an existing group (a caller's or a test's) is used as it is."""
+    global _created
+    if (dist.world_size == 1 and not single_process) or torch.distributed.is_initialized():
         return
     torch.distributed.init_process_group(
         backend=backend, rank=dist.rank, world_size=dist.world_size, timeout=datetime.timedelta(minutes=30)
     )
+    _created = True
+
+
+def close_process_group() -> None:
+    """Destroy the default process group if llmtrain created it; idempotent. Without this, NCCL warns at
+    exit that `destroy_process_group() was not called`."""
+    global _created
+    if _created and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _created = False
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

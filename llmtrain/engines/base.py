@@ -91,5 +91,6 @@ class Engine(ABC):
             torch.distributed.barrier()
 
     def close(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        from llmtrain.dist import close_process_group  # here: llmtrain.dist imports this module
+
+        close_process_group()

@@ -1,5 +1,6 @@
 """The engine-agnostic training loop: schedule, logging, eval, checkpoints, signals, NaN policy, precision phases."""
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -9,11 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from llmtrain.data import build_data
-from llmtrain.dist import any_rank, dist_info_from_env
+from llmtrain.dist import any_rank, close_process_group, dist_info_from_env
 from llmtrain.engines.select import build_engine
 from llmtrain.errors import ConfigError, TrainingError
 from llmtrain.metrics import MetricsLogger
 from llmtrain.metrics.flops import device_peak_tflops
+from llmtrain.metrics.warning_log import LOG_NAME, route_third_party_warnings
 from llmtrain.models import ModelSpec
 from llmtrain.precision import PrecisionController
 from llmtrain.precision.phases import is_qaf
@@ -46,13 +48,26 @@ def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> Run
 
     `resume_dir`: the checkpoint to resume (None: start fresh), as `run_dir.plan_run` decided it before
     anything was written; by default it is found here (train.resume, checked the same way).
+    The process group llmtrain creates is destroyed when the run ends, however it ends; third-party warnings
+    go to `run_dir`/train.log meanwhile (llmtrain.metrics.warning_log).
     """
     dist = dist_info_from_env()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(close_process_group)  # also when building the engine fails after creating the group
+        log = run_dir / LOG_NAME
+        cleanup.enter_context(route_third_party_warnings(log, rank=dist.rank, echo=dist.is_main))
+        return _train(cfg, run_dir, dist, cleanup, after_preemption, resume_dir)
+
+
+def _train(
+    cfg, run_dir: Path, dist, cleanup: contextlib.ExitStack, after_preemption, resume_dir
+) -> RunSummary:
     stop, own_stop = stop_request()  # before the slow part: a signal while loading is acknowledged
     if resume_dir is _FIND:
         resume_dir = resume_point(cfg, run_dir, cfg.engine.name if cfg.engine.name != "auto" else None)
     rng.seed_everything(cfg.train.seed + dist.rank)
     engine = build_engine(cfg, dist)
+    cleanup.callback(engine.close)
     data = build_data(cfg, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(

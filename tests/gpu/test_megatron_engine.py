@@ -301,3 +301,20 @@ def test_native_refuses_a_phase_te_cannot_express():
                                                              "set": {"fprop": "bf16"}}]}}  # fmt: skip
     with pytest.raises(UserError, match=r"precision\.schedule\.0 \(fwd: .*use precision\.backend=custom"):
         engine_for("fp8_cs", overrides=over)
+
+
+def test_cli_run_ends_cleanly_and_keeps_library_warnings_off_the_console(tmp_path):
+    """Issue 16.13: no NCCL `destroy_process_group() was not called` at exit; a library's Python warning is
+    one `warning (module): ...` line on the console at most, in full in <run>/train.log."""
+    import re
+
+    from tests.helpers import FAST, run_cli
+
+    proc = run_cli(*FAST, "engine=megatron", "train.steps=3", f"hydra.run.dir={tmp_path}", check=True)
+    console = proc.stdout + proc.stderr
+    assert "destroy_process_group() was not called" not in console, console[-3000:]
+    assert not re.search(r"\.py:\d+: \w*Warning: ", console), console[-3000:]  # no full-format warning
+    short = [line for line in proc.stderr.splitlines() if line.startswith("warning (")]
+    assert len(short) == len(set(short)), short
+    assert (tmp_path / "train.log").is_file()
+    print(f"{len(short)} library warnings on the console; train.log:\n{(tmp_path / 'train.log').read_text()}")

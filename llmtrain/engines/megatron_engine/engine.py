@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from llmtrain import precision
+from llmtrain.dist import close_process_group, init_process_group
 from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
 from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, param_gather, settings
 from llmtrain.errors import UserError
@@ -146,7 +147,7 @@ class MegatronEngine(Engine):
                 )
             te_custom.activate(recipe, int(cfg.train.seed))
 
-        self._owns_process_group = self._init_parallel(ps)
+        self._init_parallel(ps)
         config_kwargs = settings.transformer_config_kwargs(
             self.spec, cfg.parallel, self.layout, precision_kwargs
         )
@@ -183,16 +184,14 @@ class MegatronEngine(Engine):
             log.info("engine: %s", self.backend_description)
 
     # ---- setup -------------------------------------------------------------------------------------
-    def _init_parallel(self, ps) -> bool:
+    def _init_parallel(self, ps) -> None:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        owns = False
         if not torch.distributed.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if self.dist.world_size == 1:
                 os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            torch.distributed.init_process_group("nccl", rank=self.dist.rank, world_size=self.dist.world_size)
-            owns = True
+            init_process_group(self.dist, "nccl", single_process=True)
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         lay = self.layout
@@ -210,7 +209,6 @@ class MegatronEngine(Engine):
         seed = int(self.cfg.train.seed) + 100 * ps.get_pipeline_model_parallel_rank()
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-        return owns
 
     def _build_models(self, ps) -> list:
         from megatron.core.models.gpt import GPTModel
@@ -527,5 +525,4 @@ class MegatronEngine(Engine):
 
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        if self._owns_process_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        close_process_group()  # only a group llmtrain created (dry_run=measure's fake one is its own)

@@ -1,0 +1,89 @@
+"""A run destroys the process group it created (NCCL warns `destroy_process_group() was not called`
+otherwise), whether it succeeds or fails, and leaves a caller's group alone; third-party warnings of a run
+go to its train.log."""
+
+import socket
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from llmtrain.dist import init_process_group
+from llmtrain.engines.base import DistInfo
+from llmtrain.errors import UserError
+from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd
+from tests.integration.test_resume import compose_cfg
+
+# torchrun runs this instead of `-m llmtrain`: the same CLI, and at exit it says whether a group is left.
+PROBE = """
+import atexit, os
+import torch.distributed as d
+atexit.register(lambda: os.write(1, f"process group left at exit: {d.is_initialized()}\\n".encode()))
+from llmtrain.cli import main
+main()
+"""
+
+
+def test_two_process_run_destroys_its_process_group(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    cmd = llmtrain_cmd(*FAST, "train.steps=2", f"hydra.run.dir={tmp_path / 'run'}")
+    cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *cmd[3:]]
+    proc = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dp=2" in proc.stdout
+    assert proc.stdout.count("process group left at exit: False") == 2, proc.stdout
+    assert "destroy_process_group() was not called" not in proc.stderr  # NCCL's words; gloo never warns
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def rendezvous(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _failing_engine_build(cfg, dist):
+    """As an engine whose build fails after it created the group and a library warned."""
+    init_process_group(DistInfo(), "gloo", single_process=True)
+    megatron = type(warnings)("megatron.core.fake")
+    exec(
+        compile("import warnings\nwarnings.warn('GPTModel is deprecated')\n", "/site/fake.py", "exec"),
+        vars(megatron),
+    )
+    raise UserError("engine build failed")
+
+
+def test_failed_run_destroys_the_group_it_created_and_logs_library_warnings(
+    tmp_path, rendezvous, monkeypatch, capsys
+):
+    from llmtrain.train import loop
+
+    monkeypatch.setattr(loop, "build_engine", _failing_engine_build)
+    with pytest.raises(UserError, match="engine build failed"):
+        loop.train(compose_cfg("train.steps=2"), tmp_path)
+    assert not torch.distributed.is_initialized()
+    assert "UserWarning: GPTModel is deprecated" in (tmp_path / "train.log").read_text()
+    err = capsys.readouterr().err
+    assert (
+        f"warning (megatron.core.fake): GPTModel is deprecated (details in {tmp_path / 'train.log'})" in err
+    )
+
+
+def test_a_callers_process_group_is_left_alone(tmp_path, rendezvous, monkeypatch):
+    from llmtrain.train import loop
+
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    monkeypatch.setattr(loop, "build_engine", _failing_engine_build)  # finds the group there: not its own
+    with pytest.raises(UserError):
+        loop.train(compose_cfg("train.steps=2"), tmp_path)
+    assert torch.distributed.is_initialized()
