@@ -1,4 +1,4 @@
-"""After a signal stopped training early with a checkpoint, inside a SLURM job: tell the batch script.
+"""After a signal stopped training before train.steps, inside a SLURM job: tell the batch script.
 
 Rank 0 writes one line, `<step> <train.steps> <cluster.requeue_limit> <checkpoint>`, to $LLMTRAIN_STOP_FILE
 (set by the job body in slurm/*.sbatch). The batch script, which runs outside any container and has the
@@ -29,9 +29,10 @@ def after_preemption(cfg, run_dir) -> None:
     if not stop_file or not dist_info_from_env().is_main:
         return
     found = stopped_step(Path(run_dir).resolve())
-    if found is None or found[0] >= cfg.train.steps:
-        return  # nothing to resume: the run is complete (or never checkpointed)
-    step, ckpt = found
+    if found is not None and found[0] >= cfg.train.steps:
+        return  # the run is complete: nothing to requeue
+    # Stopped before the first checkpoint (a warning during start-up): the requeued job starts over.
+    step, ckpt = found if found is not None else (0, "the start (no checkpoint yet)")
     tmp = Path(f"{stop_file}.tmp")
     tmp.write_text(f"{step} {cfg.train.steps} {cfg.cluster.requeue_limit} {ckpt}\n")
     tmp.replace(stop_file)  # the batch script never reads half a line

@@ -111,6 +111,14 @@ def test_a_stop_before_the_last_step_tells_the_batch_script(stop_file, tmp_path)
     assert stop_file.read_text() == f"40 160 2 {run_dir}/checkpoints/step_00000040\n"
 
 
+def test_a_stop_before_the_first_checkpoint_still_requeues(stop_file, tmp_path):
+    """A warning during start-up stops the ranks before step 1: the job must requeue (and start over),
+    not end COMPLETED as if the run were done."""
+    (tmp_path / "run").mkdir()
+    after_preemption(make_cfg("train.steps=160", "cluster.requeue_limit=2"), tmp_path / "run")
+    assert stop_file.read_text() == "0 160 2 the start (no checkpoint yet)\n"
+
+
 def test_a_stop_at_the_last_step_is_a_finished_run(stop_file, tmp_path):
     after_preemption(make_cfg("train.steps=40"), checkpointed(tmp_path / "run", 40))
     assert not stop_file.exists()
