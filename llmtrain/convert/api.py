@@ -18,21 +18,12 @@ from llmtrain.convert.io import (
     write_checkpoint,
 )
 from llmtrain.errors import CheckpointError, UserError
-from llmtrain.models.spec import ModelSpec
+from llmtrain.models.spec import STRUCTURAL, ModelSpec
 
 log = logging.getLogger(__name__)
 
-# Fields that change tensor shapes or their meaning: a mismatch is an error. Others (rope_theta, norm_eps,
-# seq_length) may legitimately change when continuing from a checkpoint; they only warn.
-STRUCTURAL = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "vocab_size",
-    "tie_embeddings",
-)
+# Fields outside models.spec.STRUCTURAL (a mismatch is an error) that may legitimately change when
+# continuing from a checkpoint (as seq_length): they only warn.
 SOFT = ("rope_theta", "norm_eps")
 
 

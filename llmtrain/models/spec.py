@@ -5,6 +5,17 @@ Both engines build the same architecture from this description (RMSNorm, RoPE, G
 
 from dataclasses import dataclass
 
+# Fields that change tensor shapes or their meaning: a checkpoint whose value differs cannot be loaded.
+STRUCTURAL = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "vocab_size",
+    "tie_embeddings",
+)
+
 
 @dataclass(frozen=True)
 class ModelSpec:

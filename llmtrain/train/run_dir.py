@@ -18,20 +18,11 @@ from pathlib import Path
 import yaml
 
 from llmtrain.errors import CheckpointError, UserError
+from llmtrain.models.spec import STRUCTURAL
 from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path, verify
 
 CONFIG_HEADER = "# llmtrain: resolved config of this run\n"
 JOB_FILE = ".llmtrain_job"  # the SLURM job id that trains in this dir
-# Fields that change tensor shapes or their meaning (as convert.api.STRUCTURAL; kept here to stay light).
-STRUCTURAL = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "vocab_size",
-    "tie_embeddings",
-)
 
 
 @dataclass

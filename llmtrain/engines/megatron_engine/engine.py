@@ -20,6 +20,7 @@ from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
 from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, param_gather, settings
 from llmtrain.errors import UserError
 from llmtrain.models import ModelSpec
+from llmtrain.models.spec import STRUCTURAL
 
 log = logging.getLogger(__name__)
 
@@ -489,15 +490,7 @@ class MegatronEngine(Engine):
         from llmtrain.convert.api import load_state
 
         spec, state, _ = load_state(path)
-        for key in (
-            "num_layers",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "vocab_size",
-            "tie_embeddings",
-        ):
+        for key in STRUCTURAL:
             if getattr(spec, key) != getattr(self.spec, key):
                 raise UserError(
                     f"train.init_from={path}: model.{key}={getattr(self.spec, key)} but the "
