@@ -19,29 +19,24 @@ _UNQUANTIZED = PrecisionRecipe()  # every operand left in high precision, no RHT
 
 
 @contextmanager
+def _on_every_layer(model, attr: str, value):
+    layers = list(quantized_layers(model).values())
+    saved = [getattr(m, attr) for m in layers]
+    try:
+        for m in layers:
+            setattr(m, attr, value)
+        yield
+    finally:
+        for m, before in zip(layers, saved):
+            setattr(m, attr, before)
+
+
 def unquantized(model):
-    layers = list(quantized_layers(model).values())
-    saved = [m.recipe for m in layers]
-    try:
-        for m in layers:
-            m.recipe = _UNQUANTIZED
-        yield
-    finally:
-        for m, recipe in zip(layers, saved):
-            m.recipe = recipe
+    return _on_every_layer(model, "recipe", _UNQUANTIZED)
 
 
-@contextmanager
 def backward_mode(model, high_precision: bool):
-    layers = list(quantized_layers(model).values())
-    saved = [m.qaf for m in layers]
-    try:
-        for m in layers:
-            m.qaf = bool(high_precision)
-        yield
-    finally:
-        for m, mode in zip(layers, saved):
-            m.qaf = mode
+    return _on_every_layer(model, "qaf", bool(high_precision))
 
 
 @contextmanager
