@@ -61,6 +61,9 @@ class DataConfig:
     eod_mask_loss: bool = False  # no loss on predicting the token after an end-of-document
     mock: bool = False  # Megatron's MockGPTDataset (synthetic tokens): for engine benchmarks
     num_workers: int = 0
+    seed: int | None = (
+        None  # sample order; None = train.seed (set it to vary init/SR seeds on the same order)
+    )
 
 
 @dataclass

@@ -183,6 +183,8 @@ def validate_parallel(cfg, world: int, engine: str) -> None:
 
 
 def validate_data(d) -> None:
+    if d.get("seed") is not None:
+        _within("data.seed", d.seed, 0, 2**32, high_open=True)  # numpy (Megatron's shuffle) takes no more
     paths = list(d.paths)
     if len(paths) > 1 and len(paths) % 2:
         raise ConfigError("data.paths", paths, "a blend is [weight1, prefix1, weight2, prefix2, ...]")

@@ -143,12 +143,13 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
     else:
         prefixes, weights = [builtin_prefix(d.builtin, d.tokenizer, d.cache_dir, log=log)], None
     index_dir = d.get("index_cache_dir") or f"{d.cache_dir}/index"
+    order_seed = cfg.train.seed if d.get("seed") is None else d.seed
     train, valid, _test = build_datasets(
         prefixes,
         weights,
         split=d.split,
         seq_length=cfg.model.seq_length,
-        seed=cfg.train.seed,
+        seed=order_seed,
         eod=eod,
         vocab_size=vocab,
         cache_dir=index_dir,
@@ -162,8 +163,8 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
         f"{getattr(train, 'unique_description_hash', '')}|{SAMPLE_ORDER}".encode()
     ).hexdigest()[:16]
     return TrainData(
-        train=EpochCycle(train, cfg.train.seed),
-        valid=EpochCycle(valid, cfg.train.seed) if valid is not None and len(valid) else None,
+        train=EpochCycle(train, order_seed),
+        valid=EpochCycle(valid, order_seed) if valid is not None and len(valid) else None,
         seq_length=cfg.model.seq_length,
         dp_rank=dp_rank,
         dp_size=dp_size,

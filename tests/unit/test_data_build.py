@@ -79,6 +79,17 @@ def test_sampling_is_dp_independent_and_resumes_exactly(cache):
     assert not torch.equal(full.train_batch(0)[0]["tokens"], other.train_batch(0)[0]["tokens"])
 
 
+def test_data_seed_fixes_the_order_whatever_the_train_seed(cache):
+    """data.seed (the study's "same tokens in the same order, other init and SR seeds")."""
+    a = build_data(make_cfg(cache, **{"train.seed": 1, "data.seed": 99}), dp_rank=0, dp_size=1)
+    b = build_data(make_cfg(cache, **{"train.seed": 2, "data.seed": 99}), dp_rank=0, dp_size=1)
+    assert a.fingerprint == b.fingerprint
+    for step in (0, 3):
+        assert torch.equal(a.train_batch(step)[0]["tokens"], b.train_batch(step)[0]["tokens"])
+    unset = build_data(make_cfg(cache, **{"train.seed": 99}), dp_rank=0, dp_size=1)  # None = train.seed
+    assert torch.equal(a.train_batch(0)[0]["tokens"], unset.train_batch(0)[0]["tokens"])
+
+
 def test_valid_is_held_out_and_fixed(cache):
     data = build_data(make_cfg(cache), dp_rank=0, dp_size=1)
     v1, v2 = data.valid_batches(2), data.valid_batches(2)

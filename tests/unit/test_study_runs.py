@@ -152,7 +152,8 @@ def test_recipe_points_exist_and_run_dirs_are_named_by_point():
     assert len(points) == len(set(points))
     assert {f"{p}_s{s}" for p in ("bf16", "nvfp4") for s in (1, 2, 3)} <= set(points)
     assert {"fp8_cs", "mxfp8", "nvfp4_no_rht", "nvfp4_1d", "nvfp4_no_sr", "nvfp4_last0"} <= set(points)
-    for p in [*points, "fp4all_qaf", "nvfp4_fwd_bf16_decay"]:  # the last two: listed once prec-sched lands
+    assert {"fp4all_qaf", "nvfp4_fwd_bf16_decay"} <= set(points)
+    for p in points:
         assert (REPO / "configs" / "point" / f"{p}.yaml").is_file()
     assert str(study_run_dir("bf16_s2")) == ".study/runs/bf16_s2"
     assert str(study_run_dir("bf16_s2", ["model=study_85m", "hydra.sweep.dir=/x"])) == "/x/bf16_s2"
@@ -183,7 +184,8 @@ def test_point_settings(model):
     assert cfgs["nvfp4_last0"].precision.bf16_layers.last == 0
     # same data, schedule and budget for every point
     shared = {
-        (c.data.paths[0], c.train.steps, c.train.global_batch_size, c.optim.schedule) for c in cfgs.values()
+        (c.data.paths[0], c.data.seed, c.train.steps, c.train.global_batch_size, c.optim.schedule)
+        for c in cfgs.values()
     }
-    assert shared == {(".study/corpus/study", 800, 128, "wsd")}
+    assert shared == {(".study/corpus/study", 1234, 800, 128, "wsd")}
     assert {c.model.name for c in cfgs.values()} == {model}
