@@ -33,8 +33,15 @@ def init_process_group(dist: DistInfo, backend: str, *, single_process: bool = F
     global _created
     if (dist.world_size == 1 and not single_process) or torch.distributed.is_initialized():
         return
+    # One process needs no rendezvous: an in-memory store, so no TCP port can collide with another run's
+    # (or a test process's) group, and MASTER_ADDR/MASTER_PORT left in the environment are never used.
+    store = torch.distributed.HashStore() if dist.world_size == 1 else None
     torch.distributed.init_process_group(
-        backend=backend, rank=dist.rank, world_size=dist.world_size, timeout=datetime.timedelta(minutes=30)
+        backend=backend,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        timeout=datetime.timedelta(minutes=30),
+        store=store,
     )
     _created = True
 

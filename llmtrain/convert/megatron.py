@@ -129,19 +129,11 @@ def load_model_state(step_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 def _ensure_process_group() -> bool:
     """dist_checkpointing needs a process group; a single-process gloo group serves a conversion."""
-    import os
-    import socket
-
     import torch.distributed as dist
 
     if not dist.is_available() or dist.is_initialized():
         return False
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())  # no port to collide
     return True
 
 

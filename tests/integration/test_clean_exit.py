@@ -87,3 +87,21 @@ def test_a_callers_process_group_is_left_alone(tmp_path, rendezvous, monkeypatch
     with pytest.raises(UserError):
         loop.train(compose_cfg("train.steps=2"), tmp_path)
     assert torch.distributed.is_initialized()
+
+
+def test_one_process_group_needs_no_port(monkeypatch):
+    """A single-process group (Megatron needs one) uses an in-memory store: a MASTER_PORT inherited from a
+    parent that holds that port (on the GPU host: a test process's own group, then a CLI run as a child)
+    must not fail the run with EADDRINUSE."""
+    import llmtrain.dist as dist_mod
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        init_process_group(DistInfo(), "gloo", single_process=True)
+        try:
+            assert torch.distributed.get_world_size() == 1
+        finally:
+            dist_mod.close_process_group()

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 from functools import partial
 from pathlib import Path
 
@@ -85,12 +84,6 @@ class _NativeBackward:
 
             setattr(module, name, build)
         cls.installed = True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -190,8 +183,6 @@ class MegatronEngine(Engine):
 
         if not torch.distributed.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if self.dist.world_size == 1:
-                os.environ.setdefault("MASTER_PORT", str(_free_port()))
             init_process_group(self.dist, "nccl", single_process=True)
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
