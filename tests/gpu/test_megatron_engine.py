@@ -106,8 +106,8 @@ def test_emulated_monitor_and_qaf_switch():
 
 def test_emulated_probe_is_the_same_within_sr_noise_for_micro_batch_1_2_4():
     """One global batch of 8 sequences split into micro-batches of 1, 2 and 4, three SR draws each (as
-    tests/unit/test_monitor.py on the CPU): the mean ratios must agree within 3 pooled standard deviations
-    of one draw. The unquantized gradient norm differs only by each micro-batch's dW being rounded to BF16
+    tests/unit/test_monitor.py on the CPU): the backward-only and SR ratios must agree within 3 pooled
+    standard deviations of one draw. The unquantized gradient norm differs only by each micro-batch's dW being rounded to BF16
     once (2**-9 relative per element) before the FP32 accumulation, hence rel 2e-2."""
     engine = engine_for("nvfp4_fp4all")
     tokens = mock_batches(1, 8, 256, 4096, seed=3, zipf=1.1)[0]
@@ -121,11 +121,17 @@ def test_emulated_probe_is_the_same_within_sr_noise_for_micro_batch_1_2_4():
     record("probe_layouts_nvfp4_fp4all", {str(k): v for k, v in table.items()})
     norms = [p["grad_norm"] for ps in table.values() for p in ps]
     assert max(norms) == pytest.approx(min(norms), rel=2e-2)
-    for key in ("all", "backward", "sr"):
+    for key in ("backward", "sr"):
         per_layout = [[p[key] for p in ps] for ps in table.values()]
         sd = math.sqrt(statistics.mean(statistics.variance(v) for v in per_layout))
         means = [statistics.mean(v) for v in per_layout]
         assert sd > 0 and max(means) - min(means) < 3 * sd, (key, means, sd)
+    # `all` adds the forward's round-to-nearest noise, which really depends on the layout: x's per-tensor
+    # scale is taken over one micro-batch (H100: 4.56 / 4.52 / 4.41 for micro-batch 1 / 2 / 4, about 10 SR
+    # standard deviations apart, while `backward` and `sr` agree within noise). What must not come back is
+    # the per-micro-batch estimate, off by sqrt(micro-batches): at least sqrt(2) between these layouts.
+    means = [statistics.mean(p["all"] for p in ps) for ps in table.values()]
+    assert max(means) / min(means) < 1.2, means
 
 
 def test_probe_and_bf16_eval_change_no_loss():

@@ -112,6 +112,19 @@ def test_nvfp4_vs_te_reference(tile, dtype):
     assert all(v == 1.0 for k, v in REPORT.items() if k.startswith(prefix))
 
 
+# FP32 RHT: TE's reference (a GPU matmul) and ours sum the 16 products in different orders. Per output,
+# |error| <= 15u * sum|x_j| / 4 <= 15u * ||x||_2 = 15u * ||y||_2 <= 60u * max|y| of that block (the
+# normalised 16-point transform is orthogonal): each amax is within 60u of the exact one, so the two agree
+# within 120u relative (u = 2**-24); codes and block scales are still compared element for element.
+FP32_RHT_AMAX_REL = 120 * 2.0**-24
+
+
+def _record_amax_fp32(key: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    rel = ((ours.float() - theirs.float()).abs() / theirs.float().abs().clamp_min(1e-30)).max().item()
+    REPORT[key] = float(rel <= FP32_RHT_AMAX_REL)
+    REPORT["amax_rel_diff/" + key] = rel  # the report shows the size, outside the prefixes asserted on
+
+
 # Tensors whose 16-blocks span < 2**12 in magnitude: TE's FP32 (tensor-core) accumulation of the RHT is
 # exact there, so its summation order cannot matter and BF16 + RHT must agree bit for bit.
 EXACT_RHT = ("normal", "zero_blocks", "all_zero", "e2m1_ties")
@@ -138,7 +151,10 @@ def test_nvfp4_rht_vs_te_reference(layout, tile, dtype):
         q = quantize(hadamard(x.t().contiguous(), 16, signs), "nvfp4", block_2d=block_2d)
         _record(f"{prefix}/{name}/codes", q.codes, ref.data_t)
         _record(f"{prefix}/{name}/block_scales", q.scale.view(torch.uint8), ref.scale_t.view(torch.uint8))
-        _record(f"{prefix}/{name}/amax", q.amax, ref.global_amax_col)
+        if dtype == torch.bfloat16:  # the BF16 transform is exact in FP32: the amax must match bit for bit
+            _record(f"{prefix}/{name}/amax", q.amax, ref.global_amax_col)
+        else:
+            _record_amax_fp32(f"{prefix}/{name}/amax", q.amax, ref.global_amax_col)
         tri = fake_quantize_2d(x, "nvfp4", axis=0, block_2d=block_2d, rht_signs=signs)
         _record(f"{prefix}/{name}/triton_vs_torch", tri.t().contiguous(), dequantize(q))
     if dtype == torch.bfloat16:
