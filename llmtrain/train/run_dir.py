@@ -22,7 +22,10 @@ from llmtrain.models.spec import STRUCTURAL
 from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path, verify
 
 CONFIG_HEADER = "# llmtrain: resolved config of this run\n"
-JOB_FILE = ".llmtrain_job"  # the SLURM job id that trains in this dir
+# The SLURM job that has started training in this dir (written at its first start, so a requeue continues
+# the run). Not launch/sbatch.OWNER_FILE, which is written at submit, before the job has trained: a fresh
+# job submitted into an old run's dir with train.resume=never must not take that run for its own.
+JOB_FILE = ".llmtrain_job"
 
 
 @dataclass
