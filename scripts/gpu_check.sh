@@ -3,7 +3,7 @@
 # (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh tests          # pytest -m gpu tests/gpu by file, kernels natively
-#                                                            # (~20 min cold: split it over two device calls)
+#   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (all six take ~20 min cold: two calls)
 #   OUT=gpu-results bash scripts/gpu_check.sh bench          # 8B proxy + 1B benchmark and profile (<= 9 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh cache          # weight quantized once per step; GEMM rounding
 #   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
@@ -31,13 +31,18 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
     timeout "$limit" $py -m pytest -p no:cacheprovider -q -rA -s --durations=8 "$@" >"$out/$name.log" 2>&1
     echo "$name: rc=$? in $((SECONDS - start)) s: $(tail -1 "$out/$name.log")" >>"$out/summary.txt"
   }
-  LLMTRAIN_PARITY_REPORT=$out/te_parity.json group parity 150 -m gpu tests/gpu/test_te_parity.py
-  group engine 240 -m gpu tests/gpu/test_megatron_engine.py
-  group cache 90 -m gpu tests/gpu/test_megatron_weight_cache.py tests/gpu/test_gemm_emulation_gpu.py
-  group measure 150 -m gpu tests/gpu/test_measure.py
-  group kernels "${KERNELS_TIMEOUT:-300}" tests/unit/test_triton_kernels.py
-  group rest "${REST_TIMEOUT:-300}" -m gpu tests/gpu/test_megatron_parity.py tests/gpu/test_torch_engine_gpu.py \
-    tests/gpu/test_convert_megatron.py
+  for g in ${GPU_GROUPS:-parity engine cache measure kernels rest}; do # GPU_GROUPS: a subset, one call each
+    case $g in
+      parity) LLMTRAIN_PARITY_REPORT=$out/te_parity.json group parity 150 -m gpu tests/gpu/test_te_parity.py ;;
+      engine) group engine 240 -m gpu tests/gpu/test_megatron_engine.py ;;
+      cache) group cache 90 -m gpu tests/gpu/test_megatron_weight_cache.py tests/gpu/test_gemm_emulation_gpu.py ;;
+      measure) group measure 150 -m gpu tests/gpu/test_measure.py ;;
+      kernels) group kernels "${KERNELS_TIMEOUT:-300}" tests/unit/test_triton_kernels.py ;;
+      rest) group rest "${REST_TIMEOUT:-300}" -m gpu tests/gpu/test_megatron_parity.py \
+        tests/gpu/test_torch_engine_gpu.py tests/gpu/test_convert_megatron.py ;;
+      *) echo "unknown GPU_GROUPS entry: $g" >>"$out/summary.txt" ;;
+    esac
+  done
 }
 
 stage_bench() {
