@@ -3,7 +3,7 @@
 # (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh tests          # pytest -m gpu tests/gpu by file, kernels natively
-#   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (all six take ~20 min cold: two calls)
+#   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (the six groups' limits add to 20 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh bench          # 8B proxy + 1B benchmark and profile (<= 9 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh cache          # weight quantized once per step; GEMM rounding
 #   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
