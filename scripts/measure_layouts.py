@@ -121,7 +121,7 @@ def _f(x) -> str:
 
 COMPONENTS = [  # (column, estimate key, measured key)
     ("weights", "weights", "weights"),
-    ("lowp copies / other", "weight_copies", "other_resident"),
+    ("lowp copies / other", "weight_copies", "copies_and_other"),
     ("grads", "grads", "grads"),
     ("optimizer", "optimizer", "optimizer"),
     ("activations", "activations", "activations"),
@@ -172,7 +172,7 @@ def render(records: list[dict]) -> str:
             continue
         c, est, m = r["case"], r["estimate"], r["measured"]
         variant = f" [{c['variant']}]" if c.get("variant") else ""
-        cells = [f"{est[e]:.1f} / {m[k]:.1f}" for _, e, k in COMPONENTS]
+        cells = [f"{est[e]:.1f} / {m.get(k, m.get('other_resident', 0.0)):.1f}" for _, e, k in COMPONENTS]
         out.append(
             f"| {c['model']} | {c['layout']}{variant} | {c['precision']} | {c['stage']} | "
             + " | ".join(cells)

@@ -84,6 +84,6 @@ def test_lowp_param_gather_cuts_resident_memory(tmp_path):
     assert on["lowp_param_gather"] is True and off["lowp_param_gather"] is False
     assert on["ok"] and off["ok"]
     resident = {
-        n: r["measured"]["weights"] + r["measured"]["other_resident"] for n, r in (("on", on), ("off", off))
+        n: r["measured"]["weights"] + r["measured"]["copies_and_other"] for n, r in (("on", on), ("off", off))
     }
     assert resident["on"] < resident["off"], resident

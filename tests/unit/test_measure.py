@@ -111,6 +111,9 @@ def test_storage_bytes_counts_a_wrapper_subclass_by_its_inner_tensors():
 
     q = Quantized(torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.uint8))
     assert measure.storage_bytes([q], set()) == 128  # not 8*8*2 (its BF16 "fake" dtype)
+    # TE's transpose is the estimate's low-precision weight copy, not the parameter
+    assert measure.storage_bytes([q], set(), columnwise=False) == 64
+    assert measure.storage_bytes([q], set(), columnwise=True) == 64
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -122,7 +125,8 @@ def _result(ok=True):
          "steps": 2, "micro_batches_per_step": 2, "micro_batch_size": 1, "seq_length": 8192,
          "estimate": est, "ok": ok, "phase": "done" if ok else "step 1"}  # fmt: skip
     if ok:
-        r.update(measured={"weights": 10.0, "other_resident": 1.5, "grads": 20.0, "optimizer": 5.0,
+        r.update(measured={"weights": 10.0, "weight_copies": 1.0, "other_resident": 0.5, "copies_and_other": 1.5,
+                           "grads": 20.0, "optimizer": 5.0,
                            "activations": 25.0, "peak": 61.5, "reserved": 64.0, "last_step_peak": 61.5},
                  optimizer_state_allocated=True, compute_s_per_step=1.0, backend="Megatron-Core x")  # fmt: skip
     else:

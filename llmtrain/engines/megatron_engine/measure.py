@@ -100,25 +100,35 @@ def default_micro_batches(grad_accum: int, pp: int) -> int:
 
 
 # ---- memory accounting -----------------------------------------------------------------------------------
-def _leaf_tensors(t: torch.Tensor):
-    """The plain tensors that hold a tensor's bytes (TE's quantized tensors hold several)."""
+def _leaf_tensors(t: torch.Tensor, name: str = ""):
+    """(inner name, plain tensor) pairs that hold a tensor's bytes (TE's quantized tensors hold several:
+    `_data`/`_rowwise_data`, `_transpose`/`_columnwise_data`, scales)."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        for name in names:
-            inner = getattr(t, name)
+        for inner_name in names:
+            inner = getattr(t, inner_name)
             if isinstance(inner, torch.Tensor):
-                yield from _leaf_tensors(inner)
+                yield from _leaf_tensors(inner, inner_name)
     else:
-        yield t
+        yield name, t
 
 
-def storage_bytes(tensors, seen: set) -> int:
-    """Bytes of the storages behind `tensors` not already in `seen` (views of one buffer count once)."""
+def _is_columnwise_copy(inner_name: str) -> bool:
+    """TE's second layout of a quantized parameter (FP8's transpose, MX/NVFP4's column-wise data): the
+    estimate books it as a low-precision weight copy, not as the parameter."""
+    return "transpose" in inner_name or "columnwise" in inner_name
+
+
+def storage_bytes(tensors, seen: set, *, columnwise: bool | None = None) -> int:
+    """Bytes of the storages behind `tensors` not already in `seen` (views of one buffer count once);
+    `columnwise` True/False: only TE's column-wise copies / everything else."""
     total = 0
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
-        for leaf in _leaf_tensors(t):
+        for inner_name, leaf in _leaf_tensors(t):
+            if columnwise is not None and _is_columnwise_copy(inner_name) != columnwise:
+                continue
             storage = leaf.untyped_storage()
             if storage.data_ptr() in seen or storage.nbytes() == 0:
                 continue
@@ -147,13 +157,15 @@ def _moment_count(optimizer) -> int:
 
 
 def resident_components(engine) -> dict[str, int]:
-    """Bytes of the model's parameters, its gradient buffers and the optimizer's tensors (each once)."""
+    """Bytes of the model's parameters (TE's column-wise copies of quantized ones apart), its gradient
+    buffers and the optimizer's tensors (each buffer once)."""
     seen: set = set()
     params = [p for m in engine.models for p in m.parameters()]
-    weights = storage_bytes(params, seen)
+    weights = storage_bytes(params, seen, columnwise=False)
+    weight_copies = storage_bytes(params, seen, columnwise=True)
     grads = storage_bytes([getattr(p, "main_grad", None) for p in params], seen)
     optimizer = storage_bytes(_optimizer_tensors(engine.optimizer), seen)
-    return {"weights": weights, "grads": grads, "optimizer": optimizer}
+    return {"weights": weights, "weight_copies": weight_copies, "grads": grads, "optimizer": optimizer}
 
 
 @contextlib.contextmanager
@@ -257,9 +269,11 @@ def _measure(cfg, world: int, rank: int) -> dict:
             parts = resident_components(eng)
         except Exception as exc:  # the peak below still stands; say why the split is missing
             out["accounting_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            parts = {"weights": 0, "grads": 0, "optimizer": 0}
+            parts = {"weights": 0, "weight_copies": 0, "grads": 0, "optimizer": 0}
         measured = {k: v / GIB for k, v in parts.items()}
         measured["other_resident"] = (resident - sum(parts.values())) / GIB
+        # what the estimate's "weight copies" stand for: TE's column-wise copies + its caches and workspaces
+        measured["copies_and_other"] = measured["weight_copies"] + measured["other_resident"]
         measured["activations"] = (step_peak - resident_before) / GIB
         measured["peak"] = max(step_peak, peak_before_last) / GIB
         measured["last_step_peak"] = step_peak / GIB
@@ -320,7 +334,7 @@ def _append_json(path, record: dict) -> None:
 # ---- the report --------------------------------------------------------------------------------------------
 ROWS = [  # (label, estimate key, measured key, how it is measured)
     ("weights", "weights", "weights", "parameter storage (each buffer once)"),
-    ("lowp copies+", "weight_copies", "other_resident", "other resident: TE weight caches, workspaces, ..."),
+    ("lowp copies+", "weight_copies", "copies_and_other", "TE's column-wise weight copies + other resident"),
     ("grads", "grads", "grads", "DDP main-grad buffers (FP32)"),
     ("optimizer", "optimizer", "optimizer", "master weights + Adam moments, this rank's shard"),
     ("activations", "activations", "activations", "peak of the last step minus resident at its start"),
@@ -362,7 +376,7 @@ def report(r: dict) -> str:
     m = r["measured"]
     lines.append(f"{'memory (GiB)':<17} {'estimate':>9} {'measured':>9} {'off':>7}  measured as")
     for label, ek, mk, how in ROWS:
-        e, v = est[ek], m[mk]
+        e, v = est[ek], m.get(mk, m.get("other_resident", 0.0))  # records before the split: no copies key
         off = f"{(e - v) / v * 100:+.0f}%" if v > 0.05 else ""
         lines.append(f"  {label:<15} {e:9.2f} {v:9.2f} {off:>7}  {how}")
     lines.append(
