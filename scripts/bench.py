@@ -410,7 +410,13 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--parallel", default=PARALLEL, help="llmtrain's parallel config (the bare loop: fixed)")
     p.add_argument("--kernels", action="store_true", help="also time the Triton quantize kernels")
-    p.add_argument("--group-timeout", type=float, default=300.0, help="seconds per (model, implementation)")
+    p.add_argument("--group-timeout", type=float, default=300.0, help="seconds per process")
+    p.add_argument(
+        "--share-process",
+        action="store_true",
+        help="run a model's precisions in one process per implementation (start-up paid once; later cells' "
+        "peak memory then includes what earlier ones left: 2026-12-06, +18 GiB at the 8B proxy)",
+    )
     p.add_argument("--out", default="bench.json")
     p.add_argument("--md", default="bench.md")
     p.add_argument("--render", default="", help="print the markdown tables of this results JSON and exit")
@@ -430,8 +436,12 @@ def groups(args) -> list[tuple[str, str, list[str]]]:
     for model in args.model.split(","):
         for impl in args.impls.split(","):
             precisions = [p for p in args.precisions.split(",") if impl != "bare" or p in BARE_PRECISIONS]
-            if precisions:  # the bare loop runs TE's native recipes only
+            if not precisions:  # the bare loop runs TE's native recipes only
+                continue
+            if args.share_process:
                 out.append((model, impl, precisions))
+            else:  # what one cell leaves behind (Megatron/TE globals, cycles) never counts in the next's peak
+                out.extend((model, impl, [p]) for p in precisions)
     return out
 
 

@@ -52,7 +52,7 @@ stage_bench() {
   #   python scripts/bench.py --render "$out/bench.json"
   timeout "${BENCH_TIMEOUT:-520}" $py scripts/bench.py --model 1b,proxy8b --precisions bf16,fp8_cs,mxfp8,nvfp4 \
     --profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs --kernels \
-    --steps "${BENCH_STEPS:-4}" --warmup 2 --group-timeout 200 --out "$out/bench.json" --md "$out/bench.md" \
+    --steps "${BENCH_STEPS:-4}" --warmup 2 --group-timeout 150 --out "$out/bench.json" --md "$out/bench.md" \
     >"$out/bench.log" 2>&1
   echo "bench: rc=$?" >>"$out/bench.log"
   tar cf "$out/traces_1b.tar" -C /tmp llmtrain-traces 2>>"$out/bench.log"  # one file: few files come back

@@ -26,6 +26,13 @@ bare = _load("bench_bare_megatron")
 
 def test_models_and_groups_in_run_order():
     args = bench.parse(["--model", "1b,proxy8b", "--precisions", "bf16,fp8_cs,nvfp4"])
+    assert bench.groups(args) == [  # by default every cell is its own process
+        ("1b", "llmtrain", ["bf16"]), ("1b", "llmtrain", ["fp8_cs"]), ("1b", "llmtrain", ["nvfp4"]),
+        ("1b", "bare", ["bf16"]), ("1b", "bare", ["fp8_cs"]),
+        ("proxy8b", "llmtrain", ["bf16"]), ("proxy8b", "llmtrain", ["fp8_cs"]), ("proxy8b", "llmtrain", ["nvfp4"]),
+        ("proxy8b", "bare", ["bf16"]), ("proxy8b", "bare", ["fp8_cs"]),
+    ]  # fmt: skip
+    args = bench.parse(["--model", "1b,proxy8b", "--precisions", "bf16,fp8_cs,nvfp4", "--share-process"])
     assert bench.groups(args) == [
         ("1b", "llmtrain", ["bf16", "fp8_cs", "nvfp4"]), ("1b", "bare", ["bf16", "fp8_cs"]),
         ("proxy8b", "llmtrain", ["bf16", "fp8_cs", "nvfp4"]), ("proxy8b", "bare", ["bf16", "fp8_cs"]),
