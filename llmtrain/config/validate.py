@@ -3,12 +3,11 @@
 from pathlib import Path
 
 from llmtrain import precision
-from llmtrain.config.estimate import layout_of
+from llmtrain.config.layout import check_layout
 from llmtrain.engines.select import ENGINES
 from llmtrain.errors import ConfigError
 from llmtrain.train.schedule import SCHEDULES
 
-RECOMPUTE = ["none", "selective", "full"]
 WANDB_MODES = ["offline", "online", "disabled"]
 CONSOLES = ["rich", "plain"]
 CLUSTERS = ["local", "slurm"]
@@ -129,49 +128,8 @@ def validate_cluster(c) -> None:
 
 
 def validate_parallel(cfg, world: int, engine: str) -> None:
-    p, m, t = cfg.parallel, cfg.model, cfg.train
-    for key in ("tp", "pp", "vpp", "cp"):
-        _positive(f"parallel.{key}", p[key])
-    _choice("parallel.recompute", p.recompute, RECOMPUTE)
-    if engine == "torch" and (p.tp, p.pp, p.cp) != (1, 1, 1):
-        raise ConfigError(
-            "parallel",
-            f"tp={p.tp},pp={p.pp},cp={p.cp}",
-            "the torch engine is data parallel only; use engine=megatron",
-            ["tp=1,pp=1,cp=1"],
-        )
-    model_parallel = p.tp * p.pp * p.cp
-    if world % model_parallel:
-        raise ConfigError(
-            "parallel",
-            f"tp={p.tp},pp={p.pp},cp={p.cp}",
-            f"tp*pp*cp={model_parallel} must divide the world size {world}",
-        )
-    if p.dp and p.dp * model_parallel != world:
-        raise ConfigError(
-            "parallel.dp",
-            p.dp,
-            f"tp*pp*cp*dp must equal the world size {world}",
-            [world // model_parallel, 0],
-        )
-    _divides("model.num_attention_heads", m.num_attention_heads, "parallel.tp", p.tp, "lower parallel.tp")
-    _divides("model.num_query_groups", m.num_query_groups, "parallel.tp", p.tp, "lower parallel.tp")
-    _divides(
-        "model.num_layers",
-        m.num_layers,
-        "parallel.pp*vpp",
-        p.pp * p.vpp,
-        "pick pp and vpp whose product divides the layer count",
-    )
-    if p.vpp > 1 and p.pp == 1:
-        raise ConfigError("parallel.vpp", p.vpp, "virtual stages need pipeline parallelism (parallel.pp > 1)")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1")
-    if p.cp > 1:
-        _divides(
-            "model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp, "context parallel splits 2*cp chunks"
-        )
-    dp = layout_of(cfg, world).dp
+    t = cfg.train
+    dp = check_layout(cfg.parallel, cfg.model, world, engine).dp  # the Megatron engine's build runs it too
     _positive("train.micro_batch_size", t.micro_batch_size)
     _divides(
         "train.global_batch_size",

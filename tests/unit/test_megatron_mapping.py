@@ -124,6 +124,10 @@ def test_resolve_layout():
     cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.dp = 1, 1, 3
     with pytest.raises(ConfigError, match=r"parallel.dp"):
         settings.resolve_layout(cfg.parallel, spec, 2)
+    # the engine's check is preflight's (config/layout.py): sequence parallelism at tp=1 is refused, not dropped
+    cfg.parallel.dp, cfg.parallel.sequence_parallel = 0, True
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel=True: needs parallel.tp > 1"):
+        settings.resolve_layout(cfg.parallel, spec, 2)
 
 
 def _settings(name, capability, **precision):

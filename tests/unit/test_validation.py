@@ -48,6 +48,21 @@ CASES = [
         "model.num_layers=4: must be divisible by parallel.pp*vpp=3",
     ),
     (["engine=megatron", "dry_run=true", "parallel.tp=2"], "tp*pp*cp=2 must divide the world size 1"),
+    # issue 19.4: checked at the engine build only before, so the dry run said "fits"
+    (
+        [
+            "engine=megatron",
+            "dry_run=true",
+            "cluster.gpus_per_node=2",
+            "parallel.tp=2",
+            "model.vocab_size=4097",
+        ],
+        "model.vocab_size=4097: must be divisible by parallel.tp=2",
+    ),
+    (
+        ["engine=megatron", "dry_run=true", "parallel.overlap_param_gather=true"],
+        "parallel.overlap_param_gather=True: needs parallel.distributed_optimizer=true",
+    ),
     (
         ["engine=megatron", "dry_run=true", "parallel.vpp=2", "parallel.pp=1"],
         "parallel.vpp=2: virtual stages need",

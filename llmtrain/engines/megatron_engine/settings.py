@@ -3,83 +3,20 @@
 Kept free of Megatron and TE imports so the CPU suite can check the translation and its errors.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from llmtrain.config.layout import Layout
+from llmtrain.config.layout import check_layout as resolve_layout  # noqa: F401 (one check, shared with preflight)
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
 
-RECOMPUTE = ["none", "selective", "full"]
 # Distributed-optimizer checkpoint format: reshardable across DP sizes, fully parallel save/load.
 CKPT_METADATA = {
     "distrib_optim_sharding_type": "dp_reshardable",
     "chained_optim_avoid_prefix": True,
     "singleton_local_shards": False,
 }
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    vpp: int
-    cp: int
-    dp: int
-    sequence_parallel: bool
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
-
-
-def resolve_layout(parallel, spec: ModelSpec, world_size: int) -> Layout:
-    """Check the parallel layout against the model and world size; dp=0 takes what is left."""
-    tp, pp, vpp, cp = int(parallel.tp), int(parallel.pp), int(parallel.vpp), int(parallel.cp)
-    for key, val in (("tp", tp), ("pp", pp), ("vpp", vpp), ("cp", cp)):
-        if val < 1:
-            raise ConfigError(f"parallel.{key}", val, "must be >= 1")
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        raise ConfigError(
-            "parallel.tp", tp, f"tp*pp*cp={model_parallel} does not divide the world size {world_size}"
-        )
-    dp = int(parallel.dp) or world_size // model_parallel
-    if dp * model_parallel != world_size:
-        raise ConfigError(
-            "parallel.dp", parallel.dp, f"tp*pp*cp*dp={dp * model_parallel} != world size {world_size}"
-        )
-    if spec.num_attention_heads % tp or spec.num_query_groups % tp:
-        raise ConfigError(
-            "parallel.tp",
-            tp,
-            f"must divide the attention heads ({spec.num_attention_heads}) "
-            f"and KV groups ({spec.num_query_groups})",
-        )
-    if spec.vocab_size % tp:
-        raise ConfigError(
-            "parallel.tp", tp, f"must divide model.vocab_size={spec.vocab_size} (no vocab padding)"
-        )
-    if vpp > 1 and pp == 1:
-        raise ConfigError("parallel.vpp", vpp, "virtual pipeline stages need parallel.pp > 1")
-    if spec.num_layers % (pp * vpp):
-        raise ConfigError(
-            "parallel.pp", pp, f"pp*vpp={pp * vpp} must divide model.num_layers={spec.num_layers}"
-        )
-    if cp > 1 and spec.seq_length % (2 * cp):
-        raise ConfigError("parallel.cp", cp, f"2*cp must divide model.seq_length={spec.seq_length}")
-    if parallel.recompute not in RECOMPUTE:
-        raise ConfigError("parallel.recompute", parallel.recompute, "unknown mode", RECOMPUTE)
-    if parallel.overlap_param_gather and not parallel.distributed_optimizer:
-        raise ConfigError("parallel.overlap_param_gather", True, "needs parallel.distributed_optimizer=true")
-    # Sequence parallelism splits activations over TP ranks: meaningless at tp=1, so it is dropped there.
-    sp = bool(parallel.sequence_parallel) and tp > 1
-    if sp and (spec.seq_length // cp) % tp:
-        raise ConfigError(
-            "parallel.sequence_parallel", True, "tp must divide the per-CP-rank sequence length"
-        )
-    return Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp)
 
 
 # TE's native recipes and the knobs they fix (anything else needs our quantizers: precision.backend=custom).
