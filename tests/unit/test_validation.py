@@ -118,6 +118,16 @@ def test_sweep_points_are_each_validated():
         preflight(["-m", "optim.schedule=cosine,bogus"])
 
 
+def test_a_sweep_larger_than_the_check_says_so(monkeypatch, capsys):
+    import llmtrain.cli as cli
+
+    monkeypatch.setattr(cli, "MAX_VALIDATED_SWEEP_POINTS", 2)
+    preflight(["-m", "optim.schedule=cosine,wsd,bogus"])  # the third point is not checked up front ...
+    assert "checked the first 2 of at least 3 sweep points" in capsys.readouterr().err  # ... and says so
+    preflight(["-m", "optim.lr=1e-3,2e-3"])
+    assert "checked the first" not in capsys.readouterr().err
+
+
 def test_valid_overrides_pass():
     preflight(["-m", "recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
     preflight(["recipe=llama3_8b", "precision=nvfp4", "dry_run=true"])
