@@ -23,14 +23,6 @@ def optimal_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class IndexedWriter:
     """Appends documents (token arrays) to `bin_path` and their lengths to `lens_path`.
 

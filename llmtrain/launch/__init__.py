@@ -5,7 +5,7 @@ from pathlib import Path
 
 from llmtrain.launch.requeue import after_preemption
 
-__all__ = ["after_preemption", "dispatch", "inside_scheduler_job", "restart_count", "submit"]
+__all__ = ["after_preemption", "dispatch", "inside_scheduler_job", "submit"]
 
 
 def inside_scheduler_job() -> bool:
@@ -15,11 +15,6 @@ def inside_scheduler_job() -> bool:
 def inside_job_step() -> bool:
     """In an srun step (the job's ranks), as opposed to an allocation's shell (salloc, a batch script)."""
     return inside_scheduler_job() and "SLURM_STEP_ID" in os.environ
-
-
-def restart_count() -> int:
-    """How often SLURM has restarted this job (requeues, node failures); 0 outside a job."""
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) if inside_scheduler_job() else 0
 
 
 def dispatch(cfg, world: int, engine: str) -> bool:
