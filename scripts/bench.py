@@ -93,6 +93,7 @@ def llmtrain_cell(args, precision: str) -> dict:
 
     shape = shape_of(args, args.model)
     cfg = make_cfg(args.model, shape, precision, args.parallel)
+    start = torch.cuda.memory_allocated()  # left by the previous cell: ~0 unless something leaked
     torch.cuda.reset_peak_memory_stats()
     engine = MegatronEngine(cfg, DistInfo())
     built = torch.cuda.memory_allocated()
@@ -118,6 +119,7 @@ def llmtrain_cell(args, precision: str) -> dict:
             **timing,
             "tokens_per_step": shape["mb"] * shape["mbs"] * shape["seq"],
             "peak_mem_gib": engine.memory_stats()["mem_gib"],
+            "start_mem_gib": start / 2**30,
             "built_mem_gib": built / 2**30,
             "resident_mem_gib": resident / 2**30,
             "last_loss": results[-1].loss,
@@ -151,6 +153,10 @@ def trace_path(args, model: str, precision: str, impl: str) -> str | None:
 
 def worker_llmtrain(args) -> None:
     """One process per model: each precision in turn (one engine at a time), one result line each."""
+    import gc
+
+    import torch
+
     for precision in args.precisions.split(","):
         try:
             r = llmtrain_cell(args, precision)
@@ -161,6 +167,9 @@ def worker_llmtrain(args) -> None:
                 "error": traceback.format_exc()[-2000:],
             }
         print("BENCH_RESULT " + json.dumps(r), flush=True)
+        # Here, not inside the cell: its frame (and a failed cell's traceback) no longer holds the engine.
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def kernel_bench() -> tuple[list[dict], dict]:
@@ -387,6 +396,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{r['model_tflops_per_gpu']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {resident} | "
                 f"{gc_ms} | {vs} | {rel} |"
             )
+    leaked = [r for r in rows if r.get("start_mem_gib", 0.0) > 0.25]
+    if leaked:  # memory a previous cell of the same process left allocated counts in this cell's peak
+        out += ["", "Cells that started with GPU memory still allocated by an earlier cell of their process "
+                "(their peak includes it): " + ", ".join(
+                    f"{r.get('model', '')} {r['precision']} {r['impl']} {r['start_mem_gib']:.1f} GiB"
+                    for r in leaked) + "."]  # fmt: skip
     if any(r.get("profile") for r in rows):
         from profile_step import markdown as profile_markdown
 

@@ -133,6 +133,7 @@ def run(args, precision: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from profile_step import time_steps  # scripts/ is on sys.path when run as a script
 
+    start = torch.cuda.memory_allocated()  # left by the previous precision: ~0 unless something leaked
     torch.cuda.reset_peak_memory_stats()
     model, optimizer, grad_accum_fusion = build(args, precision)
     built = torch.cuda.memory_allocated()
@@ -175,6 +176,7 @@ def run(args, precision: str) -> dict:
         **timing,
         "tokens_per_step": args.mb * args.mbs * args.seq,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "start_mem_gib": start / 2**30,
         "built_mem_gib": built / 2**30,
         "resident_mem_gib": resident / 2**30,
         "last_loss": losses[-1],

@@ -319,3 +319,15 @@ def test_new_timing_columns_and_old_results_files():
     failed = bench.markdown([{"model": "1b", "precision": "mxfp8", "impl": "x", "error": "boom"}], _meta())
     row = next(ln for ln in failed.splitlines() if "failed" in ln)
     assert row.count("|") == header.count("|")
+
+
+def test_a_cell_that_starts_with_memory_allocated_is_named():
+    rows = [
+        _row("1b", "bf16", "llmtrain-megatron", 0.40, start_mem_gib=0.0),
+        _row("1b", "fp8_cs", "llmtrain-megatron", 0.50, start_mem_gib=6.9),
+    ]
+    md = bench.markdown(rows, _meta())
+    assert (
+        "earlier cell of their process (their peak includes it): 1b fp8_cs llmtrain-megatron 6.9 GiB." in md
+    )
+    assert "bf16 llmtrain-megatron 0.0" not in md
