@@ -9,8 +9,8 @@ Mock data (random tokens). Each (model, implementation) runs in its own process 
 precisions one after the other (one engine at a time: imports and start-up are paid once per process), with
 the distributed optimizer and overlapped communication (parallel=megatron_8b)
 in both implementations. The step time is the median of the timed steps (min-max beside it: the 1B model is
-host-bound, its steps move with the host's speed), with the time Python's garbage collector ran in them and
-the memory allocated between steps. Reports tokens/s, model TFLOP/s per GPU (ModelSpec.flops_per_token:
+host-bound, its steps move with the host's speed), with the time Python's garbage collector ran in them, the
+memory allocated between steps, and the host's speed before the timed steps (microseconds per CPU `view`). Reports tokens/s, model TFLOP/s per GPU (ModelSpec.flops_per_token:
 6*N_matmul + 12*L*H*S), MFU against the dense BF16 peak, peak memory, and each precision's step time
 relative to BF16. The bare loop exists for bf16 and fp8_cs (TE native); mxfp8/nvfp4 run natively on
 Blackwell and emulated elsewhere (our Triton quantizers inside TE). Every quantized precision quantizes all
@@ -369,8 +369,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"**{model}**: {mm['description']}; {mm['flops_per_token'] / 1e9:.3f} GFLOP/token.",
             "",
             "| precision | implementation | step time (s) | min-max (s) | tokens/s | model TFLOP/s/GPU | MFU | "
-            "peak mem (GiB) | between steps (GiB) | GC (ms/step) | vs bare | vs BF16 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "peak mem (GiB) | between steps (GiB) | GC (ms/step) | host op (us) | vs bare | vs BF16 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         order = list(dict.fromkeys(r["precision"] for r in mrows))
         mrows.sort(key=lambda r: order.index(r["precision"]))  # stable: llmtrain, then the bare loop
@@ -380,7 +380,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         bf16 = {r["impl"]: r for r in mrows if r["precision"] == "bf16" and "error" not in r}
         for r in mrows:
             if "error" in r:
-                out.append(f"| {r['precision']} | {r['impl']} | failed: {r['error'][-160:]!r} |" + " |" * 9)
+                out.append(f"| {r['precision']} | {r['impl']} | failed: {r['error'][-160:]!r} |" + " |" * 10)
                 continue
             ref = bare.get(r["precision"])
             vs = f"{r['step_time_s'] / ref['step_time_s']:.3f}x time" if ref and r is not ref else ""
@@ -391,10 +391,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
             )  # results files from before the per-step timing have the mean only
             resident = f"{r['resident_mem_gib']:.1f}" if "resident_mem_gib" in r else ""
             gc_ms = f"{r['gc_ms_per_step']:.1f}" if "gc_ms_per_step" in r else ""
+            host = f"{r['host_op_us']:.2f}" if "host_op_us" in r else ""
             out.append(
                 f"| {r['precision']} | {r['impl']} | {r['step_time_s']:.3f} | {spread} | {r['tokens_per_s']:,.0f} | "
                 f"{r['model_tflops_per_gpu']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {resident} | "
-                f"{gc_ms} | {vs} | {rel} |"
+                f"{gc_ms} | {host} | {vs} | {rel} |"
             )
     leaked = [r for r in rows if r.get("start_mem_gib", 0.0) > 0.25]
     if leaked:  # memory a previous cell of the same process left allocated counts in this cell's peak

@@ -164,6 +164,7 @@ def time_steps(run_step, steps: int) -> dict:
             in_gc[0] += time.perf_counter() - started[0]
 
     times = []
+    probe_us = host_op_us()
     sync()
     gc.callbacks.append(on_gc)
     try:
@@ -180,7 +181,28 @@ def time_steps(run_step, steps: int) -> dict:
         "step_time_max_s": max(times),
         "step_times_s": times,
         "gc_ms_per_step": in_gc[0] * 1e3 / steps,
+        "host_op_us": probe_us,
     }
+
+
+def host_op_us(calls: int = 5000, blocks: int = 5) -> float:
+    """The host's speed right now: microseconds per `view` of a small CPU tensor (best of `blocks` blocks).
+
+    The same operations took 0.75x and 1.77x as long in one llmtrain process as in the bare loop's on the
+    H100 run (docs/benchmarks.md), which decides a host-bound step; this number makes that visible per cell.
+    """
+    import time
+
+    import torch
+
+    t = torch.zeros(4, 4)
+    best = float("inf")
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            t.view(-1)
+        best = min(best, time.perf_counter() - t0)
+    return best / calls * 1e6
 
 
 def profile_one_step(run_step, optimizer, trace_path: str | None = None) -> dict:

@@ -309,11 +309,11 @@ def test_the_parent_process_never_touches_cuda(monkeypatch, tmp_path):
 
 def test_new_timing_columns_and_old_results_files():
     new = _row("1b", "bf16", "llmtrain-megatron", 0.40, step_time_min_s=0.39, step_time_max_s=0.52,
-               resident_mem_gib=12.25, gc_ms_per_step=1.5)  # fmt: skip
+               resident_mem_gib=12.25, gc_ms_per_step=1.5, host_op_us=0.95)  # fmt: skip
     old = _row("1b", "bf16", "bare-megatron-core", 0.38)  # a results file from before: no such keys
     md = bench.markdown([new, old], _meta())
     assert "| bf16 | llmtrain-megatron | 0.400 | 0.390-0.520 | 40,960 |" in md
-    assert "| 20.0 | 12.2 | 1.5 | 1.053x time |" in md
+    assert "| 20.0 | 12.2 | 1.5 | 0.95 | 1.053x time |" in md
     assert "| bf16 | bare-megatron-core | 0.380 |  | 43,116 |" in md
     header = next(ln for ln in md.splitlines() if ln.startswith("| precision"))
     failed = bench.markdown([{"model": "1b", "precision": "mxfp8", "impl": "x", "error": "boom"}], _meta())
