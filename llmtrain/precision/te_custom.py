@@ -106,9 +106,9 @@ class FakeQuantizer(IdentityQuantizer):
         super().__init__()
         self.name, self.axis, self.backward, self.role = name, axis, backward, role
         # Storage-only results (IdentityTensorStorage, a plain object holding the BF16 values) instead of an
-        # IdentityTensor, a torch.Tensor subclass built per call and dispatched through Python on every op
-        # TE applies to it: per step that is 1,152 calls at 1B MXFP8. TE's own modules set this on every
-        # quantizer they own; inside HybridQuantizer only FSDP2 (unused here) needs tensor sub-storages.
+        # IdentityTensor, a torch.Tensor wrapper subclass (Python __torch_dispatch__) built per call: 1,152
+        # calls per step at 1B MXFP8. TE's own modules set this on every quantizer they own; inside a
+        # HybridQuantizer only FSDP2 (unused here) needs tensor sub-storages.
         self.internal = True
 
     @property
