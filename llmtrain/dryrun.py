@@ -47,7 +47,7 @@ def dry_run_report(cfg, world: int, engine: str) -> str:
         f"engine       {engine}; world {lay.world} = tp {lay.tp} x pp {lay.pp} (vpp {lay.vpp}) x cp {lay.cp} "
         f"x dp {lay.dp}; distributed optimizer {'on' if cfg.parallel.distributed_optimizer else 'off'}, "
         f"recompute {cfg.parallel.recompute}, low-precision param all-gather "
-        f"{'on' if lowp_param_gather_planned(cfg) else 'off'}",
+        f"{'on' if lowp_param_gather_planned(cfg, lay.dp * lay.cp) else 'off'}",
         f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} x dp {lay.dp} x grad-accum "
         f"{lay.grad_accum}; {tokens_per_step:,} tokens/step (seq {spec.seq_length}); "
         f"{t.steps:,} steps = {t.steps * tokens_per_step / 1e9:.2f} B tokens",

@@ -8,7 +8,9 @@ Models (`--model`, comma-separated, each next to the bare loop):
 Mock data (random tokens). Each (model, implementation) runs in its own process on the same GPU, its
 precisions one after the other (one engine at a time: imports and start-up are paid once per process), with
 the distributed optimizer and overlapped communication (parallel=megatron_8b)
-in both implementations. Reports tokens/s, model TFLOP/s per GPU (ModelSpec.flops_per_token:
+in both implementations. The step time is the median of the timed steps (min-max beside it: the 1B model is
+host-bound, its steps move with the host's speed), with the time Python's garbage collector ran in them, the
+memory allocated between steps, and the host's speed before the timed steps (microseconds per CPU `view`). Reports tokens/s, model TFLOP/s per GPU (ModelSpec.flops_per_token:
 6*N_matmul + 12*L*H*S), MFU against the dense BF16 peak, peak memory, and each precision's step time
 relative to BF16. The bare loop exists for bf16 and fp8_cs (TE native); mxfp8/nvfp4 run natively on
 Blackwell and emulated elsewhere (our Triton quantizers inside TE). Every quantized precision quantizes all
@@ -22,8 +24,9 @@ keeps each profiled step's gzipped Chrome trace. `--kernels` adds the quantize k
     python scripts/bench.py --model proxy8b,1b --precisions bf16,fp8_cs,mxfp8,nvfp4 --profile --kernels
     python scripts/bench.py --render bench.json > bench.md     # the markdown tables from a results file
 
-Results are written after every process (`--out`); each precision's result reaches the parent as soon as
-it is measured, so a run cut short keeps what it measured.
+This process never initialises CUDA (the GPU's name and the kernel timings come from child processes), so
+every cell has the whole GPU. Results are written after every process (`--out`); each precision's result
+reaches the parent as soon as it is measured, so a run cut short keeps what it measured.
 """
 
 import argparse
@@ -82,6 +85,7 @@ def make_cfg(model: str, shape: dict, precision: str = "bf16", parallel: str = P
 def llmtrain_cell(args, precision: str) -> dict:
     """llmtrain's MegatronEngine at one precision, timed over `steps` after `warmup`, optionally profiled."""
     import torch
+    from profile_step import time_steps
 
     from llmtrain.engines.base import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
@@ -89,8 +93,10 @@ def llmtrain_cell(args, precision: str) -> dict:
 
     shape = shape_of(args, args.model)
     cfg = make_cfg(args.model, shape, precision, args.parallel)
+    start = torch.cuda.memory_allocated()  # left by the previous cell: ~0 unless something leaked
     torch.cuda.reset_peak_memory_stats()
     engine = MegatronEngine(cfg, DistInfo())
+    built = torch.cuda.memory_allocated()
     try:
         batches = mock_batches(shape["mb"], shape["mbs"], shape["seq"], cfg.model.vocab_size)
         counter = [0]
@@ -103,17 +109,19 @@ def llmtrain_cell(args, precision: str) -> dict:
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        results = [step() for _ in range(args.steps)]
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+        resident = torch.cuda.memory_allocated()  # between steps: weights, grads, optimizer, caches
+        results = []
+        timing = time_steps(lambda: results.append(step()), args.steps)
         out = {
             "impl": "llmtrain-megatron",
             "precision": precision,
             "backend": engine.backend_description,
-            "step_time_s": elapsed / args.steps,
+            **timing,
             "tokens_per_step": shape["mb"] * shape["mbs"] * shape["seq"],
             "peak_mem_gib": engine.memory_stats()["mem_gib"],
+            "start_mem_gib": start / 2**30,
+            "built_mem_gib": built / 2**30,
+            "resident_mem_gib": resident / 2**30,
             "last_loss": results[-1].loss,
             "data": "mock (random tokens)",
         }
@@ -145,6 +153,10 @@ def trace_path(args, model: str, precision: str, impl: str) -> str | None:
 
 def worker_llmtrain(args) -> None:
     """One process per model: each precision in turn (one engine at a time), one result line each."""
+    import gc
+
+    import torch
+
     for precision in args.precisions.split(","):
         try:
             r = llmtrain_cell(args, precision)
@@ -155,6 +167,9 @@ def worker_llmtrain(args) -> None:
                 "error": traceback.format_exc()[-2000:],
             }
         print("BENCH_RESULT " + json.dumps(r), flush=True)
+        # Here, not inside the cell: its frame (and a failed cell's traceback) no longer holds the engine.
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def kernel_bench() -> tuple[list[dict], dict]:
@@ -211,6 +226,40 @@ def kernel_bench() -> tuple[list[dict], dict]:
     return rows, {"copy_gb_per_s": copy_gbs, "tensor": "8192x4096 bf16"}
 
 
+def _child_env() -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
+    }
+
+
+def gpu_name() -> str:
+    """GPU 0's name, asked of a child process (this one keeps no CUDA context)."""
+    code = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "unknown"
+    lines = proc.stdout.strip().splitlines()
+    return lines[-1] if proc.returncode == 0 and lines else "unknown"
+
+
+def run_kernel_bench(args) -> tuple[dict | None, str | None]:
+    """kernel_bench in a child process: (its results, None) or (None, why it gave none)."""
+    cmd = [sys.executable, __file__, "--kernels-worker"]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=_child_env(), timeout=args.group_timeout
+        )
+        out, status = proc.stdout, f"rc={proc.returncode}: {(proc.stdout + proc.stderr)[-500:]}"
+    except subprocess.TimeoutExpired as e:
+        out, status = _text(e.stdout), f"timed out after {args.group_timeout:.0f}s"
+    for line in out.splitlines():
+        if line.startswith("BENCH_KERNELS "):
+            return json.loads(line[len("BENCH_KERNELS ") :]), None
+    return None, status
+
+
 def bare_args(args, model: str) -> list[str]:
     """scripts/bench_bare_megatron.py's arguments for `model` (it imports nothing from llmtrain)."""
     from llmtrain.models import ModelSpec
@@ -259,10 +308,7 @@ def _text(out) -> str:
 
 def run_group(impl: str, model: str, precisions: list[str], args) -> list[dict]:
     """One row per precision: its result line, or the error that kept it from one."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
-    }
+    env = _child_env()
     cmd = group_command(impl, model, precisions, args)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.group_timeout)
@@ -322,8 +368,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "",
             f"**{model}**: {mm['description']}; {mm['flops_per_token'] / 1e9:.3f} GFLOP/token.",
             "",
-            "| precision | implementation | step time (s) | tokens/s | model TFLOP/s/GPU | MFU | peak mem (GiB) | vs bare | vs BF16 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| precision | implementation | step time (s) | min-max (s) | tokens/s | model TFLOP/s/GPU | MFU | "
+            "peak mem (GiB) | between steps (GiB) | GC (ms/step) | host op (us) | vs bare | vs BF16 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         order = list(dict.fromkeys(r["precision"] for r in mrows))
         mrows.sort(key=lambda r: order.index(r["precision"]))  # stable: llmtrain, then the bare loop
@@ -333,16 +380,29 @@ def markdown(rows: list[dict], meta: dict) -> str:
         bf16 = {r["impl"]: r for r in mrows if r["precision"] == "bf16" and "error" not in r}
         for r in mrows:
             if "error" in r:
-                out.append(f"| {r['precision']} | {r['impl']} | failed: {r['error'][-160:]!r} | | | | | | |")
+                out.append(f"| {r['precision']} | {r['impl']} | failed: {r['error'][-160:]!r} |" + " |" * 10)
                 continue
             ref = bare.get(r["precision"])
             vs = f"{r['step_time_s'] / ref['step_time_s']:.3f}x time" if ref and r is not ref else ""
             base = bf16.get(r["impl"])
             rel = f"{r['step_time_s'] / base['step_time_s']:.2f}x time" if base and base is not r else ""
+            spread = (
+                f"{r['step_time_min_s']:.3f}-{r['step_time_max_s']:.3f}" if "step_time_min_s" in r else ""
+            )  # results files from before the per-step timing have the mean only
+            resident = f"{r['resident_mem_gib']:.1f}" if "resident_mem_gib" in r else ""
+            gc_ms = f"{r['gc_ms_per_step']:.1f}" if "gc_ms_per_step" in r else ""
+            host = f"{r['host_op_us']:.2f}" if "host_op_us" in r else ""
             out.append(
-                f"| {r['precision']} | {r['impl']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-                f"{r['model_tflops_per_gpu']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {vs} | {rel} |"
+                f"| {r['precision']} | {r['impl']} | {r['step_time_s']:.3f} | {spread} | {r['tokens_per_s']:,.0f} | "
+                f"{r['model_tflops_per_gpu']:.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {resident} | "
+                f"{gc_ms} | {host} | {vs} | {rel} |"
             )
+    leaked = [r for r in rows if r.get("start_mem_gib", 0.0) > 0.25]
+    if leaked:  # memory a previous cell of the same process left allocated counts in this cell's peak
+        out += ["", "Cells that started with GPU memory still allocated by an earlier cell of their process "
+                "(their peak includes it): " + ", ".join(
+                    f"{r.get('model', '')} {r['precision']} {r['impl']} {r['start_mem_gib']:.1f} GiB"
+                    for r in leaked) + "."]  # fmt: skip
     if any(r.get("profile") for r in rows):
         from profile_step import markdown as profile_markdown
 
@@ -393,6 +453,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kernels-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="proxy8b", help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--precisions", default="bf16,fp8_cs")
     p.add_argument("--impls", default="llmtrain,bare")
@@ -400,7 +461,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="override every model's sequence length")
     p.add_argument("--mbs", type=int, default=None, help="override every model's micro-batch size")
     p.add_argument("--mb", type=int, default=None, help="override every model's micro-batches per step")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="profile one more step per cell")
     p.add_argument("--traces", default="", help="with --profile: keep gzipped Chrome traces in this folder")
@@ -454,16 +515,20 @@ def main(argv=None):
     if args.worker:
         worker_llmtrain(args)
         return
+    if args.kernels_worker:
+        rows, kmeta = kernel_bench()
+        print("BENCH_KERNELS " + json.dumps({**kmeta, "rows": rows}), flush=True)
+        return
 
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    # This process never touches CUDA: a context here (~0.5 GiB, more with the kernel timings' cache) would
+    # stay on the GPU while every cell runs in its child, and count against the cells' memory.
+    gpu = gpu_name()
     peak = next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in gpu), 989.0)
     models = {m: model_meta(args, m) for m in args.model.split(",")}
     meta = {
         "gpu": gpu,
         "peak_tflops": peak,
-        "timing": f"{args.steps} timed steps after {args.warmup} warm-up; llmtrain parallel={args.parallel}, "
+        "timing": f"step time: median of {args.steps} timed steps after {args.warmup} warm-up; llmtrain parallel={args.parallel}, "
         "bare loop: distributed optimizer + overlap",
         "models": models,
         "nominal_hbm_gb_per_s": next((v for k, v in NOMINAL_HBM_GBS.items() if k in gpu), None),
@@ -478,12 +543,11 @@ def main(argv=None):
         Path(args.md).write_text(markdown(rows, meta))
 
     if args.kernels:  # first: a run cut short by its time limit still has them
-        try:
-            krows, kmeta = kernel_bench()
-            meta["kernels"] = {**kmeta, "rows": krows}
-            torch.cuda.empty_cache()  # the engines run in other processes: leave them the memory
-        except Exception as e:  # report it, still run the cells
-            meta["kernels_error"] = f"{type(e).__name__}: {e}"
+        kernels, error = run_kernel_bench(args)
+        if kernels is not None:
+            meta["kernels"] = kernels
+        else:  # report it, still run the cells
+            meta["kernels_error"] = error
         save()
     for model, impl, precisions in groups(args):
         t0 = time.perf_counter()

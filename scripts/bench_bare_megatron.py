@@ -16,7 +16,6 @@ shared with scripts/bench.py so both loops are profiled alike).
 import argparse
 import json
 import os
-import time
 import traceback
 from functools import partial
 
@@ -132,9 +131,12 @@ def forward_step(data_iterator, model):
 
 def run(args, precision: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from profile_step import time_steps  # scripts/ is on sys.path when run as a script
 
+    start = torch.cuda.memory_allocated()  # left by the previous precision: ~0 unless something leaked
     torch.cuda.reset_peak_memory_stats()
     model, optimizer, grad_accum_fusion = build(args, precision)
+    built = torch.cuda.memory_allocated()
     gen = torch.Generator().manual_seed(0)
     data = [
         (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.ones(args.mbs, args.seq))
@@ -164,17 +166,19 @@ def run(args, precision: str) -> dict:
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(args.steps)]
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+    resident = torch.cuda.memory_allocated()  # between steps: weights, grads, optimizer, caches
+    losses = []
+    timing = time_steps(lambda: losses.append(step()), args.steps)
     out = {
         "impl": "bare-megatron-core",
         "grad_accum_fusion": grad_accum_fusion,
         "precision": precision,
-        "step_time_s": elapsed / args.steps,
+        **timing,
         "tokens_per_step": args.mb * args.mbs * args.seq,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "start_mem_gib": start / 2**30,
+        "built_mem_gib": built / 2**30,
+        "resident_mem_gib": resident / 2**30,
         "last_loss": losses[-1],
         "data": "mock (random tokens)",
     }

@@ -47,12 +47,14 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
 
 stage_bench() {
   # Both sizes, all four precisions, each next to the bare Megatron-Core loop (bf16, fp8_cs), one profiled
-  # step per cell (Chrome traces kept for the 1B model's bf16 and fp8_cs cells), the quantize kernels'
-  # bandwidth. Results are written after every cell; render them with:
+  # step per cell (Chrome traces kept for the 1B model's bf16, fp8_cs and mxfp8 cells), the quantize kernels'
+  # bandwidth. Every cell is its own process: one model per device call (BENCH_MODELS=1b, then
+  # BENCH_MODELS=proxy8b) keeps a call inside 10 minutes. Results are written after every cell; render them:
   #   python scripts/bench.py --render "$out/bench.json"
-  timeout "${BENCH_TIMEOUT:-520}" $py scripts/bench.py --model 1b,proxy8b --precisions bf16,fp8_cs,mxfp8,nvfp4 \
-    --profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs --kernels \
-    --steps "${BENCH_STEPS:-4}" --warmup 2 --group-timeout 150 --out "$out/bench.json" --md "$out/bench.md" \
+  timeout "${BENCH_TIMEOUT:-520}" $py scripts/bench.py --model "${BENCH_MODELS:-1b,proxy8b}" \
+    --precisions bf16,fp8_cs,mxfp8,nvfp4 \
+    --profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs,mxfp8 --kernels \
+    --steps "${BENCH_STEPS:-10}" --warmup 2 --group-timeout 150 --out "$out/bench.json" --md "$out/bench.md" \
     >"$out/bench.log" 2>&1
   echo "bench: rc=$?" >>"$out/bench.log"
   tar cf "$out/traces_1b.tar" -C /tmp llmtrain-traces 2>>"$out/bench.log"  # one file: few files come back

@@ -140,6 +140,71 @@ def _marked_optimizer_step(optimizer):
         optimizer.step = original
 
 
+def time_steps(run_step, steps: int) -> dict:
+    """Wall time of each of `steps` calls of `run_step` (one training step each, synchronised at its end),
+    and the time Python's cyclic garbage collector ran inside them.
+
+    The step time reported is the median: a host-bound model (the 1B one launches ~4,000 kernels a step for
+    ~0.3 s of GPU work) moves with the host's speed, and one slow step (a GC pass, another process on the
+    CPU) would move a mean of a few steps by tens of percent. min and max show the spread.
+    """
+    import gc
+    import statistics
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    in_gc, started = [0.0], [0.0]
+
+    def on_gc(phase, _info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            in_gc[0] += time.perf_counter() - started[0]
+
+    times = []
+    probe_us = host_op_us()
+    sync()
+    gc.callbacks.append(on_gc)
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            run_step()
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        gc.callbacks.remove(on_gc)
+    return {
+        "step_time_s": statistics.median(times),
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "step_times_s": times,
+        "gc_ms_per_step": in_gc[0] * 1e3 / steps,
+        "host_op_us": probe_us,
+    }
+
+
+def host_op_us(calls: int = 5000, blocks: int = 5) -> float:
+    """The host's speed right now: microseconds per `view` of a small CPU tensor (best of `blocks` blocks).
+
+    The same operations took 0.75x and 1.77x as long in one llmtrain process as in the bare loop's on the
+    H100 run (docs/benchmarks.md), which decides a host-bound step; this number makes that visible per cell.
+    """
+    import time
+
+    import torch
+
+    t = torch.zeros(4, 4)
+    best = float("inf")
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            t.view(-1)
+        best = min(best, time.perf_counter() - t0)
+    return best / calls * 1e6
+
+
 def profile_one_step(run_step, optimizer, trace_path: str | None = None) -> dict:
     """Profile `run_step()` (one full training step) and group its kernels; optionally keep the trace."""
     import os

@@ -95,16 +95,20 @@ def emulated_planned(cfg) -> bool:
     return cfg.precision.name != "bf16" and cfg.precision.backend == "custom"
 
 
-def lowp_param_gather_planned(cfg) -> bool:
+def lowp_param_gather_planned(cfg, shards: int) -> bool:
     """parallel.lowp_param_gather as the dry run assumes it: null (auto) = on where Bridge turns it on,
-    with the distributed optimizer, unless the config asks for llmtrain's emulation (backend=custom).
-    The engine decides for the GPU it runs on (engines/megatron_engine/param_gather.py)."""
+    with the distributed optimizer sharded over `shards` = dp*cp > 1 ranks (one shard gathers nothing),
+    unless the config asks for llmtrain's emulation (backend=custom). The engine decides for the GPU it
+    runs on (engines/megatron_engine/param_gather.py)."""
     p, prec = cfg.parallel, cfg.precision
     want = p.get("lowp_param_gather")
     if want is not None:
         return bool(want)
     return (
-        prec.name in BRIDGE_LOWP_PARAM_GATHER and bool(p.distributed_optimizer) and prec.backend != "custom"
+        prec.name in BRIDGE_LOWP_PARAM_GATHER
+        and bool(p.distributed_optimizer)
+        and prec.backend != "custom"
+        and shards > 1
     )
 
 
@@ -170,7 +174,7 @@ def estimate_memory(
         activations = spec.num_layers * per_layer + 12 * tokens * spec.vocab_size
         return MemoryEstimate(weights, grads, optimizer, activations)
     if param_gather is None:
-        param_gather = lowp_param_gather_planned(cfg)
+        param_gather = lowp_param_gather_planned(cfg, lay.dp * lay.cp)
     if emulated is None:
         emulated = emulated_planned(cfg)
     stages = range(lay.pp) if stage is None else [stage]

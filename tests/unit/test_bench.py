@@ -248,3 +248,93 @@ def test_profile_one_step_marks_the_optimizer_step_and_restores_it(tmp_path):
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     assert any(e.get("name") == profile_step.OPTIMIZER_MARK for e in events)
     assert opt.step == original  # the marker is gone
+
+
+def test_time_steps_reports_the_median_and_the_garbage_collectors_share(monkeypatch):
+    """On a fake clock: steps of 10, 90 and 20 ms give the median 20 ms whatever the slow step; a GC pass
+    of 5 ms inside the second step counts 5/3 ms per step."""
+    import gc
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    durations = iter([0.010, 0.090, 0.020])
+
+    def step():
+        d = next(durations)
+        if d == 0.090:  # a collection in the middle of this step, as the gc module reports it
+            for cb in list(gc.callbacks):
+                cb("start", {})
+            clock[0] += 0.005
+            for cb in list(gc.callbacks):
+                cb("stop", {})
+            d -= 0.005
+        clock[0] += d
+
+    before = list(gc.callbacks)
+    t = profile_step.time_steps(step, 3)
+    assert t["step_time_s"] == pytest.approx(0.020)
+    assert (t["step_time_min_s"], t["step_time_max_s"]) == pytest.approx((0.010, 0.090))
+    assert t["step_times_s"] == pytest.approx([0.010, 0.090, 0.020])
+    assert t["gc_ms_per_step"] == pytest.approx(5.0 / 3)
+    assert gc.callbacks == before  # the hook is gone
+
+
+def test_the_parent_process_never_touches_cuda(monkeypatch, tmp_path):
+    """A CUDA context in bench.py's own process (1.86 GiB in the H100 run's OOM messages) stays on the GPU
+    while every cell runs in a child; the GPU's name and the kernel timings come from children too."""
+    import torch
+
+    def no_cuda(*a, **k):
+        raise AssertionError("bench.py's parent process touched CUDA")
+
+    for name in ("is_available", "get_device_name", "empty_cache", "init", "synchronize", "memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    kernels = {"tensor": "8192x4096 bf16", "copy_gb_per_s": 3000.0, "rows": []}
+    cell = {"impl": "llmtrain-megatron", "precision": "bf16", "step_time_s": 0.5, "tokens_per_step": 16384,
+            "peak_mem_gib": 30.0}  # fmt: skip
+    commands = []
+
+    def fake_run(cmd, **kw):
+        commands.append(cmd)
+        if cmd[1] == "-c":
+            out = "NVIDIA H100 80GB HBM3\n"
+        elif "--kernels-worker" in cmd:
+            out = "BENCH_KERNELS " + json.dumps(kernels) + "\n"
+        else:
+            out = "BENCH_RESULT " + json.dumps(cell) + "\n"
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    bench.main(["--model", "1b", "--impls", "llmtrain", "--precisions", "bf16", "--kernels",
+                "--out", str(out), "--md", str(md)])  # fmt: skip
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["gpu"] == "NVIDIA H100 80GB HBM3" and meta["kernels"] == kernels
+    assert any("--kernels-worker" in c for c in commands) and any("--worker" in c for c in commands)
+
+
+def test_new_timing_columns_and_old_results_files():
+    new = _row("1b", "bf16", "llmtrain-megatron", 0.40, step_time_min_s=0.39, step_time_max_s=0.52,
+               resident_mem_gib=12.25, gc_ms_per_step=1.5, host_op_us=0.95)  # fmt: skip
+    old = _row("1b", "bf16", "bare-megatron-core", 0.38)  # a results file from before: no such keys
+    md = bench.markdown([new, old], _meta())
+    assert "| bf16 | llmtrain-megatron | 0.400 | 0.390-0.520 | 40,960 |" in md
+    assert "| 20.0 | 12.2 | 1.5 | 0.95 | 1.053x time |" in md
+    assert "| bf16 | bare-megatron-core | 0.380 |  | 43,116 |" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| precision"))
+    failed = bench.markdown([{"model": "1b", "precision": "mxfp8", "impl": "x", "error": "boom"}], _meta())
+    row = next(ln for ln in failed.splitlines() if "failed" in ln)
+    assert row.count("|") == header.count("|")
+
+
+def test_a_cell_that_starts_with_memory_allocated_is_named():
+    rows = [
+        _row("1b", "bf16", "llmtrain-megatron", 0.40, start_mem_gib=0.0),
+        _row("1b", "fp8_cs", "llmtrain-megatron", 0.50, start_mem_gib=6.9),
+    ]
+    md = bench.markdown(rows, _meta())
+    assert (
+        "earlier cell of their process (their peak includes it): 1b fp8_cs llmtrain-megatron 6.9 GiB." in md
+    )
+    assert "bf16 llmtrain-megatron 0.0" not in md

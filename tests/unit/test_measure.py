@@ -14,6 +14,7 @@ from llmtrain.config.estimate import (
     layers_in_flight,
     layers_on_stage,
     layout_of,
+    lowp_param_gather_planned,
 )
 from llmtrain.engines.megatron_engine import measure, param_gather
 from llmtrain.engines.megatron_engine.testing import make_config
@@ -230,12 +231,24 @@ def test_pp1_estimate_is_unchanged_for_bf16():
 )  # fmt: skip
 def test_auto_is_on_where_bridge_turns_it_on_and_te_runs_natively(precision, capability, on):
     cfg = cfg_8b(precision)
-    assert param_gather.resolve(cfg.parallel, cfg.precision, capability) is on
+    assert param_gather.resolve(cfg.parallel, cfg.precision, capability, shards=8) is on
+
+
+def test_auto_is_off_on_one_shard_where_nothing_is_gathered():
+    """dp*cp=1: the all-gather moves nothing, and on one H100 at 1B TE's master-to-FP8 cast cost 68 ms/step
+    (docs/benchmarks.md). Asked for explicitly it still runs there, as Bridge's recipes would."""
+    cfg = cfg_8b("fp8_cs")
+    assert param_gather.resolve(cfg.parallel, cfg.precision, HOPPER, shards=1) is False
+    assert param_gather.resolve(cfg.parallel, cfg.precision, HOPPER, shards=2) is True
+    assert lowp_param_gather_planned(cfg, 1) is False and lowp_param_gather_planned(cfg, 8) is True
+    on = cfg_8b("fp8_cs", lowp_param_gather=True)
+    assert param_gather.resolve(on.parallel, on.precision, HOPPER, shards=1) is True
+    assert lowp_param_gather_planned(on, 1) is True
 
 
 def test_auto_is_off_without_the_distributed_optimizer():
     cfg = cfg_8b("fp8_cs", distributed_optimizer=False)
-    assert param_gather.resolve(cfg.parallel, cfg.precision, HOPPER) is False
+    assert param_gather.resolve(cfg.parallel, cfg.precision, HOPPER, shards=8) is False
 
 
 @pytest.mark.parametrize(
@@ -249,7 +262,7 @@ def test_auto_is_off_without_the_distributed_optimizer():
 def test_asking_for_it_where_it_cannot_run_is_one_line(precision, parallel, message):
     cfg = cfg_8b(precision, lowp_param_gather=True, **parallel)
     with pytest.raises(UserError) as err:
-        param_gather.resolve(cfg.parallel, cfg.precision, HOPPER)
+        param_gather.resolve(cfg.parallel, cfg.precision, HOPPER, shards=8)
     assert str(err.value).startswith(f"parallel.lowp_param_gather=true: {message}")
     assert "\n" not in str(err.value)
 

@@ -125,7 +125,9 @@ class MegatronEngine(Engine):
         _NativeBackward.mode = None  # the base recipe's backward, whatever an earlier engine left
         if not self.emulated and cfg.precision.name != "bf16":
             settings.require_native_phases(cfg.precision, _te_backward_override_available())
-        self.lowp_param_gather = param_gather.resolve(cfg.parallel, cfg.precision, capability)
+        self.lowp_param_gather = param_gather.resolve(
+            cfg.parallel, cfg.precision, capability, self.layout.dp * self.layout.cp
+        )
         gather_tc, gather_ddp, gather_opt = param_gather.megatron_kwargs(
             cfg.precision, self.lowp_param_gather
         )
@@ -253,7 +255,11 @@ class MegatronEngine(Engine):
         output = model(b["tokens"], None, None, labels=b["labels"])  # per-token loss [mbs, seq]
         return output, partial(_loss_func, b["loss_mask"])
 
-    def _run(self, micro_batches: list[MicroBatch], forward_only: bool, reduce: bool = True) -> float:
+    def _run(
+        self, micro_batches: list[MicroBatch], forward_only: bool, reduce: bool = True
+    ) -> torch.Tensor | None:
+        """Megatron's schedule over the micro-batches; the mean token loss as a 0-d GPU tensor (reduce), read
+        by the caller when it needs the number, so the host does not wait for the GPU mid-step."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -270,9 +276,9 @@ class MegatronEngine(Engine):
             micro_batch_size=mbs,
             forward_only=forward_only,
         )
-        return self._reduce_loss(ps, data) if reduce else float("nan")
+        return self._reduce_loss(ps, data) if reduce else None
 
-    def _reduce_loss(self, ps, data: list) -> float:
+    def _reduce_loss(self, ps, data: list) -> torch.Tensor:
         """Mean token loss over the global batch, on every rank (only the last stage computes it)."""
         total = torch.zeros(2, device=self.device, dtype=torch.float32)
         for item in data:
@@ -280,7 +286,7 @@ class MegatronEngine(Engine):
         torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         if self.layout.pp > 1:
             torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        return (total[0] / total[1].clamp_min(1.0)).item()
+        return total[0] / total[1].clamp_min(1.0)
 
     def begin_step(self, step: int) -> None:
         if self.emulated:
@@ -419,8 +425,10 @@ class MegatronEngine(Engine):
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         settings.set_lr(self.optimizer, lr, float(self.cfg.optim.weight_decay))
-        loss = self._run(micro_batches, forward_only=False)
+        loss_on_gpu = self._run(micro_batches, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()  # grad_norm is taken before clipping
+        # Read after the optimizer step is queued: one wait for the GPU per step, at its end (the bare loop's).
+        loss = loss_on_gpu.item()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=not ok or not math.isfinite(loss))
 
@@ -441,7 +449,7 @@ class MegatronEngine(Engine):
     def eval_loss(self, micro_batches: list[MicroBatch], quantized: bool = True) -> float:
         mode = contextlib.nullcontext() if quantized else self._unquantized()
         with self._params_synced(), torch.no_grad(), mode:
-            return self._run(micro_batches, forward_only=True)
+            return self._run(micro_batches, forward_only=True).item()
 
     def save(self, directory: Path) -> None:
         """Collective: every rank calls it with the same directory."""
@@ -505,8 +513,20 @@ class MegatronEngine(Engine):
         return mapping.megatron_to_reference(mg, self.spec)
 
     def close(self) -> None:
+        """The last call: frees the process group and lets the GPU memory go.
+
+        The model chunks reference each other (the config holds their DDP hooks, DDP wraps the module that
+        holds the config), so only a garbage-collector pass frees them, and only once nothing outside the
+        cycle points at them. A caller that still holds this engine (bench.py and the GPU tests build the
+        next engine in the same process) would otherwise keep its weights and FP32 gradient buffer
+        allocated (~7 GiB at 1B) through the next engine's run and peak.
+        """
         from megatron.core import parallel_state as ps
 
+        config = getattr(self, "config", None)
+        if config is not None:
+            config.no_sync_func = config.grad_sync_func = config.finalize_model_grads_func = None
+        self.optimizer, self.ddp_models, self.models = None, [], []
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         close_process_group()  # only a group llmtrain created (dry_run=measure's fake one is its own)

@@ -28,12 +28,18 @@ def why_not(parallel, prec, capability: tuple[int, int]) -> str | None:
     return None
 
 
-def resolve(parallel, prec, capability: tuple[int, int]) -> bool:
-    """parallel.lowp_param_gather: null = on where it can run; true where it cannot is one error line."""
+def resolve(parallel, prec, capability: tuple[int, int], shards: int) -> bool:
+    """parallel.lowp_param_gather: null = on where it can run and there is something to gather (`shards`,
+    the distributed optimizer's dp*cp, > 1); true where it cannot run is one error line.
+
+    Off by default on one shard, where Bridge's recipes still turn it on: nothing is all-gathered there, so
+    it saves no communication, and on one H100 at 1B (docs/benchmarks.md) TE's cast of the FP32 master
+    weights into the FP8 parameters took 68 ms of a 0.78 s FP8-CS step (64 cast-transpose kernels of ~1 ms).
+    """
     want = parallel.get("lowp_param_gather")
     why = why_not(parallel, prec, capability)
     if want is None:
-        return why is None
+        return why is None and shards > 1
     if want and why:
         raise UserError(
             f"parallel.lowp_param_gather=true: {why}; set parallel.lowp_param_gather=false, or null for auto"
