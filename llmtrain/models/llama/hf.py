@@ -118,6 +118,8 @@ class LlamaHF:
         theta, _ = hf_rope(cfg)
         heads = int(cfg.num_attention_heads)
         head_dim = getattr(cfg, "head_dim", None)
+        if head_dim == int(cfg.hidden_size) // heads:
+            head_dim = None  # the default: config.yaml keeps model.head_dim unset, as a recipe would
         return {
             "name": name or "hf_import",
             "family": self.family,
