@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.convert import hf
+from llmtrain.convert import hf, io
 from llmtrain.convert.io import (
     atomic_output_dir,
     is_step_dir,
-    load_model_state,
     read_config,
     resolve_checkpoint,
     write_checkpoint,
@@ -30,6 +29,16 @@ SOFT = ("rope_theta", "norm_eps")
 def is_hf_dir(path: str | Path) -> bool:
     p = Path(path).expanduser()
     return p.is_dir() and (p / hf.HF_CONFIG).is_file() and not is_step_dir(p)
+
+
+def load_model_state(step_dir: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The full model state dict (llmtrain names) of a torch or Megatron engine checkpoint."""
+    manifest = io.read_manifest(Path(step_dir))
+    if manifest.get("engine", "torch") == "torch":
+        return io.load_model_state(step_dir, verify=verify)
+    from llmtrain.convert import megatron
+
+    return megatron.load_model_state(Path(step_dir), manifest)
 
 
 def _spec_from_model_cfg(model_cfg, source: str) -> ModelSpec:

@@ -155,14 +155,15 @@ def iter_safetensors(path: Path, names: list[str] | None = None) -> Iterator[tup
 
 
 def load_model_state(step_dir: Path, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The full model state dict of a torch-engine checkpoint (llmtrain names)."""
+    """The full model state dict of a torch-engine checkpoint (llmtrain names). Any engine's checkpoint:
+    llmtrain.convert.api.load_model_state (this module knows no engine format)."""
     step_dir = Path(step_dir)
     manifest = read_manifest(step_dir)
     engine = manifest.get("engine", "torch")
     if engine != "torch":
-        from llmtrain.convert import megatron
-
-        return megatron.load_model_state(step_dir, manifest)
+        raise CheckpointError(
+            f"{step_dir} was written by the {engine} engine; read it with llmtrain.convert.load_model_state"
+        )
     path = step_dir / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
