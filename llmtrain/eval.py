@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = OneLineParser(prog="python -m llmtrain.eval", description=__doc__.split("\n")[0])
     p.add_argument(
-        "checkpoint", help="llmtrain run dir / checkpoints/ / step dir, or a Hugging Face Llama dir"
+        "checkpoint", help="llmtrain run dir / checkpoints/ / step dir, or a Hugging Face Llama/Qwen3 dir"
     )
     p.add_argument(
         "--steps", type=int_at_least(1), default=10, help="held-out micro-batches to evaluate (default 10)"

@@ -111,7 +111,7 @@ def check_architecture(model_spec: ModelSpec, ckpt_spec: ModelSpec, source: str)
 
 @torch.no_grad()
 def init_weights_from(path: str, model) -> None:
-    """Load an HF Llama directory or an llmtrain checkpoint (run dir / checkpoints/ / step dir) into `model`.
+    """Load an HF directory (a registered family) or an llmtrain checkpoint (run dir / checkpoints/ / step dir) into `model`.
 
     Strict: the architecture, every tensor name and shape must match, else a one-line UserError. Weights
     are copied tensor by tensor (cast to the model's dtype/device), so the source never sits in memory whole.
@@ -159,7 +159,7 @@ def import_hf(
     force: bool = False,
     name: str | None = None,
 ) -> Path:
-    """HF Llama directory -> llmtrain checkpoint dir (step 0, model only, FP32) for `engine`."""
+    """HF directory (Llama, Qwen3: its model_type picks the family) -> llmtrain checkpoint dir (step 0, model only, FP32) for `engine`."""
     hf_dir = Path(hf_dir).expanduser().resolve()
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory; pass a Hugging Face model directory")
@@ -213,7 +213,7 @@ def export_hf(
     with_tokenizer: bool = True,
     verify: bool = True,
 ) -> Path:
-    """llmtrain checkpoint (run dir / checkpoints/ / step dir) -> HF Llama dir loadable by transformers offline.
+    """llmtrain checkpoint (run dir / checkpoints/ / step dir) -> HF dir of its family loadable by transformers offline.
 
     Writes config.json, generation_config.json, model(-0000k-of-0000n).safetensors (+ index) and, when the run
     had a tokenizer (data.tokenizer, or `tokenizer`), the tokenizer files; all in a temp dir renamed at the end.

@@ -3,7 +3,7 @@
 Checkpoint layout (torch engine; an `import` writes the same without optimizer/trainer state):
 
     <run_dir>/checkpoints/step_00000060/
-        model.safetensors   LlamaModel state dict (names as in llmtrain.models.llama; tied lm_head stored once)
+        model.safetensors   the family's model state dict (HF names without `model.`; tied lm_head stored once)
         optimizer.pt        optional
         trainer.pt          optional
         config.yaml         the run's resolved config (at least a `model:` section)

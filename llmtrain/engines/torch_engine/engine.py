@@ -1,4 +1,4 @@
-"""The reference engine: the plain-PyTorch Llama, AdamW, data parallelism with DDP (gloo on CPU)."""
+"""The reference engine: the model family's plain-PyTorch model, AdamW, data parallelism with DDP (gloo on CPU)."""
 
 import math
 from contextlib import nullcontext
