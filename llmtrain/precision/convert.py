@@ -4,13 +4,13 @@ import torch
 from torch import nn
 
 from llmtrain.errors import ConfigError
+from llmtrain.models.llama.family import LlamaFamily
 from llmtrain.precision.hadamard import random_signs
 from llmtrain.precision.linear import QuantLinear
 from llmtrain.precision.recipe import TORCH_BACKENDS, PrecisionRecipe, bf16_layer_counts, validate
 
-# Llama's list, for models without a spec; a model's family names its own (llmtrain.models.registry).
-GEMMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+# Models without a spec (tests' bare modules) get Llama's list; a model's family names its own.
+GEMMS = LlamaFamily.gemms
 
 
 def model_gemms(model: nn.Module) -> tuple[str, ...]:
