@@ -41,7 +41,7 @@ def dry_run_report(cfg, world: int, engine: str) -> str:
     unit = "GPU" if engine == "megatron" else "process"
     lines = [
         f"model        {spec.name}: {spec.num_params() / 1e9:.3f} B parameters ({spec.num_params():,})",
-        f"FLOPs/token  {spec.flops_per_token() / 1e9:.2f} GFLOP (training: 6*N_matmul + 12*L*H*S)",
+        f"FLOPs/token  {spec.flops_per_token() / 1e9:.2f} GFLOP (training: 6*N_matmul + 12*L*A*S, A = heads*head_dim)",
         f"precision    {cfg.precision.name} (bf16 layers: first {cfg.precision.bf16_layers.first}, "
         f"last {cfg.precision.bf16_layers.last})",
         f"engine       {engine}; world {lay.world} = tp {lay.tp} x pp {lay.pp} (vpp {lay.vpp}) x cp {lay.cp} "

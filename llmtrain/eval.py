@@ -3,8 +3,8 @@
     python -m llmtrain.eval CHECKPOINT [--steps 10] [--micro-batch-size 8] [--seq-length 256]
     python -m llmtrain.eval CHECKPOINT --lm-eval hellaswag,arc_easy [--limit 100]   # needs lm-eval[hf]
 
-CHECKPOINT: an llmtrain run dir / checkpoints/ dir / step dir, or a Hugging Face Llama directory. Prints one
-JSON line: {"checkpoint", "step", "valid_loss", "perplexity", "tokens", ...}. Errors: one line, exit code 2.
+CHECKPOINT: an llmtrain run dir / checkpoints/ dir / step dir, or a Hugging Face directory of a registered
+model family (llmtrain.models.registry). Prints one JSON line: {"checkpoint", "step", "valid_loss", "perplexity", "tokens", ...}. Errors: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ def eval_config(source: str | Path, overrides: dict | None = None):
 def load_model(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from llmtrain.convert import init_weights_from
     from llmtrain.convert.api import describe_source
-    from llmtrain.models.llama import LlamaModel
 
     _, spec, _ = describe_source(source)
     with torch.device("meta"):
-        model = LlamaModel(spec)
+        model = spec.model_family.build_model(spec)
     model = model.to_empty(device=device)  # no random init of weights that are overwritten next
     if spec.tie_embeddings:  # to_empty gives the tied output head its own storage: tie it again
         model.lm_head.weight = model.embed_tokens.weight
@@ -59,7 +58,7 @@ def load_model(source: str | Path, device: str = "cpu", dtype: torch.dtype = tor
 
 
 def _rope(spec):
-    from llmtrain.models.llama import rope_tables
+    from llmtrain.models.layers import rope_tables
 
     return rope_tables(spec.seq_length, spec.head_dim, spec.rope_theta)
 
@@ -67,7 +66,7 @@ def _rope(spec):
 @torch.no_grad()
 def perplexity(model, micro_batches, device: str = "cpu") -> dict:
     """Token-weighted mean cross-entropy over the micro-batches and its exponential."""
-    from llmtrain.models.llama import causal_lm_loss
+    from llmtrain.models.layers import causal_lm_loss
 
     total, tokens = 0.0, 0.0
     for mb in micro_batches:
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = OneLineParser(prog="python -m llmtrain.eval", description=__doc__.split("\n")[0])
     p.add_argument(
-        "checkpoint", help="llmtrain run dir / checkpoints/ / step dir, or a Hugging Face Llama dir"
+        "checkpoint", help="llmtrain run dir / checkpoints/ / step dir, or a Hugging Face Llama/Qwen3 dir"
     )
     p.add_argument(
         "--steps", type=int_at_least(1), default=10, help="held-out micro-batches to evaluate (default 10)"

@@ -15,11 +15,13 @@ from llmtrain.precision.config import PrecisionConfig
 @dataclass
 class ModelConfig:
     name: str = "tiny"
+    family: str = "llama"  # llama | qwen3: the model family (llmtrain/models/<family>/, models/registry.py)
     num_layers: int = 4
     hidden_size: int = 256
     ffn_hidden_size: int = 688
     num_attention_heads: int = 8
     num_query_groups: int = 4  # KV heads (GQA)
+    head_dim: int | None = None  # null = hidden_size / num_attention_heads (Qwen3 may set its own)
     vocab_size: int = 4096
     seq_length: int = 256
     rope_theta: float = 10000.0

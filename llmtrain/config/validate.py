@@ -6,6 +6,7 @@ from llmtrain import precision
 from llmtrain.config.layout import check_layout
 from llmtrain.engines.select import ENGINES
 from llmtrain.errors import ConfigError
+from llmtrain.models.registry import FAMILIES, get_family
 from llmtrain.train.schedule import SCHEDULES
 
 WANDB_MODES = ["offline", "online", "disabled"]
@@ -41,6 +42,7 @@ def _divides(key: str, value: int, by_key: str, by: int, fix: str) -> None:
 
 
 def validate_model(m) -> None:
+    _choice("model.family", m.family, sorted(FAMILIES))
     for key in (
         "num_layers",
         "hidden_size",
@@ -51,13 +53,14 @@ def validate_model(m) -> None:
         "seq_length",
     ):
         _positive(f"model.{key}", m[key])
-    _divides(
-        "model.hidden_size",
-        m.hidden_size,
-        "model.num_attention_heads",
-        m.num_attention_heads,
-        "pick a hidden size that is a multiple of the head count",
-    )
+    if m.get("head_dim") is None:  # head_dim = hidden_size / heads
+        _divides(
+            "model.hidden_size",
+            m.hidden_size,
+            "model.num_attention_heads",
+            m.num_attention_heads,
+            "pick a hidden size that is a multiple of the head count",
+        )
     _divides(
         "model.num_attention_heads",
         m.num_attention_heads,
@@ -65,8 +68,9 @@ def validate_model(m) -> None:
         m.num_query_groups,
         "GQA needs whole query groups",
     )
-    if (m.hidden_size // m.num_attention_heads) % 2:
+    if m.get("head_dim") is None and (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.hidden_size", m.hidden_size, "head dimension must be even for RoPE")
+    get_family(m.family).validate(m)  # the family's own rules (e.g. Llama: no head_dim of its own)
     for key in ("rope_theta", "norm_eps", "init_std"):
         _positive(f"model.{key}", m[key])
 

@@ -14,13 +14,13 @@ from llmtrain.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m llmtrain.convert",
-        description="Convert between Hugging Face Llama and llmtrain checkpoints.",
+        description="Convert between Hugging Face (Llama, Qwen3) and llmtrain checkpoints.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser(
         "import",
-        help="HF Llama directory -> llmtrain checkpoint (step 0, model weights only; torch: safetensors,"
+        help="HF Llama/Qwen3 directory -> llmtrain checkpoint (step 0, model weights only; torch: safetensors,"
         " megatron: Megatron-Core dist checkpoint)",
     )
     imp.add_argument("hf_dir", help="directory with config.json and model*.safetensors (sharded or not)")
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", default=None, help="model.name to record (default: the HF directory name)")
     imp.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
-    exp = sub.add_parser("export", help="llmtrain checkpoint -> HF Llama directory (transformers-loadable)")
+    exp = sub.add_parser(
+        "export", help="llmtrain checkpoint -> HF directory of its family (transformers-loadable)"
+    )
     exp.add_argument("checkpoint", help="run dir, its checkpoints/ dir (follows `latest`) or a step_* dir")
     exp.add_argument("out", help="HF directory to create")
     exp.add_argument(

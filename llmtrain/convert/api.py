@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.convert import hf
+from llmtrain.convert import hf, io
 from llmtrain.convert.io import (
     atomic_output_dir,
     is_step_dir,
-    load_model_state,
     read_config,
     resolve_checkpoint,
     write_checkpoint,
@@ -30,6 +29,16 @@ SOFT = ("rope_theta", "norm_eps")
 def is_hf_dir(path: str | Path) -> bool:
     p = Path(path).expanduser()
     return p.is_dir() and (p / hf.HF_CONFIG).is_file() and not is_step_dir(p)
+
+
+def load_model_state(step_dir: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The full model state dict (llmtrain names) of a torch or Megatron engine checkpoint."""
+    manifest = io.read_manifest(Path(step_dir))
+    if manifest.get("engine", "torch") == "torch":
+        return io.load_model_state(step_dir, verify=verify)
+    from llmtrain.convert import megatron
+
+    return megatron.load_model_state(Path(step_dir), manifest)
 
 
 def _spec_from_model_cfg(model_cfg, source: str) -> ModelSpec:
@@ -102,7 +111,7 @@ def check_architecture(model_spec: ModelSpec, ckpt_spec: ModelSpec, source: str)
 
 @torch.no_grad()
 def init_weights_from(path: str, model) -> None:
-    """Load an HF Llama directory or an llmtrain checkpoint (run dir / checkpoints/ / step dir) into `model`.
+    """Load an HF directory (a registered family) or an llmtrain checkpoint (run dir / checkpoints/ / step dir) into `model`.
 
     Strict: the architecture, every tensor name and shape must match, else a one-line UserError. Weights
     are copied tensor by tensor (cast to the model's dtype/device), so the source never sits in memory whole.
@@ -150,7 +159,7 @@ def import_hf(
     force: bool = False,
     name: str | None = None,
 ) -> Path:
-    """HF Llama directory -> llmtrain checkpoint dir (step 0, model only, FP32) for `engine`."""
+    """HF directory (Llama, Qwen3: its model_type picks the family) -> llmtrain checkpoint dir (step 0, model only, FP32) for `engine`."""
     hf_dir = Path(hf_dir).expanduser().resolve()
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory; pass a Hugging Face model directory")
@@ -204,7 +213,7 @@ def export_hf(
     with_tokenizer: bool = True,
     verify: bool = True,
 ) -> Path:
-    """llmtrain checkpoint (run dir / checkpoints/ / step dir) -> HF Llama dir loadable by transformers offline.
+    """llmtrain checkpoint (run dir / checkpoints/ / step dir) -> HF dir of its family loadable by transformers offline.
 
     Writes config.json, generation_config.json, model(-0000k-of-0000n).safetensors (+ index) and, when the run
     had a tokenizer (data.tokenizer, or `tokenizer`), the tokenizer files; all in a temp dir renamed at the end.

@@ -1,8 +1,9 @@
-"""Hugging Face Llama format: config translation, tensor names, reading and writing HF model directories.
+"""Hugging Face model directories: reading and writing config.json, safetensors shards and tokenizers.
 
-llmtrain's `LlamaModel` uses HF's LlamaForCausalLM names without the `model.` prefix and the same
-rotate-half RoPE, so weights map one to one; only names, dtypes and the tied output head need care.
-transformers is imported lazily (it is the optional `hf` extra).
+What a family's tensors and config are called in HF (names, shapes, config translation) is the family's
+adapter (llmtrain/models/<family>/hf.py), found from config.json's `model_type` or the spec's
+`family`; the functions below that take a spec are entry points to it. transformers is imported lazily
+(it is the optional `hf` extra).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 
 from llmtrain.convert.io import iter_safetensors, safetensors_names, save_model_file
 from llmtrain.errors import CheckpointError, UserError
+from llmtrain.models.llama.hf import LlamaHF, hf_rope, transformers  # noqa: F401 (hf_rope: re-export)
+from llmtrain.models.registry import FAMILIES, family_for_hf_model_type, get_family
 from llmtrain.models.spec import ModelSpec
 
 HF_CONFIG = "config.json"
@@ -39,11 +42,7 @@ _DTYPES |= {"float16": torch.float16, "fp16": torch.float16}
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - transformers is in the dev extra
-        raise UserError("Hugging Face conversion needs transformers: pip install 'llmtrain[hf]'") from e
-    return transformers
+    return transformers()
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -70,27 +69,8 @@ def parse_size(size: str | int) -> int:
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The state dict LlamaModel(spec) stores (llmtrain names), computed without allocating the model."""
-    h, f, v = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size
-    q, kv = spec.num_attention_heads * spec.head_dim, spec.kv_dim
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, h)}
-    for i in range(spec.num_layers):
-        p = f"layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        }
-    shapes["norm.weight"] = (h,)
-    if not spec.tie_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    return shapes
+    """The state dict the family's model stores (llmtrain names), computed without allocating the model."""
+    return spec.model_family.hf.expected_shapes(spec)
 
 
 def check_shapes(
@@ -118,15 +98,9 @@ def check_shapes(
         )
 
 
-def hf_to_llmtrain_name(name: str) -> str | None:
-    """HF LlamaForCausalLM name -> llmtrain name; None for buffers that old checkpoints carry."""
-    if name.endswith("rotary_emb.inv_freq"):
-        return None
-    return name.removeprefix("model.")
-
-
-def llmtrain_to_hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else "model." + name
+# Every family uses HF's names without the `model.` prefix.
+hf_to_llmtrain_name = LlamaHF.to_llmtrain_name
+llmtrain_to_hf_name = LlamaHF.to_hf_name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,7 +108,8 @@ def llmtrain_to_hf_name(name: str) -> str:
 
 
 def read_hf_config(hf_dir: str | Path):
-    """config.json of an HF directory -> transformers LlamaConfig, rejecting what llmtrain cannot represent."""
+    """config.json of an HF directory -> the transformers config of its family (found from `model_type`),
+    rejecting what llmtrain cannot represent."""
     path = Path(hf_dir).expanduser() / HF_CONFIG
     if not path.is_file():
         raise UserError(
@@ -145,63 +120,18 @@ def read_hf_config(hf_dir: str | Path):
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
     model_type = raw.get("model_type")
-    if model_type != "llama":
+    family = family_for_hf_model_type(model_type)
+    if family is None:
+        known = ", ".join(repr(get_family(f).hf_model_type) for f in FAMILIES)
         raise UserError(
-            f"{path}: model_type={model_type!r} is not supported; only Llama (model_type 'llama') converts"
+            f"{path}: model_type={model_type!r} is not supported; llmtrain converts model_type {known}"
         )
-    _check_supported(raw, path)
-    try:
-        return _transformers().LlamaConfig.from_dict(raw)
-    except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is not a valid LlamaConfig ({e})") from e
-
-
-def hf_rope(cfg) -> tuple[float, dict]:
-    """(rope_theta, rope params) for transformers 5 (`rope_parameters`) and 4 (`rope_theta`/`rope_scaling`)."""
-    params = getattr(cfg, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"]), params
-    scaling = getattr(cfg, "rope_scaling", None) or {}
-    return float(getattr(cfg, "rope_theta", 10000.0)), {
-        "rope_type": scaling.get("rope_type", "default")
-    } | scaling
-
-
-def _check_supported(raw: dict, path: Path) -> None:
-    """Reject Llama variants llmtrain's model does not implement (from the raw config.json, transformers 4 or 5)."""
-    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    problems = []
-    if rope_type != "default":
-        problems.append(f"rope scaling {rope_type!r} (llmtrain's Llama implements plain RoPE only)")
-    if raw.get("attention_bias") or raw.get("mlp_bias"):
-        problems.append("attention/MLP biases (llmtrain's Llama has none)")
-    if raw.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={raw['hidden_act']!r} (only silu/SwiGLU)")
-    heads, hidden = raw.get("num_attention_heads"), raw.get("hidden_size")
-    if heads and hidden and raw.get("head_dim") not in (None, hidden // heads):
-        problems.append(f"head_dim={raw['head_dim']} != hidden_size/num_attention_heads")
-    if problems:
-        raise UserError(f"{path}: unsupported Llama variant: {'; '.join(problems)}")
+    return family.hf.parse_config(raw, path)
 
 
 def model_config_from_hf(cfg, name: str | None = None) -> dict:
-    """LlamaConfig -> the `model:` section of an llmtrain config (ModelConfig fields)."""
-    theta, _ = hf_rope(cfg)
-    return {
-        "name": name or "hf_import",
-        "num_layers": int(cfg.num_hidden_layers),
-        "hidden_size": int(cfg.hidden_size),
-        "ffn_hidden_size": int(cfg.intermediate_size),
-        "num_attention_heads": int(cfg.num_attention_heads),
-        "num_query_groups": int(cfg.num_key_value_heads or cfg.num_attention_heads),
-        "vocab_size": int(cfg.vocab_size),
-        "seq_length": int(cfg.max_position_embeddings),
-        "rope_theta": theta,
-        "norm_eps": float(cfg.rms_norm_eps),
-        "tie_embeddings": bool(cfg.tie_word_embeddings),
-        "init_std": float(getattr(cfg, "initializer_range", 0.02)),
-    }
+    """transformers config -> the `model:` section of an llmtrain config (ModelConfig fields)."""
+    return family_for_hf_model_type(cfg.model_type).hf.model_config(cfg, name)
 
 
 def hf_config_from_spec(
@@ -211,30 +141,8 @@ def hf_config_from_spec(
     eos_token_id=None,
     pad_token_id=None,
 ):
-    """ModelSpec -> transformers LlamaConfig for LlamaForCausalLM."""
-    cfg = _transformers().LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.ffn_hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_query_groups,
-        head_dim=spec.head_dim,
-        max_position_embeddings=spec.seq_length,
-        rms_norm_eps=spec.norm_eps,
-        rope_theta=spec.rope_theta,
-        tie_word_embeddings=spec.tie_embeddings,
-        initializer_range=spec.init_std,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        architectures=["LlamaForCausalLM"],
-    )
-    cfg.dtype = dtype  # written as "dtype" (transformers 5) / "torch_dtype" (4)
-    return cfg
+    """ModelSpec -> the transformers config of its family's *ForCausalLM."""
+    return spec.model_family.hf.hf_config(spec, dtype, bos_token_id, eos_token_id, pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Checkpoint layout (torch engine; an `import` writes the same without optimizer/trainer state):
 
     <run_dir>/checkpoints/step_00000060/
-        model.safetensors   LlamaModel state dict (names as in llmtrain.models.llama; tied lm_head stored once)
+        model.safetensors   the family's model state dict (HF names without `model.`; tied lm_head stored once)
         optimizer.pt        optional
         trainer.pt          optional
         config.yaml         the run's resolved config (at least a `model:` section)
@@ -155,14 +155,15 @@ def iter_safetensors(path: Path, names: list[str] | None = None) -> Iterator[tup
 
 
 def load_model_state(step_dir: Path, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The full model state dict of a torch-engine checkpoint (llmtrain names)."""
+    """The full model state dict of a torch-engine checkpoint (llmtrain names). Any engine's checkpoint:
+    llmtrain.convert.api.load_model_state (this module knows no engine format)."""
     step_dir = Path(step_dir)
     manifest = read_manifest(step_dir)
     engine = manifest.get("engine", "torch")
     if engine != "torch":
-        from llmtrain.convert import megatron
-
-        return megatron.load_model_state(step_dir, manifest)
+        raise CheckpointError(
+            f"{step_dir} was written by the {engine} engine; read it with llmtrain.convert.load_model_state"
+        )
     path = step_dir / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")

@@ -1,7 +1,7 @@
 """Megatron engine checkpoints: read them for `export`, write them for `import --engine megatron`.
 
 The per-tensor layout (fused QKV grouped per KV group, fused [gate; up] fc1, norms fused into TE linears, TP
-splits) lives in the engine, `llmtrain.engines.megatron_engine.mapping`; this module only adapts a
+splits) lives with the model family, `llmtrain/models/<family>/megatron.py`; this module only adapts a
 Megatron-Core `dist_checkpointing` checkpoint to it:
 
   * the engine writes `<step_dir>/megatron/` (torch_dist format); its tensors are stored with global shapes,
@@ -9,7 +9,7 @@ Megatron-Core `dist_checkpointing` checkpoint to it:
   * Megatron-Core stores a transformer block's layers stacked (`decoder.layers.<name>` of shape [L, ...]) or
     per layer (`decoder.layers.<i>.<name>`): `unstack_layers` gives per-layer keys either way;
   * the optimizer, RNG and TE `_extra_state` entries are skipped;
-  * an import writes the same format from one process: every TP rank's slice (`mapping.tp_shard`) as the
+  * an import writes the same format from one process: every TP rank's slice (the family's `tp_shard`) as the
     ShardedTensor the engine's GPTModel would give it (`sharded_tensors`), model weights only, FP32.
 """
 
@@ -68,14 +68,12 @@ def unstack_layers(state: dict, num_layers: int) -> dict[str, torch.Tensor]:
 def from_megatron(state: dict, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Full Megatron-Core GPTModel tensors (stacked or per-layer keys) -> llmtrain state dict (tied lm_head
     dropped, vocab padding rows removed)."""
-    from llmtrain.engines.megatron_engine import mapping
-
     mg = unstack_layers(state, spec.num_layers)
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if key in mg:
             mg[key] = mg[key][: spec.vocab_size]
     try:
-        ref = mapping.megatron_to_reference(mg, spec)
+        ref = spec.model_family.megatron.to_reference(mg, spec)
     except KeyError as e:
         raise CheckpointError(
             f"Megatron checkpoint has no tensor {e.args[0]}; it is incomplete or not a GPT model"
@@ -158,22 +156,23 @@ def _sharded(key: str, data: torch.Tensor, layer_axis: list, *tp_axis: tuple[int
     )
 
 
-def sharded_tensors(full: dict[str, torch.Tensor], num_layers: int, tp: int) -> dict:
+def sharded_tensors(full: dict[str, torch.Tensor], num_layers: int, tp: int, family: str = "llama") -> dict:
     """Every TP rank's slice of the full Megatron weights as the ShardedTensor Megatron-Core's GPTModel gives
     that rank (`sharded_state_dict()` with the engine's metadata): a layer's tensors share one key with a
     leading layer axis at the global layer index; a TP-split weight is `tp` chunks along its split dim; the
     fused fc1 is stored as [gate; up] whatever the TP size (rank r holds chunks r and tp+r of 2*tp); norms
     are stored once. PP stages only choose which layers a rank holds, which the global offsets already fix.
     """
-    from llmtrain.engines.megatron_engine import mapping
+    from llmtrain.models import get_family
 
+    layout = get_family(family).megatron
     out = {}
     for name, whole in full.items():
         m = _LAYER_INDEX.match(name)
         key = f"decoder.layers.{m.group(2)}" if m else name
         layer_axis = [(0, int(m.group(1)), num_layers)] if m else []
         lead = len(layer_axis)
-        slices = [mapping.tp_shard(name, whole, tp, r) for r in range(tp)]
+        slices = [layout.tp_shard(name, whole, tp, r) for r in range(tp)]
         if slices[0].shape == whole.shape:  # replicated over TP ranks, or tp=1
             shards = [_sharded(key, whole, layer_axis)]
         elif name.endswith(".mlp.linear_fc1.weight"):
@@ -238,8 +237,6 @@ def import_to_megatron(
     `out/megatron/` is a Megatron-Core dist checkpoint (torch_dist) whose tensors are split into the TP
     shards the engine's ranks hold; `train.init_from=out` starts the engine from it in any layout.
     """
-    from llmtrain.engines.megatron_engine import mapping
-
     check_layout(spec, tp, pp)
     _require_writer()
     state = {
@@ -247,12 +244,12 @@ def import_to_megatron(
         for k, v in hf.iter_hf_tensors(files)
         if not (spec.tie_embeddings and k == "lm_head.weight")
     }
-    full = mapping.reference_to_megatron(state, spec)
+    full = spec.model_family.megatron.to_megatron(state, spec)
     del state  # the un-fused q/k/v and gate/up copies
     config = config | {"engine": {"name": "megatron"}, "parallel": {"tp": tp, "pp": pp}}
     with atomic_output_dir(out, force) as tmp:
         (tmp / SUBDIR).mkdir()
-        save_dist_checkpoint(sharded_tensors(full, spec.num_layers, tp), tmp / SUBDIR)
+        save_dist_checkpoint(sharded_tensors(full, spec.num_layers, tp, spec.family), tmp / SUBDIR)
         write_config_and_files(tmp, config, extra)
         write_manifest(tmp, 0, "megatron", extra={"layout": {"tp": tp, "pp": pp}})
     return out

@@ -1,17 +1,20 @@
-"""Architecture arithmetic for a Llama-style decoder: parameter count and FLOPs per token.
+"""The architecture description both engines build from, and its arithmetic (parameters, FLOPs per token).
 
-Both engines build the same architecture from this description (RMSNorm, RoPE, GQA, SwiGLU, no biases).
+A ModelSpec is family-neutral numbers (layers, widths, heads, vocab, RoPE, norm); `family` names the model
+family (llmtrain.models.registry) that says what those numbers build and owns the formulas.
 """
 
 from dataclasses import dataclass
 
 # Fields that change tensor shapes or their meaning: a checkpoint whose value differs cannot be loaded.
 STRUCTURAL = (
+    "family",
     "num_layers",
     "hidden_size",
     "ffn_hidden_size",
     "num_attention_heads",
     "num_query_groups",
+    "head_dim",
     "vocab_size",
     "tie_embeddings",
 )
@@ -31,6 +34,12 @@ class ModelSpec:
     tie_embeddings: bool = False
     init_std: float = 0.02
     name: str = "custom"
+    family: str = "llama"
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads (filled in at construction)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     @classmethod
     def from_config(cls, cfg) -> "ModelSpec":
@@ -38,31 +47,27 @@ class ModelSpec:
         return cls(**{k: cfg[k] for k in fields if k in cfg})
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def model_family(self):
+        """The family's spec object (llmtrain.models.registry.ModelFamily)."""
+        from llmtrain.models.registry import get_family
+
+        return get_family(self.family)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.num_query_groups * self.head_dim
 
     def layer_linear_params(self) -> int:
-        """Weights of the GEMMs in one transformer layer (q, k, v, o, gate, up, down)."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        attn = h * h + 2 * h * self.kv_dim + h * h
-        mlp = 3 * h * f
-        return attn + mlp
+        """Weights of the GEMMs in one transformer layer (the family's quantized GEMMs)."""
+        return self.model_family.layer_linear_params(self)
 
     def num_params(self) -> int:
-        h, v = self.hidden_size, self.vocab_size
-        per_layer = self.layer_linear_params() + 2 * h  # + two RMSNorm weights
-        embeddings = v * h * (1 if self.tie_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + h  # + final norm
+        return self.model_family.num_params(self)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward), PaLM convention: 6*N_matmul + 12*L*H*S.
-
-        N_matmul counts every GEMM weight including the output head, not the embedding lookup; the second
-        term is the attention score and value products at full (non-causal) cost, as in Megatron's MFU.
-        """
-        n_matmul = self.num_layers * self.layer_linear_params() + self.vocab_size * self.hidden_size
-        return 6.0 * n_matmul + 12.0 * self.num_layers * self.hidden_size * self.seq_length
+        """Training FLOPs per token (forward + backward); the family's formula."""
+        return self.model_family.flops_per_token(self)

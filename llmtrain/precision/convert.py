@@ -1,15 +1,21 @@
-"""Swap a LlamaModel's attention and MLP linears for QuantLinear, in place; switch their recipe (phases)."""
+"""Swap a model's per-layer GEMMs (its family's `gemms`) for QuantLinear, in place; switch their recipe (phases)."""
 
 import torch
 from torch import nn
 
 from llmtrain.errors import ConfigError
+from llmtrain.models.llama.family import LlamaFamily
 from llmtrain.precision.hadamard import random_signs
 from llmtrain.precision.linear import QuantLinear
 from llmtrain.precision.recipe import TORCH_BACKENDS, PrecisionRecipe, bf16_layer_counts, validate
 
-GEMMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+# Models without a spec (tests' bare modules) get Llama's list; a model's family names its own.
+GEMMS = LlamaFamily.gemms
+
+
+def model_gemms(model: nn.Module) -> tuple[str, ...]:
+    spec = getattr(model, "spec", None)
+    return spec.model_family.gemms if spec is not None else GEMMS
 
 
 def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
@@ -35,13 +41,14 @@ def convert_model(model: nn.Module, cfg, *, seed: int = 0) -> None:
     # te_custom.activate draws it, so both engines transform with the same vector.
     signs = random_signs(recipe.rht_size, torch.Generator().manual_seed(seed + 1))
     first, last = bf16_layer_counts(cfg, num_layers)
+    gemms = model_gemms(model)
     for i in range(first, num_layers - last):
-        for j, path in enumerate(GEMMS):
+        for j, path in enumerate(gemms):
             parent_name, attr = path.split(".")
             parent = getattr(model.layers[i], parent_name)
             linear = getattr(parent, attr)
             # Distinct SR streams per GEMM, reproducible from the run seed.
-            layer_seed = (seed * 1_000_003 + i * len(GEMMS) + j) % 2**63
+            layer_seed = (seed * 1_000_003 + i * len(gemms) + j) % 2**63
             quant = QuantLinear(linear, recipe, seed=layer_seed)
             if recipe.rht_signs == "random":
                 quant._signs = signs  # QuantLinear.rht_signs() returns this cached vector

@@ -32,7 +32,7 @@ from llmtrain.engines.base import DistInfo
 from llmtrain.engines.megatron_engine import mapping
 from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
 from llmtrain.models import ModelSpec
-from llmtrain.models.llama import LlamaModel, causal_lm_loss
+from llmtrain.models.layers import causal_lm_loss
 
 pytestmark = pytest.mark.gpu
 
@@ -74,7 +74,7 @@ def torch_loss_and_grads(model, batches, *, autocast: bool) -> tuple[float, dict
 
 
 def torch_curve(weights, spec, step_batches, cfg, perturb_seed: int | None) -> list[float]:
-    model = LlamaModel(spec).cuda()
+    model = spec.model_family.build_model(spec).cuda()
     model.load_state_dict(weights)
     if perturb_seed is not None:  # one BF16 rounding's worth of difference in every weight
         gen = torch.Generator(device="cuda").manual_seed(perturb_seed)
@@ -133,12 +133,16 @@ def megatron_grads(engine, batches) -> dict[str, torch.Tensor]:
 
 
 def test_torch_vs_megatron_same_weights():
+    run_parity(make_config("llama3_1b", "bf16", "single", {"model": {"seq_length": SEQ}}), "parity_llama3_1b")
+
+
+def run_parity(cfg, name: str) -> None:
+    """The checks of the module docstring for the model `cfg.model` (any registered family)."""
     from llmtrain.engines.megatron_engine import MegatronEngine
 
-    cfg = make_config("llama3_1b", "bf16", "single", {"model": {"seq_length": SEQ}})
     spec = ModelSpec.from_config(cfg.model)
     torch.manual_seed(0)
-    ref = LlamaModel(spec)
+    ref = spec.model_family.build_model(spec)
     ref.init_weights()
     with torch.no_grad():
         for p in ref.parameters():
@@ -194,7 +198,7 @@ def test_torch_vs_megatron_same_weights():
     curve_bound = {w: CURVE_MARGIN * max(max(spread[s]), CURVE_FLOOR) for w, s in windows.items()}
     curve_diff = {w: max(rel[s]) for w, s in windows.items()}
     record(
-        "parity_llama3_1b",
+        name,
         {
             "data": "mock (Zipf(1.1) tokens, fresh each step)",
             "seq": SEQ,

@@ -343,7 +343,7 @@ BAD_INPUTS = {
     ),
     "model_type_mistral": (
         lambda d: _edit_config(d, model_type="mistral"),
-        "model_type='mistral' is not supported; only Llama",
+        "model_type='mistral' is not supported; llmtrain converts model_type 'llama', 'qwen3'",
     ),
     "model_type_gpt2": (lambda d: _edit_config(d, model_type="gpt2"), "model_type='gpt2' is not supported"),
     "config_not_json": (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmtrain.convert import hf, io, megatron
-from llmtrain.convert.api import init_weights_from
+from llmtrain.convert.api import init_weights_from, load_model_state
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.llama import LlamaModel
 from llmtrain.models.spec import ModelSpec
@@ -234,7 +234,7 @@ def test_megatron_checkpoint_without_dist_dir(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"no Megatron-Core checkpoint \(megatron/metadata.json missing\)"
     ):
-        io.load_model_state(step_dir)
+        load_model_state(step_dir)
 
 
 def test_megatron_import_without_psutil_is_one_line(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ CASES = [
     ),
     (
         ["recipe=nope"],
-        "recipe=nope: no such recipe config (allowed: gpu_study, llama3_1b, llama3_8b, precision_sweep, research_8b, tiny)",
+        "recipe=nope: no such recipe config (allowed: gpu_study, llama3_1b, llama3_8b, precision_sweep, qwen3_tiny, research_8b, tiny)",
     ),
     (["precision.name=fp16"], "precision.name='fp16': not a valid choice (allowed: bf16, fp8_cs"),
     (

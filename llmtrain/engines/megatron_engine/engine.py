@@ -208,7 +208,9 @@ class MegatronEngine(Engine):
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(
+            **self.spec.model_family.megatron.layer_spec_kwargs()
+        )
         theta = self.spec.rope_theta
         models = []
         for vp in range(self.layout.vpp):
@@ -470,7 +472,7 @@ class MegatronEngine(Engine):
     # ---- weights from / to the torch reference model ------------------------------------------------
     @torch.no_grad()
     def load_reference_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load full weights of llmtrain.models.llama.LlamaModel (HF names); each rank takes its shard."""
+        """Load full weights of the family's reference model (HF names); each rank takes its shard."""
         from megatron.core import parallel_state as ps
 
         full = mapping.reference_to_megatron(state_dict, self.spec)
@@ -481,11 +483,11 @@ class MegatronEngine(Engine):
                 key = mapping.local_to_global_name(name, numbers)
                 if key == "output_layer.weight" and self.spec.tie_embeddings:
                     key = "embedding.word_embeddings.weight"  # last stage's copy of the tied weight
-                param.copy_(mapping.tp_shard(key, full[key], tp_size, tp_rank))
+                param.copy_(mapping.tp_shard(key, full[key], tp_size, tp_rank, self.spec.family))
         self.optimizer.reload_model_params()  # FP32 main weights follow the new model weights
 
     def _init_from(self, path: str) -> None:
-        """train.init_from: an HF Llama directory or an llmtrain checkpoint, as the torch engine takes it."""
+        """train.init_from: an HF model directory or an llmtrain checkpoint, as the torch engine takes it."""
         from llmtrain.convert.api import load_state
 
         spec, state, _ = load_state(path)

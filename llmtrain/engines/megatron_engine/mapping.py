@@ -1,140 +1,33 @@
-"""Weights between the torch reference model (HF-style names) and Megatron-Core's GPTModel with TE layers.
+"""Weights between the torch reference model and Megatron-Core's GPTModel: the family's mapping.
 
-Pure tensor code. Megatron fuses per layer:
-- q/k/v into `self_attention.linear_qkv.weight`, grouped per KV group: for each group g the rows are
-  [the q heads of g ; k_g ; v_g] (head i belongs to group i // (heads/groups), as HF's repeat_kv);
-- gate/up into `mlp.linear_fc1.weight` = [gate ; up], per TP rank [gate_r ; up_r];
-- the RMSNorm weights into the following linear (`linear_qkv.layer_norm_weight`,
-  `linear_fc1.layer_norm_weight`).
+The layout itself (fused QKV per KV group, fused [gate; up] fc1, norms fused into TE linears, TP splits)
+lives with each model family (llmtrain/models/<family>/megatron.py); these are the engine's entry points.
 """
-
-import re
 
 import torch
 
-from llmtrain.models import ModelSpec
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-# Megatron name inside a layer -> reference name inside a layer (one-to-one entries).
-_LAYER_DIRECT = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_DIRECT = {
-    "embedding.word_embeddings.weight": "embed_tokens.weight",
-    "decoder.final_layernorm.weight": "norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
-# How each Megatron weight is split over TP ranks: dim 0 (column parallel), dim 1 (row parallel),
-# or replicated (None). linear_fc1 is special: gate and up are split separately.
-_TP_DIM = {
-    "embedding.word_embeddings.weight": 0,
-    "output_layer.weight": 0,
-    "decoder.final_layernorm.weight": None,
-    "self_attention.linear_qkv.layer_norm_weight": None,
-    "self_attention.linear_qkv.weight": 0,
-    "self_attention.linear_proj.weight": 1,
-    "mlp.linear_fc1.layer_norm_weight": None,
-    "mlp.linear_fc1.weight": "gate_up",
-    "mlp.linear_fc2.weight": 1,
-}
-
-
-def fuse_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int
-) -> torch.Tensor:
-    head_dim = q.shape[0] // num_heads
-    hidden = q.shape[1]
-    per_group = num_heads // num_groups
-    q = q.view(num_groups, per_group * head_dim, hidden)
-    k = k.view(num_groups, head_dim, hidden)
-    v = v.view(num_groups, head_dim, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
-
-
-def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int):
-    per_group = num_heads // num_groups
-    hidden = qkv.shape[1]
-    head_dim = qkv.shape[0] // (num_groups * (per_group + 2))
-    grouped = qkv.view(num_groups, (per_group + 2) * head_dim, hidden)
-    q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
-    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
-
-
-def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.cat([gate, up], dim=0)
-
-
-def split_gate_up(fc1: torch.Tensor):
-    gate, up = fc1.chunk(2, dim=0)
-    return gate, up
+from llmtrain.models import ModelSpec, get_family
+from llmtrain.models.llama.megatron import (  # noqa: F401 (the engine's and tests' names)
+    fuse_gate_up,
+    fuse_qkv,
+    local_to_global_name,
+    split_gate_up,
+    split_qkv,
+)
 
 
 def reference_to_megatron(ref: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Full (unsharded) Megatron state dict, global layer indices, from a reference state dict."""
-    out = {mg: ref[r] for mg, r in _GLOBAL_DIRECT.items() if r in ref}
-    if spec.tie_embeddings:
-        out.pop("output_layer.weight", None)
-    for i in range(spec.num_layers):
-        p = f"layers.{i}."
-        for mg, r in _LAYER_DIRECT.items():
-            out[f"decoder.layers.{i}.{mg}"] = ref[p + r]
-        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = fuse_qkv(
-            ref[p + "self_attn.q_proj.weight"],
-            ref[p + "self_attn.k_proj.weight"],
-            ref[p + "self_attn.v_proj.weight"],
-            spec.num_attention_heads,
-            spec.num_query_groups,
-        )
-        out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = fuse_gate_up(
-            ref[p + "mlp.gate_proj.weight"], ref[p + "mlp.up_proj.weight"]
-        )
-    return out
+    return spec.model_family.megatron.to_megatron(ref, spec)
 
 
 def megatron_to_reference(mg: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Inverse of reference_to_megatron (full tensors). lm_head is the embedding when tied."""
-    out = {r: mg[m] for m, r in _GLOBAL_DIRECT.items() if m in mg}
-    if spec.tie_embeddings:
-        out["lm_head.weight"] = out["embed_tokens.weight"]
-    for i in range(spec.num_layers):
-        p, m = f"layers.{i}.", f"decoder.layers.{i}."
-        for mgn, r in _LAYER_DIRECT.items():
-            out[p + r] = mg[m + mgn]
-        q, k, v = split_qkv(
-            mg[m + "self_attention.linear_qkv.weight"], spec.num_attention_heads, spec.num_query_groups
-        )
-        out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
-        out[p + "self_attn.v_proj.weight"] = v
-        gate, up = split_gate_up(mg[m + "mlp.linear_fc1.weight"])
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-    return out
+    return spec.model_family.megatron.to_reference(mg, spec)
 
 
-def local_to_global_name(name: str, layer_numbers: list[int]) -> str:
-    """`decoder.layers.j.x` of a model chunk -> `decoder.layers.<global index>.x`.
-
-    layer_numbers: the chunk's `layer.layer_number` values (1-based, global), in local order.
-    """
-    m = _LAYER.match(name)
-    if not m:
-        return name
-    return f"decoder.layers.{layer_numbers[int(m.group(1))] - 1}.{m.group(2)}"
-
-
-def tp_shard(name: str, full: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+def tp_shard(
+    name: str, full: torch.Tensor, tp_size: int, tp_rank: int, family: str = "llama"
+) -> torch.Tensor:
     """The slice of a full Megatron weight that TP rank `tp_rank` holds."""
-    m = _LAYER.match(name)
-    key = m.group(2) if m else name
-    if key not in _TP_DIM:
-        raise KeyError(f"no TP layout known for {name}")
-    dim = _TP_DIM[key]
-    if tp_size == 1 or dim is None:
-        return full
-    if dim == "gate_up":
-        gate, up = split_gate_up(full)
-        return fuse_gate_up(gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank])
-    return full.chunk(tp_size, dim)[tp_rank]
+    return get_family(family).megatron.tp_shard(name, full, tp_size, tp_rank)

@@ -4,7 +4,6 @@ Kept free of Megatron and TE imports so the CPU suite can check the translation 
 """
 
 import torch
-import torch.nn.functional as F
 
 from llmtrain.config.layout import Layout
 from llmtrain.config.layout import check_layout as resolve_layout  # noqa: F401 (one check, shared with preflight)
@@ -185,24 +184,9 @@ def precision_settings(prec, capability: tuple[int, int], num_layers: int | None
 
 
 def transformer_config_kwargs(spec: ModelSpec, parallel, layout: Layout, precision_kwargs: dict) -> dict:
-    """Llama architecture (RMSNorm, SwiGLU, RoPE, GQA, no biases) as Megatron TransformerConfig fields."""
-    kwargs = dict(
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        kv_channels=spec.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=spec.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        bias_activation_fusion=True,  # fused SwiGLU
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=spec.init_std,  # output projections get std/sqrt(2L), as the torch model
+    """TransformerConfig fields: the model family's architecture, then numerics, parallelism, precision."""
+    kwargs = spec.model_family.megatron.architecture_kwargs(spec)
+    kwargs.update(
         bf16=True,
         params_dtype=torch.bfloat16,
         pipeline_dtype=torch.bfloat16,

@@ -1,4 +1,4 @@
-"""The reference engine: the plain-PyTorch Llama, AdamW, data parallelism with DDP (gloo on CPU)."""
+"""The reference engine: the model family's plain-PyTorch model, AdamW, data parallelism with DDP (gloo on CPU)."""
 
 import math
 from contextlib import nullcontext
@@ -13,7 +13,7 @@ from llmtrain.dist import init_process_group
 from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
 from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.models import ModelSpec
-from llmtrain.models.llama import LlamaModel, causal_lm_loss
+from llmtrain.models.layers import causal_lm_loss
 from llmtrain.precision.modes import unquantized
 
 
@@ -50,7 +50,7 @@ class TorchEngine(Engine):
 
         self.spec = ModelSpec.from_config(cfg.model)
         torch.manual_seed(cfg.train.seed)  # same init on every rank, whatever the RNG history
-        model = LlamaModel(self.spec)
+        model = self.spec.model_family.build_model(self.spec)
         model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
         if cfg.train.init_from:
             from llmtrain.convert import init_weights_from
