@@ -172,14 +172,15 @@ def _amax_kernel(x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.co
 def _block_amax(a, BR: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr):
     """|x| max per 1 x BLOCK (or BLOCK x BLOCK) block, as a [BR, BC // BLOCK, 1] tensor; NaN -> NaN."""
     nan = tl.where(a == a, 0.0, 1.0)
-    if BLOCK_2D:
-        t = tl.reshape(a, (BR // BLOCK, BLOCK, BC // BLOCK, BLOCK))
-        n = tl.reshape(nan, (BR // BLOCK, BLOCK, BC // BLOCK, BLOCK))
-        m = tl.max(tl.max(t, axis=3), axis=1)
-        has_nan = tl.max(tl.max(n, axis=3), axis=1)
+    if BLOCK_2D:  # per row first (as 1 x BLOCK blocks), then over each BLOCK rows
+        NB: tl.constexpr = BC // BLOCK
+        m = tl.max(tl.reshape(a, (BR, NB, BLOCK)), axis=2)
+        has_nan = tl.max(tl.reshape(nan, (BR, NB, BLOCK)), axis=2)
+        m = tl.max(tl.reshape(m, (BR // BLOCK, BLOCK, NB)), axis=1)
+        has_nan = tl.max(tl.reshape(has_nan, (BR // BLOCK, BLOCK, NB)), axis=1)
         m = tl.where(has_nan > 0, float("nan"), m)
-        m = tl.broadcast_to(m[:, None, :], (BR // BLOCK, BLOCK, BC // BLOCK))
-        return tl.reshape(m, (BR, BC // BLOCK, 1))
+        m = tl.broadcast_to(m[:, None, :], (BR // BLOCK, BLOCK, NB))
+        return tl.reshape(m, (BR, NB, 1))
     t = tl.reshape(a, (BR, BC // BLOCK, BLOCK))
     m = tl.max(t, axis=2, keep_dims=True)
     has_nan = tl.max(tl.reshape(nan, (BR, BC // BLOCK, BLOCK)), axis=2, keep_dims=True)
