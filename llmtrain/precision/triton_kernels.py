@@ -16,7 +16,7 @@ Per-tensor scales need the tensor's amax first: a small reduction kernel (with t
 quantized values are the transformed ones) writes it, then the quantize kernel reads it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -293,8 +293,9 @@ def _fake_quant_pair_kernel(
     ROW_SR: tl.constexpr,
     COL_FMT: tl.constexpr, COL_BLOCK: tl.constexpr, COL_2D: tl.constexpr, COL_RHT: tl.constexpr,
     COL_SR: tl.constexpr,
-    SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+    SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, COL_SAME: tl.constexpr = False,
 ):  # fmt: skip
+    """COL_SAME: the column-wise output equals the row-wise one (see _axis_free) and is stored from it."""
     x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False)
     if ROW_FMT >= 0:
         xr = x
@@ -303,6 +304,8 @@ def _fake_quant_pair_kernel(
         y = _quantize_tile(xr, rows, tl.program_id(1) * TN, C, amax_ptr, seed_row,
                            ROW_FMT, ROW_BLOCK, ROW_2D, ROW_SR, SR_BITS, TM, TN)  # fmt: skip
         _store(row_ptr, offs, y, mask)
+        if COL_SAME:
+            _store(col_ptr, offs, y, mask)
     if COL_FMT >= 0:
         xc = tl.trans(x)  # [TN, TM]: the column-wise operand's rows are x's columns
         if COL_RHT:
@@ -321,6 +324,14 @@ class Direction:
     block_2d: bool = False
     rht: bool = False  # transform along the quantized axis first (needs rht_signs)
     seed: int = 0  # Philox seed of stochastic rounding
+
+
+def _axis_free(d: Direction) -> bool:
+    """Whether quantizing along axis 0 gives the very values of axis 1: with round-to-nearest and no RHT,
+    per-tensor FP8 is elementwise and a square 2-D block (16x16, 32x32) is the same block of W and W^T.
+    (Stochastic rounding draws its bits by position in the quantized layout, the RHT mixes along its
+    axis: those are not.) The column-wise result is then computed by the row-wise, transpose-free path."""
+    return d.rounding == "nearest" and not d.rht and (d.block_2d or d.fmt not in BLOCKS)
 
 
 def _check(x: torch.Tensor, d: Direction, sr_bits: int, rht_signs) -> None:
@@ -373,7 +384,8 @@ def fake_quantize_2d(
     values are then those of the transformed tensor). Stochastic rounding uses `sr_bits` random bits per
     element from Philox(seed), the same bits as `fake_quantize(..., seed=seed, sr_bits=sr_bits)`.
     `out`, if given, must be strided like x. axis=0 runs the pair kernel (fake_quantize_2d_pair), whose
-    tiles are read in memory order and transposed in registers.
+    tiles are read in memory order and transposed in registers, unless the result is the axis=1 one
+    (round-to-nearest without RHT, per-tensor FP8 or 2-D blocks: see _axis_free).
     """
     if axis not in (0, 1):
         raise ValueError(f"axis={axis}: allowed values are 0, 1")
@@ -381,7 +393,7 @@ def fake_quantize_2d(
     _check(x, d, sr_bits, rht_signs)
     if out is None:
         out = _new_out(x, out_dtype)
-    if axis == 0:
+    if axis == 0 and not _axis_free(d):
         return _launch_pair(x, None, d, rht_signs, sr_bits, None, out)[1]
     if x.numel() == 0:
         return out
@@ -410,6 +422,13 @@ PAIR_TILE = 64  # [64, 64] tiles: whole 16- and 32-blocks (and 2-D tiles) along 
 def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_bits, row_out, col_out):
     if x.numel() == 0:
         return row_out, col_out
+    result = row_out, col_out
+    col_same = False
+    if col is not None and _axis_free(col):
+        if row is None:  # the row-wise path writes the column-wise output
+            row, row_out, col = col, col_out, None
+        elif replace(row, seed=0) == replace(col, seed=0):  # one quantization, stored twice
+            col_same, col = True, None
     R, C = x.shape
     signs = _signs(x, rht_signs)
     grid = (triton.cdiv(R, PAIR_TILE), triton.cdiv(C, PAIR_TILE))
@@ -438,9 +457,9 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
         R, C, x.stride(0), x.stride(1), r_seed, c_seed,
         ROW_FMT=rf, ROW_BLOCK=rb, ROW_2D=r2, ROW_RHT=rr, ROW_SR=rs,
         COL_FMT=cf, COL_BLOCK=cb, COL_2D=c2, COL_RHT=cr, COL_SR=cs,
-        SR_BITS=sr_bits, TM=PAIR_TILE, TN=PAIR_TILE,
+        SR_BITS=sr_bits, TM=PAIR_TILE, TN=PAIR_TILE, COL_SAME=col_same,
     )  # fmt: skip
-    return row_out, col_out
+    return result
 
 
 def fake_quantize_2d_pair(

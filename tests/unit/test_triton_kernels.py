@@ -178,6 +178,10 @@ PAIRS = {  # (row-wise, column-wise): TE's slots (input, weight, grad_output) an
     "mixed_row_rht": (Direction("nvfp4", rht=True), Direction("mxfp8")),
     "row_only": (Direction("fp8_e4m3", "stochastic", seed=8), None),
     "col_only": (None, Direction("nvfp4", rht=True)),
+    # Column-wise results that equal the row-wise ones (RTN, no RHT: per-tensor or 2-D): computed once.
+    "col_only_2d": (None, Direction("nvfp4", block_2d=True)),
+    "fp8_rtn_both": (Direction("fp8_e4m3"), Direction("fp8_e4m3", seed=9)),
+    "row_1d_col_2d": (Direction("nvfp4"), Direction("nvfp4", block_2d=True)),
 }
 
 
