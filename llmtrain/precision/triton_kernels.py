@@ -130,7 +130,16 @@ def _fwht16(x):
 
 
 @triton.jit
-def _rht16(x, signs_ptr, x_ptr):
+def _as_bf16(y, NATIVE: tl.constexpr):
+    """y rounded to BF16 (RNE; NaN stays NaN), as a BF16 tensor. NATIVE: the GPU's cvt.rn (one instruction
+    per two values); otherwise on the bits, the same in the interpreter, whose NumPy cast is no RNE."""
+    if NATIVE:
+        return y.to(tl.bfloat16)
+    return _round_to_bf16(y).to(tl.bfloat16)
+
+
+@triton.jit
+def _rht16(x, signs_ptr, x_ptr, NATIVE: tl.constexpr):
     """hadamard.hadamard along the last axis of the FP32 tile x (its length a multiple of 16): the exact
     FP64 sum of the (+-x/4) terms, rounded to FP32, then to x_ptr's element type (as TE rounds its RHT
     output to the input dtype before the amax and the quantization)."""
@@ -140,7 +149,7 @@ def _rht16(x, signs_ptr, x_ptr):
     xb = tl.reshape(x.to(tl.float64), (n * m // 16, 16)) * signs[None, :]
     y = tl.reshape((_fwht16(xb) * 0.25).to(tl.float32), (n, m))
     if x_ptr.dtype.element_ty == tl.bfloat16:
-        y = _round_to_bf16(y)
+        y = _as_bf16(y, NATIVE).to(tl.float32)
     elif x_ptr.dtype.element_ty == tl.float16:
         y = y.to(tl.float16).to(tl.float32)
     return y
@@ -148,7 +157,7 @@ def _rht16(x, signs_ptr, x_ptr):
 
 @triton.jit
 def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
-               RHT: tl.constexpr):  # fmt: skip
+               RHT: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     """The [BR, BC] tile of program (pid 0, pid 1) in FP32, zero-padded, RHT'd along C when asked."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -156,15 +165,15 @@ def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC:
     offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RHT:
-        x = _rht16(x, signs_ptr, x_ptr)
+        x = _rht16(x, signs_ptr, x_ptr, NATIVE)
     return x, offs, mask, rows, cols
 
 
 @triton.jit
 def _amax_kernel(x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
-                 RHT: tl.constexpr):  # fmt: skip
+                 RHT: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     """amax_ptr[0] = max |x| over the tensor (after the RHT when RHT); NaN counts as +inf."""
-    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT, NATIVE)
     tl.atomic_max(amax_ptr, _nan_inf(x))
 
 
@@ -244,10 +253,11 @@ def _quantize_tile(
 
 
 @triton.jit
-def _store(out_ptr, offs, y, mask):
+def _store(out_ptr, offs, y, mask, NATIVE: tl.constexpr):
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        y = _round_to_bf16(y)  # explicit RNE: the same bits on the GPU and in the interpreter
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _as_bf16(y, NATIVE), mask=mask)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -255,11 +265,12 @@ def _fake_quant_kernel(
     x_ptr, out_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed,
     FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, RHT: tl.constexpr,
     STOCHASTIC: tl.constexpr, SR_BITS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    NATIVE: tl.constexpr = False,
 ):  # fmt: skip
-    x, offs, mask, rows, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    x, offs, mask, rows, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT, NATIVE)
     y = _quantize_tile(x, rows, tl.program_id(1) * BC, C, amax_ptr, seed,
                        FMT, BLOCK, BLOCK_2D, STOCHASTIC, SR_BITS, BR, BC)  # fmt: skip
-    _store(out_ptr, offs, y, mask)
+    _store(out_ptr, offs, y, mask, NATIVE)
 
 
 # ---- Both layouts of one tensor from one read: a [TM, TN] tile in memory order, transposed in registers
@@ -270,19 +281,19 @@ def _fake_quant_kernel(
 def _amax_pair_kernel(
     x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c,
     ROW: tl.constexpr, ROW_RHT: tl.constexpr, COL: tl.constexpr, COL_RHT: tl.constexpr,
-    TM: tl.constexpr, TN: tl.constexpr,
+    TM: tl.constexpr, TN: tl.constexpr, NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     """amax_ptr[0] / [1] = max |x| of the row-wise / column-wise operand (after its RHT)."""
-    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False)
+    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False, NATIVE)
     if ROW:
         xr = x
         if ROW_RHT:
-            xr = _rht16(xr, signs_ptr, x_ptr)
+            xr = _rht16(xr, signs_ptr, x_ptr, NATIVE)
         tl.atomic_max(amax_ptr, _nan_inf(xr))
     if COL:
         xc = tl.trans(x)
         if COL_RHT:
-            xc = _rht16(xc, signs_ptr, x_ptr)
+            xc = _rht16(xc, signs_ptr, x_ptr, NATIVE)
         tl.atomic_max(amax_ptr + 1, _nan_inf(xc))
 
 
@@ -294,25 +305,26 @@ def _fake_quant_pair_kernel(
     COL_FMT: tl.constexpr, COL_BLOCK: tl.constexpr, COL_2D: tl.constexpr, COL_RHT: tl.constexpr,
     COL_SR: tl.constexpr,
     SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, COL_SAME: tl.constexpr = False,
+    NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     """COL_SAME: the column-wise output equals the row-wise one (see _axis_free) and is stored from it."""
-    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False)
+    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False, NATIVE)
     if ROW_FMT >= 0:
         xr = x
         if ROW_RHT:
-            xr = _rht16(xr, signs_ptr, x_ptr)
+            xr = _rht16(xr, signs_ptr, x_ptr, NATIVE)
         y = _quantize_tile(xr, rows, tl.program_id(1) * TN, C, amax_ptr, seed_row,
                            ROW_FMT, ROW_BLOCK, ROW_2D, ROW_SR, SR_BITS, TM, TN)  # fmt: skip
-        _store(row_ptr, offs, y, mask)
+        _store(row_ptr, offs, y, mask, NATIVE)
         if COL_SAME:
-            _store(col_ptr, offs, y, mask)
+            _store(col_ptr, offs, y, mask, NATIVE)
     if COL_FMT >= 0:
         xc = tl.trans(x)  # [TN, TM]: the column-wise operand's rows are x's columns
         if COL_RHT:
-            xc = _rht16(xc, signs_ptr, x_ptr)
+            xc = _rht16(xc, signs_ptr, x_ptr, NATIVE)
         yc = _quantize_tile(xc, cols, tl.program_id(0) * TM, R, amax_ptr + 1, seed_col,
                             COL_FMT, COL_BLOCK, COL_2D, COL_SR, SR_BITS, TN, TM)  # fmt: skip
-        _store(col_ptr, offs, tl.trans(yc), mask)
+        _store(col_ptr, offs, tl.trans(yc), mask, NATIVE)
 
 
 @dataclass(frozen=True)
@@ -407,11 +419,11 @@ def fake_quantize_2d(
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     amax = torch.zeros(1, device=x.device, dtype=torch.float32)
     if fmt != "mxfp8":
-        _amax_kernel[grid](x, signs, amax, R, C, stride_r, stride_c, BR=br, BC=bc, RHT=rht)
+        _amax_kernel[grid](x, signs, amax, R, C, stride_r, stride_c, BR=br, BC=bc, RHT=rht, NATIVE=x.is_cuda)
     _fake_quant_kernel[grid](
         x, out, signs, amax, R, C, stride_r, stride_c, seed,
         FMT=FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=block_2d, RHT=rht,
-        STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc,
+        STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc, NATIVE=x.is_cuda,
     )  # fmt: skip
     return out
 
@@ -439,7 +451,7 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
         _amax_pair_kernel[grid](
             x, signs, amax, R, C, x.stride(0), x.stride(1),
             ROW=need_row, ROW_RHT=need_row and row.rht, COL=need_col, COL_RHT=need_col and col.rht,
-            TM=PAIR_TILE, TN=PAIR_TILE,
+            TM=PAIR_TILE, TN=PAIR_TILE, NATIVE=x.is_cuda,
         )  # fmt: skip
 
     def consts(d: Direction | None):
@@ -458,6 +470,7 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
         ROW_FMT=rf, ROW_BLOCK=rb, ROW_2D=r2, ROW_RHT=rr, ROW_SR=rs,
         COL_FMT=cf, COL_BLOCK=cb, COL_2D=c2, COL_RHT=cr, COL_SR=cs,
         SR_BITS=sr_bits, TM=PAIR_TILE, TN=PAIR_TILE, COL_SAME=col_same,
+        NATIVE=x.is_cuda,
     )  # fmt: skip
     return result
 
