@@ -278,20 +278,58 @@ def _fake_quant_kernel(
 
 
 @triton.jit
+def _warp_rows(TM: tl.constexpr, T: tl.constexpr, W: tl.constexpr):
+    """The tile's rows in load order: the [TM, TN] load is laid out with T lanes and W warps along its rows
+    and K = TM // (T * W) registers, so position i = (k * W + w) * T + t; it holds row (w * K + k) * T + t,
+    which gives each warp TM // W consecutive rows, whole column-wise blocks that it reduces with
+    register ops and shuffles instead of through shared memory. (Any T and W give the same values: the
+    two functions below undo the order exactly; only the speed depends on matching the layout.)"""
+    K: tl.constexpr = TM // (T * W)
+    i = tl.arange(0, TM)
+    return ((i // T % W) * K + i // (T * W)) * T + i % T
+
+
+@triton.jit
+def _in_row_order(x, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr):
+    """x [TM, TN] in load order (_warp_rows) -> in row order (a relabelling of registers, no data moves)."""
+    K: tl.constexpr = TM // (T * W)
+    return tl.reshape(tl.permute(tl.reshape(x, (K, W, T, TN)), (1, 0, 2, 3)), (TM, TN))
+
+
+@triton.jit
+def _in_load_order(y, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr):
+    """The inverse of _in_row_order."""
+    K: tl.constexpr = TM // (T * W)
+    return tl.reshape(tl.permute(tl.reshape(y, (W, K, T, TN)), (1, 0, 2, 3)), (TM, TN))
+
+
+@triton.jit
+def _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr,
+                    W: tl.constexpr):  # fmt: skip
+    """The [TM, TN] tile of program (pid 0, pid 1) in FP32, zero-padded, its rows in load order."""
+    rows = tl.program_id(0) * TM + _warp_rows(TM, T, W)
+    cols = tl.program_id(1) * TN + tl.arange(0, TN)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x, offs, mask, rows, cols
+
+
+@triton.jit
 def _amax_pair_kernel(
     x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c,
     ROW: tl.constexpr, ROW_RHT: tl.constexpr, COL: tl.constexpr, COL_RHT: tl.constexpr,
-    TM: tl.constexpr, TN: tl.constexpr, NATIVE: tl.constexpr = False,
+    TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr, NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     """amax_ptr[0] / [1] = max |x| of the row-wise / column-wise operand (after its RHT)."""
-    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False, NATIVE)
+    x, _, _, _, _ = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W)
     if ROW:
-        xr = x
+        xr = x  # the row order does not matter here
         if ROW_RHT:
             xr = _rht16(xr, signs_ptr, x_ptr, NATIVE)
         tl.atomic_max(amax_ptr, _nan_inf(xr))
     if COL:
-        xc = tl.trans(x)
+        xc = tl.trans(_in_row_order(x, TM, TN, T, W))
         if COL_RHT:
             xc = _rht16(xc, signs_ptr, x_ptr, NATIVE)
         tl.atomic_max(amax_ptr + 1, _nan_inf(xc))
@@ -304,27 +342,62 @@ def _fake_quant_pair_kernel(
     ROW_SR: tl.constexpr,
     COL_FMT: tl.constexpr, COL_BLOCK: tl.constexpr, COL_2D: tl.constexpr, COL_RHT: tl.constexpr,
     COL_SR: tl.constexpr,
-    SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, COL_SAME: tl.constexpr = False,
-    NATIVE: tl.constexpr = False,
+    SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr,
+    COL_SAME: tl.constexpr = False, NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     """COL_SAME: the column-wise output equals the row-wise one (see _axis_free) and is stored from it."""
-    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False, NATIVE)
+    x, offs, mask, rows, cols = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W)
+    row0 = tl.program_id(0) * TM
     if ROW_FMT >= 0:
         xr = x
         if ROW_RHT:
             xr = _rht16(xr, signs_ptr, x_ptr, NATIVE)
-        y = _quantize_tile(xr, rows, tl.program_id(1) * TN, C, amax_ptr, seed_row,
-                           ROW_FMT, ROW_BLOCK, ROW_2D, ROW_SR, SR_BITS, TM, TN)  # fmt: skip
+        if ROW_2D:  # 2-D blocks need whole blocks of rows: in row order
+            y = _quantize_tile(
+                _in_row_order(xr, TM, TN, T, W),
+                row0 + tl.arange(0, TM),
+                tl.program_id(1) * TN,
+                C,
+                amax_ptr,
+                seed_row,
+                ROW_FMT,
+                ROW_BLOCK,
+                ROW_2D,
+                ROW_SR,
+                SR_BITS,
+                TM,
+                TN,
+            )
+            y = _in_load_order(y, TM, TN, T, W)
+        else:  # each row on its own: the load order will do
+            y = _quantize_tile(
+                xr,
+                rows,
+                tl.program_id(1) * TN,
+                C,
+                amax_ptr,
+                seed_row,
+                ROW_FMT,
+                ROW_BLOCK,
+                ROW_2D,
+                ROW_SR,
+                SR_BITS,
+                TM,
+                TN,
+            )
         _store(row_ptr, offs, y, mask, NATIVE)
         if COL_SAME:
             _store(col_ptr, offs, y, mask, NATIVE)
     if COL_FMT >= 0:
-        xc = tl.trans(x)  # [TN, TM]: the column-wise operand's rows are x's columns
+        xc = tl.trans(
+            _in_row_order(x, TM, TN, T, W)
+        )  # [TN, TM]: the column-wise operand's rows are x's columns
         if COL_RHT:
             xc = _rht16(xc, signs_ptr, x_ptr, NATIVE)
-        yc = _quantize_tile(xc, cols, tl.program_id(0) * TM, R, amax_ptr + 1, seed_col,
-                            COL_FMT, COL_BLOCK, COL_2D, COL_SR, SR_BITS, TN, TM)  # fmt: skip
-        _store(col_ptr, offs, tl.trans(yc), mask, NATIVE)
+        yc = _quantize_tile(
+            xc, cols, row0, R, amax_ptr + 1, seed_col, COL_FMT, COL_BLOCK, COL_2D, COL_SR, SR_BITS, TN, TM
+        )
+        _store(col_ptr, offs, _in_load_order(tl.trans(yc), TM, TN, T, W), mask, NATIVE)
 
 
 @dataclass(frozen=True)
@@ -428,7 +501,16 @@ def fake_quantize_2d(
     return out
 
 
-PAIR_TILE = 64  # [64, 64] tiles: whole 16- and 32-blocks (and 2-D tiles) along both axes
+PAIR_TILE = (128, 32)  # [TM, TN]: whole 16- and 32-blocks (and 2-D tiles) along both axes
+PAIR_WARPS = 4
+
+
+def _pair_layout(x: torch.Tensor) -> dict:
+    """The pair kernels' tile constants; T: the lanes along the rows in the [TM, TN] load's blocked layout
+    (16-byte vectors along TN, the rest of the warp's 32 lanes along TM), so that _warp_rows matches it."""
+    tm, tn = PAIR_TILE
+    lanes_c = min(32, tn // max(1, 16 // x.element_size()))
+    return dict(TM=tm, TN=tn, T=32 // lanes_c, W=PAIR_WARPS, num_warps=PAIR_WARPS)
 
 
 def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_bits, row_out, col_out):
@@ -443,7 +525,8 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
             col_same, col = True, None
     R, C = x.shape
     signs = _signs(x, rht_signs)
-    grid = (triton.cdiv(R, PAIR_TILE), triton.cdiv(C, PAIR_TILE))
+    tile = _pair_layout(x)
+    grid = (triton.cdiv(R, tile["TM"]), triton.cdiv(C, tile["TN"]))
     amax = torch.zeros(2, device=x.device, dtype=torch.float32)
     need_row = row is not None and row.fmt != "mxfp8"
     need_col = col is not None and col.fmt != "mxfp8"
@@ -451,7 +534,7 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
         _amax_pair_kernel[grid](
             x, signs, amax, R, C, x.stride(0), x.stride(1),
             ROW=need_row, ROW_RHT=need_row and row.rht, COL=need_col, COL_RHT=need_col and col.rht,
-            TM=PAIR_TILE, TN=PAIR_TILE, NATIVE=x.is_cuda,
+            NATIVE=x.is_cuda, **tile,
         )  # fmt: skip
 
     def consts(d: Direction | None):
@@ -469,8 +552,7 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
         R, C, x.stride(0), x.stride(1), r_seed, c_seed,
         ROW_FMT=rf, ROW_BLOCK=rb, ROW_2D=r2, ROW_RHT=rr, ROW_SR=rs,
         COL_FMT=cf, COL_BLOCK=cb, COL_2D=c2, COL_RHT=cr, COL_SR=cs,
-        SR_BITS=sr_bits, TM=PAIR_TILE, TN=PAIR_TILE, COL_SAME=col_same,
-        NATIVE=x.is_cuda,
+        SR_BITS=sr_bits, COL_SAME=col_same, NATIVE=x.is_cuda, **tile,
     )  # fmt: skip
     return result
 
@@ -491,7 +573,7 @@ def fake_quantize_2d_pair(
         fake_quantize_2d(x, row.fmt, axis=1, rounding=row.rounding, block_2d=row.block_2d,
                          rht_signs=rht_signs if row.rht else None, seed=row.seed, sr_bits=sr_bits)
     and the same with axis=0 for `col`. One pass computes the tensor amaxes of both layouts (after their
-    RHT), a second reads each [64, 64] tile once, quantizes it row-wise and, transposed in registers,
+    RHT), a second reads each [128, 32] tile once, quantizes it row-wise and, transposed in registers,
     column-wise, RHT and stochastic rounding fused, and writes both outputs (instead of two passes each).
     """
     for d in (row, col):
