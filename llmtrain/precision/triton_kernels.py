@@ -200,7 +200,11 @@ def _block_amax(a, BR: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOC
 def _nan_inf(a):
     """|x| for an amax: NaN counts as +inf (so a NaN anywhere makes the tensor scale NaN)."""
     a = tl.abs(a)
-    return tl.max(tl.max(tl.where(a == a, a, float("inf")), axis=1), axis=0)
+    a = tl.where(a == a, a, float("inf"))
+    # per 16 along the last axis first, as the quantize kernels' block amaxes: the RHT's butterflies then
+    # get the layout they have there (in registers, far fewer shuffles)
+    b = tl.max(tl.reshape(a, (a.shape[0], a.shape[1] // 16, 16)), axis=2)
+    return tl.max(tl.max(b, axis=1), axis=0)
 
 
 @triton.jit
@@ -305,10 +309,11 @@ def _in_load_order(y, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl
 
 @triton.jit
 def _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr,
-                    W: tl.constexpr):  # fmt: skip
-    """The [TM, TN] tile of program (pid 0, pid 1) in FP32, zero-padded, its rows in load order."""
+                    W: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """The [TM, TN] tile of program (pid 0, pid 1) in FP32, zero-padded, its rows in load order. VEC: the
+    elements per vector load (a smaller one than 16 bytes leaves a thread more rows of fewer columns)."""
     rows = tl.program_id(0) * TM + _warp_rows(TM, T, W)
-    cols = tl.program_id(1) * TN + tl.arange(0, TN)
+    cols = tl.max_contiguous(tl.program_id(1) * TN + tl.arange(0, TN), VEC)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -319,10 +324,11 @@ def _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM: tl.constexpr, TN: tl.co
 def _amax_pair_kernel(
     x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c,
     ROW: tl.constexpr, ROW_RHT: tl.constexpr, COL: tl.constexpr, COL_RHT: tl.constexpr,
-    TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr, NATIVE: tl.constexpr = False,
+    TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr,
+    NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     """amax_ptr[0] / [1] = max |x| of the row-wise / column-wise operand (after its RHT)."""
-    x, _, _, _, _ = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W)
+    x, _, _, _, _ = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W, VEC)
     if ROW:
         xr = x  # the row order does not matter here
         if ROW_RHT:
@@ -343,10 +349,10 @@ def _fake_quant_pair_kernel(
     COL_FMT: tl.constexpr, COL_BLOCK: tl.constexpr, COL_2D: tl.constexpr, COL_RHT: tl.constexpr,
     COL_SR: tl.constexpr,
     SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr,
-    COL_SAME: tl.constexpr = False, NATIVE: tl.constexpr = False,
+    VEC: tl.constexpr, COL_SAME: tl.constexpr = False, NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     """COL_SAME: the column-wise output equals the row-wise one (see _axis_free) and is stored from it."""
-    x, offs, mask, rows, cols = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W)
+    x, offs, mask, rows, cols = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W, VEC)
     row0 = tl.program_id(0) * TM
     if ROW_FMT >= 0:
         xr = x
@@ -501,16 +507,24 @@ def fake_quantize_2d(
     return out
 
 
-PAIR_TILE = (128, 32)  # [TM, TN]: whole 16- and 32-blocks (and 2-D tiles) along both axes
-PAIR_WARPS = 4
+# Tiles of the pair kernels, ([TM, TN], warps, elements per vector load), by what the column-wise
+# direction needs: whole 16- and 32-blocks (and 2-D tiles) along both axes, and each column-wise block in
+# one warp (_warp_rows). The RHT's 16 rows of a column sit in one thread's registers (4-element loads:
+# all 32 lanes along the 128 columns), so its butterflies need no shuffles; without the RHT, 8-element
+# loads and two lanes per block. Chosen by the SASS instructions per element of the sm_90 build
+# (scripts/kernel_sass.py), which track the kernels' H100 times.
+PAIR_TILES = {"rht": ((32, 128), 2, 4), "mxfp8": ((128, 64), 4, 8), "other": ((32, 128), 2, 8)}
 
 
-def _pair_layout(x: torch.Tensor) -> dict:
+def _pair_layout(x: torch.Tensor, col: "Direction | None") -> dict:
     """The pair kernels' tile constants; T: the lanes along the rows in the [TM, TN] load's blocked layout
-    (16-byte vectors along TN, the rest of the warp's 32 lanes along TM), so that _warp_rows matches it."""
-    tm, tn = PAIR_TILE
-    lanes_c = min(32, tn // max(1, 16 // x.element_size()))
-    return dict(TM=tm, TN=tn, T=32 // lanes_c, W=PAIR_WARPS, num_warps=PAIR_WARPS)
+    (VEC-element vectors along TN, the rest of the warp's 32 lanes along TM), so that _warp_rows matches
+    it."""
+    kind = "other" if col is None else "rht" if col.rht else "mxfp8" if col.fmt == "mxfp8" else "other"
+    (tm, tn), warps, vec = PAIR_TILES[kind]
+    vec = min(vec, max(1, 16 // x.element_size()))
+    lanes_c = min(32, tn // vec)
+    return dict(TM=tm, TN=tn, T=32 // lanes_c, W=warps, VEC=vec, num_warps=warps)
 
 
 def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_bits, row_out, col_out):
@@ -525,7 +539,7 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
             col_same, col = True, None
     R, C = x.shape
     signs = _signs(x, rht_signs)
-    tile = _pair_layout(x)
+    tile = _pair_layout(x, col)
     grid = (triton.cdiv(R, tile["TM"]), triton.cdiv(C, tile["TN"]))
     amax = torch.zeros(2, device=x.device, dtype=torch.float32)
     need_row = row is not None and row.fmt != "mxfp8"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpr
 from llmtrain.precision import fake_quantize, hadamard  # noqa: E402
 from llmtrain.precision.hadamard import TE_SIGNS  # noqa: E402
 from llmtrain.precision.triton_kernels import (  # noqa: E402
-    PAIR_TILE,
+    PAIR_TILES,
     Direction,
     fake_quantize_2d,
     fake_quantize_2d_pair,
@@ -213,7 +213,9 @@ def test_pair_kernel_across_several_tiles(dtype):
     """A tensor spanning several [TM, TN] tiles of the pair kernel along both axes, ragged at both ends
     (the tests above fit in one tile along the rows): each tile's rows are loaded out of order
     (_warp_rows) and put back; every layout still matches its reference."""
-    x = torch.randn(2 * PAIR_TILE[0] + 24, 3 * PAIR_TILE[1] + 16, generator=torch.Generator().manual_seed(4))
+    tm = max(tile[0] for tile, *_ in PAIR_TILES.values())
+    tn = max(tile[1] for tile, *_ in PAIR_TILES.values())
+    x = torch.randn(2 * tm + 24, 2 * tn + 16, generator=torch.Generator().manual_seed(4))
     x = x.to(dtype).to(DEVICE)
     signs = torch.tensor(TE_SIGNS)
     for pair in ("nvfp4_input", "nvfp4_grad", "nvfp4_weight_2d", "mxfp8", "row_1d_col_2d"):
