@@ -476,7 +476,8 @@ def fake_quantize_2d(
     element from Philox(seed), the same bits as `fake_quantize(..., seed=seed, sr_bits=sr_bits)`.
     `out`, if given, must be strided like x. axis=0 runs the pair kernel (fake_quantize_2d_pair), whose
     tiles are read in memory order and transposed in registers, unless the result is the axis=1 one
-    (round-to-nearest without RHT, per-tensor FP8 or 2-D blocks: see _axis_free).
+    (round-to-nearest without RHT, per-tensor FP8 or 2-D blocks: see _axis_free); so do 2-D blocks and
+    stochastic rounding along axis 1.
     """
     if axis not in (0, 1):
         raise ValueError(f"axis={axis}: allowed values are 0, 1")
@@ -486,6 +487,10 @@ def fake_quantize_2d(
         out = _new_out(x, out_dtype)
     if axis == 0 and not _axis_free(d):
         return _launch_pair(x, None, d, rht_signs, sr_bits, None, out)[1]
+    if (block_2d and fmt in BLOCKS) or rounding == "stochastic":
+        # The pair kernel's row-wise path: its tiles keep a 16x16 block in one warp (no shared-memory
+        # reduction) and give a thread 64 elements (sm_90 SASS per element: 2-D 45 -> 23, SR 45 -> 39).
+        return _launch_pair(x, d, None, rht_signs, sr_bits, out, None)[0]
     if x.numel() == 0:
         return out
     block = BLOCKS.get(fmt, 16)
