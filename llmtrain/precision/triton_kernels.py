@@ -169,7 +169,10 @@ def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC:
     return x, offs, mask, rows, cols
 
 
-@triton.jit
+# do_not_specialize: arguments whose value classes (multiple of 16, equal to 1) would only multiply the
+# compiled variants: the row count (it masks whole rows) and the seeds. C and the row stride keep theirs
+# (they decide the vector loads).
+@triton.jit(do_not_specialize=["R"])
 def _amax_kernel(x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
                  RHT: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     """amax_ptr[0] = max |x| over the tensor (after the RHT when RHT); NaN counts as +inf."""
@@ -264,7 +267,7 @@ def _store(out_ptr, offs, y, mask, NATIVE: tl.constexpr):
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "seed"])
 def _fake_quant_kernel(
     x_ptr, out_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed,
     FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, RHT: tl.constexpr,
@@ -320,7 +323,7 @@ def _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM: tl.constexpr, TN: tl.co
     return x, offs, mask, rows, cols
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _amax_pair_kernel(
     x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c,
     ROW: tl.constexpr, ROW_RHT: tl.constexpr, COL: tl.constexpr, COL_RHT: tl.constexpr,
@@ -341,7 +344,7 @@ def _amax_pair_kernel(
         tl.atomic_max(amax_ptr + 1, _nan_inf(xc))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "seed_row", "seed_col"])
 def _fake_quant_pair_kernel(
     x_ptr, row_ptr, col_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed_row, seed_col,
     ROW_FMT: tl.constexpr, ROW_BLOCK: tl.constexpr, ROW_2D: tl.constexpr, ROW_RHT: tl.constexpr,
