@@ -16,7 +16,7 @@ Per-tensor scales need the tensor's amax first: a small reduction kernel (with t
 quantized values are the transformed ones) writes it, then the quantize kernel reads it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -130,7 +130,16 @@ def _fwht16(x):
 
 
 @triton.jit
-def _rht16(x, signs_ptr, x_ptr):
+def _as_bf16(y, NATIVE: tl.constexpr):
+    """y rounded to BF16 (RNE; NaN stays NaN), as a BF16 tensor. NATIVE: the GPU's cvt.rn (one instruction
+    per two values); otherwise on the bits, the same in the interpreter, whose NumPy cast is no RNE."""
+    if NATIVE:
+        return y.to(tl.bfloat16)
+    return _round_to_bf16(y).to(tl.bfloat16)
+
+
+@triton.jit
+def _rht16(x, signs_ptr, x_ptr, NATIVE: tl.constexpr):
     """hadamard.hadamard along the last axis of the FP32 tile x (its length a multiple of 16): the exact
     FP64 sum of the (+-x/4) terms, rounded to FP32, then to x_ptr's element type (as TE rounds its RHT
     output to the input dtype before the amax and the quantization)."""
@@ -140,7 +149,7 @@ def _rht16(x, signs_ptr, x_ptr):
     xb = tl.reshape(x.to(tl.float64), (n * m // 16, 16)) * signs[None, :]
     y = tl.reshape((_fwht16(xb) * 0.25).to(tl.float32), (n, m))
     if x_ptr.dtype.element_ty == tl.bfloat16:
-        y = _round_to_bf16(y)
+        y = _as_bf16(y, NATIVE).to(tl.float32)
     elif x_ptr.dtype.element_ty == tl.float16:
         y = y.to(tl.float16).to(tl.float32)
     return y
@@ -148,7 +157,7 @@ def _rht16(x, signs_ptr, x_ptr):
 
 @triton.jit
 def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
-               RHT: tl.constexpr):  # fmt: skip
+               RHT: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     """The [BR, BC] tile of program (pid 0, pid 1) in FP32, zero-padded, RHT'd along C when asked."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -156,15 +165,18 @@ def _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC:
     offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RHT:
-        x = _rht16(x, signs_ptr, x_ptr)
+        x = _rht16(x, signs_ptr, x_ptr, NATIVE)
     return x, offs, mask, rows, cols
 
 
-@triton.jit
+# do_not_specialize: arguments whose value classes (multiple of 16, equal to 1) would only multiply the
+# compiled variants: the row count (it masks whole rows) and the seeds. C and the row stride keep theirs
+# (they decide the vector loads).
+@triton.jit(do_not_specialize=["R"])
 def _amax_kernel(x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr,
-                 RHT: tl.constexpr):  # fmt: skip
+                 RHT: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     """amax_ptr[0] = max |x| over the tensor (after the RHT when RHT); NaN counts as +inf."""
-    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT, NATIVE)
     tl.atomic_max(amax_ptr, _nan_inf(x))
 
 
@@ -172,14 +184,15 @@ def _amax_kernel(x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.co
 def _block_amax(a, BR: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr):
     """|x| max per 1 x BLOCK (or BLOCK x BLOCK) block, as a [BR, BC // BLOCK, 1] tensor; NaN -> NaN."""
     nan = tl.where(a == a, 0.0, 1.0)
-    if BLOCK_2D:
-        t = tl.reshape(a, (BR // BLOCK, BLOCK, BC // BLOCK, BLOCK))
-        n = tl.reshape(nan, (BR // BLOCK, BLOCK, BC // BLOCK, BLOCK))
-        m = tl.max(tl.max(t, axis=3), axis=1)
-        has_nan = tl.max(tl.max(n, axis=3), axis=1)
+    if BLOCK_2D:  # per row first (as 1 x BLOCK blocks), then over each BLOCK rows
+        NB: tl.constexpr = BC // BLOCK
+        m = tl.max(tl.reshape(a, (BR, NB, BLOCK)), axis=2)
+        has_nan = tl.max(tl.reshape(nan, (BR, NB, BLOCK)), axis=2)
+        m = tl.max(tl.reshape(m, (BR // BLOCK, BLOCK, NB)), axis=1)
+        has_nan = tl.max(tl.reshape(has_nan, (BR // BLOCK, BLOCK, NB)), axis=1)
         m = tl.where(has_nan > 0, float("nan"), m)
-        m = tl.broadcast_to(m[:, None, :], (BR // BLOCK, BLOCK, BC // BLOCK))
-        return tl.reshape(m, (BR, BC // BLOCK, 1))
+        m = tl.broadcast_to(m[:, None, :], (BR // BLOCK, BLOCK, NB))
+        return tl.reshape(m, (BR, NB, 1))
     t = tl.reshape(a, (BR, BC // BLOCK, BLOCK))
     m = tl.max(t, axis=2, keep_dims=True)
     has_nan = tl.max(tl.reshape(nan, (BR, BC // BLOCK, BLOCK)), axis=2, keep_dims=True)
@@ -190,7 +203,11 @@ def _block_amax(a, BR: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOC
 def _nan_inf(a):
     """|x| for an amax: NaN counts as +inf (so a NaN anywhere makes the tensor scale NaN)."""
     a = tl.abs(a)
-    return tl.max(tl.max(tl.where(a == a, a, float("inf")), axis=1), axis=0)
+    a = tl.where(a == a, a, float("inf"))
+    # per 16 along the last axis first, as the quantize kernels' block amaxes: the RHT's butterflies then
+    # get the layout they have there (in registers, far fewer shuffles)
+    b = tl.max(tl.reshape(a, (a.shape[0], a.shape[1] // 16, 16)), axis=2)
+    return tl.max(tl.max(b, axis=1), axis=0)
 
 
 @triton.jit
@@ -243,22 +260,24 @@ def _quantize_tile(
 
 
 @triton.jit
-def _store(out_ptr, offs, y, mask):
+def _store(out_ptr, offs, y, mask, NATIVE: tl.constexpr):
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        y = _round_to_bf16(y)  # explicit RNE: the same bits on the GPU and in the interpreter
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _as_bf16(y, NATIVE), mask=mask)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "seed"])
 def _fake_quant_kernel(
     x_ptr, out_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed,
     FMT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_2D: tl.constexpr, RHT: tl.constexpr,
     STOCHASTIC: tl.constexpr, SR_BITS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    NATIVE: tl.constexpr = False,
 ):  # fmt: skip
-    x, offs, mask, rows, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT)
+    x, offs, mask, rows, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, BR, BC, RHT, NATIVE)
     y = _quantize_tile(x, rows, tl.program_id(1) * BC, C, amax_ptr, seed,
                        FMT, BLOCK, BLOCK_2D, STOCHASTIC, SR_BITS, BR, BC)  # fmt: skip
-    _store(out_ptr, offs, y, mask)
+    _store(out_ptr, offs, y, mask, NATIVE)
 
 
 # ---- Both layouts of one tensor from one read: a [TM, TN] tile in memory order, transposed in registers
@@ -266,49 +285,128 @@ def _fake_quant_kernel(
 
 
 @triton.jit
-def _amax_pair_kernel(
-    x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c,
-    ROW: tl.constexpr, ROW_RHT: tl.constexpr, COL: tl.constexpr, COL_RHT: tl.constexpr,
-    TM: tl.constexpr, TN: tl.constexpr,
-):  # fmt: skip
-    """amax_ptr[0] / [1] = max |x| of the row-wise / column-wise operand (after its RHT)."""
-    x, _, _, _, _ = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False)
-    if ROW:
-        xr = x
-        if ROW_RHT:
-            xr = _rht16(xr, signs_ptr, x_ptr)
-        tl.atomic_max(amax_ptr, _nan_inf(xr))
-    if COL:
-        xc = tl.trans(x)
-        if COL_RHT:
-            xc = _rht16(xc, signs_ptr, x_ptr)
-        tl.atomic_max(amax_ptr + 1, _nan_inf(xc))
+def _warp_rows(TM: tl.constexpr, T: tl.constexpr, W: tl.constexpr):
+    """The tile's rows in load order: the [TM, TN] load is laid out with T lanes and W warps along its rows
+    and K = TM // (T * W) registers, so position i = (k * W + w) * T + t; it holds row (w * K + k) * T + t,
+    which gives each warp TM // W consecutive rows, whole column-wise blocks that it reduces with
+    register ops and shuffles instead of through shared memory. (Any T and W give the same values: the
+    two functions below undo the order exactly; only the speed depends on matching the layout.)"""
+    K: tl.constexpr = TM // (T * W)
+    i = tl.arange(0, TM)
+    return ((i // T % W) * K + i // (T * W)) * T + i % T
 
 
 @triton.jit
+def _in_row_order(x, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr):
+    """x [TM, TN] in load order (_warp_rows) -> in row order (a relabelling of registers, no data moves)."""
+    K: tl.constexpr = TM // (T * W)
+    return tl.reshape(tl.permute(tl.reshape(x, (K, W, T, TN)), (1, 0, 2, 3)), (TM, TN))
+
+
+@triton.jit
+def _in_load_order(y, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr):
+    """The inverse of _in_row_order."""
+    K: tl.constexpr = TM // (T * W)
+    return tl.reshape(tl.permute(tl.reshape(y, (W, K, T, TN)), (1, 0, 2, 3)), (TM, TN))
+
+
+@triton.jit
+def _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr,
+                    W: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """The [TM, TN] tile of program (pid 0, pid 1) in FP32, zero-padded, its rows in load order. VEC: the
+    elements per vector load (a smaller one than 16 bytes leaves a thread more rows of fewer columns)."""
+    rows = tl.program_id(0) * TM + _warp_rows(TM, T, W)
+    cols = tl.max_contiguous(tl.program_id(1) * TN + tl.arange(0, TN), VEC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x, offs, mask, rows, cols
+
+
+@triton.jit(do_not_specialize=["R"])
+def _amax_pair_kernel(
+    x_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c,
+    ROW: tl.constexpr, ROW_RHT: tl.constexpr, COL: tl.constexpr, COL_RHT: tl.constexpr,
+    TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr,
+    NATIVE: tl.constexpr = False,
+):  # fmt: skip
+    """amax_ptr[0] / [1] = max |x| of the row-wise / column-wise operand (after its RHT)."""
+    x, _, _, _, _ = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W, VEC)
+    if ROW:
+        xr = x  # the row order does not matter here
+        if ROW_RHT:
+            xr = _rht16(xr, signs_ptr, x_ptr, NATIVE)
+        tl.atomic_max(amax_ptr, _nan_inf(xr))
+    if COL:
+        xc = tl.trans(_in_row_order(x, TM, TN, T, W))
+        if COL_RHT:
+            xc = _rht16(xc, signs_ptr, x_ptr, NATIVE)
+        tl.atomic_max(amax_ptr + 1, _nan_inf(xc))
+
+
+@triton.jit(do_not_specialize=["R", "seed_row", "seed_col"])
 def _fake_quant_pair_kernel(
     x_ptr, row_ptr, col_ptr, signs_ptr, amax_ptr, R, C, stride_r, stride_c, seed_row, seed_col,
     ROW_FMT: tl.constexpr, ROW_BLOCK: tl.constexpr, ROW_2D: tl.constexpr, ROW_RHT: tl.constexpr,
     ROW_SR: tl.constexpr,
     COL_FMT: tl.constexpr, COL_BLOCK: tl.constexpr, COL_2D: tl.constexpr, COL_RHT: tl.constexpr,
     COL_SR: tl.constexpr,
-    SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+    SR_BITS: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, T: tl.constexpr, W: tl.constexpr,
+    VEC: tl.constexpr, COL_SAME: tl.constexpr = False, NATIVE: tl.constexpr = False,
 ):  # fmt: skip
-    x, offs, mask, rows, cols = _load_tile(x_ptr, signs_ptr, R, C, stride_r, stride_c, TM, TN, False)
+    """COL_SAME: the column-wise output equals the row-wise one (see _axis_free) and is stored from it."""
+    x, offs, mask, rows, cols = _load_pair_tile(x_ptr, R, C, stride_r, stride_c, TM, TN, T, W, VEC)
+    row0 = tl.program_id(0) * TM
     if ROW_FMT >= 0:
         xr = x
         if ROW_RHT:
-            xr = _rht16(xr, signs_ptr, x_ptr)
-        y = _quantize_tile(xr, rows, tl.program_id(1) * TN, C, amax_ptr, seed_row,
-                           ROW_FMT, ROW_BLOCK, ROW_2D, ROW_SR, SR_BITS, TM, TN)  # fmt: skip
-        _store(row_ptr, offs, y, mask)
+            xr = _rht16(xr, signs_ptr, x_ptr, NATIVE)
+        if ROW_2D:  # 2-D blocks need whole blocks of rows: in row order
+            y = _quantize_tile(
+                _in_row_order(xr, TM, TN, T, W),
+                row0 + tl.arange(0, TM),
+                tl.program_id(1) * TN,
+                C,
+                amax_ptr,
+                seed_row,
+                ROW_FMT,
+                ROW_BLOCK,
+                ROW_2D,
+                ROW_SR,
+                SR_BITS,
+                TM,
+                TN,
+            )
+            y = _in_load_order(y, TM, TN, T, W)
+        else:  # each row on its own: the load order will do
+            y = _quantize_tile(
+                xr,
+                rows,
+                tl.program_id(1) * TN,
+                C,
+                amax_ptr,
+                seed_row,
+                ROW_FMT,
+                ROW_BLOCK,
+                ROW_2D,
+                ROW_SR,
+                SR_BITS,
+                TM,
+                TN,
+            )
+        _store(row_ptr, offs, y, mask, NATIVE)
+        if COL_SAME:
+            _store(col_ptr, offs, y, mask, NATIVE)
     if COL_FMT >= 0:
-        xc = tl.trans(x)  # [TN, TM]: the column-wise operand's rows are x's columns
+        xc = tl.trans(
+            _in_row_order(x, TM, TN, T, W)
+        )  # [TN, TM]: the column-wise operand's rows are x's columns
         if COL_RHT:
-            xc = _rht16(xc, signs_ptr, x_ptr)
-        yc = _quantize_tile(xc, cols, tl.program_id(0) * TM, R, amax_ptr + 1, seed_col,
-                            COL_FMT, COL_BLOCK, COL_2D, COL_SR, SR_BITS, TN, TM)  # fmt: skip
-        _store(col_ptr, offs, tl.trans(yc), mask)
+            xc = _rht16(xc, signs_ptr, x_ptr, NATIVE)
+        yc = _quantize_tile(
+            xc, cols, row0, R, amax_ptr + 1, seed_col, COL_FMT, COL_BLOCK, COL_2D, COL_SR, SR_BITS, TN, TM
+        )
+        _store(col_ptr, offs, _in_load_order(tl.trans(yc), TM, TN, T, W), mask, NATIVE)
 
 
 @dataclass(frozen=True)
@@ -320,6 +418,14 @@ class Direction:
     block_2d: bool = False
     rht: bool = False  # transform along the quantized axis first (needs rht_signs)
     seed: int = 0  # Philox seed of stochastic rounding
+
+
+def _axis_free(d: Direction) -> bool:
+    """Whether quantizing along axis 0 gives the very values of axis 1: with round-to-nearest and no RHT,
+    per-tensor FP8 is elementwise and a square 2-D block (16x16, 32x32) is the same block of W and W^T.
+    (Stochastic rounding draws its bits by position in the quantized layout, the RHT mixes along its
+    axis: those are not.) The column-wise result is then computed by the row-wise, transpose-free path."""
+    return d.rounding == "nearest" and not d.rht and (d.block_2d or d.fmt not in BLOCKS)
 
 
 def _check(x: torch.Tensor, d: Direction, sr_bits: int, rht_signs) -> None:
@@ -372,7 +478,9 @@ def fake_quantize_2d(
     values are then those of the transformed tensor). Stochastic rounding uses `sr_bits` random bits per
     element from Philox(seed), the same bits as `fake_quantize(..., seed=seed, sr_bits=sr_bits)`.
     `out`, if given, must be strided like x. axis=0 runs the pair kernel (fake_quantize_2d_pair), whose
-    tiles are read in memory order and transposed in registers.
+    tiles are read in memory order and transposed in registers, unless the result is the axis=1 one
+    (round-to-nearest without RHT, per-tensor FP8 or 2-D blocks: see _axis_free); so do 2-D blocks and
+    stochastic rounding along axis 1.
     """
     if axis not in (0, 1):
         raise ValueError(f"axis={axis}: allowed values are 0, 1")
@@ -380,8 +488,12 @@ def fake_quantize_2d(
     _check(x, d, sr_bits, rht_signs)
     if out is None:
         out = _new_out(x, out_dtype)
-    if axis == 0:
+    if axis == 0 and not _axis_free(d):
         return _launch_pair(x, None, d, rht_signs, sr_bits, None, out)[1]
+    if (block_2d and fmt in BLOCKS) or rounding == "stochastic":
+        # The pair kernel's row-wise path: its tiles keep a 16x16 block in one warp (no shared-memory
+        # reduction) and give a thread 64 elements (sm_90 SASS per element: 2-D 45 -> 23, SR 45 -> 39).
+        return _launch_pair(x, d, None, rht_signs, sr_bits, out, None)[0]
     if x.numel() == 0:
         return out
     block = BLOCKS.get(fmt, 16)
@@ -394,24 +506,49 @@ def fake_quantize_2d(
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
     amax = torch.zeros(1, device=x.device, dtype=torch.float32)
     if fmt != "mxfp8":
-        _amax_kernel[grid](x, signs, amax, R, C, stride_r, stride_c, BR=br, BC=bc, RHT=rht)
+        _amax_kernel[grid](x, signs, amax, R, C, stride_r, stride_c, BR=br, BC=bc, RHT=rht, NATIVE=x.is_cuda)
     _fake_quant_kernel[grid](
         x, out, signs, amax, R, C, stride_r, stride_c, seed,
         FMT=FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=block_2d, RHT=rht,
-        STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc,
+        STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc, NATIVE=x.is_cuda,
     )  # fmt: skip
     return out
 
 
-PAIR_TILE = 64  # [64, 64] tiles: whole 16- and 32-blocks (and 2-D tiles) along both axes
+# Tiles of the pair kernels, ([TM, TN], warps, elements per vector load), by what the column-wise
+# direction needs: whole 16- and 32-blocks (and 2-D tiles) along both axes, and each column-wise block in
+# one warp (_warp_rows). The RHT's 16 rows of a column sit in one thread's registers (4-element loads:
+# all 32 lanes along the 128 columns), so its butterflies need no shuffles; without the RHT, 8-element
+# loads and two lanes per block. Chosen by the SASS instructions per element of the sm_90 build
+# (scripts/kernel_sass.py), which track the kernels' H100 times.
+PAIR_TILES = {"rht": ((32, 128), 2, 4), "mxfp8": ((128, 64), 4, 8), "other": ((32, 128), 2, 8)}
+
+
+def _pair_layout(x: torch.Tensor, col: "Direction | None") -> dict:
+    """The pair kernels' tile constants; T: the lanes along the rows in the [TM, TN] load's blocked layout
+    (VEC-element vectors along TN, the rest of the warp's 32 lanes along TM), so that _warp_rows matches
+    it."""
+    kind = "other" if col is None else "rht" if col.rht else "mxfp8" if col.fmt == "mxfp8" else "other"
+    (tm, tn), warps, vec = PAIR_TILES[kind]
+    vec = min(vec, max(1, 16 // x.element_size()))
+    lanes_c = min(32, tn // vec)
+    return dict(TM=tm, TN=tn, T=32 // lanes_c, W=warps, VEC=vec, num_warps=warps)
 
 
 def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_bits, row_out, col_out):
     if x.numel() == 0:
         return row_out, col_out
+    result = row_out, col_out
+    col_same = False
+    if col is not None and _axis_free(col):
+        if row is None:  # the row-wise path writes the column-wise output
+            row, row_out, col = col, col_out, None
+        elif replace(row, seed=0) == replace(col, seed=0):  # one quantization, stored twice
+            col_same, col = True, None
     R, C = x.shape
     signs = _signs(x, rht_signs)
-    grid = (triton.cdiv(R, PAIR_TILE), triton.cdiv(C, PAIR_TILE))
+    tile = _pair_layout(x, col)
+    grid = (triton.cdiv(R, tile["TM"]), triton.cdiv(C, tile["TN"]))
     amax = torch.zeros(2, device=x.device, dtype=torch.float32)
     need_row = row is not None and row.fmt != "mxfp8"
     need_col = col is not None and col.fmt != "mxfp8"
@@ -419,7 +556,7 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
         _amax_pair_kernel[grid](
             x, signs, amax, R, C, x.stride(0), x.stride(1),
             ROW=need_row, ROW_RHT=need_row and row.rht, COL=need_col, COL_RHT=need_col and col.rht,
-            TM=PAIR_TILE, TN=PAIR_TILE,
+            NATIVE=x.is_cuda, **tile,
         )  # fmt: skip
 
     def consts(d: Direction | None):
@@ -437,9 +574,9 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
         R, C, x.stride(0), x.stride(1), r_seed, c_seed,
         ROW_FMT=rf, ROW_BLOCK=rb, ROW_2D=r2, ROW_RHT=rr, ROW_SR=rs,
         COL_FMT=cf, COL_BLOCK=cb, COL_2D=c2, COL_RHT=cr, COL_SR=cs,
-        SR_BITS=sr_bits, TM=PAIR_TILE, TN=PAIR_TILE,
+        SR_BITS=sr_bits, COL_SAME=col_same, NATIVE=x.is_cuda, **tile,
     )  # fmt: skip
-    return row_out, col_out
+    return result
 
 
 def fake_quantize_2d_pair(
@@ -458,7 +595,7 @@ def fake_quantize_2d_pair(
         fake_quantize_2d(x, row.fmt, axis=1, rounding=row.rounding, block_2d=row.block_2d,
                          rht_signs=rht_signs if row.rht else None, seed=row.seed, sr_bits=sr_bits)
     and the same with axis=0 for `col`. One pass computes the tensor amaxes of both layouts (after their
-    RHT), a second reads each [64, 64] tile once, quantizes it row-wise and, transposed in registers,
+    RHT), a second reads each [128, 32] tile once, quantizes it row-wise and, transposed in registers,
     column-wise, RHT and stochastic rounding fused, and writes both outputs (instead of two passes each).
     """
     for d in (row, col):

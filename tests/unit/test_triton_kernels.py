@@ -12,7 +12,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpr
 
 from llmtrain.precision import fake_quantize, hadamard  # noqa: E402
 from llmtrain.precision.hadamard import TE_SIGNS  # noqa: E402
-from llmtrain.precision.triton_kernels import Direction, fake_quantize_2d, fake_quantize_2d_pair  # noqa: E402
+from llmtrain.precision.triton_kernels import (  # noqa: E402
+    PAIR_TILES,
+    Direction,
+    fake_quantize_2d,
+    fake_quantize_2d_pair,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ["fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4"]
@@ -178,6 +183,10 @@ PAIRS = {  # (row-wise, column-wise): TE's slots (input, weight, grad_output) an
     "mixed_row_rht": (Direction("nvfp4", rht=True), Direction("mxfp8")),
     "row_only": (Direction("fp8_e4m3", "stochastic", seed=8), None),
     "col_only": (None, Direction("nvfp4", rht=True)),
+    # Column-wise results that equal the row-wise ones (RTN, no RHT: per-tensor or 2-D): computed once.
+    "col_only_2d": (None, Direction("nvfp4", block_2d=True)),
+    "fp8_rtn_both": (Direction("fp8_e4m3"), Direction("fp8_e4m3", seed=9)),
+    "row_1d_col_2d": (Direction("nvfp4"), Direction("nvfp4", block_2d=True)),
 }
 
 
@@ -197,6 +206,23 @@ def test_pair_kernel_gives_both_layouts_bit_for_bit(pair, sr_bits):
                 continue
             ref = _reference_direction(x, d, axis, signs, sr_bits)
             _assert_bitwise(got, ref, f"{pair} sr{sr_bits} axis={axis} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pair_kernel_across_several_tiles(dtype):
+    """A tensor spanning several [TM, TN] tiles of the pair kernel along both axes, ragged at both ends
+    (the tests above fit in one tile along the rows): each tile's rows are loaded out of order
+    (_warp_rows) and put back; every layout still matches its reference."""
+    tm = max(tile[0] for tile, *_ in PAIR_TILES.values())
+    tn = max(tile[1] for tile, *_ in PAIR_TILES.values())
+    x = torch.randn(2 * tm + 24, 2 * tn + 16, generator=torch.Generator().manual_seed(4))
+    x = x.to(dtype).to(DEVICE)
+    signs = torch.tensor(TE_SIGNS)
+    for pair in ("nvfp4_input", "nvfp4_grad", "nvfp4_weight_2d", "mxfp8", "row_1d_col_2d"):
+        row, col = PAIRS[pair]
+        got = fake_quantize_2d_pair(x, row, col, rht_signs=signs, out_dtype=torch.float32)
+        for d, y, axis in ((row, got[0], 1), (col, got[1], 0)):
+            _assert_bitwise(y, _reference_direction(x, d, axis, signs, 8), f"{pair} axis={axis}")
 
 
 def test_pair_kernel_bf16_outputs_and_argument_errors():
