@@ -48,6 +48,7 @@ import transformer_engine.pytorch  # noqa: F401  (TE's torch extension before it
 from transformer_engine.pytorch.tensor.hybrid_tensor import HybridQuantizer
 from transformer_engine.pytorch.tensor.identity_tensor import IdentityQuantizer
 
+from llmtrain.precision import kernel_check
 from llmtrain.precision.hadamard import TE_SIGNS, random_signs
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
 from llmtrain.precision.triton_kernels import fake_quantize_2d
@@ -175,6 +176,18 @@ class FakeQuantizer(IdentityQuantizer):
             out_dtype=data.dtype,
             out=None if into is None else into.view(x2.shape),
         )
+        if x2.is_cuda:  # native kernels: once per configuration, compared with the torch reference
+            kernel_check.check_once(
+                out,
+                x2,
+                op.fmt,
+                axis=self.axis,
+                rounding=op.rounding,
+                block_2d=op.block_2d,
+                rht_signs=STATE.rht_signs if self.rht else None,
+                seed=seed,
+                sr_bits=STATE.recipe.sr_bits,
+            )
         return out.view(data.shape)
 
 
