@@ -6,6 +6,7 @@ from llmtrain import precision
 from llmtrain.config.estimate import layout_of
 from llmtrain.engines.select import ENGINES
 from llmtrain.errors import ConfigError
+from llmtrain.precision.nvfp4_options import emulated_refusal
 from llmtrain.train.schedule import SCHEDULES
 
 RECOMPUTE = ["none", "selective", "full"]
@@ -219,6 +220,10 @@ def validate(cfg, *, world: int, engine: str) -> None:
     _choice("logging.console", cfg.logging.console, CONSOLES)
     validate_cluster(cfg.cluster)
     validate_parallel(cfg, world, engine)
+    if engine == "megatron" and cfg.precision.backend == "custom":  # emulated for sure: no GPU check needed
+        why = emulated_refusal(cfg.precision)
+        if why:
+            raise ConfigError("precision.backend", "custom", why)
     validate_split(cfg.data.split)
     _at_least("data.num_workers", cfg.data.num_workers, 0)
     validate_data(cfg.data)
