@@ -111,7 +111,9 @@ def validate(cfg, recipe, where: str = "") -> None:
             if ops[n].rounding == "stochastic":
                 raise ConfigError(
                     key, scope, f"TE's 4over6 does not support stochastic rounding, operand {n} rounds "
-                    f"stochastically{where}; set {_NEAREST_FIX[n.split('_')[0]]} or narrow precision.nvfp4_4over6",
+                    f"stochastically{where}; "
+                    + ("round it to nearest there" if where else f"set {_NEAREST_FIX[n.split('_')[0]]}")
+                    + " or narrow precision.nvfp4_4over6",
                 )  # fmt: skip
         if "wgrad_x" in chosen and recipe.rht:
             raise ConfigError(
