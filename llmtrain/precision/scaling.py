@@ -184,13 +184,14 @@ def nvfp4_4over6(
         cands.append((elems, s_blk, scaled, err))
     (e4, s4, sc4, err4), (e6, s6, sc6, err6) = cands
     if block_2d:  # 16 rows' errors summed in the CUDA warp reduction's tree order
-        t = err4.view(-1, block, nb), err6.view(-1, block, nb)
+        # A partial last tile: TE's reference pads rows with zeros, whose error is exactly 0.
+        t = pad_to(err4, block, 1).view(-1, block, nb), pad_to(err6, block, 1).view(-1, block, nb)
         sums = []
         for r in t:
             r = r[:, 0:8] + r[:, 8:16]
             r = r[:, 0:4] + r[:, 4:8]
             r = r[:, 0:2] + r[:, 2:4]
-            sums.append((r[:, 0] + r[:, 1]).repeat_interleave(block, dim=0))
+            sums.append((r[:, 0] + r[:, 1]).repeat_interleave(block, dim=0)[:rows])
         pick4 = sums[0] < sums[1]
     else:
         pick4 = err4 < err6

@@ -262,3 +262,28 @@ def test_nvfp4_row_scaled_matches_te_reference(te_reference, dtype, four_over_si
     assert (
         differs >= 3
     )  # per-row amaxes really change block scales (row_ranges, heavy_tail, one_outlier, ...)
+
+
+@pytest.mark.parametrize("shape", [(172, 64), (64, 172), (50, 40)], ids=str)
+@pytest.mark.parametrize("mode", ["4o6-1x16", "4o6-16x16", "row_scaled", "row_scaled-4o6"])
+def test_nvfp4_options_on_partial_blocks_match_te_reference(te_reference, shape, mode):
+    """Shapes that are not a multiple of the tile (e.g. a 172-row FFN weight): TE's reference zero-pads
+    rows and columns to the tile; codes (up to the real width), block scales and amax agree."""
+    from llmtrain.precision.quantize import FourOverSix
+
+    nv = te_reference.nvfp4
+    tile = (16, 16) if mode == "4o6-16x16" else (1, 16)
+    row_scaled, fos = mode.startswith("row_scaled"), FourOverSix("MAE", 256) if "4o6" in mode else None
+    extra = dict(nvfp4_use_4over6=True, nvfp4_e4m3_max=256) if fos else {}
+    ref_q = nv.NVFP4QuantizerRef(dtype=nv.reference_utils.Fp4Formats.E2M1, rowwise=True, columnwise=False,
+                                 quant_tile_shape=tile, row_scaled_nvfp4=row_scaled, **extra)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(*shape, generator=g) * torch.exp(torch.randn(shape[0], 1, generator=g) * 3)).to(
+            dtype
+        )
+        ref = ref_q.quantize(x)
+        q = quantize(x, "nvfp4", block_2d=tile == (16, 16), four_over_six=fos, row_scaled=row_scaled)
+        assert torch.equal(q.codes[:, : shape[1] // 2], ref.data), dtype
+        assert torch.equal(q.scale.view(torch.uint8), ref.scale[: shape[0]].view(torch.uint8)), dtype
+        assert torch.equal(q.amax, ref.global_amax_row), dtype
