@@ -85,7 +85,7 @@ class NVFP4Options:
         }
 
 
-def validate(cfg, recipe, where: str = "") -> None:
+def validate(recipe, where: str = "") -> None:
     """One-line ConfigErrors for options `recipe` (the base recipe, or a phase's `where`) cannot take."""
     opts = recipe.nvfp4
     for key, value, allowed in (("nvfp4_4over6", opts.four_over_six, SCOPES),
@@ -139,7 +139,7 @@ def validate(cfg, recipe, where: str = "") -> None:
         elif x.rounding == "stochastic":
             raise ConfigError(
                 key, True, f"TE's row-scaled forward activation rounds to nearest, fprop_x rounds stochastically"
-                f"{where}; set precision.fprop_rounding=nearest",
+                f"{where}; " + ("round it to nearest there" if where else "set precision.fprop_rounding=nearest"),
             )  # fmt: skip
 
 

@@ -257,7 +257,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
     _choice("precision.rht_signs", cfg.rht_signs, RHT_SIGNS)
     _choice("precision.qaf.trigger", cfg.qaf.trigger, QAF_TRIGGERS)
     _validate_operands(cfg)
-    nvfp4_options.validate(cfg, PrecisionRecipe.from_config(cfg))
+    nvfp4_options.validate(PrecisionRecipe.from_config(cfg))
     if cfg.rht_size != 16:
         raise ConfigError("precision.rht_size", cfg.rht_size, "only 16-point transforms are supported", [16])
     if cfg.monitor.interval < 1:
@@ -301,5 +301,5 @@ def validate(cfg, num_layers: int | None = None) -> None:
         )
     phase_list = phases.phases_from_config(cfg)  # phase names, triggers, targets and formats
     for phase, phase_recipe in zip(phase_list, phases.phase_recipes(cfg, phase_list)[1:]):
-        nvfp4_options.validate(cfg, phase_recipe, f" in {phase.key} ({phase.name})")
+        nvfp4_options.validate(phase_recipe, f" in {phase.key} ({phase.name})")
     _validate_bf16_layers(cfg, num_layers)
