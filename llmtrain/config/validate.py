@@ -7,6 +7,7 @@ from llmtrain.config.layout import check_layout
 from llmtrain.engines.select import ENGINES
 from llmtrain.errors import ConfigError
 from llmtrain.models.registry import FAMILIES, get_family
+from llmtrain.precision.nvfp4_options import emulated_refusal
 from llmtrain.train.schedule import SCHEDULES
 
 WANDB_MODES = ["offline", "online", "disabled"]
@@ -181,6 +182,10 @@ def validate(cfg, *, world: int, engine: str) -> None:
     _choice("logging.console", cfg.logging.console, CONSOLES)
     validate_cluster(cfg.cluster)
     validate_parallel(cfg, world, engine)
+    if engine == "megatron" and cfg.precision.backend == "custom":  # emulated for sure: no GPU check needed
+        why = emulated_refusal(cfg.precision)
+        if why:
+            raise ConfigError("precision.backend", "custom", why)
     validate_split(cfg.data.split)
     _at_least("data.num_workers", cfg.data.num_workers, 0)
     validate_data(cfg.data)

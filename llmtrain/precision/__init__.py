@@ -2,7 +2,8 @@
 
 Engines call `convert_model` once after building the model and drive a `PrecisionController` from the
 training loop. Module map: formats (grids, rounding), scaling (TE's scale selection), quantize (public
-quantizers), hadamard (RHT), recipe (per-GEMM operand description + validation), linear (QuantLinear),
+quantizers), hadamard (RHT), recipe (per-GEMM operand description + validation), nvfp4_options (TE 2.20's
+4over6 / row-scaled keys), linear (QuantLinear),
 convert (model surgery, recipe switch), monitor (sqrt(3) probe), phases (precision.schedule), controller
 (monitor bookkeeping, phase triggers, phase LR). See docs/precision.md.
 """

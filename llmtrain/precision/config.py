@@ -119,6 +119,13 @@ class PrecisionConfig:
     sr_operands: str = "grad"  # grad | all
     operands: OperandSettings = field(default_factory=OperandSettings)  # per-operand overrides of the above
     sr_bits: int = 8  # random bits per element in SR: 8 = native TE (cvt.rs), 24 = unbiased
+    # TE 2.20's NVFP4BlockScaling options (nvfp4_options.py says which operands each reaches):
+    nvfp4_4over6: str = "none"  # none | weights | activations | all: adaptive map-to-4-or-6 block scaling
+    nvfp4_4over6_e4m3_use_256: str = (
+        "all"  # none | weights | activations | all: 4over6 tensors with amax -> 256
+    )
+    nvfp4_4over6_err_mode: str = "MAE"  # MAE | MSE: the error 4over6 compares per block
+    row_scaled_activation: bool = False  # one FP32 amax per row of the fprop activation
     bf16_layers: BF16Layers = field(default_factory=BF16Layers)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     qaf: QAFConfig = field(default_factory=QAFConfig)

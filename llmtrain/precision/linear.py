@@ -25,7 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from llmtrain.precision.hadamard import TE_SIGNS, hadamard, random_signs
 from llmtrain.precision.quantize import Parts, quantize_parts
-from llmtrain.precision.recipe import Operand, PrecisionRecipe
+from llmtrain.precision.recipe import PrecisionRecipe
 
 _OPTIMIZER_STEPS = [0]  # steps taken by any torch optimizer in this process
 
@@ -91,25 +91,30 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.recipe.describe()}"
 
 
-def _operand(t: torch.Tensor, op: Operand, layer: QuantLinear) -> Parts:
+def _operand(t: torch.Tensor, name: str, layer: QuantLinear) -> Parts:
+    """Operand `name` (e.g. "fprop_x") of the layer's recipe, quantized (with its NVFP4 options)."""
+    r = layer.recipe
+    op = getattr(r, name)
     if not op.quantized:
         return Parts(t, None)
     gen = layer.generator(t.device) if op.rounding == "stochastic" else None
-    return quantize_parts(t, op.fmt, op.rounding, op.block_2d, gen, sr_bits=layer.recipe.sr_bits)
+    return quantize_parts(t, op.fmt, op.rounding, op.block_2d, gen, sr_bits=r.sr_bits,
+                          four_over_six=r.four_over_six(name), row_scaled=r.row_scaled(name))  # fmt: skip
 
 
-def _weight_operand(weight: torch.Tensor, op: Operand, layer: QuantLinear, transposed: bool, cd) -> Parts:
+def _weight_operand(weight: torch.Tensor, name: str, layer: QuantLinear, transposed: bool, cd) -> Parts:
     """Quantized W (fprop) or W^T (dgrad), from the layer's cache while the weight is unchanged."""
+    op = getattr(layer.recipe, name)
     if not op.quantized or not layer.cache_weights:
-        return _operand(weight.t() if transposed else weight, op, layer)
+        return _operand(weight.t() if transposed else weight, name, layer)
     key = (id(weight), weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0], op, cd, weight.device,
-           layer.step if op.rounding == "stochastic" else None)  # fmt: skip
+           layer.step if op.rounding == "stochastic" else None, layer.recipe.four_over_six(name))  # fmt: skip
     hit = layer._weight_cache.get(transposed)
     if hit is not None and hit[0] == key:
         layer.weight_cache_hits += 1
         return hit[1]
     layer.weight_cache_misses += 1
-    parts = _operand(weight.t() if transposed else weight, op, layer)
+    parts = _operand(weight.t() if transposed else weight, name, layer)
     parts = Parts(parts.values.to(cd), parts.factor)  # stored as the GEMM reads it: a hit costs no cast
     layer._weight_cache[transposed] = (key, parts)
     return parts
@@ -148,10 +153,10 @@ def _fp32_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _QuantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, layer: QuantLinear):
-        r, cd = layer.recipe, _compute_dtype(x)
+        cd = _compute_dtype(x)
         y = _gemm(
-            _operand(x.reshape(-1, x.shape[-1]), r.fprop_x, layer),
-            _weight_operand(weight, r.fprop_w, layer, False, cd),
+            _operand(x.reshape(-1, x.shape[-1]), "fprop_x", layer),
+            _weight_operand(weight, "fprop_w", layer, False, cd),
             cd,
         )
         ctx.save_for_backward(x, weight)
@@ -170,7 +175,7 @@ class _QuantLinearFn(torch.autograd.Function):
                 dx = dy2.to(cd) @ weight.to(cd)
             else:  # dx = dy @ W: both operands blocked along out_features (W^T's rows)
                 dx = _gemm(
-                    _operand(dy2, r.dgrad_dy, layer), _weight_operand(weight, r.dgrad_w, layer, True, cd), cd
+                    _operand(dy2, "dgrad_dy", layer), _weight_operand(weight, "dgrad_w", layer, True, cd), cd
                 )
             dx = dx.view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
@@ -183,6 +188,6 @@ class _QuantLinearFn(torch.autograd.Function):
                     pad = -a.shape[1] % size  # zero tokens leave the product unchanged
                     a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
                     a, b = hadamard(a.to(cd), size, signs), hadamard(b.to(cd), size, signs)
-                dw = _gemm(_operand(a, r.wgrad_dy, layer), _operand(b, r.wgrad_x, layer), cd)
+                dw = _gemm(_operand(a, "wgrad_dy", layer), _operand(b, "wgrad_x", layer), cd)
             dw = dw.to(weight.dtype)
         return dx, dw, None

@@ -42,7 +42,8 @@ class QuantizedTensor:
         codes per byte, even element in the low nibble, as TE packs them).
     scale: fp8_*: FP32 [1] dequantization scale (1 / quantization scale); mxfp8: uint8 E8M0 codes
         [rows, blocks]; nvfp4: float8_e4m3fn block scales [rows, blocks] (16x16 tiles repeat per row).
-    amax: nvfp4 only: FP32 [1] tensor amax; the second-level decode scale is amax / (6 * e4m3_max).
+    amax: nvfp4 only: FP32 [1] tensor amax, or [rows] row amaxes when row-scaled (TE's global_amax_row);
+        the second-level decode scale is amax / (6 * e4m3_max).
     e4m3_max: nvfp4: 448, or 256 for 4over6 with that range (FourOverSix).
     """
 
@@ -61,7 +62,8 @@ class Parts:
     """What a GEMM consumes: `values` (element x block scale, exact in BF16) and a per-tensor `factor`.
 
     A quantized GEMM is (values_a @ values_b^T) * factor_a * factor_b, with the per-tensor factors
-    applied to the FP32 output as tensor cores do (`factor` None = 1): FP8 scale_inv, NVFP4 amax / 2688.
+    applied to the FP32 output as tensor cores do (`factor` None = 1): FP8 scale_inv, NVFP4 amax / 2688
+    ([1], or [rows, 1] for row-scaled NVFP4: it then scales the output's rows, as TE's row-scaled GEMM).
     """
 
     values: torch.Tensor
@@ -107,10 +109,12 @@ class FourOverSix:
 
 def _quantize_rows(
     x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool, generator, sign=False, seed=None, sr_bits=8,
-    four_over_six: FourOverSix | None = None,
+    four_over_six: FourOverSix | None = None, row_scaled: bool = False,
 ):  # fmt: skip
     """x2: [rows, cols] any float dtype -> raw quantizer output on the padded FP32 tensor."""
     xf = x2.float().contiguous()
+    if row_scaled and fmt != "nvfp4":
+        raise ValueError(f"row_scaled needs fmt='nvfp4', got {fmt!r}")
     if four_over_six is not None:
         if fmt != "nvfp4" or rounding != "nearest":
             raise ValueError(
@@ -118,7 +122,9 @@ def _quantize_rows(
             )
         xf = scaling.pad_to(xf, 1, 16)
         fos = four_over_six
-        return scaling.nvfp4_4over6(xf, block_2d, fos.err_mode, fos.e4m3_max, sign=sign)
+        return scaling.nvfp4_4over6(
+            xf, block_2d, fos.err_mode, fos.e4m3_max, sign=sign, row_scaled=row_scaled
+        )
     rbits = None
     if rounding == "stochastic":
         rows, cols = xf.shape
@@ -130,7 +136,7 @@ def _quantize_rows(
         rbits = scaling.pad_to(rbits, 1, BLOCK[fmt])
     if fmt == "mxfp8":
         return scaling.mxfp8(xf, rounding, block_2d, rbits, sr_bits)
-    return scaling.nvfp4(xf, rounding, block_2d, rbits, sr_bits, sign=sign)
+    return scaling.nvfp4(xf, rounding, block_2d, rbits, sr_bits, sign=sign, row_scaled=row_scaled)
 
 
 def quantize(
@@ -143,6 +149,7 @@ def quantize(
     seed: int | None = None,
     sr_bits: int = 8,
     four_over_six: FourOverSix | None = None,
+    row_scaled: bool = False,
 ) -> QuantizedTensor:
     """Quantize `x` to `fmt` (fp8_e4m3 | fp8_e5m2 | mxfp8 | nvfp4) along its last dimension.
 
@@ -152,6 +159,7 @@ def quantize(
     2**-24; formats.round_to_format) from Philox(seed), the seed drawn from `generator` when not given.
     The Triton kernels draw the same bits for the same seed (triton_kernels.fake_quantize_2d).
     four_over_six: NVFP4 with TE 2.20's adaptive 4-or-6 block scaling (FourOverSix; torch path only).
+    row_scaled: NVFP4 with one FP32 amax per row (TE 2.20's row_scaled_nvfp4; 1x16 blocks; torch path only).
     """
     check_args(fmt, rounding, sr_bits)
     x2 = _rows(x)
@@ -165,6 +173,7 @@ def quantize(
         seed=seed,
         sr_bits=sr_bits,
         four_over_six=four_over_six,
+        row_scaled=row_scaled,
     )
     if fmt in _FP8:
         elems, scale_inv = out
@@ -178,6 +187,7 @@ def quantize(
     codes = torch.where(torch.isnan(elems), torch.zeros_like(elems), elems)
     codes = pack_fp4(e2m1_encode(codes, negative))
     e4m3_max = four_over_six.e4m3_max if four_over_six is not None else 448
+    amax = amax.view(-1) if row_scaled else amax
     return QuantizedTensor(fmt, codes, s_blk, amax, x.shape, x.dtype, block_2d, e4m3_max)
 
 
@@ -191,6 +201,7 @@ def _dequantize_elems(fmt, elems, scale, amax, rcp: float = scaling.RCP_2688) ->
         return (blocks * e8m0_to_float(scale).unsqueeze(-1)).view(rows, cols)
     # TE's dequantize_fp4_kernel: final_scale = (s_blk * amax) * fp32(1 / (6 * 448)) (rcp). s_blk * amax
     # overflows FP32 for amax > ~7.6e35 (TE then returns inf); only there we reassociate.
+    amax = amax.view(-1, 1)  # [1, 1] or one per row (row-scaled)
     s_amax = scale.float() * amax
     final = torch.where(torch.isinf(s_amax), scale.float() * (amax * rcp), s_amax * rcp)
     return (blocks * final.unsqueeze(-1)).view(rows, cols)
@@ -221,14 +232,16 @@ def fake_quantize(
     seed: int | None = None,
     sr_bits: int = 8,
     four_over_six: FourOverSix | None = None,
+    row_scaled: bool = False,
 ) -> torch.Tensor:
     """Quantize then dequantize: same shape and dtype as `x`; equals dequantize(quantize(x)) bit for bit."""
     check_args(fmt, rounding, sr_bits)
     if x.numel() == 0:
         return x.clone()
     out = _quantize_rows(
-        _rows(x), fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six
-    )
+        _rows(x), fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six,
+        row_scaled=row_scaled,
+    )  # fmt: skip
     if fmt == "nvfp4":
         elems, s_blk, amax, _ = out
         rcp = (four_over_six or FourOverSix()).rcp_decode
@@ -246,12 +259,14 @@ def quantize_parts(
     seed: int | None = None,
     sr_bits: int = 8,
     four_over_six: FourOverSix | None = None,
+    row_scaled: bool = False,
 ) -> Parts:
     """Quantize a 2-D tensor for a GEMM (see Parts); padding along the last dimension is dropped."""
     cols = x2.shape[1]
     out = _quantize_rows(
-        x2, fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six
-    )
+        x2, fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six,
+        row_scaled=row_scaled,
+    )  # fmt: skip
     if fmt in _FP8:
         return Parts(out[0], out[1])
     if fmt == "mxfp8":

@@ -12,12 +12,14 @@ must transform both of its operands (dy^T H H^T x = dy^T x only when H is applie
 `operands.wgrad_dy.rht` and `operands.wgrad_x.rht` must agree and no other operand takes one.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmtrain.errors import ConfigError
+from llmtrain.precision import nvfp4_options
 from llmtrain.precision.config import BACKENDS, OPERAND_NAMES, PRECISION_NAMES
 from llmtrain.precision.formats import ROUNDINGS, SR_BITS
-from llmtrain.precision.quantize import FORMATS
+from llmtrain.precision.nvfp4_options import NVFP4Options
+from llmtrain.precision.quantize import FORMATS, FourOverSix
 
 OPERAND_FORMATS = ["bf16", *FORMATS]
 QAF_TRIGGERS = ["off", "sqrt3", "fraction"]
@@ -95,6 +97,9 @@ class PrecisionRecipe:
     rht_size: int = 16
     rht_signs: str = "te"
     sr_bits: int = 8  # random bits per element in stochastic rounding (8 = native TE, 24 = unbiased)
+    nvfp4: NVFP4Options = field(
+        default_factory=NVFP4Options
+    )  # 4over6 / row-scaled activations (TE 2.20), for NVFP4 operands
 
     @classmethod
     def from_config(cls, cfg) -> "PrecisionRecipe":
@@ -113,8 +118,17 @@ class PrecisionRecipe:
                 ops[name] = Operand(fmt, rounding, block_2d)
         rht = wgrad_rht(cfg, overrides)["wgrad_dy"] and ("wgrad_dy" in ops or "wgrad_x" in ops)
         return cls(
-            **ops, rht=rht, rht_size=int(cfg.rht_size), rht_signs=cfg.rht_signs, sr_bits=int(cfg.sr_bits)
-        )
+            **ops, rht=rht, rht_size=int(cfg.rht_size), rht_signs=cfg.rht_signs, sr_bits=int(cfg.sr_bits),
+            nvfp4=NVFP4Options.from_config(cfg),
+        )  # fmt: skip
+
+    def four_over_six(self, name: str) -> FourOverSix | None:
+        """4over6 setting of operand `name` (None: plain scaling), for NVFP4 operands only."""
+        return self.nvfp4.four_over_six_for(name) if getattr(self, name).fmt == "nvfp4" else None
+
+    def row_scaled(self, name: str) -> bool:
+        """Whether operand `name` is quantized with one amax per row (NVFP4 only)."""
+        return self.nvfp4.row_scaled_for(name) and getattr(self, name).fmt == "nvfp4"
 
     @property
     def quantized(self) -> bool:
@@ -127,9 +141,10 @@ class PrecisionRecipe:
     def describe(self) -> str:
         ops = self.operands
         rht = f" rht{self.rht_size}" if self.rht else ""
+        opts = f" nvfp4 {self.nvfp4.describe()}" if self.nvfp4.active else ""
         return (
             f"fprop x={ops['fprop_x']} w={ops['fprop_w']} | dgrad dy={ops['dgrad_dy']} w={ops['dgrad_w']} | "
-            f"wgrad dy={ops['wgrad_dy']} x={ops['wgrad_x']}{rht}"
+            f"wgrad dy={ops['wgrad_dy']} x={ops['wgrad_x']}{rht}{opts}"
         )
 
 
@@ -242,6 +257,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
     _choice("precision.rht_signs", cfg.rht_signs, RHT_SIGNS)
     _choice("precision.qaf.trigger", cfg.qaf.trigger, QAF_TRIGGERS)
     _validate_operands(cfg)
+    nvfp4_options.validate(PrecisionRecipe.from_config(cfg))
     if cfg.rht_size != 16:
         raise ConfigError("precision.rht_size", cfg.rht_size, "only 16-point transforms are supported", [16])
     if cfg.monitor.interval < 1:
@@ -283,5 +299,7 @@ def validate(cfg, num_layers: int | None = None) -> None:
             "needs the monitor; set precision.monitor.enabled=true",
             ["off", "fraction"],
         )
-    phases.phases_from_config(cfg)  # phase names, triggers, targets and formats
+    phase_list = phases.phases_from_config(cfg)  # phase names, triggers, targets and formats
+    for phase, phase_recipe in zip(phase_list, phases.phase_recipes(cfg, phase_list)[1:]):
+        nvfp4_options.validate(phase_recipe, f" in {phase.key} ({phase.name})")
     _validate_bf16_layers(cfg, num_layers)

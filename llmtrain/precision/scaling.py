@@ -84,6 +84,14 @@ def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
 
 
+def nvfp4_amax(bmax: torch.Tensor, row_scaled: bool) -> torch.Tensor:
+    """The second-level amax from the block amaxes: [1] for the tensor, or [rows, 1] (one per row) for
+    TE 2.20's row-scaled NVFP4 (NVFP4QuantizerRef(row_scaled_nvfp4=True), 1x16 blocks only)."""
+    if row_scaled:
+        return bmax.amax(1, keepdim=True) if bmax.shape[1] else torch.zeros(len(bmax), 1, device=bmax.device)
+    return bmax.amax().view(1) if bmax.numel() else torch.zeros(1, device=bmax.device)
+
+
 def nvfp4(
     x: torch.Tensor,
     rounding: str,
@@ -92,6 +100,7 @@ def nvfp4(
     sr_bits: int = 8,
     block: int = 16,
     sign=False,
+    row_scaled: bool = False,
 ):
     """NVFP4: FP32 tensor scale from amax, E4M3 scale per 16 elements (or 16x16 tile), E2M1 elements.
 
@@ -100,11 +109,15 @@ def nvfp4(
       s_blk = E4M3(block_amax * (S_enc * fp32(1/6)))           (saturating, nearest-even)
       elem  = E2M1(x * min(1 / (s_blk * S_dec), FP32 max))      (saturating at 6)
     Returns (elements, block scales as float8_e4m3fn, amax [1], and with `sign` the mask of strictly
-    negative scaled values, which carry the E2M1 sign bit).
+    negative scaled values, which carry the E2M1 sign bit). row_scaled: one amax (and S_enc) per row,
+    amax [rows, 1]; TE's reference maps an all-zero row's S_enc to FP32 max, we to 1: its block scales
+    and codes are 0 either way.
     """
+    if row_scaled and block_2d:
+        raise ValueError("row-scaled NVFP4 takes 1x16 blocks only (TE's reference), not 16x16 tiles")
     rows, cols = x.shape
     bmax = block_amax(x, block, block_2d)
-    amax = bmax.amax().view(1) if bmax.numel() else torch.zeros(1, device=x.device)  # = max |x|
+    amax = nvfp4_amax(bmax, row_scaled)  # = max |x| (per row when row_scaled)
     s_enc = nvfp4_global_encode_scale(amax)
     s_dec = torch.reciprocal(s_enc)
     # Clamping at +-448 also covers TE's min(., FP32 max); NaN passes through.
@@ -126,6 +139,7 @@ def nvfp4_4over6(
     e4m3_max: int = 448,
     block: int = 16,
     sign=False,
+    row_scaled: bool = False,
 ):
     """TE 2.20's NVFP4 "4over6" (NVFP4QuantizerRef(nvfp4_use_4over6=True), default non-fast-math path).
 
@@ -135,16 +149,19 @@ def nvfp4_4over6(
     uses `e4m3_max` (448 or 256: with 256, 1.5x the largest block scale still fits E4M3):
       S_enc = 6 * e4m3_max / amax;  base = (block_amax / 6) * S_enc
       s_blk = E4M3(base * 1.5) or E4M3(base);  elem = E2M1(x * min(1 / (s_blk / S_enc), FP32 max))
-    Round to nearest only (TE's reference has no stochastic 4over6). Returns what nvfp4() returns.
+    Round to nearest only (TE's reference has no stochastic 4over6). Returns what nvfp4() returns;
+    row_scaled: one amax per row as there (the error then uses the row's amax, as TE's reference).
     """
     if err_mode not in FOUR_OVER_SIX_ERR_MODES:
         raise ValueError(f"err_mode={err_mode!r}: allowed values are {', '.join(FOUR_OVER_SIX_ERR_MODES)}")
     if e4m3_max not in (448, 256):
         raise ValueError(f"e4m3_max={e4m3_max}: allowed values are 448, 256")
+    if row_scaled and block_2d:
+        raise ValueError("row-scaled NVFP4 takes 1x16 blocks only (TE's reference), not 16x16 tiles")
     rows, cols = x.shape
     nb = cols // block
     bmax = block_amax(x, block, block_2d)
-    amax = bmax.amax().view(1) if bmax.numel() else torch.zeros(1, device=x.device)
+    amax = nvfp4_amax(bmax, row_scaled)
     s_enc = torch.clamp_max(torch.div(torch.full_like(amax, 6.0 * e4m3_max), amax), FP32_MAX)
     s_enc = torch.where(s_enc == 0, torch.ones_like(s_enc), s_enc)
     s_dec = torch.div(1.0, s_enc)
@@ -167,13 +184,14 @@ def nvfp4_4over6(
         cands.append((elems, s_blk, scaled, err))
     (e4, s4, sc4, err4), (e6, s6, sc6, err6) = cands
     if block_2d:  # 16 rows' errors summed in the CUDA warp reduction's tree order
-        t = err4.view(-1, block, nb), err6.view(-1, block, nb)
+        # A partial last tile: TE's reference pads rows with zeros, whose error is exactly 0.
+        t = pad_to(err4, block, 1).view(-1, block, nb), pad_to(err6, block, 1).view(-1, block, nb)
         sums = []
         for r in t:
             r = r[:, 0:8] + r[:, 8:16]
             r = r[:, 0:4] + r[:, 4:8]
             r = r[:, 0:2] + r[:, 2:4]
-            sums.append((r[:, 0] + r[:, 1]).repeat_interleave(block, dim=0))
+            sums.append((r[:, 0] + r[:, 1]).repeat_interleave(block, dim=0)[:rows])
         pick4 = sums[0] < sums[1]
     else:
         pick4 = err4 < err6

@@ -223,3 +223,67 @@ def test_nvfp4_4over6_matches_te_reference(te_reference, dtype, tile, err_mode, 
             plain = quantize(x, "nvfp4", block_2d=tile == (16, 16))
             picked4 += int((q.scale.view(torch.uint8) != plain.scale.view(torch.uint8)).sum())
     assert picked4 > 0 or e4m3_max != 448  # some blocks chose map-to-4: the option is really exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "four_over_six",
+    [None, ("MAE", 448), ("MAE", 256), ("MSE", 256)],
+    ids=["plain", "4o6-MAE-448", "4o6-MAE-256", "4o6-MSE-256"],
+)
+def test_nvfp4_row_scaled_matches_te_reference(te_reference, dtype, four_over_six):
+    """TE 2.20's row-scaled NVFP4 (NVFP4QuantizerRef(row_scaled_nvfp4=True), the forward activation of
+    NVFP4BlockScaling(row_scaled_activation=True)), alone and with 4over6: one FP32 amax per row; codes,
+    block scales and the row amaxes agree bit for bit."""
+    from llmtrain.precision import dequantize, fake_quantize
+    from llmtrain.precision.quantize import FourOverSix
+
+    nv = te_reference.nvfp4
+    fos = FourOverSix(*four_over_six) if four_over_six else None
+    extra = {}
+    if fos is not None:
+        extra = dict(nvfp4_use_4over6=True, nvfp4_e4m3_max=fos.e4m3_max, nvfp4_4over6_err_mode=fos.err_mode)
+    ref_q = nv.NVFP4QuantizerRef(dtype=nv.reference_utils.Fp4Formats.E2M1, rowwise=True, columnwise=False,
+                                 row_scaled_nvfp4=True, **extra)  # fmt: skip
+    tensors = _tensors(dtype)
+    tensors["row_ranges"] = (torch.randn(64, 256, generator=torch.Generator().manual_seed(5))
+                             * torch.logspace(-20, 20, 64).view(-1, 1)).to(dtype)  # fmt: skip
+    differs = 0
+    for name, x in tensors.items():
+        ref = ref_q.quantize(x)
+        q = quantize(x, "nvfp4", four_over_six=fos, row_scaled=True)
+        assert q.amax.shape == (x.shape[0],), name
+        assert torch.equal(q.codes, ref.data), name
+        assert torch.equal(q.scale.view(torch.uint8), ref.scale.view(torch.uint8)), name
+        assert torch.equal(q.amax, ref.global_amax_row), name
+        assert torch.equal(dequantize(q), fake_quantize(x, "nvfp4", four_over_six=fos, row_scaled=True)), name
+        per_tensor = quantize(x, "nvfp4", four_over_six=fos)
+        differs += int(not torch.equal(q.scale.view(torch.uint8), per_tensor.scale.view(torch.uint8)))
+    assert (
+        differs >= 3
+    )  # per-row amaxes really change block scales (row_ranges, heavy_tail, one_outlier, ...)
+
+
+@pytest.mark.parametrize("shape", [(172, 64), (64, 172), (50, 40)], ids=str)
+@pytest.mark.parametrize("mode", ["4o6-1x16", "4o6-16x16", "row_scaled", "row_scaled-4o6"])
+def test_nvfp4_options_on_partial_blocks_match_te_reference(te_reference, shape, mode):
+    """Shapes that are not a multiple of the tile (e.g. a 172-row FFN weight): TE's reference zero-pads
+    rows and columns to the tile; codes (up to the real width), block scales and amax agree."""
+    from llmtrain.precision.quantize import FourOverSix
+
+    nv = te_reference.nvfp4
+    tile = (16, 16) if mode == "4o6-16x16" else (1, 16)
+    row_scaled, fos = mode.startswith("row_scaled"), FourOverSix("MAE", 256) if "4o6" in mode else None
+    extra = dict(nvfp4_use_4over6=True, nvfp4_e4m3_max=256) if fos else {}
+    ref_q = nv.NVFP4QuantizerRef(dtype=nv.reference_utils.Fp4Formats.E2M1, rowwise=True, columnwise=False,
+                                 quant_tile_shape=tile, row_scaled_nvfp4=row_scaled, **extra)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(*shape, generator=g) * torch.exp(torch.randn(shape[0], 1, generator=g) * 3)).to(
+            dtype
+        )
+        ref = ref_q.quantize(x)
+        q = quantize(x, "nvfp4", block_2d=tile == (16, 16), four_over_six=fos, row_scaled=row_scaled)
+        assert torch.equal(q.codes[:, : shape[1] // 2], ref.data), dtype
+        assert torch.equal(q.scale.view(torch.uint8), ref.scale[: shape[0]].view(torch.uint8)), dtype
+        assert torch.equal(q.amax, ref.global_amax_row), dtype

@@ -20,6 +20,7 @@ from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, param
 from llmtrain.errors import UserError
 from llmtrain.models import ModelSpec
 from llmtrain.models.spec import STRUCTURAL
+from llmtrain.precision import nvfp4_options
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ def _te_backward_override_available() -> bool:
 class _NativeBackward:
     """backward_override for Megatron's native TE recipes: Megatron builds a recipe object per layer and
     forward (fp8_utils.get_fp8_recipe / fp4_utils.get_fp4_recipe) without that field, so the engine wraps
-    both builders once and sets the field on what they return while `mode` is not None."""
+    both builders once and sets the field on what they return while `mode` is not None. The same wrapper
+    sets `nvfp4_fields` (4over6, row-scaled activations) on the NVFP4BlockScaling recipes it returns."""
 
     mode: str | None = None
+    nvfp4_fields: dict | None = None
     installed = False
 
     @classmethod
@@ -78,6 +81,8 @@ class _NativeBackward:
 
             def build(config, _original=original):
                 recipe = _original(config)
+                if cls.nvfp4_fields and type(recipe).__name__ == "NVFP4BlockScaling":
+                    recipe = dataclasses.replace(recipe, **cls.nvfp4_fields)
                 if cls.mode is None or not hasattr(recipe, "backward_override"):
                     return recipe
                 return dataclasses.replace(recipe, backward_override=cls.mode)
@@ -120,6 +125,17 @@ class MegatronEngine(Engine):
             cfg.precision, capability, self.spec.num_layers
         )
         self.emulated = settings.resolve_backend(cfg.precision, capability)[0] == "custom"
+        _NativeBackward.nvfp4_fields = precision_kwargs.pop("te_recipe_fields", None)
+        if self.emulated and (why := nvfp4_options.emulated_refusal(cfg.precision)):
+            raise UserError(
+                f"{why} ({settings.resolve_backend(cfg.precision, capability)[1] or 'backend=custom'})"
+            )
+        if _NativeBackward.nvfp4_fields:
+            if not _te_backward_override_available():  # the fields came with backward_override in TE 2.20
+                raise UserError(
+                    "precision.nvfp4_4over6 / row_scaled_activation need Transformer Engine >= 2.20; upgrade TE"
+                )
+            _NativeBackward.install()
         self.base_recipe = precision.PrecisionRecipe.from_config(cfg.precision)
         self.native_quant = {k: precision_kwargs.get(k) for k in ("fp8", "fp4")}  # for phases turning it off
         _NativeBackward.mode = None  # the base recipe's backward, whatever an earlier engine left

@@ -135,7 +135,13 @@ def _native_kwargs(prec) -> tuple[dict, str]:
         return {"fp8": fmt, "fp8_recipe": "tensorwise"}, desc
     if prec.name == "mxfp8":
         return {"fp8": "e4m3", "fp8_recipe": "mxfp8"}, "TE native MXFP8 (MXFP8BlockScaling)"
-    return {"fp4": "e2m1", "fp4_recipe": "nvfp4"}, "TE native NVFP4 (NVFP4BlockScaling)"
+    from llmtrain.precision.nvfp4_options import NVFP4Options
+
+    # 4over6 / row-scaled activations: NVFP4BlockScaling fields, set by the engine on Megatron's recipe.
+    opts = NVFP4Options.from_config(prec)
+    fields = {"te_recipe_fields": opts.te_fields()} if opts.active else {}
+    desc = f"TE native NVFP4 (NVFP4BlockScaling{', ' + opts.describe() if opts.active else ''})"
+    return {"fp4": "e2m1", "fp4_recipe": "nvfp4", **fields}, desc
 
 
 def _custom_kwargs(prec) -> tuple[dict, str]:
