@@ -144,3 +144,30 @@ def test_full_disk_in_the_background_is_the_sync_error_at_the_next_step(tmp_path
     verify(root / "step_00000002")
     # sync: raised at step 4's save; async: at the next step boundary (step 5), after logging it
     assert read_metrics(tmp_path)[-1]["step"] == (5 if background else 4)
+
+
+def test_two_process_ddp_async_saves_every_step_like_sync(tmp_path):
+    """Two gloo ranks: every poll and finalize is a collective both ranks reach; the checkpoints match."""
+    import subprocess
+
+    from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd
+
+    def run(name, *extra):
+        cmd = llmtrain_cmd(*FAST, "train.steps=5", "train.checkpoint_interval=1", "train.keep_last=0", *extra,
+                           f"hydra.run.dir={tmp_path / name}")  # fmt: skip
+        cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
+        proc = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("sync")
+    run("async", ASYNC)
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+    for step in range(1, 6):
+        name = f"step_{step:08d}"
+        a = tree_digest(tmp_path / "async" / "checkpoints" / name)
+        s = tree_digest(tmp_path / "sync" / "checkpoints" / name)
+        assert {k: v for k, v in a.items() if k not in ("config.yaml", "manifest.json")} == {
+            k: v for k, v in s.items() if k not in ("config.yaml", "manifest.json")
+        }
+        assert "rng_rank00001.pt" in a
+        verify(tmp_path / "async" / "checkpoints" / name)
