@@ -164,10 +164,12 @@ def _train(
             config_yaml,
             {"engine": engine.name, "model": cfg.model.name},
         )
-        waited = ckpt.save_async(*args) if background else ckpt.wait()
-        if not background:
+        if background:
+            waited = ckpt.save_async(*args)
+        else:
+            waited = ckpt.wait()  # a save still in flight (save() would wait too; timed apart here)
             ckpt.save(*args)
-        # checkpoint_s: what the save cost this step (with async: waiting + snapshot only)
+        # checkpoint_s: what the save cost this step (async: the wait for the previous one + the snapshot)
         return {"checkpoint_s": time.perf_counter() - t0, "checkpoint_wait_s": waited}
 
     try:
