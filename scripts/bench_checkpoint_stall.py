@@ -34,7 +34,9 @@ def one_run(model: str, background: bool, run_dir: Path, steps: int, interval: i
     run_s = time.perf_counter() - t0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     periodic = [r["step"] for r in records if "checkpoint_s" in r and r["step"] < steps]
-    plain = [r["step_time_s"] for r in records[1:] if "checkpoint_s" not in r and r["step"] - 1 not in periodic]
+    plain = [
+        r["step_time_s"] for r in records[1:] if "checkpoint_s" not in r and r["step"] - 1 not in periodic
+    ]
     median = statistics.median(plain)
     after = [records[s]["step_time_s"] + records[s + 1]["step_time_s"] - 2 * median for s in periodic
              if s + 1 < len(records)]  # fmt: skip
