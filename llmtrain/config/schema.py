@@ -96,6 +96,10 @@ class TrainConfig:
     seed: int = 1234
     checkpoint_interval: int = 500
     keep_last: int = 3
+    # Write checkpoints in the background after a host-memory snapshot (docs/checkpointing in README).
+    # Off by default, as in Megatron-LM and torchtitan: the snapshot holds a second copy of the model and
+    # optimizer state in host RAM while it is written.
+    checkpoint_async: bool = False
     eval_interval: int = 250
     eval_steps: int = 10
     eval_bf16: bool = True  # quantized precisions: also val_loss_bf16, the same weights with a BF16 forward

@@ -1,6 +1,7 @@
 """The engine protocol the training loop drives. One engine = one model + optimizer on this process."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,21 @@ class StepResult:
     loss: float  # mean loss over the global batch (all DP ranks)
     grad_norm: float  # before clipping
     skipped: bool = False  # non-finite loss or gradient: the update was not applied
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class PendingWrite:
+    """A checkpoint whose state is already snapshotted (training may change the weights now).
+
+    `write` writes this rank's files from the snapshot (in a background thread); `finalize` runs on the
+    training thread of every rank after every rank's `write` returned (collectives allowed)."""
+
+    write: Callable[[], None] = _nothing
+    finalize: Callable[[], None] = _nothing
 
 
 # A micro-batch as the data layer yields it: tokens/labels [mbs, seq] (int64), loss_mask [mbs, seq] (float).
@@ -60,6 +76,14 @@ class Engine(ABC):
     @abstractmethod
     def save(self, directory: Path) -> None:
         """Write model + optimizer state into `directory` (which exists; the caller makes it atomic)."""
+
+    def start_save(self, directory: Path) -> PendingWrite:
+        """Take a consistent host-memory snapshot of model + optimizer now; write it later (async save).
+
+        Engines without a snapshot path write synchronously here, so async saving still works, only
+        without the gain."""
+        self.save(directory)
+        return PendingWrite()
 
     @abstractmethod
     def load(self, directory: Path) -> None:

@@ -3,6 +3,8 @@
 Layout: <run>/checkpoints/step_00000060/{model..., optimizer..., trainer.pt, rng_rank*.pt, config.yaml,
 manifest.json} and <run>/checkpoints/latest (a text file naming the step dir). A step dir only ever
 appears by rename of a fully written, fsynced temp dir, so a crash leaves either the old or the new one.
+Async saves (`save_async` + `poll`) snapshot the state on the training thread and do the same steps in the
+background, one save at a time.
 """
 
 import errno
@@ -11,12 +13,16 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmtrain.engines.base import PendingWrite
 from llmtrain.errors import CheckpointError
+from llmtrain.train.background import BackgroundJob
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -96,6 +102,19 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n < 1e11 else f"{n / 1e9:.0f} GB"
 
 
+@dataclass
+class _InFlight:
+    """An async save: stage "write" (engine files in the background), then "seal" (manifest, rename)."""
+
+    step: int
+    tmp: Path
+    final: Path
+    extra_manifest: dict | None
+    pending: PendingWrite
+    job: BackgroundJob
+    stage: str = "write"
+
+
 class CheckpointManager:
     """`agree(flag) -> bool` is True on every rank when `flag` is True on any rank (a collective); with it a
     failure on one rank aborts the save on all of them instead of leaving the others at a barrier."""
@@ -103,6 +122,8 @@ class CheckpointManager:
     def __init__(self, root: Path, *, keep_last: int, is_main: bool, barrier=lambda: None, agree=None):
         self.root, self.keep_last, self.is_main, self.barrier = Path(root), keep_last, is_main, barrier
         self.agree = agree or (lambda flag: flag)
+        self._in_flight: _InFlight | None = None
+        self.last_saved: Path | None = None  # the newest checkpoint this manager completed
 
     # ---- saving -------------------------------------------------------------------------------------
     def _intact(self) -> str:
@@ -150,18 +171,8 @@ class CheckpointManager:
             f"{self._intact()}; fix the cause and rerun the same command"
         ) from None
 
-    def save(
-        self,
-        step: int,
-        engine,
-        trainer_state: dict,
-        rank_state: dict,
-        rank: int,
-        config_yaml: str,
-        extra_manifest: dict | None = None,
-    ) -> Path:
-        """All ranks call this. Returns the final step dir. On any failure (full disk, I/O error) the temp
-        dir is removed, the previous checkpoints stay as they were and every rank raises CheckpointError."""
+    def _prepare(self, step: int) -> tuple[Path, Path]:
+        """(temp dir, final dir), the temp dir created empty on the main rank; every rank agrees."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
         error = None
@@ -177,6 +188,24 @@ class CheckpointManager:
         if self.agree(error is not None):
             self._abort(step, tmp, error)
         self.barrier()
+        return tmp, final
+
+    def save(
+        self,
+        step: int,
+        engine,
+        trainer_state: dict,
+        rank_state: dict,
+        rank: int,
+        config_yaml: str,
+        extra_manifest: dict | None = None,
+    ) -> Path:
+        """All ranks call this. Returns the final step dir. On any failure (full disk, I/O error) the temp
+        dir is removed, the previous checkpoints stay as they were and every rank raises CheckpointError.
+        An async save still in flight is completed first."""
+        self.wait()
+        tmp, final = self._prepare(step)
+        error = None
         try:
             engine.save(tmp)
             torch.save(rank_state, tmp / f"rng_rank{rank:05d}.pt")
@@ -187,17 +216,112 @@ class CheckpointManager:
         self.barrier()
         if self.is_main:
             try:
-                self._finish(step, tmp, final, trainer_state, config_yaml, extra_manifest)
+                self._write_trainer_files(tmp, trainer_state, config_yaml)
+                self._seal(step, tmp, final, extra_manifest)
             except Exception as e:
                 error = e
         if self.agree(error is not None):
             self._abort(step, tmp, error)
         self.barrier()
+        self.last_saved = final
         return final
 
-    def _finish(self, step, tmp, final, trainer_state, config_yaml, extra_manifest) -> None:
+    # ---- asynchronous saving ------------------------------------------------------------------------
+    def save_async(
+        self,
+        step: int,
+        engine,
+        trainer_state: dict,
+        rank_state: dict,
+        rank: int,
+        config_yaml: str,
+        extra_manifest: dict | None = None,
+    ) -> float:
+        """All ranks call this. Snapshots the state now (engine.start_save) and writes it in the
+        background; `poll` at each step boundary completes it. Returns the seconds this call waited for
+        the previous save (at most one is in flight). Errors before the snapshot raise here, as `save`'s."""
+        waited = self.wait()
+        tmp, final = self._prepare(step)
+        error = None
+        try:
+            pending = engine.start_save(tmp)
+            torch.save(rank_state, tmp / f"rng_rank{rank:05d}.pt")  # tiny: written now
+            if self.is_main:
+                self._write_trainer_files(tmp, trainer_state, config_yaml)
+        except Exception as e:
+            error = e
+        if self.agree(error is not None):
+            self._abort(step, tmp, error)
+        job = BackgroundJob(pending.write, f"checkpoint-write-{step}")
+        self._in_flight = _InFlight(step, tmp, final, extra_manifest, pending, job)
+        return waited
+
+    @property
+    def in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def poll(self, block: bool = False) -> Path | None:
+        """All ranks call this at the same points (it agrees across ranks). Advances the save in flight:
+        returns its step dir once it is complete and `latest`, None while it is still being written. A
+        failed write raises the same CheckpointError line as a synchronous save, the temp dir removed."""
+        f = self._in_flight
+        if f is None:
+            return None
+        if f.stage == "write":
+            if block:
+                f.job.join()
+            if self.agree(f.job.running):
+                return None
+            error = f.job.error
+            if not self.agree(error is not None):
+                try:
+                    f.pending.finalize()  # e.g. Megatron's metadata: collective, on the training thread
+                except Exception as e:
+                    error = e
+            if self.agree(error is not None):
+                self._fail(f, error)
+            f.stage = "seal"
+            seal = (lambda: self._seal(f.step, f.tmp, f.final, f.extra_manifest)) if self.is_main else None
+            f.job = BackgroundJob(seal, f"checkpoint-seal-{f.step}")  # hashes, fsync, rename, latest
+        if block:
+            f.job.join()
+        if self.agree(f.job.running):
+            return None
+        if self.agree(f.job.error is not None):
+            self._fail(f, f.job.error)
+        self._in_flight = None
+        self.last_saved = f.final
+        return f.final
+
+    def wait(self) -> float:
+        """Complete the save in flight, if any (all ranks). Returns the seconds spent waiting."""
+        if self._in_flight is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.poll(block=True)
+        return time.perf_counter() - t0
+
+    def abandon(self) -> None:
+        """This rank alone (no collectives: other ranks may be gone): let the write in flight finish, then
+        remove its temp dir. `latest` keeps naming the previous checkpoint."""
+        f, self._in_flight = self._in_flight, None
+        if f is None:
+            return
+        f.job.join()
+        if self.is_main and f.tmp.exists():
+            shutil.rmtree(f.tmp, ignore_errors=True)
+
+    def _fail(self, f: "_InFlight", error: BaseException | None) -> None:
+        self._in_flight = None
+        f.job.join()
+        self._abort(f.step, f.tmp, error)
+
+    def _write_trainer_files(self, tmp: Path, trainer_state: dict, config_yaml: str) -> None:
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "config.yaml").write_text(config_yaml)
+
+    def _seal(self, step, tmp, final, extra_manifest) -> None:
+        """Manifest (sha256 of every file), fsync, rename to the step dir, move `latest`, prune: main rank."""
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -211,7 +335,7 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic_text(self.root / "latest", final.name + "\n")
-        self._prune()
+        self._prune()  # after `latest` moved: never deletes the last complete checkpoint
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

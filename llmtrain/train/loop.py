@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from llmtrain.data import build_data
 from llmtrain.dist import any_rank, close_process_group, dist_info_from_env
 from llmtrain.engines.select import build_engine
-from llmtrain.errors import ConfigError, TrainingError
+from llmtrain.errors import CheckpointError, ConfigError, TrainingError
 from llmtrain.metrics import MetricsLogger
 from llmtrain.metrics.flops import device_peak_tflops
 from llmtrain.metrics.warning_log import LOG_NAME, route_third_party_warnings
@@ -41,6 +41,23 @@ _FIND = object()  # train(resume_dir=...) default: find the resume point here
 
 def _nan_poisoned(batches):
     return [{**mb, "loss_mask": mb["loss_mask"] * float("nan")} for mb in batches]
+
+
+def _settle_save_in_flight(ckpt: CheckpointManager, exc: BaseException, world_size: int) -> None:
+    """The run is ending with `exc`: finish an async save in flight, or discard it, never leave it.
+
+    Finishing needs every rank; that is safe when this process is alone or the error is one every rank
+    raises together (divergence, an agreed checkpoint error). Otherwise the other ranks may be gone: let
+    the write end and remove its temp dir, `latest` still naming the previous checkpoint."""
+    if not ckpt.in_flight:
+        return
+    if world_size == 1 or isinstance(exc, TrainingError | CheckpointError):
+        try:
+            ckpt.wait()
+        except CheckpointError as e:  # the run's own error is the one to report
+            warnings.warn(f"the checkpoint being written when the run stopped failed too: {e}", stacklevel=2)
+    else:
+        ckpt.abandon()
 
 
 def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> RunSummary:
@@ -129,23 +146,31 @@ def _train(
     inject_nan = set(cfg.train.inject_nan_steps)
     last_loss, last_ckpt, stopped_by, steps_done = None, None, None, start_step
 
-    def save(step_no: int) -> Path:
-        trainer_state = {
-            "step": step_no,
-            "nan_skips": nan_skips,
-            "precision": controller.state_dict(),
-            "consumed_samples": consumed,
-            "data_fingerprint": data.fingerprint,
-        }
-        return ckpt.save(
+    def save(step_no: int, background: bool) -> dict:
+        """Checkpoint after step `step_no`; returns the step-time cost for the metrics record."""
+        t0 = time.perf_counter()
+        args = (
             step_no,
             engine,
-            trainer_state,
+            {
+                "step": step_no,
+                "nan_skips": nan_skips,
+                "precision": controller.state_dict(),
+                "consumed_samples": consumed,
+                "data_fingerprint": data.fingerprint,
+            },
             rng.capture(),
             dist.rank,
             config_yaml,
             {"engine": engine.name, "model": cfg.model.name},
         )
+        if background:
+            waited = ckpt.save_async(*args)
+        else:
+            waited = ckpt.wait()  # a save still in flight (save() would wait too; timed apart here)
+            ckpt.save(*args)
+        # checkpoint_s: what the save cost this step (async: the wait for the previous one + the snapshot)
+        return {"checkpoint_s": time.perf_counter() - t0, "checkpoint_wait_s": waited}
 
     try:
         if any_rank(stop.requested, device):  # a signal during start-up or the checkpoint load
@@ -219,12 +244,17 @@ def _train(
                 record["val_loss"] = engine.eval_loss(valid)
                 if eval_bf16:  # the same weights with a BF16 forward, as NVIDIA evaluates FP4 models
                     record["val_loss_bf16"] = engine.eval_loss(valid, quantized=False)
-            logger.log_step(record, echo=step_no % cfg.logging.interval == 0 or step_no == cfg.train.steps)
-
             stop_now = any_rank(stop.requested, device)
             periodic = cfg.train.checkpoint_interval > 0 and step_no % cfg.train.checkpoint_interval == 0
-            if periodic or step_no == cfg.train.steps or stop_now:
-                last_ckpt = save(step_no)
+            final = step_no == cfg.train.steps or stop_now  # the last save of the run is synchronous
+            try:
+                last_ckpt = ckpt.poll() or last_ckpt  # a background save completes (or its error surfaces)
+                if periodic or final:
+                    record |= save(step_no, background=cfg.train.checkpoint_async and not final)
+                    last_ckpt = ckpt.last_saved or last_ckpt  # newest complete one (async: the previous)
+            finally:
+                echo = step_no % cfg.logging.interval == 0 or step_no == cfg.train.steps
+                logger.log_step(record, echo=echo)
             if stop_now:
                 stopped_by = stop.signal_name or "signal on another rank"
                 logger.info(f"stopped by {stopped_by} after step {step_no}; checkpoint {last_ckpt}")
@@ -235,6 +265,10 @@ def _train(
             if start_step >= cfg.train.steps and stopped_by is None:
                 logger.info(f"nothing to do: already at step {start_step} of train.steps={cfg.train.steps}")
                 last_ckpt = resume_dir
+        ckpt.wait()  # no run ends with a save half written
+    except BaseException as exc:
+        _settle_save_in_flight(ckpt, exc, dist.world_size)
+        raise
     finally:
         if own_stop:
             stop.uninstall()

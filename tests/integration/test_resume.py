@@ -23,9 +23,9 @@ def reference(tmp_path_factory):
     return losses(run_dir)
 
 
-def start(run_dir) -> subprocess.Popen:
+def start(run_dir, *extra) -> subprocess.Popen:
     return subprocess.Popen(
-        llmtrain_cmd(*ARGS, f"hydra.run.dir={run_dir}"),
+        llmtrain_cmd(*ARGS, *extra, f"hydra.run.dir={run_dir}"),
         env=cli_env(),
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -46,13 +46,15 @@ def wait_for_steps(proc: subprocess.Popen, run_dir, n: int, timeout: float = 120
     raise AssertionError(f"no step {n} within {timeout}s")
 
 
-@pytest.mark.parametrize("kill_after", [1, 4, 7])
-def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, reference, kill_after):
-    proc = start(tmp_path)
+@pytest.mark.parametrize(
+    "kill_after, extra", [(1, ()), (4, ()), (7, ()), (5, ("train.checkpoint_async=true",))]
+)
+def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, reference, kill_after, extra):
+    proc = start(tmp_path, *extra)
     wait_for_steps(proc, tmp_path, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = run_cli(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
+    resumed = run_cli(*ARGS, *extra, f"hydra.run.dir={tmp_path}", check=True)
     assert losses(tmp_path) == reference  # exact float equality, every step
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, STEPS + 1))
     if kill_after >= 3:

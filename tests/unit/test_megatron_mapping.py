@@ -237,3 +237,32 @@ def test_checkpoint_write_results_stay_in_process():
 
     checkpoint.keep_write_results_in_process()
     assert isinstance(filesystem_async._results_queue, queue.Queue)
+
+
+def test_async_checkpoint_request_writes_the_snapshot_not_the_trained_state(tmp_path):
+    """Megatron's async save request, as the engine's start_save uses it, on CPU (gloo, one rank): a tensor
+    changed in place after the snapshot must not reach the file (Megatron leaves CPU tensors uncopied)."""
+    code = (
+        "import os, sys, warnings, torch\n"
+        "warnings.simplefilter('ignore')\n"
+        "from pathlib import Path\n"
+        "torch.distributed.init_process_group('gloo', init_method=f'file://{sys.argv[1]}/pg', rank=0, world_size=1)\n"
+        "from megatron.core import dist_checkpointing\n"
+        "from megatron.core.dist_checkpointing import ShardedTensor\n"
+        "from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy\n"
+        "from llmtrain.engines.megatron_engine import checkpoint\n"
+        "path = Path(sys.argv[1]) / 'ckpt'; path.mkdir()\n"
+        "w = torch.arange(1000, dtype=torch.float32)\n"
+        "checkpoint.keep_write_results_in_process()\n"
+        "request = dist_checkpointing.save({'w': ShardedTensor.from_rank_offsets('w', w)}, str(path),\n"
+        "    sharded_strategy=get_default_save_sharded_strategy(), async_sharded_save=True)\n"
+        "pending = checkpoint.pending_write(request)\n"
+        "w.add_(1.0)  # the next training step\n"
+        "pending.write()\n"
+        "torch.cuda.current_device = lambda: 'cpu'  # Megatron's finalize all-reduces on the GPU; gloo here\n"
+        "pending.finalize()\n"
+        "out = dist_checkpointing.load({'w': ShardedTensor.from_rank_offsets('w', torch.empty(1000))}, str(path))\n"
+        "assert torch.equal(out['w'], torch.arange(1000, dtype=torch.float32)), out['w'][:4]\n"
+        "torch.distributed.destroy_process_group()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=300)

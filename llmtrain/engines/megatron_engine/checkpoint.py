@@ -3,6 +3,13 @@
 Written into `<directory>/megatron` so the loop's own files (trainer state, manifest) sit beside it. The
 distributed optimizer uses the `dp_reshardable` format: a run can resume with a different DP size.
 Every rank saves its own shards in parallel (fully parallel strategy over the DP group).
+
+Async saves (`start_save`) take Megatron-Core's own async path, `dist_checkpointing.save(...,
+async_sharded_save=True)`: planning, the common state and the D2H copy of every shard happen now; the
+returned AsyncRequest's write function runs later in llmtrain's background thread, and its finalize
+functions (metadata, collective) at a step boundary on every rank. Not Megatron's AsyncCallsQueue: its
+callers hand the write results back through a spawned Manager process (or a persistent spawned worker),
+which the SIGTERM of a preemption kills while the save is being written (see keep_write_results_in_process).
 """
 
 from pathlib import Path
@@ -64,6 +71,64 @@ def save(models: list, optimizer, directory: Path) -> None:
     strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
     state = _sharded_state_dict(models, optimizer, is_loading=False)
     dist_checkpointing.save(state, str(path), sharded_strategy=strategy, content_metadata=dict(CKPT_METADATA))
+
+
+def host_snapshot(write_buckets: list) -> list:
+    """Megatron's write buckets with every tensor copied to host memory now (its own preload leaves a
+    tensor already on the CPU as it is, which training would then change under the background write)."""
+    out = []
+    for file_name, storage_key, (bytes_data, tensor_data) in write_buckets:
+        tensors = [(item, t.detach().to("cpu", copy=True)) for item, t in tensor_data]
+        out.append((file_name, storage_key, (bytes_data, tensors)))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
+
+
+def start_save(models: list, optimizer, directory: Path):
+    """Collective. Snapshot now, write later: returns a PendingWrite (see the module docstring)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    keep_write_results_in_process()  # the write runs in a thread of this process: a plain queue serves
+    path = directory / SUBDIR
+    if torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
+    state = _sharded_state_dict(models, optimizer, is_loading=False)
+    request = dist_checkpointing.save(
+        state,
+        str(path),
+        sharded_strategy=strategy,
+        content_metadata=dict(CKPT_METADATA),
+        async_sharded_save=True,
+    )
+    return pending_write(request)
+
+
+def pending_write(request):
+    """A Megatron AsyncRequest as llmtrain's PendingWrite, its shards snapshotted to host memory now."""
+    from llmtrain.engines.base import PendingWrite
+
+    write_fn, args = request.async_fn, list(request.async_fn_args)
+    if write_fn is not None:
+        if len(args) != 3:  # (rank, write_buckets, results_queue) in megatron-core 0.16-0.19
+            raise RuntimeError(
+                f"unexpected Megatron AsyncRequest arguments ({len(args)}); update pending_write"
+            )
+        args[1] = host_snapshot(args[1])
+
+    def write() -> None:
+        if write_fn is not None:
+            write_fn(*args, **request.async_fn_kwargs)
+
+    def finalize() -> None:
+        for fn in request.finalize_fns:
+            fn()
+
+    return PendingWrite(write=write, finalize=finalize)
 
 
 def load(models: list, optimizer, directory: Path) -> None:

@@ -474,6 +474,11 @@ class MegatronEngine(Engine):
         with self._params_synced():
             checkpoint.save(self.models, self.optimizer, Path(directory))
 
+    def start_save(self, directory: Path):
+        """Collective. Async save: shards snapshotted to host memory now, written in the background."""
+        with self._params_synced():
+            return checkpoint.start_save(self.models, self.optimizer, Path(directory))
+
     def load(self, directory: Path) -> None:
         with self._params_synced():
             checkpoint.load(self.models, self.optimizer, Path(directory))

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmtrain import precision
 from llmtrain.dist import init_process_group
-from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
+from llmtrain.engines.base import DistInfo, Engine, MicroBatch, PendingWrite, StepResult
 from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.models import ModelSpec
 from llmtrain.models.layers import causal_lm_loss
@@ -23,6 +23,28 @@ def pick_device(requested: str, dist: DistInfo) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError("train.device", requested, "CUDA is not available on this machine", ["auto", "cpu"])
     return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+
+
+def host_copy(obj, memo: dict | None = None):
+    """A deep copy of a state dict in host memory that shares no storage with the live training state
+    (`.cpu()` alone returns the same tensor on CPU, which the next optimizer step would change). Objects
+    shared in `obj` stay shared (one betas tuple for all groups), so torch.save writes the same bytes."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        out = obj.detach().to("cpu", copy=True)
+    elif isinstance(obj, dict):
+        out = {k: host_copy(v, memo) for k, v in obj.items()}
+    elif isinstance(obj, list):
+        out = [host_copy(v, memo) for v in obj]
+    elif isinstance(obj, tuple):
+        items = [host_copy(v, memo) for v in obj]
+        out = obj if all(a is b for a, b in zip(items, obj, strict=True)) else type(obj)(items)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
 
 
 def model_loss(model, mb: MicroBatch) -> torch.Tensor:
@@ -153,11 +175,22 @@ class TorchEngine(Engine):
             state.pop("lm_head.weight", None)  # stored once, as embed_tokens.weight
         return state
 
+    @staticmethod
+    def _write(directory: Path, model_state: dict, optimizer_state: dict) -> None:
+        save_file(model_state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(optimizer_state, directory / "optimizer.pt")
+
     def save(self, directory: Path) -> None:
         if not self.dist.is_main:  # replicated state: rank 0 writes it
             return
-        save_file(self.model_state(), str(directory / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        self._write(directory, self.model_state(), self.optimizer.state_dict())
+
+    def start_save(self, directory: Path) -> PendingWrite:
+        if not self.dist.is_main:
+            return PendingWrite()
+        model_state = host_copy(self.model_state())
+        optimizer_state = host_copy(self.optimizer.state_dict())
+        return PendingWrite(write=lambda: self._write(directory, model_state, optimizer_state))
 
     def load(self, directory: Path) -> None:
         state = load_file(str(directory / "model.safetensors"), device="cpu")
