@@ -313,7 +313,7 @@ def test_cli_import_export_and_errors(tmp_path, capsys):
         convert_main(["import", str(hf_dir), str(tmp_path / "ck3"), "--engine", "megatron", "--tp", "3"]) == 2
     )
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "parallel.tp=3: must divide the attention heads (4)" in err
+    assert err.count("\n") == 1 and "model.num_attention_heads=4: must be divisible by parallel.tp=3" in err
     assert not (tmp_path / "ck3").exists()
 
 
