@@ -54,3 +54,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def save_tiny_hf_model(tmp_path, config_cls, model_cls, *, tied, name="hf", dtype=None, **config):
+    """A tiny random HF causal LM (vocab 128, hidden 64, 2 layers, 4 heads / 2 KV groups), its norm weights
+    made non-trivial so a mix-up of norms would show, saved sharded (several safetensors + an index).
+    `config` adds or overrides config fields (e.g. rope_theta, head_dim). Returns (model, path)."""
+    import torch
+
+    torch.manual_seed(0)
+    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-6, tie_word_embeddings=tied)  # fmt: skip
+    model = model_cls(config_cls(**{**fields, **config})).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    if dtype is not None:
+        model = model.to(dtype)
+    path = tmp_path / name
+    model.save_pretrained(str(path), max_shard_size="60KB")
+    return model, path
+
+
+def hf_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(tokens).logits.float()

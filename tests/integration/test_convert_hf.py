@@ -21,40 +21,15 @@ from llmtrain.data import build_data, load_tokenizer  # noqa: E402
 from llmtrain.errors import CheckpointError, UserError  # noqa: E402
 from llmtrain.models.llama import LlamaModel, causal_lm_loss  # noqa: E402
 from llmtrain.models.spec import ModelSpec  # noqa: E402
-from tests.helpers import REPO  # noqa: E402
+from tests.helpers import REPO, hf_logits, save_tiny_hf_model  # noqa: E402
 
 ATOL = 1e-5
 
 
 def make_hf_model(tmp_path, tied=False, dtype=torch.float32, name="hf"):
     """A tiny random LlamaForCausalLM saved sharded (several safetensors files + index)."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        rope_theta=50000.0,
-        tie_word_embeddings=tied,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms, so a mix-up of norm weights would show
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    model = model.to(dtype)
-    path = tmp_path / name
-    model.save_pretrained(str(path), max_shard_size="60KB")
-    return model, path
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits.float()
+    return save_tiny_hf_model(tmp_path, transformers.LlamaConfig, transformers.LlamaForCausalLM, tied=tied,
+                              name=name, dtype=dtype, rope_theta=50000.0)  # fmt: skip
 
 
 def llmtrain_model(ckpt):

@@ -19,41 +19,17 @@ from llmtrain.convert import api, io  # noqa: E402
 from llmtrain.errors import UserError  # noqa: E402
 from llmtrain.models import ModelSpec  # noqa: E402
 from llmtrain.models.qwen3.model import Qwen3Model  # noqa: E402
-from tests.helpers import losses, run_cli  # noqa: E402
+from tests.helpers import hf_logits, losses, run_cli, save_tiny_hf_model  # noqa: E402
 
 ATOL = 1e-5
 TOKENS = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
 
 
 def make_hf_qwen3(tmp_path, tied=True, name="hf"):
-    """A tiny random Qwen3ForCausalLM, head_dim (24) != hidden/heads (16), saved sharded."""
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=tied,
-    )
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms (q_norm/k_norm included), so a mix-up would show
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path / name
-    model.save_pretrained(str(path), max_shard_size="60KB")
-    return model, path
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits.float()
+    """A tiny random Qwen3ForCausalLM, head_dim (24) != hidden/heads (16), saved sharded; q_norm/k_norm
+    non-trivial like every norm."""
+    return save_tiny_hf_model(tmp_path, transformers.Qwen3Config, transformers.Qwen3ForCausalLM, tied=tied,
+                              name=name, head_dim=24, rope_theta=1000000.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("tied", [True, False])
