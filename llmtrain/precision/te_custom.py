@@ -163,31 +163,19 @@ class FakeQuantizer(IdentityQuantizer):
                 f"the random Hadamard transform needs a token count divisible by 16, got {x2.shape[0]}; "
                 "use a sequence length (x micro-batch size) that is a multiple of 16, or precision.rht=false"
             )
-        seed = STATE.next_seed() if op.rounding == "stochastic" else 0
-        out = fake_quantize_2d(
-            x2,
-            op.fmt,
+        how = dict(
             axis=self.axis,
             rounding=op.rounding,
             block_2d=op.block_2d,
             rht_signs=STATE.rht_signs if self.rht else None,
-            seed=seed,
+            seed=STATE.next_seed() if op.rounding == "stochastic" else 0,
             sr_bits=STATE.recipe.sr_bits,
-            out_dtype=data.dtype,
-            out=None if into is None else into.view(x2.shape),
+        )
+        out = fake_quantize_2d(
+            x2, op.fmt, out_dtype=data.dtype, out=None if into is None else into.view(x2.shape), **how
         )
         if x2.is_cuda:  # native kernels: once per configuration, compared with the torch reference
-            kernel_check.check_once(
-                out,
-                x2,
-                op.fmt,
-                axis=self.axis,
-                rounding=op.rounding,
-                block_2d=op.block_2d,
-                rht_signs=STATE.rht_signs if self.rht else None,
-                seed=seed,
-                sr_bits=STATE.recipe.sr_bits,
-            )
+            kernel_check.check_once(out, x2, op.fmt, **how)
         return out.view(data.shape)
 
 

@@ -10,8 +10,9 @@ import torch
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on inf/NaN
 
-from llmtrain.precision import fake_quantize, hadamard  # noqa: E402
+from llmtrain.precision import fake_quantize  # noqa: E402
 from llmtrain.precision.hadamard import TE_SIGNS  # noqa: E402
+from llmtrain.precision.kernel_check import reference  # noqa: E402
 from llmtrain.precision.triton_kernels import (  # noqa: E402
     PAIR_TILES,
     Direction,
@@ -42,13 +43,9 @@ def _inputs(dtype):
 
 
 def _reference(x, fmt, axis, block_2d, signs):
-    xt = x if axis == 1 else x.t().contiguous()
-    cols = xt.shape[1]
-    if signs is not None:  # a ragged axis is transformed (and quantized) zero-padded to whole blocks
-        # in x's dtype: the transform is rounded to it, as TE does
-        xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
-    y = fake_quantize(xt.float(), fmt, block_2d=block_2d)[:, :cols]
-    return y if axis == 1 else y.t()
+    """Round-to-nearest fake_quantize of x's axis layout (RHT first, a ragged axis zero-padded to whole
+    blocks and the transform rounded to x's dtype, as TE does), in FP32."""
+    return reference(x, fmt, axis, "nearest", block_2d, signs, 0, 8, torch.float32)
 
 
 def _assert_bitwise(ours, ref, what):
@@ -117,13 +114,10 @@ def test_stochastic_rounding_matches_reference_bitwise(fmt, sr_bits):
                 kw = dict(rounding="stochastic", seed=1234 + axis, sr_bits=sr_bits)
                 ours = fake_quantize_2d(x, fmt, axis=axis, block_2d=block_2d,
                                         rht_signs=signs if rht else None, out_dtype=torch.float32, **kw)  # fmt: skip
-                xt = x if axis == 1 else x.t().contiguous()
-                cols = xt.shape[1]
-                if rht:
-                    xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
-                ref = fake_quantize(xt.float(), fmt, block_2d=block_2d, **kw)[:, :cols]
+                ref = reference(x, fmt, axis, "stochastic", block_2d, signs if rht else None, 1234 + axis,
+                                sr_bits, torch.float32)  # fmt: skip
                 what = f"{fmt} sr{sr_bits} axis={axis} 2d={block_2d} rht={rht} {name}"
-                _assert_bitwise(ours, ref if axis == 1 else ref.t(), what)
+                _assert_bitwise(ours, ref, what)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "fp8_e4m3"])
@@ -159,15 +153,8 @@ def test_argument_errors():
 
 def _reference_direction(x, d, axis, signs, sr_bits):
     """fake_quantize of x's row-wise (axis 1) or column-wise (axis 0) operand, as a Direction says."""
-    xt = x if axis == 1 else x.t().contiguous()
-    cols = xt.shape[1]
-    if d.rht:
-        xt = hadamard(torch.nn.functional.pad(xt, (0, -cols % 16)), 16, signs)
-    y = fake_quantize(
-        xt.float(), d.fmt, rounding=d.rounding, block_2d=d.block_2d, seed=d.seed, sr_bits=sr_bits
-    )
-    y = y[:, :cols]
-    return y if axis == 1 else y.t()
+    rht_signs = signs if d.rht else None
+    return reference(x, d.fmt, axis, d.rounding, d.block_2d, rht_signs, d.seed, sr_bits, torch.float32)
 
 
 PAIRS = {  # (row-wise, column-wise): TE's slots (input, weight, grad_output) and mixed recipes
