@@ -58,19 +58,26 @@ def keep_write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save(models: list, optimizer, directory: Path) -> None:
-    from megatron.core import dist_checkpointing
+def _save_args(models: list, optimizer, directory: Path) -> tuple[dict, str, dict]:
+    """Collective. dist_checkpointing.save's (state, path, keyword arguments) for both save paths."""
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    keep_write_results_in_process()
+    keep_write_results_in_process()  # for the sync save and for our background thread alike
     path = directory / SUBDIR
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
     state = _sharded_state_dict(models, optimizer, is_loading=False)
-    dist_checkpointing.save(state, str(path), sharded_strategy=strategy, content_metadata=dict(CKPT_METADATA))
+    return state, str(path), {"sharded_strategy": strategy, "content_metadata": dict(CKPT_METADATA)}
+
+
+def save(models: list, optimizer, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    state, path, kwargs = _save_args(models, optimizer, directory)
+    dist_checkpointing.save(state, path, **kwargs)
 
 
 def host_snapshot(write_buckets: list) -> list:
@@ -88,23 +95,9 @@ def host_snapshot(write_buckets: list) -> list:
 def start_save(models: list, optimizer, directory: Path):
     """Collective. Snapshot now, write later: returns a PendingWrite (see the module docstring)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    keep_write_results_in_process()  # the write runs in a thread of this process: a plain queue serves
-    path = directory / SUBDIR
-    if torch.distributed.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
-    state = _sharded_state_dict(models, optimizer, is_loading=False)
-    request = dist_checkpointing.save(
-        state,
-        str(path),
-        sharded_strategy=strategy,
-        content_metadata=dict(CKPT_METADATA),
-        async_sharded_save=True,
-    )
+    state, path, kwargs = _save_args(models, optimizer, directory)
+    request = dist_checkpointing.save(state, path, async_sharded_save=True, **kwargs)
     return pending_write(request)
 
 
