@@ -361,39 +361,27 @@ def _fake_quant_pair_kernel(
         xr = x
         if ROW_RHT:
             xr = _rht16(xr, signs_ptr, x_ptr, NATIVE)
-        if ROW_2D:  # 2-D blocks need whole blocks of rows: in row order
-            y = _quantize_tile(
-                _in_row_order(xr, TM, TN, T, W),
-                row0 + tl.arange(0, TM),
-                tl.program_id(1) * TN,
-                C,
-                amax_ptr,
-                seed_row,
-                ROW_FMT,
-                ROW_BLOCK,
-                ROW_2D,
-                ROW_SR,
-                SR_BITS,
-                TM,
-                TN,
-            )
+        tile_rows = rows
+        if ROW_2D:  # 2-D blocks need whole blocks of rows: in row order (else the load order will do)
+            xr = _in_row_order(xr, TM, TN, T, W)
+            tile_rows = row0 + tl.arange(0, TM)
+        y = _quantize_tile(
+            xr,
+            tile_rows,
+            tl.program_id(1) * TN,
+            C,
+            amax_ptr,
+            seed_row,
+            ROW_FMT,
+            ROW_BLOCK,
+            ROW_2D,
+            ROW_SR,
+            SR_BITS,
+            TM,
+            TN,
+        )
+        if ROW_2D:
             y = _in_load_order(y, TM, TN, T, W)
-        else:  # each row on its own: the load order will do
-            y = _quantize_tile(
-                xr,
-                rows,
-                tl.program_id(1) * TN,
-                C,
-                amax_ptr,
-                seed_row,
-                ROW_FMT,
-                ROW_BLOCK,
-                ROW_2D,
-                ROW_SR,
-                SR_BITS,
-                TM,
-                TN,
-            )
         _store(row_ptr, offs, y, mask, NATIVE)
         if COL_SAME:
             _store(col_ptr, offs, y, mask, NATIVE)
