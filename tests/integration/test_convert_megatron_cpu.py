@@ -66,35 +66,25 @@ def mcore_cpu(monkeypatch):
 
 
 def build_gpt(spec, padded_vocab):
+    """A Megatron-Core GPTModel from the family's own TransformerConfig fields (what the engine uses), with
+    the local (non-TE) layer spec and the fused CUDA kernels off, so it runs on the CPU."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cfg = TransformerConfig(
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        kv_channels=spec.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=spec.norm_eps,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+    layout = spec.model_family.megatron
+    cpu = dict(
         use_cpu_initialization=True,
         params_dtype=torch.float32,
-        bias_activation_fusion=False,
+        bias_activation_fusion=False,  # the fused kernels are CUDA only
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
     return GPTModel(
-        cfg,
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
+        TransformerConfig(**(layout.architecture_kwargs(spec) | cpu)),
+        get_gpt_layer_local_spec(normalization="RMSNorm", **layout.layer_spec_kwargs()),
         vocab_size=padded_vocab,
         max_sequence_length=spec.seq_length,
         position_embedding_type="rope",

@@ -16,6 +16,7 @@ from llmtrain.convert import api, megatron  # noqa: E402
 from llmtrain.engines.megatron_engine import mapping  # noqa: E402
 from tests.integration.test_convert_megatron_cpu import (  # noqa: E402
     ATOL,
+    build_gpt,
     mcore_cpu,  # noqa: F401 (a fixture, used below)
     mcore_logits,
     to_local_spec,
@@ -26,35 +27,12 @@ TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(
 
 
 def build_qwen3_gpt(spec):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    layout = spec.model_family.megatron
-    arch = layout.architecture_kwargs(spec)
+    arch = spec.model_family.megatron.architecture_kwargs(spec)
     assert (
         arch["qk_layernorm"]
         and arch["kv_channels"] == spec.head_dim != spec.hidden_size // spec.num_attention_heads
     )
-    cpu = dict(
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        bias_activation_fusion=False,  # the fused kernels are CUDA only
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-    )
-    return GPTModel(
-        TransformerConfig(**(arch | cpu)),
-        get_gpt_layer_local_spec(normalization="RMSNorm", **layout.layer_spec_kwargs()),
-        vocab_size=spec.vocab_size,
-        max_sequence_length=spec.seq_length,
-        position_embedding_type="rope",
-        rotary_base=int(spec.rope_theta),
-        share_embeddings_and_output_weights=spec.tie_embeddings,
-        parallel_output=False,
-    ).eval()
+    return build_gpt(spec, spec.vocab_size)
 
 
 @pytest.mark.usefixtures("mcore_cpu")
