@@ -3,7 +3,7 @@
 # (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh tests          # pytest -m gpu tests/gpu by file, kernels natively
-#   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (the six groups' limits add to 20 min)
+#   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (the seven groups' limits add to 24 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh bench          # 8B proxy + 1B benchmark and profile (<= 9 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh cache          # weight quantized once per step; GEMM rounding
 #   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
@@ -31,7 +31,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
     timeout "$limit" $py -m pytest -p no:cacheprovider -q -rA -s --durations=8 "$@" >"$out/$name.log" 2>&1
     echo "$name: rc=$? in $((SECONDS - start)) s: $(tail -1 "$out/$name.log")" >>"$out/summary.txt"
   }
-  for g in ${GPU_GROUPS:-parity engine cache measure kernels rest}; do # GPU_GROUPS: a subset, one call each
+  for g in ${GPU_GROUPS:-parity engine cache measure kernels rest new}; do # GPU_GROUPS: a subset, one call each
     case $g in
       parity) LLMTRAIN_PARITY_REPORT=$out/te_parity.json group parity 150 -m gpu tests/gpu/test_te_parity.py ;;
       engine) group engine 240 -m gpu tests/gpu/test_megatron_engine.py ;;
@@ -40,6 +40,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
       kernels) group kernels "${KERNELS_TIMEOUT:-300}" tests/unit/test_triton_kernels.py ;;
       rest) group rest "${REST_TIMEOUT:-300}" -m gpu tests/gpu/test_megatron_parity.py \
         tests/gpu/test_torch_engine_gpu.py tests/gpu/test_convert_megatron.py ;;
+      new) group new "${NEW_TIMEOUT:-240}" -m gpu tests/gpu/test_qwen3_megatron_parity.py \
+        tests/gpu/test_megatron_async_checkpoint.py tests/gpu/test_nvfp4_options_gpu.py ;;
       *) echo "unknown GPU_GROUPS entry: $g" >>"$out/summary.txt" ;;
     esac
   done
