@@ -106,11 +106,10 @@ class FakeQuantizer(IdentityQuantizer):
     def __init__(self, name: str, axis: int, *, backward: bool = False, role: str = ""):
         super().__init__()
         self.name, self.axis, self.backward, self.role = name, axis, backward, role
-        # Storage-only results (IdentityTensorStorage, a plain object holding the BF16 values) instead of an
-        # IdentityTensor, a torch.Tensor wrapper subclass (Python __torch_dispatch__) built per call: 1,152
-        # calls per step at 1B MXFP8. TE's own modules set this on every quantizer they own; inside a
-        # HybridQuantizer only FSDP2 (unused here) needs tensor sub-storages.
-        self.internal = True
+        # Tensor results (IdentityTensor), not storage-only ones: TE's HybridQuantizedTensor.detach() refuses
+        # an IdentityTensorStorage sub-storage ("does not support storage-only rowwise sub-storage"), which
+        # broke every emulated MXFP8/NVFP4 Megatron step when this was True (H100, 2026-12-07).
+        self.internal = False
 
     @property
     def operand(self) -> Operand:

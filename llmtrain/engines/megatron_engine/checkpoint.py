@@ -12,6 +12,7 @@ callers hand the write results back through a spawned Manager process (or a pers
 which the SIGTERM of a preemption kills while the save is being written (see keep_write_results_in_process).
 """
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -97,6 +98,10 @@ def start_save(models: list, optimizer, directory: Path):
     from megatron.core import dist_checkpointing
 
     state, path, kwargs = _save_args(models, optimizer, directory)
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        # Megatron-Core >= 0.19 defaults to nvidia-resiliency-ext's writer ("nvrx"), which is not a dependency
+        # (and not installed on the 2026-12-07 H100 host): its own writer is the one this module drives.
+        kwargs["async_strategy"] = "mcore"
     request = dist_checkpointing.save(state, path, async_sharded_save=True, **kwargs)
     return pending_write(request)
 
