@@ -7,7 +7,8 @@ or why it failed) to --out. Cases run most informative first, and no case starts
 docs/benchmarks.md tables: layout x precision x stage, builds yes/no, estimated vs measured peak GiB, then
 every estimate component next to its measurement (to see which one is off).
 
-    PYTHONPATH=/opt/gpu-site:$PWD python scripts/measure_layouts.py run --out $OUT/measure.jsonl --budget 470
+    PYTHONPATH=/opt/gpu-site:$PWD python scripts/measure_layouts.py run --out $OUT/measure.jsonl --budget 470 \
+        --skip-done docs/benchmarks/h100-2026-12-07/measure.jsonl      # continue an earlier session's cases
     python scripts/measure_layouts.py render $OUT/measure.jsonl > table.md
 """
 
@@ -91,6 +92,9 @@ def cmd_run(args) -> None:
     todo = cases()
     if args.only:
         todo = [c for c in todo if all(w in json.dumps(c) for w in args.only.split(","))]
+    if args.skip_done:  # a later session continues where an earlier one stopped
+        done = {label(r["case"]) for r in _records(args.skip_done.split(",")) if r.get("ok") or r.get("oom")}
+        todo = [c for c in todo if label(c) not in done]
     start = time.time()
     for i, case in enumerate(todo):
         left = args.budget - (time.time() - start)
@@ -191,14 +195,22 @@ def main() -> None:
     r.add_argument("--min-case", type=float, default=45.0, help="start no case with less time left")
     r.add_argument("--steps", type=int, default=2)
     r.add_argument("--only", default="", help="comma-separated words every selected case contains")
+    r.add_argument(
+        "--skip-done",
+        default="",
+        help="comma-separated JSONL files: skip cases measured there (built, or a definitive out-of-memory)",
+    )
     d = sub.add_parser("render")
     d.add_argument("jsonl", nargs="+")
     args = ap.parse_args()
     if args.cmd == "run":
         cmd_run(args)
     else:
-        records = [json.loads(line) for p in args.jsonl for line in Path(p).read_text().splitlines() if line]
-        print(render(records))
+        print(render(_records(args.jsonl)))
+
+
+def _records(paths: list[str]) -> list[dict]:
+    return [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line]
 
 
 if __name__ == "__main__":

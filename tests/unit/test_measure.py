@@ -1,8 +1,10 @@
 """dry_run=measure on the CPU: its one-line refusals, its byte accounting and its report; the per-stage
 memory estimate; the low-precision parameter all-gather's switch. The measurement itself: tests/gpu."""
 
+import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -315,3 +317,20 @@ def test_render_flags_rows_off_by_more_than_10_percent_and_failed_builds():
     assert "| llama3_8b | TP2xDP4 | fp8_cs | first (0) | yes | 66.0 | 50.0 | +32% **>10%** | True |" in text
     assert "| llama3_8b | DP8 | fp8_cs | first (0) | no (OOM) | 66.0 | 70.2 (at failure) |" in text
     assert "| llama3_8b | TP2xDP4 | fp8_cs | first | 10.0 / 10.0 | 1.0 / 1.5 | 20.0 / 20.0 |" in text
+
+
+def test_run_skips_cases_an_earlier_session_measured_or_found_out_of_memory(tmp_path, monkeypatch):
+    m = _layouts_script()
+    first, second, third = m.cases()[:3]
+    earlier = tmp_path / "earlier.jsonl"
+    records = [{"ok": True, "case": first}, {"ok": False, "oom": True, "case": second}]
+    records.append({"ok": False, "error": "NotImplementedError", "case": third})  # a bug: measure again
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ran = []
+    monkeypatch.setattr(
+        m, "run_case", lambda case, timeout, steps: ran.append(m.label(case)) or {"wall_s": 0}
+    )
+    args = SimpleNamespace(out=str(tmp_path / "out.jsonl"), only="", skip_done=str(earlier), budget=1e9,
+                           min_case=0.0, timeout=1.0, steps=1)  # fmt: skip
+    m.cmd_run(args)
+    assert ran[0] == m.label(third) and len(ran) == len(m.cases()) - 2
