@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from llmtrain import launch
 from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
 from llmtrain.errors import ConfigError, UserError
@@ -27,23 +28,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 MAX_VALIDATED_SWEEP_POINTS = 64
 
 
-def planned_world(cfg) -> int:
-    """World size: torchrun's WORLD_SIZE, else the cluster plan for dry runs and SLURM, else 1."""
-    from llmtrain.dist import dist_info_from_env
-
-    if "WORLD_SIZE" in os.environ or "SLURM_JOB_ID" in os.environ:
-        return dist_info_from_env().world_size
-    if cfg.dry_run or cfg.cluster.type == "slurm":
-        return cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    return 1
-
-
 def planned_engine(cfg) -> str:
     from llmtrain.engines.select import megatron_available, resolve_engine_name
 
     if cfg.dry_run and cfg.engine.name == "auto":
         return "megatron"  # dry runs describe the production (GPU) path
-    if cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ:
+    if launch.select(cfg).submits(cfg):  # the job runs elsewhere: this machine's engines do not matter
         return cfg.engine.name if cfg.engine.name != "auto" else "megatron"
     name = resolve_engine_name(cfg)
     if name == "megatron" and not cfg.dry_run and not megatron_available():
@@ -85,10 +75,9 @@ def check_and_validate(cfg, *, inspect_only: bool = False) -> tuple[int, str]:
 
     from llmtrain.fit import check_fits
 
-    world, engine = planned_world(cfg), planned_engine(cfg)
+    world, engine = launch.planned_world(cfg), planned_engine(cfg)
     validate(cfg, world=world, engine=engine)
-    submitting = cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ
-    if not (cfg.dry_run or submitting or inspect_only):
+    if not (cfg.dry_run or launch.select(cfg).submits(cfg) or inspect_only):
         check_fits(cfg, world, engine)
     return world, engine
 
@@ -348,7 +337,7 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
             raise UserError(describe_composition_error(e, overrides)) from None
     GlobalHydra.instance().clear()
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
-    if cfg.dry_run or (cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ):
+    if cfg.dry_run or launch.select(cfg).submits(cfg):
         return []
     _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
     if _PLAN.run_dir != run_dir:
@@ -358,14 +347,13 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
 
 # ---- the run -------------------------------------------------------------------------------------------
 def run(cfg) -> None:
-    from llmtrain import launch
     from llmtrain.dist import dist_info_from_env
     from llmtrain.dryrun import dry_run_report
     from llmtrain.train.loop import train
 
     world, engine = check_and_validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if launch.dispatch(cfg, world, engine):  # cluster=slurm: submit, dry-run plan, or srun in an allocation
+    if launch.select(cfg).dispatch(cfg, world, engine):  # e.g. cluster=slurm: submit, plan, srun in salloc
         return
     if cfg.dry_run:
         print(dry_run_report(cfg, world, engine))
