@@ -123,3 +123,18 @@ def test_a_key_error_on_a_key_the_schema_has_is_not_called_unknown():
 )
 def test_first_line_is_the_problem(exc, line):
     assert first_line(exc).startswith(line) and "\n" not in first_line(exc)
+
+
+def test_a_sweep_of_a_recipe_outside_the_repo(tmp_path, hydra_ready):
+    """The search path reaches the composition that reads the recipe's own sweep, and every job."""
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      optim.lr: 1e-3,2e-3\n"
+    )
+    search = f"hydra.searchpath=['file://{tmp_path}']"
+    assert sweep_points(["recipe=mine", "train.seed=1,2", search]) == [
+        [search, "optim.lr=0.001", "recipe=mine", "train.seed=1"],
+        [search, "optim.lr=0.001", "recipe=mine", "train.seed=2"],
+        [search, "optim.lr=0.002", "recipe=mine", "train.seed=1"],
+        [search, "optim.lr=0.002", "recipe=mine", "train.seed=2"],
+    ]
