@@ -4,10 +4,7 @@ Every override set is composed and validated before Hydra starts the run(s), so 
 line (`error: key=value: problem (allowed: ...)`) and exits with code 2, never a traceback.
 """
 
-import itertools
-import math
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -15,27 +12,23 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from llmtrain import launch
 from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
 from llmtrain.errors import ConfigError, UserError
+from llmtrain.overrides import (
+    allowed_keys,
+    check_override_syntax,
+    describe_composition_error,
+    sweep_points,
+    user_overrides,
+)
+from llmtrain.recipe_files import CONFIG_DIR, resolve_recipes
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 MAX_VALIDATED_SWEEP_POINTS = 64
-
-
-def planned_world(cfg) -> int:
-    """World size: torchrun's WORLD_SIZE, else the cluster plan for dry runs and SLURM, else 1."""
-    from llmtrain.dist import dist_info_from_env
-
-    if "WORLD_SIZE" in os.environ or "SLURM_JOB_ID" in os.environ:
-        return dist_info_from_env().world_size
-    if cfg.dry_run or cfg.cluster.type == "slurm":
-        return cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    return 1
 
 
 def planned_engine(cfg) -> str:
@@ -43,7 +36,7 @@ def planned_engine(cfg) -> str:
 
     if cfg.dry_run and cfg.engine.name == "auto":
         return "megatron"  # dry runs describe the production (GPU) path
-    if cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ:
+    if launch.select(cfg).submits(cfg):  # the job runs elsewhere: this machine's engines do not matter
         return cfg.engine.name if cfg.engine.name != "auto" else "megatron"
     name = resolve_engine_name(cfg)
     if name == "megatron" and not cfg.dry_run and not megatron_available():
@@ -75,7 +68,7 @@ def check_against_schema(cfg) -> None:
     if full_key := _unknown_key(cfg, OmegaConf.structured(Config)):
         parent, _, leaf = full_key.rpartition(".")
         value = OmegaConf.select(cfg, full_key)
-        raise ConfigError(full_key, value, f"unknown key '{leaf}'", _allowed_keys(parent) or None)
+        raise ConfigError(full_key, value, f"unknown key '{leaf}'", allowed_keys(parent) or None)
 
 
 def check_and_validate(cfg, *, inspect_only: bool = False) -> tuple[int, str]:
@@ -85,229 +78,35 @@ def check_and_validate(cfg, *, inspect_only: bool = False) -> tuple[int, str]:
 
     from llmtrain.fit import check_fits
 
-    world, engine = planned_world(cfg), planned_engine(cfg)
+    world, engine = launch.planned_world(cfg), planned_engine(cfg)
     validate(cfg, world=world, engine=engine)
-    submitting = cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ
-    if not (cfg.dry_run or submitting or inspect_only):
+    if not (cfg.dry_run or launch.select(cfg).submits(cfg) or inspect_only):
         check_fits(cfg, world, engine)
     return world, engine
-
-
-# ---- pre-flight: compose + validate every point of the command line -----------------------------------
-def _user_overrides(argv: list[str]) -> list[str]:
-    return [
-        a
-        for a in argv
-        if "=" in a
-        and not a.startswith("-")
-        and (a.startswith("hydra.searchpath=") or not a.startswith(("hydra.", "hydra/")))
-    ]
-
-
-def _sweep_points(overrides: list[str]) -> tuple[list[list[str]], int]:
-    """The first MAX_VALIDATED_SWEEP_POINTS points of the sweep these overrides span, and how many it has."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
-    for text, ov in zip(overrides, parsed):
-        if ov.is_sweep_override():
-            key = ov.get_key_element()
-            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
-        else:
-            choices.append([text])
-    points = [list(p) for p in itertools.islice(itertools.product(*choices), MAX_VALIDATED_SWEEP_POINTS)]
-    return points, math.prod(len(c) for c in choices)
-
-
-def _allowed_keys(parent: str) -> list[str]:
-    from llmtrain.config.schema import Config
-
-    node = OmegaConf.structured(Config)
-    node = OmegaConf.select(node, parent) if parent else node
-    return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
-
-
-def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
-    """Turn a Hydra/OmegaConf composition error into `key=value: problem (allowed: ...)`."""
-    cause = exc.__cause__ or exc
-    text = f"{exc}\n{cause}"
-    full_key = getattr(cause, "full_key", None) or ""
-    override = next((o for o in overrides if full_key and o.lstrip("+~").split("=")[0] == full_key), None)
-    if m := re.search(r"Could not find '([^']+)/([^']+)'", text):
-        group, option = m.group(1), m.group(2)
-        available = re.findall(r"^\t(\S+)$", text, flags=re.M)  # text holds Hydra's list twice
-        allowed = ", ".join(dict.fromkeys(a for a in available if not a.endswith("_schema")))
-        return f"{group}={option}: no such {group} config (allowed: {allowed})"
-    if m := re.search(r"Key '([^']+)' (?:is )?not in", text):
-        parent, _, leaf = full_key.rpartition(".") if full_key else ("", "", m.group(1))
-        allowed = ", ".join(_allowed_keys(parent))
-        return (
-            f"{override or full_key}: unknown key '{leaf}' in {parent or 'the config'} (allowed: {allowed})"
-        )
-    msg = getattr(cause, "msg", None) or text.splitlines()[0]
-    msg = msg.splitlines()[0].strip()
-    if override:
-        return f"{override}: {msg}"
-    return msg
-
-
-# ---- recipes outside the repo ---------------------------------------------------------------------------
-def _split_search_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without --config-dir/-cd and hydra.searchpath, the directories they named, in order)."""
-    rest, dirs, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
-            dirs.append(argv[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--config-dir="):
-            dirs.append(arg.split("=", 1)[1])
-        elif arg.startswith("hydra.searchpath="):
-            try:
-                (ov,) = OverridesParser.create().parse_overrides([arg])
-                entries = ov.value()
-            except Exception as e:
-                raise UserError(
-                    f"{arg}: cannot parse it ({str(e).splitlines()[0]}); e.g. hydra.searchpath=[file:///DIR]"
-                ) from None
-            entries = entries if isinstance(entries, list) else [entries]
-            for entry in map(str, entries):
-                if not entry.startswith("file://"):
-                    raise UserError(
-                        f"{arg}: {entry!r}: llmtrain takes file:// entries only, e.g. [file:///DIR]"
-                    )
-                dirs.append(entry.removeprefix("file://"))
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, [str(Path(d).expanduser().absolute()) for d in dirs]
-
-
-def check_recipe_file(path: Path, key: str) -> None:
-    """A recipe YAML parses (else file:line: problem) and is a `# @package _global_` file like the shipped ones."""
-    import yaml
-
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{key}: cannot read {path} ({e.strerror})") from None
-    try:
-        body = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{key}: {where}: YAML error: {problem}; fix the file") from None
-    if body is not None and not isinstance(body, dict):
-        raise UserError(f"{key}: {path} must hold a mapping of config keys (like recipes/tiny.yaml)")
-    if "@package _global_" not in text.split("\n", 1)[0]:
-        raise UserError(
-            f"{key}: {path} must start with the line '# @package _global_' (as recipes/tiny.yaml does), "
-            "so its keys land at the top of the config"
-        )
-
-
-def resolve_recipes(argv: list[str]) -> list[str]:
-    """Recipes outside the repo: `recipe=/path/mine.yaml`, `--config-dir DIR recipe=mine` and
-    `hydra.searchpath=[file://DIR]` (DIR/recipe/mine.yaml) all become one `hydra.searchpath=[...]` override
-    that preflight composes with, as Hydra does; the recipe file is checked first (YAML error: file:line)."""
-    import atexit
-    import shutil
-    import tempfile
-
-    rest, dirs = _split_search_args(argv)
-    out = []
-    for arg in rest:
-        key, _, value = arg.partition("=")
-        if key in ("recipe", "+recipe") and (value.endswith((".yaml", ".yml")) or Path(value).is_file()):
-            path = Path(value).expanduser().absolute()
-            if not path.is_file():
-                raise UserError(f"{arg}: no such file; pass a recipe name or the path of a .yaml file")
-            check_recipe_file(path, arg)
-            link_dir = Path(tempfile.mkdtemp(prefix="llmtrain-recipe-"))
-            atexit.register(shutil.rmtree, link_dir, True)
-            (link_dir / "recipe").mkdir()
-            (link_dir / "recipe" / f"{path.stem}.yaml").symlink_to(path)
-            dirs.append(str(link_dir))
-            arg = f"recipe={path.stem}"
-        elif key in ("recipe", "+recipe") and value:
-            for d in [*dirs, CONFIG_DIR]:
-                if (candidate := Path(d) / "recipe" / f"{value}.yaml").is_file():
-                    check_recipe_file(candidate, arg)
-                    break
-        out.append(arg)
-    if dirs:
-        out.append("hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in dirs) + "]")
-    return out
 
 
 INSPECT_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve")
 
 
-def _config_sweep(point: list[str]) -> list[str]:
-    """A recipe's own sweep (`hydra.sweeper.params`) as overrides; the command line wins on the same key."""
-    try:
-        cfg = compose(config_name="train", overrides=point, return_hydra_config=True)
-    except Exception:
-        return []  # the point's own composition below reports the problem
-    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
-    given = {o.lstrip("+~").split("=", 1)[0] for o in point}
-    return [f"{key}={value}" for key, value in params.items() if key not in given]
-
-
-def _quoted(key: str, value: str) -> str:
-    """A copy-pasteable shell argument that hands Hydra `key` with `value` as one quoted string."""
-    return f"\"{key}='{value}'\""
-
-
-def check_override_syntax(argv: list[str], multirun: bool) -> None:
-    """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
-    command-line form that works."""
-    parser = OverridesParser.create()
-    for arg in (a for a in argv if "=" in a and not a.startswith("-")):
-        key, _, value = arg.partition("=")
-        try:
-            (ov,) = parser.parse_overrides([arg])
-        except Exception as e:
-            if any(ord(c) > 127 for c in value):
-                problem = "Hydra reads non-ASCII characters only inside quotes"
-            else:
-                problem = f"cannot parse it ({str(e).splitlines()[0]})"
-            raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
-        if ov.is_sweep_override() and not multirun:
-            raise UserError(
-                f"{arg}: a comma on the command line makes a sweep, which runs only with -m; for one value "
-                f"that holds commas write {_quoted(key, value)}"
-            )
-
-
+# ---- pre-flight: compose + validate every point of the command line -----------------------------------
 def preflight(argv: list[str]) -> None:
-    overrides = _user_overrides(argv)
+    overrides = user_overrides(argv)
     inspect_only = any(a in INSPECT_FLAGS for a in argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     check_override_syntax(argv, multirun)
-    try:
-        points, total = _sweep_points(overrides)
-    except Exception as e:
-        raise UserError(f"cannot parse overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        if multirun:  # every point of a recipe-defined sweep is checked before the first one trains
-            unexpanded = total - len(points)  # points whose recipe may sweep more: not composed here
-            expanded, total = [], unexpanded
-            for point in points:
-                inner, count = _sweep_points(point + _config_sweep(point))
-                expanded += inner
-                total += count
-            points = expanded[:MAX_VALIDATED_SWEEP_POINTS]
-            if total > len(points):
-                # ~0.5 s a point (measured on 2 busy cores): a large sweep is checked in part now, every point again as it starts
-                print(
-                    f"preflight: checked the first {len(points)} of {'at least ' if unexpanded else ''}{total} sweep "
-                    "points; each of the others is checked when it starts",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        # a sweep: every job Hydra will run, the recipe's own sweep (hydra.sweeper.params) included
+        points = sweep_points(overrides) if multirun else [overrides]
+        if len(points) > MAX_VALIDATED_SWEEP_POINTS:
+            # ~0.5 s a point (measured on 2 busy cores): a large sweep is checked in part now, every point again as it starts
+            print(
+                f"preflight: checked the first {MAX_VALIDATED_SWEEP_POINTS} of {len(points)} sweep points; "
+                "each of the others is checked when it starts",
+                file=sys.stderr,
+                flush=True,
+            )
+            points = points[:MAX_VALIDATED_SWEEP_POINTS]
         for point in points:
             try:
                 cfg = compose(config_name="train", overrides=point)
@@ -348,7 +147,7 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
             raise UserError(describe_composition_error(e, overrides)) from None
     GlobalHydra.instance().clear()
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
-    if cfg.dry_run or (cfg.cluster.type == "slurm" and "SLURM_JOB_ID" not in os.environ):
+    if cfg.dry_run or launch.select(cfg).submits(cfg):
         return []
     _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
     if _PLAN.run_dir != run_dir:
@@ -358,14 +157,13 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
 
 # ---- the run -------------------------------------------------------------------------------------------
 def run(cfg) -> None:
-    from llmtrain import launch
     from llmtrain.dist import dist_info_from_env
     from llmtrain.dryrun import dry_run_report
     from llmtrain.train.loop import train
 
     world, engine = check_and_validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if launch.dispatch(cfg, world, engine):  # cluster=slurm: submit, dry-run plan, or srun in an allocation
+    if launch.select(cfg).dispatch(cfg, world, engine):  # e.g. cluster=slurm: submit, plan, srun in salloc
         return
     if cfg.dry_run:
         print(dry_run_report(cfg, world, engine))

@@ -6,13 +6,14 @@ from llmtrain import precision
 from llmtrain.config.layout import check_layout
 from llmtrain.engines.select import ENGINES
 from llmtrain.errors import ConfigError
+from llmtrain.launch.launcher import LAUNCHERS
 from llmtrain.models.registry import FAMILIES, get_family
 from llmtrain.precision.nvfp4_options import emulated_refusal
 from llmtrain.train.schedule import SCHEDULES
 
 WANDB_MODES = ["offline", "online", "disabled"]
 CONSOLES = ["rich", "plain"]
-CLUSTERS = ["local", "slurm"]
+CLUSTERS = list(LAUNCHERS)  # cluster.type: one launcher each (llmtrain/launch/launcher.py)
 DEVICES = ["auto", "cpu", "cuda"]
 
 

@@ -1,7 +1,7 @@
 """`cluster=slurm`: write an sbatch script for this run and submit it with `sbatch`.
 
-The script is the `#SBATCH` header made from cfg.cluster plus the job body of slurm/train.sbatch, so a
-submitted job and a hand-submitted template run exactly the same shell code.
+The script is the `#SBATCH` header made from cfg.cluster plus a copy of slurm/job_body.sh, the file that the
+templates slurm/*.sbatch source, so a submitted job and a hand-submitted template run the same shell code.
 """
 
 import re
@@ -15,8 +15,8 @@ from pathlib import Path
 from llmtrain.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "slurm" / "train.sbatch"
-BODY_MARKER = "# ---- llmtrain job body"
+JOB_BODY = REPO / "slurm" / "job_body.sh"
+BODY_MARKER = "# ---- llmtrain job body"  # job_body.sh's first line: where a rendered script's body starts
 STOPPED_EXIT = 75  # the job body's status for "stopped before train.steps, checkpoint kept" (EX_TEMPFAIL)
 OWNER_FILE = ".llmtrain.job"  # in the run dir: the job that owns it (written at submit and job start)
 
@@ -31,12 +31,12 @@ class Submission:
     script: Path
 
 
-def template_body(template: Path = TEMPLATE) -> str:
-    text = template.read_text()
-    at = text.find(BODY_MARKER)
-    if at < 0:
-        raise UserError(f"{template}: no '{BODY_MARKER}' line; restore the file from git")
-    return text[at:]
+def job_body(path: Path = JOB_BODY) -> str:
+    """The shell code after the #SBATCH header, copied into the job so that it runs as it was submitted."""
+    text = path.read_text()
+    if not text.startswith(BODY_MARKER):
+        raise UserError(f"{path}: does not start with '{BODY_MARKER}'; restore the file from git")
+    return text
 
 
 def _directive(opt: str) -> str:
@@ -149,7 +149,7 @@ def render_script(cfg, *, name: str, log_dir: Path) -> str:
     lines += ["", *(f"export {k}={shlex.quote(v)}" for k, v in env.items())]
     if c.setup:
         lines += ["# cluster.setup", *c.setup]
-    return "\n".join(lines) + "\n\n" + template_body()
+    return "\n".join(lines) + "\n\n" + job_body()
 
 
 def job_name(cfg, sweep_index: int | None) -> str:

@@ -17,7 +17,7 @@ from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
 from llmtrain.errors import ConfigError
 from llmtrain.launch import after_preemption
-from llmtrain.launch.sbatch import BODY_MARKER, REPO, render_script, template_body, time_limit_seconds
+from llmtrain.launch.sbatch import BODY_MARKER, JOB_BODY, REPO, render_script, time_limit_seconds
 from tests.helpers import cli_env
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
@@ -33,15 +33,102 @@ def make_cfg(*overrides: str):
     return cfg
 
 
-def test_templates_share_one_job_body_and_parse():
+def test_templates_source_the_one_job_body_and_parse():
     assert len(TEMPLATES) >= 2
-    bodies = {t.name: template_body(t) for t in TEMPLATES}
-    assert len(set(bodies.values())) == 1, f"job bodies differ: {list(bodies)}; copy the body of train.sbatch"
+    subprocess.run(["bash", "-n", str(JOB_BODY)], check=True)
     for t in TEMPLATES:
         subprocess.run(["bash", "-n", str(t)], check=True)
         text = t.read_text()
+        assert 'source "$llmtrain_body"' in text and BODY_MARKER not in text, t.name  # no copy of the body
         for opt in ("--signal=B:USR1@120", "--requeue", "--open-mode=append", "--gpus-per-node=8"):
             assert f"#SBATCH {opt}" in text, (t.name, opt)
+
+
+def fake_slurm(tmp_path: Path, *, stop: str = "") -> dict:
+    """An environment in which a batch script runs without SLURM: srun runs its command here, scontrol
+    answers for a RUNNING job 7 and records requeues, and the "python" of the ranks records its arguments
+    (and writes rank 0's stop record `stop`, as a signal before train.steps would)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {
+        "srun": 'while [[ $1 == --* ]]; do shift; done; exec "$@"',
+        "scontrol": f"""case "$1 $2" in
+  "show hostnames") echo node1 ;;
+  "show job") echo "JobId=7 JobState=RUNNING Restarts=0" ;;
+  requeue*) echo "$*" >>{tmp_path}/requeued ;;
+esac""",
+        "python": f'echo "$*" >>{tmp_path}/ranks\n[[ -n "{stop}" ]] && echo "{stop}" >"$LLMTRAIN_STOP_FILE"; exit 0',
+    }
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LLMTRAIN_"))}
+    return env | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NAME": "t",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "LLMTRAIN_PYTHON": str(bin_dir / "python"),
+        "LLMTRAIN_LOG_DIR": str(tmp_path / "logs"),
+    }
+
+
+def job_scripts(tmp_path: Path) -> list[Path]:
+    """Both templates and a script that `cluster=slurm` would submit."""
+    cfg = make_cfg(
+        "cluster=slurm",
+        "train.device=cpu",
+        "cluster.gpus_per_node=1",
+        f"cluster.python={tmp_path}/bin/python",
+    )
+    rendered = tmp_path / "job.sbatch"
+    rendered.write_text(render_script(cfg, name="t", log_dir=tmp_path / "logs"))
+    return [*TEMPLATES, rendered]
+
+
+@pytest.mark.parametrize("stop", ["", "40 160 2 ckpt"], ids=["finished", "stopped-and-requeued"])
+def test_every_job_script_runs_the_job_body(tmp_path, stop):
+    """Templates (which source slurm/job_body.sh) and submitted scripts (which carry a copy) run the same body:
+    the ranks get the overrides and the run dir, the events record the run, a stop record requeues the job."""
+    env = fake_slurm(tmp_path, stop=stop)
+    for script in job_scripts(tmp_path):
+        for f in ("ranks", "requeued"):
+            (tmp_path / f).unlink(missing_ok=True)
+        run_dir = tmp_path / f"run-{script.stem}"
+        proc = subprocess.run(
+            ["bash", str(script), "recipe=tiny", f"hydra.run.dir={run_dir}"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, (script.name, out)
+        assert (tmp_path / "ranks").read_text() == f"-m llmtrain recipe=tiny hydra.run.dir={run_dir}\n", (
+            script
+        )
+        events = (tmp_path / "logs" / "t-7" / "events").read_text().splitlines()[-2:]
+        if stop:
+            assert "requeueing job 7 (restart 1 of at most 2) at step 40 of 160; it resumes from ckpt" in out
+            assert (tmp_path / "requeued").read_text() == "requeue 7\n", script.name
+            assert events[1].endswith(" end rc=0 step=40 requeue"), (script.name, events)
+        else:
+            assert "training step exited with status 0" in out and not (tmp_path / "requeued").exists()
+            assert events[1].endswith(" end rc=0 step="), (script.name, events)
+        assert events[0].endswith(" start restart=0"), (script.name, events)
+
+
+def test_a_template_submitted_outside_the_repo_says_where_to_submit_from(tmp_path):
+    env = fake_slurm(tmp_path) | {"SLURM_SUBMIT_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(TEMPLATES[0])], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout.strip() == (
+        f"llmtrain: error: {tmp_path}/slurm/job_body.sh not found; submit from the repo root "
+        "(sbatch slurm/<template> ...)"
+    )
 
 
 def test_gpu_script_asks_for_one_task_per_gpu(tmp_path):

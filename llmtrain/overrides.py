@@ -1,0 +1,112 @@
+"""The command line's Hydra overrides as preflight needs them: their syntax, the jobs a `-m` sweep runs (as
+Hydra's basic sweeper makes them) and a failed composition as one line. No torch; Hydra is needed anyway."""
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import MissingConfigException
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from llmtrain.errors import UserError
+
+SEARCHPATH = "hydra.searchpath="
+
+
+def user_overrides(argv: list[str]) -> list[str]:
+    """key=value arguments that shape the job's config: not flags, not hydra.* (but the search path)."""
+    return [
+        a
+        for a in argv
+        if "=" in a
+        and not a.startswith("-")
+        and (a.startswith(SEARCHPATH) or not a.startswith(("hydra.", "hydra/")))
+    ]
+
+
+def first_line(exc: BaseException) -> str:
+    """The problem in an OmegaConf/Hydra error message. Text only: their messages put it on the first line,
+    followed by `full_key:`/`reference_type=` lines or Hydra's usage notes, and no attribute holds it alone
+    (OmegaConf's `msg` has the same extra lines; a parse error has only its text)."""
+    text = getattr(exc, "msg", None) or str(exc)
+    return text.strip().splitlines()[0].strip() if text.strip() else type(exc).__name__
+
+
+def _quoted(key: str, value: str) -> str:
+    """A copy-pasteable shell argument that hands Hydra `key` with `value` as one quoted string."""
+    return f"\"{key}='{value}'\""
+
+
+def check_override_syntax(argv: list[str], multirun: bool) -> None:
+    """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
+    command-line form that works."""
+    parser = OverridesParser.create()
+    for arg in (a for a in argv if "=" in a and not a.startswith("-")):
+        key, _, value = arg.partition("=")
+        try:
+            (ov,) = parser.parse_overrides([arg])
+        except Exception as e:
+            if any(ord(c) > 127 for c in value):
+                problem = "Hydra reads non-ASCII characters only inside quotes"
+            else:
+                problem = f"cannot parse it ({first_line(e)})"
+            raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
+        if ov.is_sweep_override() and not multirun:
+            raise UserError(
+                f"{arg}: a comma on the command line makes a sweep, which runs only with -m; for one value "
+                f"that holds commas write {_quoted(key, value)}"
+            )
+
+
+def sweep_points(overrides: list[str], config_name: str = "train") -> list[list[str]]:
+    """The jobs `-m overrides` runs, each as the overrides its config is composed from, in Hydra's order.
+
+    As Hydra's multirun does: compose once in MULTIRUN mode (a swept group is left out, so a swept recipe's
+    own `hydra.sweeper.params` do not sweep), then the basic sweeper's expansion of those params plus the
+    command line's overrides (the command line wins on the same key). Needs an initialised Hydra.
+    """
+    gh = GlobalHydra.instance()
+    search = [o for o in overrides if o.startswith(SEARCHPATH)]  # Hydra applies it to every job
+    try:
+        cfg = gh.hydra.compose_config(config_name=config_name, overrides=overrides, run_mode=RunMode.MULTIRUN)
+        params = [f"{k}={v}" for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()]
+        task = list(cfg.hydra.overrides.task)
+    except Exception:  # composing the first job (same overrides, one value each) reports the problem
+        params, task = [], [o for o in overrides if o not in search]
+    arguments = params + task
+    try:
+        parsed = OverridesParser.create(config_loader=gh.config_loader()).parse_overrides(arguments)
+        (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    except Exception as e:
+        raise UserError(f"cannot parse overrides {' '.join(arguments)}: {first_line(e)}") from None
+    return [search + job for job in jobs]
+
+
+def allowed_keys(parent: str) -> list[str]:
+    from llmtrain.config.schema import Config
+
+    node = OmegaConf.structured(Config)
+    node = OmegaConf.select(node, parent) if parent else node
+    return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
+
+
+def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
+    """A Hydra/OmegaConf composition error as `key=value: problem (allowed: ...)`, from the exceptions'
+    own fields (Hydra's missing config and its options, OmegaConf's full_key, the schema's keys)."""
+    cause = exc.__cause__ or exc
+    missing = next((e for e in (exc, cause) if isinstance(e, MissingConfigException)), None)
+    if missing is not None and "/" in (missing.missing_cfg_file or ""):
+        group, _, option = missing.missing_cfg_file.rpartition("/")
+        allowed = ", ".join(dict.fromkeys(o for o in missing.options or [] if not o.endswith("_schema")))
+        return f"{group}={option}: no such {group} config (allowed: {allowed})"
+    full_key = getattr(cause, "full_key", None) or ""
+    override = next((o for o in overrides if full_key and o.lstrip("+~").split("=")[0] == full_key), None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "key", None) is not None:
+        parent, _, leaf = full_key.rpartition(".") if full_key else ("", "", str(cause.key))
+        allowed = allowed_keys(parent)
+        if leaf not in allowed:  # not "Missing key" or an interpolation's key: one the schema lacks
+            where = parent or "the config"
+            return f"{override or full_key}: unknown key '{leaf}' in {where} (allowed: {', '.join(allowed)})"
+    msg = first_line(cause) if getattr(cause, "msg", None) else first_line(exc)
+    return f"{override}: {msg}" if override else msg
