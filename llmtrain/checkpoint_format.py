@@ -197,7 +197,7 @@ def resolve_checkpoint(
             raise CheckpointError(
                 f"{pointer} points to {named}, which is not a checkpoint; fix or delete {pointer}"
             )
-        on_skip(f"{pointer} points to {named}, which is not a checkpoint; trying the newest step dir")
+        on_skip(f"{pointer} points to {named}, which is not a checkpoint; trying {candidates[-1].name}")
     if not candidates:
         raise CheckpointError(
             f"no llmtrain checkpoint at {p} (no manifest.json, no checkpoints/latest, no step_* dirs); "

@@ -47,13 +47,15 @@ def load_model(
     from llmtrain.convert import init_weights_from
     from llmtrain.convert.api import describe_source
 
-    _, spec, _ = describe_source(source, verify)
+    kind, spec, info = describe_source(source, verify)
+    if kind == "llmtrain":
+        source = info["step_dir"]  # the checkpoint found (and verified) just now, read below unchecked
     with torch.device("meta"):
         model = spec.model_family.build_model(spec)
     model = model.to_empty(device=device)  # no random init of weights that are overwritten next
     if spec.tie_embeddings:  # to_empty gives the tied output head its own storage: tie it again
         model.lm_head.weight = model.embed_tokens.weight
-    init_weights_from(str(source), model, verify=False)  # describe_source verified it
+    init_weights_from(str(source), model, verify=False)
     model = model.to(dtype)
     model.rope_cos, model.rope_sin = (t.to(device) for t in _rope(spec))  # FP32 tables whatever the dtype
     return model.eval()
