@@ -34,7 +34,7 @@ class RunPlan:
 
 
 def has_training_state(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+    return (run_dir / fmt.CHECKPOINTS_DIR).exists() or (run_dir / "metrics.jsonl").exists()
 
 
 def job_id() -> str | None:

@@ -151,3 +151,12 @@ def test_a_run_dir_with_every_checkpoint_corrupt_is_one_line(tmp_path, capsys):
         len(err) == 3 and err[-1].startswith("error: ") and "all 2 checkpoints fail verification" in err[-1]
     )
     assert all(line.startswith("warning: skipping checkpoint: ") for line in err[:2]), err
+
+
+def test_export_no_verify_skips_the_checksums(tmp_path, capsys):
+    _, dirs = _run(tmp_path, steps=(2,))
+    (dirs[2] / "optimizer.pt").write_bytes(b"x")
+    assert convert_main(["export", str(dirs[2]), str(tmp_path / "hf")]) == 2
+    assert "checksum mismatch in optimizer.pt" in capsys.readouterr().err
+    assert convert_main(["export", str(dirs[2]), str(tmp_path / "hf"), "--no-verify"]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
