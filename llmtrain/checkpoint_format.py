@@ -187,7 +187,7 @@ def resolve_checkpoint(
         raise CheckpointError(
             f"checkpoint path {p} does not exist; pass a run dir, its checkpoints/ or a step dir"
         )
-    if is_step_dir(p):
+    if is_step_dir(p) or STEP_DIR.match(p.name):  # a step dir without a manifest: say so
         verify(p) if check else read_manifest(p)
         return p
     root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() and read_latest(p) is None else p

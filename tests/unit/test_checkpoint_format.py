@@ -160,3 +160,10 @@ def test_export_no_verify_skips_the_checksums(tmp_path, capsys):
     assert "checksum mismatch in optimizer.pt" in capsys.readouterr().err
     assert convert_main(["export", str(dirs[2]), str(tmp_path / "hf"), "--no-verify"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_a_step_dir_without_its_manifest_is_refused_by_name(tmp_path):
+    _, dirs = _run(tmp_path, steps=(2,))
+    (dirs[2] / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"step_00000002: no manifest.json \(an unfinished save"):
+        init_weights_from(str(dirs[2]), _model(0))
