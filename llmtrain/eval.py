@@ -20,14 +20,14 @@ import torch
 from llmtrain.errors import UserError
 
 
-def eval_config(source: str | Path, overrides: dict | None = None, verify: bool = True):
+def eval_config(source: str | Path, overrides: dict | None = None):
     """The config the data layer needs: the checkpoint's stored config over the schema defaults."""
     from omegaconf import OmegaConf
 
     from llmtrain.config.schema import Config
     from llmtrain.convert import api
 
-    kind, spec, info = api.describe_source(source, verify)
+    kind, spec, info = api.describe_source(source)
     base = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Config)))
     if kind == "llmtrain":
         cfg = OmegaConf.merge(base, info["config"])
