@@ -38,20 +38,24 @@ def eval_config(source: str | Path, overrides: dict | None = None):
     for key, value in (overrides or {}).items():
         if value is not None:
             OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg, spec, kind
+    return cfg, spec, kind, info
 
 
-def load_model(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(
+    source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True
+):
     from llmtrain.convert import init_weights_from
     from llmtrain.convert.api import describe_source
 
-    _, spec, _ = describe_source(source)
+    kind, spec, info = describe_source(source, verify)
+    if kind == "llmtrain":
+        source = info["step_dir"]  # the checkpoint found (and verified) just now, read below unchecked
     with torch.device("meta"):
         model = spec.model_family.build_model(spec)
     model = model.to_empty(device=device)  # no random init of weights that are overwritten next
     if spec.tie_embeddings:  # to_empty gives the tied output head its own storage: tie it again
         model.lm_head.weight = model.embed_tokens.weight
-    init_weights_from(str(source), model)
+    init_weights_from(str(source), model, verify=False)
     model = model.to(dtype)
     model.rope_cos, model.rope_sin = (t.to(device) for t in _rope(spec))  # FP32 tables whatever the dtype
     return model.eval()
@@ -96,9 +100,10 @@ def evaluate(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg, spec, kind = eval_config(
+    cfg, spec, kind, info = eval_config(  # an llmtrain checkpoint is found and verified once, here
         source, {"data.tokenizer": tokenizer, "train.micro_batch_size": micro_batch_size}
     )
+    weights = info["step_dir"] if kind == "llmtrain" else source
     if seq_length is not None:
         if seq_length > spec.seq_length:
             raise UserError(f"--seq-length {seq_length} exceeds the model's seq_length {spec.seq_length}")
@@ -109,13 +114,13 @@ def evaluate(
     cfg.train.eval_steps = steps
     cfg.train.steps = 1
     data = build_data(cfg, dp_rank=0, dp_size=1, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
-    model = load_model(source, device, parse_dtype(dtype))
+    model = load_model(weights, device, parse_dtype(dtype), verify=False)
     result = perplexity(model, data.valid_batches(steps), device)
     step = None
     if kind == "llmtrain":
-        from llmtrain.convert.io import read_manifest, resolve_checkpoint
+        from llmtrain.checkpoint_format import read_manifest
 
-        step = read_manifest(resolve_checkpoint(source)).get("step")
+        step = read_manifest(weights).get("step")
     return {"checkpoint": str(source), "step": step, **result, "seq_length": int(cfg.model.seq_length)}
 
 

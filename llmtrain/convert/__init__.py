@@ -5,10 +5,11 @@
     python -m llmtrain.convert export CHECKPOINT OUT      # llmtrain checkpoint -> HF dir of its family
     train.init_from=HF_DIR_OR_CHECKPOINT                   # -> init_weights_from(path, model)
 
-Modules: `io` (llmtrain checkpoint files: locate, manifest, sha256, atomic dirs; no engine format), `hf` (HF
-config.json/shards/tokenizer; names and shapes are the model family's), `megatron` (Megatron-Core dist
-checkpoints, read and write), `api` (import/export/init_from, and reading any engine's checkpoint). Imports
-go one way: api -> megatron -> hf -> io.
+Modules: `io` (the torch engine's model.safetensors, model-only checkpoints), `hf` (HF config.json/shards/
+tokenizer; names and shapes are the model family's), `megatron` (Megatron-Core dist checkpoints, read and
+write), `api` (import/export/init_from, and reading any engine's checkpoint). Imports go one way: api ->
+megatron -> hf -> io -> llmtrain.checkpoint_format (the checkpoint layout, manifest, sha256s, `latest`,
+validity: finding and verifying a checkpoint is there, as for resume).
 """
 
 from llmtrain.convert.api import (
@@ -19,34 +20,15 @@ from llmtrain.convert.api import (
     load_model_state,
     load_state,
 )
-from llmtrain.convert.io import (
-    atomic_output_dir,
-    read_config,
-    read_manifest,
-    resolve_checkpoint,
-    save_model_file,
-    sha256_file,
-    step_dir_name,
-    verify_files,
-    write_checkpoint,
-    write_manifest,
-)
+from llmtrain.convert.io import save_model_file, write_checkpoint
 
 __all__ = [
-    "atomic_output_dir",
     "describe_source",
     "export_hf",
     "import_hf",
     "init_weights_from",
     "load_model_state",
     "load_state",
-    "read_config",
-    "read_manifest",
-    "resolve_checkpoint",
     "save_model_file",
-    "sha256_file",
-    "step_dir_name",
-    "verify_files",
     "write_checkpoint",
-    "write_manifest",
 ]

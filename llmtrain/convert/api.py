@@ -8,14 +8,8 @@ from pathlib import Path
 
 import torch
 
+from llmtrain import checkpoint_format as fmt
 from llmtrain.convert import hf, io
-from llmtrain.convert.io import (
-    atomic_output_dir,
-    is_step_dir,
-    read_config,
-    resolve_checkpoint,
-    write_checkpoint,
-)
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.spec import STRUCTURAL, ModelSpec
 
@@ -28,14 +22,15 @@ SOFT = ("rope_theta", "norm_eps")
 
 def is_hf_dir(path: str | Path) -> bool:
     p = Path(path).expanduser()
-    return p.is_dir() and (p / hf.HF_CONFIG).is_file() and not is_step_dir(p)
+    return p.is_dir() and (p / hf.HF_CONFIG).is_file() and not fmt.is_step_dir(p)
 
 
 def load_model_state(step_dir: Path, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The full model state dict (llmtrain names) of a torch or Megatron engine checkpoint."""
-    manifest = io.read_manifest(Path(step_dir))
+    """The full model state dict (llmtrain names) of a torch or Megatron engine step dir; verify=False
+    where the caller verified it already (checkpoint_format.resolve_checkpoint)."""
+    manifest = fmt.verify(Path(step_dir)) if verify else fmt.read_manifest(Path(step_dir))
     if manifest.get("engine", "torch") == "torch":
-        return io.load_model_state(step_dir, verify=verify)
+        return io.load_model_state(step_dir, verify=False)
     from llmtrain.convert import megatron
 
     return megatron.load_model_state(Path(step_dir), manifest)
@@ -48,10 +43,12 @@ def _spec_from_model_cfg(model_cfg, source: str) -> ModelSpec:
         raise CheckpointError(f"{source}: the model: section of config.yaml is incomplete ({e})") from e
 
 
-def describe_source(path: str | Path) -> tuple[str, ModelSpec, dict]:
+def describe_source(path: str | Path, verify: bool = True) -> tuple[str, ModelSpec, dict]:
     """('hf' | 'llmtrain', spec, info) for an HF directory or an llmtrain checkpoint, reading no tensors.
 
-    info: for 'hf' {'dir', 'files', 'hf_config'}; for 'llmtrain' {'step_dir', 'config'}.
+    info: for 'hf' {'dir', 'files', 'hf_config'}; for 'llmtrain' {'step_dir', 'config'}: the step dir
+    checkpoint_format.resolve_checkpoint found (verified unless verify=False; a run dir falls back past a
+    corrupt `latest` as resume does).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -63,14 +60,14 @@ def describe_source(path: str | Path) -> tuple[str, ModelSpec, dict]:
         hf_cfg = hf.read_hf_config(p)
         spec = ModelSpec(**hf.model_config_from_hf(hf_cfg, name=p.name))
         return "hf", spec, {"dir": p, "files": hf.hf_weight_files(p), "hf_config": hf_cfg}
-    step = resolve_checkpoint(p)
-    cfg = read_config(step)
+    step = fmt.resolve_checkpoint(p, check=verify)
+    cfg = fmt.read_config(step)
     return "llmtrain", _spec_from_model_cfg(cfg.model, str(step)), {"step_dir": step, "config": cfg}
 
 
 def load_state(path: str | Path, verify: bool = True) -> tuple[ModelSpec, dict[str, torch.Tensor], dict]:
     """Full llmtrain-named state dict (tied lm_head dropped) of an HF dir or llmtrain checkpoint, shape-checked."""
-    kind, spec, info = describe_source(path)
+    kind, spec, info = describe_source(path, verify)
     if kind == "hf":
         hf.checked_hf_shapes(info["files"], spec, str(info["dir"]))
         state = {
@@ -79,7 +76,7 @@ def load_state(path: str | Path, verify: bool = True) -> tuple[ModelSpec, dict[s
             if not (spec.tie_embeddings and k == "lm_head.weight")
         }
     else:
-        state = load_model_state(info["step_dir"], verify=verify)
+        state = load_model_state(info["step_dir"], verify=False)  # describe_source verified it
         if spec.tie_embeddings:
             state.pop("lm_head.weight", None)
         hf.check_shapes(
@@ -110,20 +107,21 @@ def check_architecture(model_spec: ModelSpec, ckpt_spec: ModelSpec, source: str)
 
 
 @torch.no_grad()
-def init_weights_from(path: str, model) -> None:
+def init_weights_from(path: str, model, verify: bool = True) -> None:
     """Load an HF directory (a registered family) or an llmtrain checkpoint (run dir / checkpoints/ / step dir) into `model`.
 
     Strict: the architecture, every tensor name and shape must match, else a one-line UserError. Weights
     are copied tensor by tensor (cast to the model's dtype/device), so the source never sits in memory whole.
+    An llmtrain checkpoint is verified first (verify=False: the caller did), as resume verifies it.
     """
-    kind, spec, info = describe_source(path)
+    kind, spec, info = describe_source(path, verify)
     check_architecture(model.spec, spec, str(path))
     params = dict(model.named_parameters())  # a tied lm_head is listed once, as embed_tokens.weight
     if kind == "hf":
         hf.checked_hf_shapes(info["files"], model.spec, str(path))
         tensors = hf.iter_hf_tensors(info["files"])
     else:
-        state = load_model_state(info["step_dir"])
+        state = load_model_state(info["step_dir"], verify=False)  # describe_source verified it
         hf.check_shapes(
             {
                 k: tuple(v.shape)
@@ -195,7 +193,7 @@ def import_hf(
         for k, v in hf.iter_hf_tensors(files)
         if not (spec.tie_embeddings and k == "lm_head.weight")
     }
-    return write_checkpoint(out, state, config, step=0, engine="torch", force=force, extra_files=extra)
+    return io.write_checkpoint(out, state, config, step=0, engine="torch", force=force, extra_files=extra)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,8 +221,8 @@ def export_hf(
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise UserError(f"output {out} already exists; choose another path or pass --force to replace it")
-    step = resolve_checkpoint(checkpoint)
-    cfg = read_config(step)
+    step = fmt.resolve_checkpoint(checkpoint, check=verify)
+    cfg = fmt.read_config(step)
     spec = _spec_from_model_cfg(cfg.model, str(step))
     tok_src, eos = None, None
     if with_tokenizer:
@@ -234,12 +232,12 @@ def export_hf(
         tok_src = hf.tokenizer_source(tok_spec)
         if tok_src is not None:
             eos = _eos_name(str(tok_src), OmegaConf.select(cfg, "data.eos", default=None))
-    state = load_model_state(step, verify=verify)
+    state = load_model_state(step, verify=False)  # resolve_checkpoint verified it
     if spec.tie_embeddings:
         state.pop("lm_head.weight", None)
     hf.check_shapes({k: tuple(v.shape) for k, v in state.items()}, hf.expected_shapes(spec), str(step))
 
-    with atomic_output_dir(out, force) as tmp:
+    with fmt.atomic_output_dir(out, force) as tmp:
         special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
         if tok_src is not None:
             special = hf.write_tokenizer(tok_src, tmp, model_max_length=spec.seq_length, eos=eos)

@@ -23,8 +23,9 @@ from unittest import mock
 
 import torch
 
+from llmtrain import checkpoint_format as fmt
 from llmtrain.convert import hf
-from llmtrain.convert.io import atomic_output_dir, write_config_and_files, write_manifest
+from llmtrain.convert.io import write_config_and_files
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.spec import ModelSpec
 
@@ -93,17 +94,15 @@ def dist_checkpoint_dir(step_dir: Path) -> Path:
 
 
 def load_model_state(step_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """Model weights of a Megatron engine checkpoint (any TP/PP layout) as a full llmtrain state dict (FP32)."""
-    from llmtrain.convert.io import read_config, verify_files
-
+    """Model weights of a Megatron engine checkpoint (any TP/PP layout) as a full llmtrain state dict (FP32);
+    the step dir is verified by the caller (api.load_model_state)."""
     step_dir = Path(step_dir)
     if manifest.get("engine") != "megatron":
         raise CheckpointError(
             f"{step_dir}: manifest.json names engine {manifest.get('engine')!r}; expected torch or megatron"
         )
-    spec = ModelSpec.from_config(read_config(step_dir).model)
+    spec = ModelSpec.from_config(fmt.read_config(step_dir).model)
     ckpt = dist_checkpoint_dir(step_dir)
-    verify_files(step_dir, manifest, [n for n in manifest.get("files", {}) if n.startswith(f"{SUBDIR}/")])
     try:
         from megatron.core import dist_checkpointing
     except ImportError as e:
@@ -247,9 +246,9 @@ def import_to_megatron(
     full = spec.model_family.megatron.to_megatron(state, spec)
     del state  # the un-fused q/k/v and gate/up copies
     config = config | {"engine": {"name": "megatron"}, "parallel": {"tp": tp, "pp": pp}}
-    with atomic_output_dir(out, force) as tmp:
+    with fmt.atomic_output_dir(out, force) as tmp:
         (tmp / SUBDIR).mkdir()
         save_dist_checkpoint(sharded_tensors(full, spec.num_layers, tp, spec.family), tmp / SUBDIR)
         write_config_and_files(tmp, config, extra)
-        write_manifest(tmp, 0, "megatron", extra={"layout": {"tp": tp, "pp": pp}})
+        fmt.write_manifest(tmp, 0, "megatron", extra={"layout": {"tp": tp, "pp": pp}})
     return out

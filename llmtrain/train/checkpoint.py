@@ -1,17 +1,12 @@
-"""Atomic, checksummed checkpoints with a `latest` pointer, keep-last-N and corrupt-checkpoint fallback.
+"""Training-side checkpoints: save all ranks' state atomically, async saves, keep-last-N, free space.
 
-Layout: <run>/checkpoints/step_00000060/{model..., optimizer..., trainer.pt, rng_rank*.pt, config.yaml,
-manifest.json} and <run>/checkpoints/latest (a text file naming the step dir). A step dir only ever
-appears by rename of a fully written, fsynced temp dir, so a crash leaves either the old or the new one.
-Async saves (`save_async` + `poll`) snapshot the state on the training thread and do the same steps in the
-background, one save at a time.
+The on-disk format (layout, manifest, sha256s, atomic rename, `latest`, validity) is
+llmtrain.checkpoint_format; this module drives the engine's save/load around it. Async saves (`save_async`
++ `poll`) snapshot the state on the training thread and do the same steps in the background, one save at a
+time.
 """
 
 import errno
-import hashlib
-import json
-import os
-import re
 import shutil
 import time
 import warnings
@@ -20,63 +15,10 @@ from pathlib import Path
 
 import torch
 
+from llmtrain import checkpoint_format as fmt
 from llmtrain.engines.base import PendingWrite
 from llmtrain.errors import CheckpointError
 from llmtrain.train.background import BackgroundJob
-
-FORMAT_VERSION = 1
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def verify(step_dir: Path) -> None:
-    """Raise CheckpointError unless every file listed in the manifest is present with its checksum."""
-    manifest_path = step_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{step_dir}: no manifest.json (incomplete or not an llmtrain checkpoint)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
-    for rel, digest in manifest.get("files", {}).items():
-        path = step_dir / rel
-        if not path.is_file():
-            raise CheckpointError(f"{step_dir}: missing file {rel}")
-        if sha256_file(path) != digest:
-            raise CheckpointError(f"{step_dir}: checksum mismatch in {rel} (corrupt or truncated)")
-
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
@@ -127,8 +69,7 @@ class CheckpointManager:
 
     # ---- saving -------------------------------------------------------------------------------------
     def _intact(self) -> str:
-        pointer = self.root / "latest"
-        name = pointer.read_text().strip() if pointer.is_file() else None
+        name = fmt.read_latest(self.root)
         return f"{name} is intact" if name else "no earlier checkpoint exists"
 
     def _needed_bytes(self) -> int | None:
@@ -173,8 +114,8 @@ class CheckpointManager:
 
     def _prepare(self, step: int) -> tuple[Path, Path]:
         """(temp dir, final dir), the temp dir created empty on the main rank; every rank agrees."""
-        final = self.root / step_dir_name(step)
-        tmp = self.root / f".tmp_{step_dir_name(step)}"
+        final = self.root / fmt.step_dir_name(step)
+        tmp = self.root / f".tmp_{fmt.step_dir_name(step)}"
         error = None
         if self.is_main:
             try:
@@ -321,20 +262,8 @@ class CheckpointManager:
         (tmp / "config.yaml").write_text(config_yaml)
 
     def _seal(self, step, tmp, final, extra_manifest) -> None:
-        """Manifest (sha256 of every file), fsync, rename to the step dir, move `latest`, prune: main rank."""
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "files": files,
-            **(extra_manifest or {}),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():  # same step saved again (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic_text(self.root / "latest", final.name + "\n")
+        """Manifest, fsync, rename to the step dir, move `latest` (checkpoint_format.seal), prune: main rank."""
+        fmt.seal(tmp, final, step, engine=None, extra=extra_manifest)
         self._prune()  # after `latest` moved: never deletes the last complete checkpoint
 
     def _prune(self) -> None:
@@ -345,43 +274,9 @@ class CheckpointManager:
 
     # ---- loading ------------------------------------------------------------------------------------
     def step_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            (p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)),
-            key=lambda p: int(STEP_DIR.match(p.name).group(1)),
-        )
+        return fmt.step_dirs(self.root)
 
     def latest_valid(self) -> Path | None:
         """The newest checkpoint that verifies; older ones are tried (with a warning) if `latest` is corrupt."""
-        candidates = self.step_dirs()
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
-            if named in candidates:  # never resume past the pointer: newer dirs can only be stale
-                candidates = candidates[: candidates.index(named) + 1]
-        for i in range(len(candidates) - 1, -1, -1):
-            try:
-                verify(candidates[i])
-                return candidates[i]
-            except CheckpointError as e:
-                then = f"trying {candidates[i - 1].name}" if i else "no older checkpoint left"
-                warnings.warn(f"skipping checkpoint: {e}; {then}", stacklevel=2)
-        return None
-
-
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A run dir, a checkpoints/ dir (follows `latest`) or a step dir -> a verified step dir."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(
-            f"checkpoint path {p} does not exist; pass a run dir, checkpoints/ dir or step dir"
-        )
-    if (p / "manifest.json").is_file():
-        verify(p)
-        return p
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    found = CheckpointManager(root, keep_last=0, is_main=False).latest_valid()
-    if found is None:
-        raise CheckpointError(f"no valid checkpoint under {p}")
-    return found
+        found, _ = fmt.newest_valid(self.root, lambda line: warnings.warn(line, stacklevel=3))
+        return found

@@ -9,17 +9,15 @@ the dir it trains in with its job id, so a requeued job (same id) continues its 
 
 import errno
 import os
-import sys
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from llmtrain import checkpoint_format as fmt
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.spec import STRUCTURAL
-from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path, verify
 
 CONFIG_HEADER = "# llmtrain: resolved config of this run\n"
 # The SLURM job that has started training in this dir (written at its first start, so a requeue continues
@@ -36,7 +34,7 @@ class RunPlan:
 
 
 def has_training_state(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+    return (run_dir / fmt.CHECKPOINTS_DIR).exists() or (run_dir / "metrics.jsonl").exists()
 
 
 def job_id() -> str | None:
@@ -97,27 +95,25 @@ def fresh_run_dir(run_dir: Path) -> tuple[Path, bool]:
 
 def latest_in_run(run_dir: Path) -> Path | None:
     """The checkpoint to resume in `run_dir`, None when it has none; refuses when all of them are corrupt."""
-    manager = CheckpointManager(run_dir / "checkpoints", keep_last=0, is_main=False)
-    found = manager.step_dirs()
+    root = run_dir / fmt.CHECKPOINTS_DIR
+    found = fmt.step_dirs(root)
     if not found:
         return None
-    with warnings.catch_warnings(record=True) as skipped:
-        warnings.simplefilter("always")
-        latest = manager.latest_valid()
-    if latest is not None:
-        for w in skipped:  # one line each (the full error below says it when none is left)
-            print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    skipped: list[str] = []
+    latest, _ = fmt.newest_valid(root, skipped.append)
     if latest is None:
-        try:
-            verify(found[-1])
+        try:  # the newest of all, also where `latest` names an older one
+            fmt.verify(found[-1])
             problem = "unreadable"
         except CheckpointError as e:
-            problem = str(e)
+            problem = getattr(e, "problem", str(e))
         raise CheckpointError(
-            f"{run_dir / 'checkpoints'}: all {len(found)} checkpoints fail verification (newest: {problem}); "
+            f"{root}: all {len(found)} checkpoints fail verification (newest: {problem}); "
             "nothing was changed. Repair or move them away to resume, or start fresh beside this run with "
             "train.resume=never"
         )
+    for line in skipped:  # one line each (the full error above says it when none is left)
+        fmt.warn_on_stderr(line)
     return latest
 
 
@@ -129,8 +125,8 @@ def check_resumable(cfg, step_dir: Path, engine: str | None) -> None:
             f"its weights with train.init_from={step_dir} train.resume=never"
         )
     try:
-        manifest = yaml.safe_load((step_dir / "manifest.json").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        manifest = fmt.read_manifest(step_dir)
+    except CheckpointError:
         manifest = {}
     written_by = manifest.get("engine")
     if engine and written_by and written_by != engine:
@@ -155,7 +151,7 @@ def resume_point(cfg, run_dir: Path, engine: str | None = None) -> Path | None:
     mode = str(cfg.train.resume)
     if mode == "never":
         return None
-    found = latest_in_run(run_dir) if mode == "auto" else resolve_checkpoint_path(mode)
+    found = latest_in_run(run_dir) if mode == "auto" else fmt.resolve_checkpoint(mode)
     if found is not None:
         check_resumable(cfg, found, engine)
     return found

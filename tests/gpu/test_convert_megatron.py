@@ -32,7 +32,7 @@ TOL = 2e-2  # BF16 weights and TE kernels vs FP32 eager transformers, on a ~8.3 
 def worker(args) -> None:
     from omegaconf import OmegaConf
 
-    from llmtrain.convert import io
+    from llmtrain import checkpoint_format as fmt
     from llmtrain.engines.base import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
     from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
@@ -52,7 +52,7 @@ def worker(args) -> None:
         engine.barrier()
         if dist.is_main:
             (step_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-            io.write_manifest(step_dir, step=0, engine="megatron")
+            fmt.write_manifest(step_dir, step=0, engine="megatron")
     if dist.is_main:
         Path(args.out).write_text(json.dumps({"loss": loss, "backend": engine.backend_description}))
     engine.close()

@@ -54,7 +54,7 @@ ARGS = [*FAST, "engine=megatron", "train.steps=6", "train.checkpoint_interval=2"
 
 
 def test_async_run_checkpoints_verify_and_resume_like_the_sync_run(tmp_path):
-    from llmtrain.train.checkpoint import verify
+    from llmtrain.checkpoint_format import verify
 
     run_cli(*ARGS, f"hydra.run.dir={tmp_path / 'sync'}", check=True)
     run_cli(*ARGS, "train.checkpoint_async=true", f"hydra.run.dir={tmp_path / 'async'}", check=True)
@@ -77,7 +77,8 @@ def test_async_run_checkpoints_verify_and_resume_like_the_sync_run(tmp_path):
 def test_sigterm_with_an_async_save_in_flight_exits_zero_with_verified_checkpoints(tmp_path):
     """The SIGTERM of a preemption reaches every process of the group: the background write (and the
     worker processes Megatron forks for it) must survive it, and the stop waits for it."""
-    from llmtrain.train.checkpoint import CheckpointManager, verify
+    from llmtrain.checkpoint_format import verify
+    from llmtrain.train.checkpoint import CheckpointManager
 
     args = [*ARGS[:-3], "train.steps=40", "train.checkpoint_interval=1", "train.checkpoint_async=true"]
     proc = subprocess.Popen(llmtrain_cmd(*args, f"hydra.run.dir={tmp_path}"), env=cli_env(), cwd=REPO,

@@ -9,10 +9,11 @@ import threading
 import pytest
 import torch
 
+from llmtrain.checkpoint_format import verify
 from llmtrain.engines.base import DistInfo
 from llmtrain.engines.torch_engine import TorchEngine
 from llmtrain.errors import CheckpointError, TrainingError
-from llmtrain.train.checkpoint import CheckpointManager, verify
+from llmtrain.train.checkpoint import CheckpointManager
 from llmtrain.train.loop import train as train_in
 from tests.helpers import losses, read_metrics
 from tests.integration.test_resume import compose_cfg, tree_digest

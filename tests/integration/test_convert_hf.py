@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from llmtrain import checkpoint_format as fmt  # noqa: E402
 from llmtrain.convert import api, io  # noqa: E402
 from llmtrain.convert.__main__ import main as convert_main  # noqa: E402
 from llmtrain.data import build_data, load_tokenizer  # noqa: E402
@@ -33,7 +34,7 @@ def make_hf_model(tmp_path, tied=False, dtype=torch.float32, name="hf"):
 
 
 def llmtrain_model(ckpt):
-    cfg = io.read_config(io.resolve_checkpoint(ckpt))
+    cfg = fmt.read_config(fmt.resolve_checkpoint(ckpt))
     model = LlamaModel(ModelSpec.from_config(cfg.model)).eval()
     api.init_weights_from(str(ckpt), model)
     return model
@@ -49,7 +50,7 @@ def test_hf_import_logits_export_reload(tmp_path, tied):
     ref = hf_logits(hf_model, TOKENS)
 
     ckpt = api.import_hf(hf_dir, tmp_path / "ckpt")
-    manifest = io.read_manifest(ckpt)
+    manifest = fmt.read_manifest(ckpt)
     assert manifest["step"] == 0 and set(manifest["files"]) == {"model.safetensors", "config.yaml"}
     ours = llmtrain_model(ckpt)
     with torch.no_grad():
@@ -138,7 +139,7 @@ def trained(tmp_path_factory, cache_dir):
         loss.backward()
         opt.step()
     run = tmp_path_factory.mktemp("trained") / "run"
-    step_dir = run / "checkpoints" / io.step_dir_name(cfg.train.steps)
+    step_dir = run / "checkpoints" / fmt.step_dir_name(cfg.train.steps)
     io.write_checkpoint(step_dir, model.state_dict(), OmegaConf.to_container(cfg), step=cfg.train.steps)
     (run / "checkpoints" / "latest").write_text(step_dir.name)
     return model.eval(), run, data
@@ -170,7 +171,7 @@ def test_trained_checkpoint_round_trip_with_tokenizer(tmp_path, trained):
     state, orig = io.load_model_state(back), model.state_dict()
     assert state.keys() == orig.keys() and all(torch.equal(state[k], orig[k]) for k in orig)
     assert (back / "tokenizer" / "tokenizer.json").is_file()
-    assert io.read_config(back).data.tokenizer == str(back / "tokenizer")
+    assert fmt.read_config(back).data.tokenizer == str(back / "tokenizer")
     again = api.export_hf(back, tmp_path / "hf_again")  # the copied HF tokenizer dir is re-saved as is
     tok2 = transformers.AutoTokenizer.from_pretrained(str(again), local_files_only=True)
     assert tok2(text)["input_ids"] == tok(text)["input_ids"] and tok2.eos_token_id == 0

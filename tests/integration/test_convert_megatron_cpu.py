@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
+from llmtrain import checkpoint_format as fmt  # noqa: E402
 from llmtrain.convert import api, io, megatron  # noqa: E402
 from llmtrain.engines.megatron_engine import mapping  # noqa: E402
 
@@ -179,9 +180,9 @@ def test_import_megatron_tp2_loads_into_mcore_and_exports(tmp_path, mcore_cpu):
     out = tmp_path / "mg"
     args = ["import", str(tmp_path / "hf"), str(out), "--engine", "megatron", "--tp", "2", "--pp", "2"]
     assert convert_main(args) == 0
-    manifest = io.read_manifest(out)
+    manifest = fmt.read_manifest(out)
     assert (manifest["engine"], manifest["layout"]) == ("megatron", {"tp": 2, "pp": 2})
-    io.verify_files(out, manifest)
+    fmt.verify(out)
 
     # The TP layout is in the file: per layer, 2 chunks of each TP-split weight, 4 of the fused fc1, 1 norm.
     chunks = {

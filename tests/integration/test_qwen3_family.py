@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from llmtrain import checkpoint_format as fmt  # noqa: E402
 from llmtrain.convert import api, io  # noqa: E402
 from llmtrain.errors import UserError  # noqa: E402
 from llmtrain.models import ModelSpec  # noqa: E402
@@ -39,7 +40,7 @@ def test_qwen3_import_logits_export_reload(tmp_path, tied):
     ref = hf_logits(hf_model, TOKENS)
 
     ckpt = api.import_hf(hf_dir, tmp_path / "ckpt")
-    cfg = io.read_config(io.resolve_checkpoint(ckpt))
+    cfg = fmt.read_config(fmt.resolve_checkpoint(ckpt))
     assert cfg.model.family == "qwen3" and cfg.model.head_dim == 24 and cfg.model.rope_theta == 1e6
     spec = ModelSpec.from_config(cfg.model)
     ours = spec.model_family.build_model(spec).eval()
@@ -117,7 +118,7 @@ def test_qwen3_tiny_recipe_trains_on_cpu(tmp_path):
     assert len(loss) == 6 and all(math.isfinite(x) for x in loss)
     # Untrained: the loss starts near ln(vocab); 6 steps at lr 3e-3 must bring it down.
     assert abs(loss[0] - math.log(4096)) < 0.5 and loss[-1] < loss[0]
-    step_dir = io.resolve_checkpoint(run)
+    step_dir = fmt.resolve_checkpoint(run)
     state = io.load_model_state(step_dir)
     assert "layers.1.self_attn.q_norm.weight" in state and "lm_head.weight" not in state  # tied
-    assert io.read_config(step_dir).model.family == "qwen3"
+    assert fmt.read_config(step_dir).model.family == "qwen3"

@@ -243,7 +243,7 @@ def test_resume_refuses_what_it_cannot_load_before_loading(tmp_path):
     weights_only.mkdir()
     for name in ("model.safetensors", "config.yaml"):
         (weights_only / name).write_bytes((step / name).read_bytes())
-    from llmtrain.convert.io import write_manifest
+    from llmtrain.checkpoint_format import write_manifest
 
     write_manifest(weights_only, 1)
     with pytest.raises(CheckpointError, match=rf"weights-only checkpoint .* train.init_from={weights_only}"):

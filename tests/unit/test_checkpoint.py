@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain.checkpoint_format import resolve_checkpoint, verify
 from llmtrain.errors import CheckpointError
-from llmtrain.train.checkpoint import CheckpointManager, resolve_checkpoint_path, verify
+from llmtrain.train.checkpoint import CheckpointManager
 
 
 class FakeEngine:
@@ -67,9 +68,9 @@ def test_resolve_accepts_run_dir_checkpoints_dir_and_step_dir(tmp_path):
     mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=3, is_main=True)
     step_dir = save(mgr, 2)
     for p in (tmp_path, tmp_path / "checkpoints", step_dir):
-        assert resolve_checkpoint_path(p) == step_dir
+        assert resolve_checkpoint(p) == step_dir
     with pytest.raises(CheckpointError, match="does not exist"):
-        resolve_checkpoint_path(tmp_path / "nope")
+        resolve_checkpoint(tmp_path / "nope")
 
 
 class FullDiskEngine:

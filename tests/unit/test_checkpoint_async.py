@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain.checkpoint_format import verify
 from llmtrain.engines.base import PendingWrite
 from llmtrain.errors import CheckpointError
-from llmtrain.train.checkpoint import CheckpointManager, verify
+from llmtrain.train.checkpoint import CheckpointManager
 
 
 class GatedEngine:

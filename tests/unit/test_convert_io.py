@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from llmtrain import checkpoint_format as fmt
 from llmtrain.convert import hf, io, megatron
 from llmtrain.convert.api import init_weights_from, load_model_state
 from llmtrain.errors import CheckpointError, UserError
@@ -39,12 +40,12 @@ def _state(model):
 def _write_run(tmp_path, model, step=7):
     """A run dir following the torch engine's checkpoint contract."""
     ckpts = tmp_path / "run" / "checkpoints"
-    step_dir = ckpts / io.step_dir_name(step)
+    step_dir = ckpts / fmt.step_dir_name(step)
     model_cfg = {k: getattr(model.spec, k) for k in model.spec.__dataclass_fields__}
     io.write_checkpoint(
         step_dir, _state(model), {"model": model_cfg, "data": {"tokenizer": "builtin"}}, step=step
     )
-    (ckpts / "latest").write_text(io.step_dir_name(step) + "\n")
+    (ckpts / "latest").write_text(fmt.step_dir_name(step) + "\n")
     return tmp_path / "run", step_dir
 
 
@@ -83,10 +84,10 @@ def test_checkpoint_write_resolve_load(tmp_path):
     model = _model()
     run, step_dir = _write_run(tmp_path, model)
     for path in (run, run / "checkpoints", step_dir):
-        assert io.resolve_checkpoint(path) == step_dir
-    manifest = io.read_manifest(step_dir)
+        assert fmt.resolve_checkpoint(path) == step_dir
+    manifest = fmt.read_manifest(step_dir)
     assert manifest["step"] == 7 and manifest["engine"] == "torch" and manifest["format_version"] == 1
-    assert manifest["files"]["model.safetensors"] == io.sha256_file(step_dir / "model.safetensors")
+    assert manifest["files"]["model.safetensors"] == fmt.sha256_file(step_dir / "model.safetensors")
     state = io.load_model_state(step_dir)
     assert all(torch.equal(state[k], v) for k, v in _state(model).items())
     assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))  # temp dir renamed away
@@ -94,12 +95,12 @@ def test_checkpoint_write_resolve_load(tmp_path):
 
 def test_resolve_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        io.resolve_checkpoint(tmp_path / "nope")
+        fmt.resolve_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no llmtrain checkpoint"):
-        io.resolve_checkpoint(tmp_path)
+        fmt.resolve_checkpoint(tmp_path)
     (tmp_path / "latest").write_text("step_00000001")
     with pytest.raises(CheckpointError, match="points to step_00000001"):
-        io.resolve_checkpoint(tmp_path)
+        fmt.resolve_checkpoint(tmp_path)
 
 
 def test_corrupt_model_file_detected(tmp_path):
@@ -113,15 +114,15 @@ def test_corrupt_model_file_detected(tmp_path):
 
 def test_atomic_output_dir(tmp_path):
     dest = tmp_path / "out"
-    with pytest.raises(RuntimeError), io.atomic_output_dir(dest) as tmp:
+    with pytest.raises(RuntimeError), fmt.atomic_output_dir(dest) as tmp:
         (tmp / "half.bin").write_bytes(b"x")
         raise RuntimeError("boom")
     assert not dest.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
-    with io.atomic_output_dir(dest) as tmp:
+    with fmt.atomic_output_dir(dest) as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(UserError, match=r"already exists.*--force"), io.atomic_output_dir(dest):
+    with pytest.raises(UserError, match=r"already exists.*--force"), fmt.atomic_output_dir(dest):
         pass
-    with io.atomic_output_dir(dest, force=True) as tmp:
+    with fmt.atomic_output_dir(dest, force=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in dest.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -157,7 +158,7 @@ def test_init_weights_from_tensor_shape_mismatch(tmp_path):
     state = io.load_model_state(step_dir)
     state["layers.1.mlp.up_proj.weight"] = torch.zeros(40, 32)
     bad = tmp_path / "bad"
-    cfg = io.read_config(step_dir)
+    cfg = fmt.read_config(step_dir)
     io.write_checkpoint(bad, state, {"model": dict(cfg.model)})
     with pytest.raises(
         CheckpointError, match=r"shape mismatch for layers.1.mlp.up_proj.weight: checkpoint \[40, 32\]"
