@@ -16,10 +16,12 @@ from llmtrain.dist import dist_info_from_env
 
 def stopped_step(run_dir: Path) -> tuple[int, Path] | None:
     """The step and directory of checkpoints/latest (just written for the stop), if any."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
+    from llmtrain.checkpoint_format import CHECKPOINTS_DIR, read_latest
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
     try:
-        name = latest.read_text().strip()
-        return int(name.rsplit("_", 1)[-1]), latest.parent / name
+        name = read_latest(root)
+        return (int(name.rsplit("_", 1)[-1]), root / name) if name else None
     except (OSError, ValueError):
         return None
 
