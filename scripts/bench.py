@@ -87,7 +87,7 @@ def llmtrain_cell(args, precision: str) -> dict:
     import torch
     from profile_step import time_steps
 
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
     from llmtrain.engines.megatron_engine.testing import dispose, mock_batches
 

@@ -9,7 +9,7 @@ import time
 import torch
 
 from llmtrain.data import build_data
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.engines.torch_engine import TorchEngine
 from llmtrain.precision.monitor import probe_quantization_noise

@@ -33,7 +33,7 @@ def worker(args) -> None:
     from omegaconf import OmegaConf
 
     from llmtrain.convert import io
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
     from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
 

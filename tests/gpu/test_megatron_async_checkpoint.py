@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
 from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli
 

@@ -26,7 +26,7 @@ TOL = 2e-2  # BF16: TP splits reductions differently, so losses agree to roundin
 
 
 def worker(args) -> None:
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
     from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
     from llmtrain.models import ModelSpec

@@ -28,7 +28,7 @@ import statistics
 import pytest
 import torch
 
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.megatron_engine import mapping
 from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
 from llmtrain.models import ModelSpec

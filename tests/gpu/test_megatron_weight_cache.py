@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
 
 pytestmark = pytest.mark.gpu

@@ -35,7 +35,7 @@ def test_probe_runs_in_the_training_bf16_autocast():
     """Every gradient pass of the sqrt(3) probe sees the BF16 autocast training uses (it ran in FP32)."""
     import torch
 
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
     from llmtrain.engines.torch_engine import TorchEngine
     from llmtrain.precision import quantized_layers

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.torch_engine import TorchEngine
 from llmtrain.errors import CheckpointError, TrainingError
 from llmtrain.train.checkpoint import CheckpointManager, verify

@@ -208,7 +208,7 @@ def test_import_is_lazy_and_cpu_fails_cleanly():
     code = (
         "import sys, llmtrain.engines.megatron_engine as m\n"
         "assert 'transformer_engine' not in sys.modules and 'megatron.core' not in sys.modules\n"
-        "from llmtrain.engines.base import DistInfo\n"
+        "from llmtrain.dist import DistInfo\n"
         "from llmtrain.engines.megatron_engine.testing import make_config\n"
         "import torch\n"
         "if not torch.cuda.is_available():\n"

@@ -175,7 +175,7 @@ def test_controller_logs_every_definition_and_triggers_on_the_total_noise():
 
 
 def test_torch_engine_bf16_eval_is_the_unconverted_model_on_the_same_weights():
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
     from llmtrain.engines.torch_engine import TorchEngine
 

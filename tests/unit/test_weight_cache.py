@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
 from llmtrain.engines.torch_engine.engine import TorchEngine
 from llmtrain.precision import PrecisionConfig, PrecisionRecipe, QuantLinear, quantized_layers
