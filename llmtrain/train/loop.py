@@ -39,10 +39,6 @@ class RunSummary:
 _FIND = object()  # train(resume_dir=...) default: find the resume point here
 
 
-def _nan_poisoned(batches):
-    return [{**mb, "loss_mask": mb["loss_mask"] * float("nan")} for mb in batches]
-
-
 def _settle_save_in_flight(ckpt: CheckpointManager, exc: BaseException, world_size: int) -> None:
     """The run is ending with `exc`: finish an async save in flight, or discard it, never leave it.
 
@@ -143,7 +139,6 @@ def _train(
     lr_at = schedule_from_config(cfg.optim, controller.base_steps)  # appended phases have their own
     valid = data.valid_batches(cfg.train.eval_steps) if cfg.train.eval_interval > 0 else []
     eval_bf16 = bool(cfg.train.eval_bf16) and cfg.precision.name != "bf16"
-    inject_nan = set(cfg.train.inject_nan_steps)
     last_loss, last_ckpt, stopped_by, steps_done = None, None, None, start_step
 
     def save(step_no: int, background: bool) -> dict:
@@ -184,8 +179,6 @@ def _train(
             t0 = time.perf_counter()
             batches = data.batch_at(consumed)
             consumed += cfg.train.global_batch_size
-            if step_no in inject_nan:
-                batches = _nan_poisoned(batches)
             lr = controller.learning_rate(step, lr_at)
             phase_name = controller.phase_name
             engine.begin_step(step_no)

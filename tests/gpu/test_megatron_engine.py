@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from llmtrain.dist import DistInfo
-from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
+from llmtrain.engines.megatron_engine.batches import mock_batches
 from llmtrain.errors import UserError
+from tests.megatron_helpers import dispose, make_config, record
 
 pytestmark = pytest.mark.gpu
 

@@ -17,10 +17,10 @@ from llmtrain.config.estimate import (
     lowp_param_gather_planned,
 )
 from llmtrain.engines.megatron_engine import measure, param_gather
-from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
 from tests.helpers import cli_env, llmtrain_cmd
+from tests.megatron_helpers import make_config
 
 HOPPER, BLACKWELL = (9, 0), (10, 0)
 

@@ -205,8 +205,8 @@ def _measure(cfg, world: int, rank: int) -> dict:
     from megatron.core import parallel_state as ps
 
     from llmtrain.dist import DistInfo
+    from llmtrain.engines.megatron_engine.batches import mock_batches
     from llmtrain.engines.megatron_engine.engine import MegatronEngine
-    from llmtrain.engines.megatron_engine.testing import mock_batches
 
     spec = ModelSpec.from_config(cfg.model)
     lay = layout_of(cfg, world)
