@@ -16,12 +16,12 @@ def _poisoned(batches: list[dict]) -> list[dict]:
     return [{**mb, "loss_mask": mb["loss_mask"] * float("nan")} for mb in batches]
 
 
-def nan_at_steps(steps, build_data=None):
+def nan_at_steps(steps):
     """A build_data for the loop whose data gives a NaN loss mask to every micro-batch of the 1-based steps
     `steps` (the global batch that starts at sample (step - 1) x global_batch_size)."""
     from llmtrain.train import loop
 
-    steps, real = set(steps), build_data or loop.build_data
+    steps, real = set(steps), loop.build_data
 
     def build(*args, **kwargs):
         data = real(*args, **kwargs)
