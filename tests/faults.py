@@ -18,7 +18,8 @@ def _poisoned(batches: list[dict]) -> list[dict]:
 
 def nan_at_steps(steps):
     """A build_data for the loop whose data gives a NaN loss mask to every micro-batch of the 1-based steps
-    `steps` (the global batch that starts at sample (step - 1) x global_batch_size)."""
+    `steps` (the global batch that starts at sample (step - 1) x global_batch_size; the sqrt(3) probe, which
+    reads the next step's batch, sees it poisoned too)."""
     from llmtrain.train import loop
 
     steps, real = set(steps), loop.build_data

@@ -134,6 +134,7 @@ class _Run:
         # progress: steps done, non-finite steps skipped, global samples consumed (the data position)
         self.steps_done, self.nan_skips, self.consumed = 0, 0, 0
         self.last_loss, self.last_ckpt, self.stopped_by = None, None, None
+        # spec, peak, lr_at, valid, eval_bf16: prepare_steps(), after the start is logged (as it always was)
 
     # ---- resume --------------------------------------------------------------------------------------
     def resume(self, resume_dir: Path) -> str | None:
