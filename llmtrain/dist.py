@@ -1,11 +1,24 @@
-"""Process-group setup shared by the engines: read torchrun/SLURM env, init torch.distributed once."""
+"""This process's place in the job and the one default process group llmtrain creates: read torchrun/SLURM
+env, init torch.distributed once (engines, checkpoint conversion and dry_run=measure all come here)."""
 
 import datetime
 import os
+from dataclasses import dataclass
 
 import torch
 
-from llmtrain.engines.base import DistInfo
+
+@dataclass
+class DistInfo:
+    """This process's place in the job (torchrun / SLURM environment)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def dist_info_from_env() -> DistInfo:
@@ -27,15 +40,22 @@ def dist_info_from_env() -> DistInfo:
 _created = False  # llmtrain created the default process group, so llmtrain also destroys it
 
 
-def init_process_group(dist: DistInfo, backend: str, *, single_process: bool = False) -> None:
+def init_process_group(
+    dist: DistInfo, backend: str, *, single_process: bool = False, store: object | None = None
+) -> bool:
     """Initialise the default process group for multi-process runs (for one process too if `single_process`,
-    as Megatron needs); an existing group (a caller's or a test's) is used as it is."""
+    as Megatron and its dist_checkpointing need); an existing group (a caller's or a test's) is used as it
+    is. `store`: a ready rendezvous store (dry_run=measure's FakeStore). True if this call created the group;
+    close_process_group() destroys it."""
     global _created
-    if (dist.world_size == 1 and not single_process) or torch.distributed.is_initialized():
-        return
+    if not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False
+    if dist.world_size == 1 and not single_process:
+        return False
     # One process needs no rendezvous: an in-memory store, so no TCP port can collide with another run's
     # (or a test process's) group, and MASTER_ADDR/MASTER_PORT left in the environment are never used.
-    store = torch.distributed.HashStore() if dist.world_size == 1 else None
+    if store is None and dist.world_size == 1:
+        store = torch.distributed.HashStore()
     torch.distributed.init_process_group(
         backend=backend,
         rank=dist.rank,
@@ -44,6 +64,7 @@ def init_process_group(dist: DistInfo, backend: str, *, single_process: bool = F
         store=store,
     )
     _created = True
+    return True
 
 
 def close_process_group() -> None:

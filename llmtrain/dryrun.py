@@ -44,7 +44,7 @@ def dry_run_report(cfg, world: int, engine: str) -> str:
         f"FLOPs/token  {spec.flops_per_token() / 1e9:.2f} GFLOP (training: 6*N_matmul + 12*L*A*S, A = heads*head_dim)",
         f"precision    {cfg.precision.name} (bf16 layers: first {cfg.precision.bf16_layers.first}, "
         f"last {cfg.precision.bf16_layers.last})",
-        f"engine       {engine}; world {lay.world} = tp {lay.tp} x pp {lay.pp} (vpp {lay.vpp}) x cp {lay.cp} "
+        f"engine       {engine}; world {world} = tp {lay.tp} x pp {lay.pp} (vpp {lay.vpp}) x cp {lay.cp} "
         f"x dp {lay.dp}; distributed optimizer {'on' if cfg.parallel.distributed_optimizer else 'off'}, "
         f"recompute {cfg.parallel.recompute}, low-precision param all-gather "
         f"{'on' if lowp_param_gather_planned(cfg, lay.dp * lay.cp) else 'off'}",

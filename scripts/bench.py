@@ -77,7 +77,7 @@ def overrides(shape: dict, precision: str = "bf16") -> dict:
 
 
 def make_cfg(model: str, shape: dict, precision: str = "bf16", parallel: str = PARALLEL):
-    from llmtrain.engines.megatron_engine.testing import make_config
+    from tests.megatron_helpers import make_config
 
     return make_config(MODELS[model]["config"], precision, parallel, overrides(shape, precision))
 
@@ -87,9 +87,10 @@ def llmtrain_cell(args, precision: str) -> dict:
     import torch
     from profile_step import time_steps
 
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
-    from llmtrain.engines.megatron_engine.testing import dispose, mock_batches
+    from llmtrain.engines.megatron_engine.batches import mock_batches
+    from tests.megatron_helpers import dispose
 
     shape = shape_of(args, args.model)
     cfg = make_cfg(args.model, shape, precision, args.parallel)

@@ -4,16 +4,20 @@ global batch of 16 sequences split into micro-batches of 2/4/8/16; 4 SR draws ea
 estimator (backward-only ratio on the first micro-batch alone)."""
 
 import statistics as st
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.megatron_helpers
+
 from llmtrain.data import build_data
-from llmtrain.engines.base import DistInfo
-from llmtrain.engines.megatron_engine.testing import make_config
+from llmtrain.dist import DistInfo
 from llmtrain.engines.torch_engine import TorchEngine
 from llmtrain.precision.monitor import probe_quantization_noise
 from llmtrain.train.schedule import schedule_from_config
+from tests.megatron_helpers import make_config
 
 torch.set_num_threads(2)
 cfg = make_config(

@@ -24,23 +24,13 @@ and vocab entry over tp (FP32 logits + grad, BF16 copy).
 
 from dataclasses import dataclass
 
+from llmtrain.config.layout import Layout
 from llmtrain.models import ModelSpec
 
 GIB = 2**30
 LOWP_ELEMENT_BYTES = {"fp8_e4m3": 1.0, "fp8_e5m2": 1.0, "mxfp8": 1.03, "nvfp4": 0.5625}  # with scales
 # Precisions whose Megatron-Bridge recipe keeps the parameters in low precision for the all-gather.
 BRIDGE_LOWP_PARAM_GATHER = ("fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all")
-
-
-@dataclass
-class Layout:
-    world: int
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-    vpp: int
-    grad_accum: int
 
 
 @dataclass
@@ -66,11 +56,21 @@ class MemoryEstimate:
 
 
 def layout_of(cfg, world: int) -> Layout:
+    """The layout the estimate assumes for `world` ranks: config/layout's Layout plus grad_accum, read from
+    the config without config/layout.check_layout's checks (validation runs those)."""
     p = cfg.parallel
     model_parallel = p.tp * p.pp * p.cp
     dp = p.dp or max(world // model_parallel, 1)
     grad_accum = max(cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp), 1)
-    return Layout(world=world, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, vpp=p.vpp, grad_accum=grad_accum)
+    return Layout(
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        cp=p.cp,
+        dp=dp,
+        sequence_parallel=bool(p.sequence_parallel),
+        grad_accum=grad_accum,
+    )
 
 
 def layers_on_stage(num_layers: int, pp: int, vpp: int, stage: int) -> list[int]:

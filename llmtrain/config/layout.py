@@ -20,6 +20,9 @@ class Layout:
     cp: int
     dp: int
     sequence_parallel: bool
+    # Micro-batches per optimizer step on each DP rank, for the memory estimate's 1F1B in-flight count
+    # (config/estimate.layout_of fills it; the engine counts its own from the batch).
+    grad_accum: int = 1
 
     @property
     def world_size(self) -> int:

@@ -108,8 +108,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     check_memory: bool = True  # refuse runs whose memory estimate exceeds this machine
     nan: NanPolicy = field(default_factory=NanPolicy)
-    # Fault injection for tests: optimizer steps (1-based) whose loss is forced to NaN.
-    inject_nan_steps: list[int] = field(default_factory=list)
 
 
 @dataclass

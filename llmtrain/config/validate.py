@@ -102,9 +102,6 @@ def validate_train(t, logging_cfg) -> None:
     if t.eval_interval > 0:
         _positive("train.eval_steps", t.eval_steps)
     _at_least("train.nan.max_skips", t.nan.max_skips, 0)
-    for step in t.inject_nan_steps:
-        if not 1 <= step <= t.steps:
-            raise ConfigError("train.inject_nan_steps", list(t.inject_nan_steps), f"steps are 1..{t.steps}")
     _positive("logging.interval", logging_cfg.interval)
 
 

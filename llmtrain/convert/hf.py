@@ -224,30 +224,18 @@ def checked_hf_shapes(files: dict[str, Path], spec: ModelSpec, source: str) -> d
 
 
 def write_hf_weights(state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int) -> list[str]:
-    """HF-named tensors -> model.safetensors, or model-0000k-of-0000n.safetensors + index json."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    total = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-        total += nbytes
-    if len(shards) == 1:
-        save_model_file(shards[0], out_dir / HF_SINGLE)
-        return [HF_SINGLE]
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_model_file(shard, out_dir / fname)
-        names.append(fname)
-        weight_map |= dict.fromkeys(shard, fname)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    """HF-named tensors -> model.safetensors, or model-0000k-of-0000n.safetensors + the standard index json,
+    split as transformers' save_pretrained splits (huggingface_hub's state-dict sharding)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for fname, names in split.filename_to_tensors.items():
+        save_model_file({name: state[name] for name in names}, out_dir / fname)
+    if not split.is_sharded:
+        return list(split.filename_to_tensors)
+    index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
     (out_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return [*names, HF_INDEX]
+    return [*split.filename_to_tensors, HF_INDEX]
 
 
 def tokenizer_source(spec: str | None) -> Path | None:

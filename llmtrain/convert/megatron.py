@@ -26,6 +26,7 @@ import torch
 from llmtrain import checkpoint_format as fmt
 from llmtrain.convert import hf
 from llmtrain.convert.io import write_config_and_files
+from llmtrain.dist import DistInfo, close_process_group, init_process_group
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.spec import ModelSpec
 
@@ -120,18 +121,13 @@ def load_model_state(step_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
         state = dist_checkpointing.load(wanted, str(ckpt), validate_access_integrity=False)
     finally:
         if owns_group:
-            torch.distributed.destroy_process_group()
+            close_process_group()
     return {k: v.float().cpu() for k, v in from_megatron(state, spec).items()}
 
 
 def _ensure_process_group() -> bool:
     """dist_checkpointing needs a process group; a single-process gloo group serves a conversion."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or dist.is_initialized():
-        return False
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())  # no port to collide
-    return True
+    return init_process_group(DistInfo(), "gloo", single_process=True)
 
 
 _LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -225,7 +221,7 @@ def save_dist_checkpoint(sharded: dict, directory: Path) -> None:
             dist_checkpointing.save(sharded, str(directory), content_metadata=dict(CKPT_METADATA))
     finally:
         if owns_group:
-            torch.distributed.destroy_process_group()
+            close_process_group()
 
 
 def import_to_megatron(

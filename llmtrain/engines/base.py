@@ -7,18 +7,7 @@ from pathlib import Path
 
 import torch
 
-
-@dataclass
-class DistInfo:
-    """This process's place in the job (torchrun / SLURM environment)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from llmtrain.dist import close_process_group
 
 
 @dataclass
@@ -115,6 +104,6 @@ class Engine(ABC):
             torch.distributed.barrier()
 
     def close(self) -> None:
-        from llmtrain.dist import close_process_group  # here: llmtrain.dist imports this module
-
+        """The last call (the training loop's, when the run ends however it ends): let go of the process
+        group llmtrain created. Engines that hold more (the Megatron engine's GPU memory) free it too."""
         close_process_group()

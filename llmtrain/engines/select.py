@@ -4,7 +4,8 @@ import importlib.util
 
 import torch
 
-from llmtrain.engines.base import DistInfo, Engine
+from llmtrain.dist import DistInfo
+from llmtrain.engines.base import Engine
 from llmtrain.errors import ConfigError
 
 ENGINES = ["auto", "torch", "megatron"]

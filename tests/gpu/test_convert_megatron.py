@@ -33,9 +33,10 @@ def worker(args) -> None:
     from omegaconf import OmegaConf
 
     from llmtrain import checkpoint_format as fmt
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
-    from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
+    from llmtrain.engines.megatron_engine.batches import mock_batches
+    from tests.megatron_helpers import make_config
 
     dist = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     cfg = make_config(
@@ -59,7 +60,7 @@ def worker(args) -> None:
 
 
 def hf_loss(model, vocab: int) -> float:
-    from llmtrain.engines.megatron_engine.testing import mock_batches
+    from llmtrain.engines.megatron_engine.batches import mock_batches
     from llmtrain.models.llama import causal_lm_loss
 
     losses = []
@@ -74,7 +75,7 @@ def test_hf_import_tp2_and_export(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("transformer_engine.pytorch")
     from llmtrain.convert import export_hf
-    from llmtrain.engines.megatron_engine.testing import make_config, record
+    from tests.megatron_helpers import make_config, record
 
     spec = make_config("tiny").model
     torch.manual_seed(0)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llmtrain.engines.megatron_engine.testing import record
 from llmtrain.precision import linear
 from llmtrain.precision.quantize import quantize_parts
+from tests.megatron_helpers import record
 
 pytestmark = pytest.mark.gpu
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.engines.megatron_engine.testing import record
+from tests.megatron_helpers import record
 
 pytestmark = pytest.mark.gpu
 

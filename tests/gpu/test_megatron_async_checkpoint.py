@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from llmtrain.engines.base import DistInfo
-from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
+from llmtrain.dist import DistInfo
+from llmtrain.engines.megatron_engine.batches import mock_batches
 from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli
+from tests.megatron_helpers import dispose, make_config, record
 
 pytestmark = pytest.mark.gpu
 

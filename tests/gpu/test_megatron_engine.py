@@ -11,9 +11,10 @@ import statistics
 import pytest
 import torch
 
-from llmtrain.engines.base import DistInfo
-from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
+from llmtrain.dist import DistInfo
+from llmtrain.engines.megatron_engine.batches import mock_batches
 from llmtrain.errors import UserError
+from tests.megatron_helpers import dispose, make_config, record
 
 pytestmark = pytest.mark.gpu
 

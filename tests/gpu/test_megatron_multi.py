@@ -26,11 +26,12 @@ TOL = 2e-2  # BF16: TP splits reductions differently, so losses agree to roundin
 
 
 def worker(args) -> None:
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
     from llmtrain.engines.megatron_engine import MegatronEngine
-    from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
+    from llmtrain.engines.megatron_engine.batches import mock_batches
     from llmtrain.models import ModelSpec
     from llmtrain.models.llama import LlamaModel
+    from tests.megatron_helpers import make_config
 
     dist = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     over = {"parallel": {"tp": args.tp}}
@@ -87,7 +88,7 @@ def torchrun(nproc: int, out: Path, *extra: str, key: str = "losses"):
 
 
 def test_tp2_and_dp2_match_one_gpu(tmp_path):
-    from llmtrain.engines.megatron_engine.testing import record
+    from tests.megatron_helpers import record
 
     one = torchrun(1, tmp_path / "one.json")
     tp2 = torchrun(2, tmp_path / "tp2.json", "--tp", "2")
@@ -104,7 +105,7 @@ def test_probe_under_dp2_and_tp2_matches_one_gpu(tmp_path):
     any norm, so only FP32 summation order differs (CPU analogue measured <= 2.3e-7): rel 1e-4. The old
     probe (sum of per-rank squared norms of one micro-batch each) is off by tens of percent. TP=2 splits
     the GEMMs, so BF16 activations can differ in the last bit and flip a rounding: rel 2e-2."""
-    from llmtrain.engines.megatron_engine.testing import record
+    from tests.megatron_helpers import record
 
     args = ("--precision", "mxfp8", "--probe", "--steps", "0")
     one = torchrun(1, tmp_path / "one.json", *args, key="probe")
@@ -119,7 +120,7 @@ def test_probe_under_dp2_and_tp2_matches_one_gpu(tmp_path):
 
 
 def test_dp2_checkpoint_resumes_on_one_gpu(tmp_path):
-    from llmtrain.engines.megatron_engine.testing import record
+    from tests.megatron_helpers import record
 
     straight = torchrun(2, tmp_path / "straight.json", "--parallel", "megatron_8b")
     ckpt = tmp_path / "ckpt"

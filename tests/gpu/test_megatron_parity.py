@@ -28,11 +28,12 @@ import statistics
 import pytest
 import torch
 
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.megatron_engine import mapping
-from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
+from llmtrain.engines.megatron_engine.batches import mock_batches
 from llmtrain.models import ModelSpec
 from llmtrain.models.layers import causal_lm_loss
+from tests.megatron_helpers import dispose, make_config, record
 
 pytestmark = pytest.mark.gpu
 

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from llmtrain.engines.base import DistInfo
-from llmtrain.engines.megatron_engine.testing import dispose, make_config, mock_batches, record
+from llmtrain.dist import DistInfo
+from llmtrain.engines.megatron_engine.batches import mock_batches
+from tests.megatron_helpers import dispose, make_config, record
 
 pytestmark = pytest.mark.gpu
 os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")

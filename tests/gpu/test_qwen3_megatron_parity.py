@@ -11,8 +11,8 @@ the widths and vocabulary of the real model at the cost of a small one.
 import pytest
 import torch
 
-from llmtrain.engines.megatron_engine.testing import make_config
 from tests.gpu.test_megatron_parity import SEQ, run_parity
+from tests.megatron_helpers import make_config
 
 pytestmark = pytest.mark.gpu
 

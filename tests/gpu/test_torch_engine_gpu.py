@@ -35,10 +35,11 @@ def test_probe_runs_in_the_training_bf16_autocast():
     """Every gradient pass of the sqrt(3) probe sees the BF16 autocast training uses (it ran in FP32)."""
     import torch
 
-    from llmtrain.engines.base import DistInfo
-    from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
+    from llmtrain.dist import DistInfo
+    from llmtrain.engines.megatron_engine.batches import mock_batches
     from llmtrain.engines.torch_engine import TorchEngine
     from llmtrain.precision import quantized_layers
+    from tests.megatron_helpers import make_config
 
     engine = TorchEngine(
         make_config("tiny", "nvfp4_fp4all", overrides={"train": {"device": "cuda"}}), DistInfo()

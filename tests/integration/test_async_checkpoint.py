@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from llmtrain.checkpoint_format import verify
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo
 from llmtrain.engines.torch_engine import TorchEngine
 from llmtrain.errors import CheckpointError, TrainingError
+from llmtrain.train import loop
 from llmtrain.train.checkpoint import CheckpointManager
 from llmtrain.train.loop import train as train_in
+from tests.faults import nan_at_steps
 from tests.helpers import losses, read_metrics
 from tests.integration.test_resume import compose_cfg, tree_digest
 
@@ -109,10 +111,8 @@ def test_sigterm_while_an_async_write_is_in_flight_ends_with_complete_checkpoint
 
 def test_an_error_while_an_async_write_is_in_flight_still_completes_it(tmp_path, monkeypatch):
     slow_background_write(monkeypatch, lambda: None)
-    cfg = compose_cfg(
-        "train.steps=6", "train.checkpoint_interval=2", "train.nan.max_skips=0", "train.inject_nan_steps=[3]",
-        ASYNC,
-    )  # fmt: skip
+    monkeypatch.setattr(loop, "build_data", nan_at_steps({3}))
+    cfg = compose_cfg("train.steps=6", "train.checkpoint_interval=2", "train.nan.max_skips=0", ASYNC)
     with pytest.raises(TrainingError, match="training diverged"):
         train(cfg, tmp_path)
     root = tmp_path / "checkpoints"

@@ -9,8 +9,7 @@ import warnings
 import pytest
 import torch
 
-from llmtrain.dist import init_process_group
-from llmtrain.engines.base import DistInfo
+from llmtrain.dist import DistInfo, init_process_group
 from llmtrain.errors import UserError
 from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd
 from tests.integration.test_resume import compose_cfg

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.faults import run_cli_with_nan
 from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli
 
 STEPS = 10
@@ -107,22 +108,16 @@ def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
 
 def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
     run_dir = tmp_path / "skip"
-    proc = run_cli(
-        *FAST, "train.steps=4", "train.inject_nan_steps=[2]", f"hydra.run.dir={run_dir}", check=True
-    )
+    proc = run_cli_with_nan([2], *FAST, "train.steps=4", f"hydra.run.dir={run_dir}", check=True)
     records = read_metrics(run_dir)
     assert records[1].get("skipped") is True and "update skipped" in proc.stderr
     assert all(r["loss"] == r["loss"] for i, r in enumerate(records) if i != 1)  # finite elsewhere
 
     run_dir = tmp_path / "diverge"
-    proc = run_cli(
-        *FAST,
-        "train.steps=6",
-        "train.checkpoint_interval=1",
-        "train.nan.max_skips=1",
-        "train.inject_nan_steps=[3,4]",
+    proc = run_cli_with_nan(
+        [3, 4], *FAST, "train.steps=6", "train.checkpoint_interval=1", "train.nan.max_skips=1",
         f"hydra.run.dir={run_dir}",
-    )
+    )  # fmt: skip
     assert proc.returncode == 3
     assert "training diverged" in proc.stderr and "Traceback" not in proc.stderr
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
@@ -174,15 +169,16 @@ def tree_digest(root):
     }
 
 
-def test_changed_global_batch_size_continues_at_the_consumed_sample(tmp_path):
+def test_changed_global_batch_size_continues_at_the_consumed_sample(tmp_path, capsys):
     """Data position = samples consumed: a resume with another global batch size skips and repeats nothing."""
     from llmtrain.data import build_data
     from llmtrain.train.loop import train
 
     train(compose_cfg("train.steps=3", "train.checkpoint_interval=3"), tmp_path)
     cfg = compose_cfg("train.steps=5", "train.global_batch_size=8", "train.checkpoint_interval=1")
-    summary = train(cfg, tmp_path)
-    assert summary.resumed_from.name == "step_00000003"
+    capsys.readouterr()
+    train(cfg, tmp_path)
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000003'} (step 3, " in capsys.readouterr().out
     tokens = [r["tokens"] for r in read_metrics(tmp_path)]
     assert tokens == [4 * 64, 8 * 64, 12 * 64, 20 * 64, 28 * 64]  # not step x new batch (24, 40, ...)
     state = torch.load(tmp_path / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)

@@ -134,18 +134,30 @@ def sbatch_template(env, run_dir: Path, *overrides: str, sbatch_opts: tuple[str,
     return out.strip().split(";")[0]
 
 
-def no_slurm_tools_python(tmp_path: Path, slow_failing_rank: int | None = None) -> Path:
+def no_slurm_tools_python(
+    tmp_path: Path, slow_failing_rank: int | None = None, nan_steps: tuple[int, ...] = ()
+) -> Path:
     """The ranks' interpreter, as in a container without SLURM tools: nothing on PATH. With
     slow_failing_rank, that rank takes 5 s to exit after an error, so srun's --kill-on-bad-exit TERMs it
-    while it is exiting (the race that made a failed job end 143 instead of its error's status)."""
+    while it is exiting (the race that made a failed job end 143 instead of its error's status). With
+    nan_steps, `-m llmtrain` runs as tests/faults.py with those steps poisoned."""
     script = tmp_path / "python-no-slurm"
     slow = (
         ""
         if slow_failing_rank is None
         else (f"[[ ${{SLURM_PROCID:-0}} == {slow_failing_rank} && $rc != 0 ]] && /bin/sleep 5\n")
     )
+    faults = (
+        ""
+        if not nan_steps
+        else (
+            f'export PYTHONPATH="{REPO}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+            f'[[ "$1 $2" == "-m llmtrain" ]] && shift 2 && '
+            f'set -- -m tests.faults --nan-steps={",".join(map(str, nan_steps))} "$@"\n'
+        )
+    )
     script.write_text(
-        "#!/bin/bash\nexport PATH=/nonexistent\n"
+        f"#!/bin/bash\nexport PATH=/nonexistent\n{faults}"
         'echo "slurm tools on PATH: $(command -v scontrol squeue srun || echo none)"\n'
         f'"{sys.executable}" "$@"\nrc=$?\n{slow}exit $rc\n'
     )
@@ -315,9 +327,10 @@ def test_job_failing_mid_training_is_not_requeued(env, tmp_path):
     is slow to exit, so srun's --kill-on-bad-exit TERMs it while it exits: the job must still end 3:0 with
     the error in the job log."""
     run_dir = tmp_path / "run"
-    nan = ["train.inject_nan_steps=[50,51]", "train.nan.max_skips=1"]
-    python = no_slurm_tools_python(tmp_path, slow_failing_rank=1)
-    (job,), _ = submit(env, *RUN, *SUBMIT, *nan, f"cluster.python={python}", f"hydra.run.dir={run_dir}")
+    python = no_slurm_tools_python(tmp_path, slow_failing_rank=1, nan_steps=(50, 51))
+    (job,), _ = submit(
+        env, *RUN, *SUBMIT, "train.nan.max_skips=1", f"cluster.python={python}", f"hydra.run.dir={run_dir}"
+    )
     info = wait_done(env, job, run_dir, expect="FAILED")
     assert info["ExitCode"] == "3:0" and info["Restarts"] == "0"
     error = "error: training diverged: 2 non-finite steps (train.nan.max_skips=1)"

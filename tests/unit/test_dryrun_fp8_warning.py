@@ -3,7 +3,7 @@
 import pytest
 
 from llmtrain.dryrun import dry_run_report, fp8_speed_warning
-from llmtrain.engines.megatron_engine.testing import make_config
+from tests.megatron_helpers import make_config
 
 
 @pytest.mark.parametrize(

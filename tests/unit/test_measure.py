@@ -19,10 +19,10 @@ from llmtrain.config.estimate import (
     lowp_param_gather_planned,
 )
 from llmtrain.engines.megatron_engine import measure, param_gather
-from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
 from tests.helpers import cli_env, llmtrain_cmd
+from tests.megatron_helpers import make_config
 
 HOPPER, BLACKWELL = (9, 0), (10, 0)
 
@@ -72,6 +72,24 @@ def test_under_torchrun_it_refuses(monkeypatch):
     cfg = OmegaConf.merge(cfg_8b(), {"dry_run": "measure"})
     with pytest.raises(UserError, match="emulates the whole world in one process"):
         measure.check_request(cfg, 8, "megatron")
+
+
+@pytest.mark.parametrize("world, rank", [(8, 3), (1, 0)])
+def test_the_fake_group_comes_from_llmtrain_dist_and_is_gone_after(monkeypatch, world, rank):
+    """The rank is measured under torch's fake process group of the planned world (one rank too), created
+    by llmtrain.dist.init_process_group and destroyed when the measurement ends."""
+    seen = {}
+
+    def fake_measure(cfg, w, r):
+        dist = torch.distributed
+        seen.update(backend=dist.get_backend(), rank=dist.get_rank(), world=dist.get_world_size())
+        return {}
+
+    monkeypatch.setattr(measure, "check_request", lambda cfg, w, engine: rank)
+    monkeypatch.setattr(measure, "_measure", fake_measure)
+    measure.measure(None, world)
+    assert seen == {"backend": "fake", "rank": rank, "world": world}
+    assert not torch.distributed.is_initialized()
 
 
 def test_rank_minus_one_is_the_last_rank():

@@ -2,16 +2,17 @@
 
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from llmtrain.engines.megatron_engine import batches, mapping, settings
-from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
 from llmtrain.models.llama import LlamaModel
+from tests.megatron_helpers import make_config
 
 SPEC = ModelSpec(
     num_layers=2,
@@ -208,8 +209,8 @@ def test_import_is_lazy_and_cpu_fails_cleanly():
     code = (
         "import sys, llmtrain.engines.megatron_engine as m\n"
         "assert 'transformer_engine' not in sys.modules and 'megatron.core' not in sys.modules\n"
-        "from llmtrain.engines.base import DistInfo\n"
-        "from llmtrain.engines.megatron_engine.testing import make_config\n"
+        "from llmtrain.dist import DistInfo\n"
+        "from tests.megatron_helpers import make_config\n"
         "import torch\n"
         "if not torch.cuda.is_available():\n"
         "    from llmtrain.errors import UserError\n"
@@ -220,7 +221,7 @@ def test_import_is_lazy_and_cpu_fails_cleanly():
         "    else:\n"
         "        raise AssertionError('expected UserError')\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_checkpoint_write_results_stay_in_process():

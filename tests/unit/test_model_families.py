@@ -9,12 +9,12 @@ from llmtrain.cli import preflight
 from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
 from llmtrain.engines.megatron_engine import settings
-from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import FAMILIES, ModelSpec, get_family
 from llmtrain.models.llama.model import LlamaModel
 from llmtrain.models.qwen3.model import Qwen3Model
 from tests.helpers import REPO
+from tests.megatron_helpers import make_config
 
 register_configs()
 register_resolvers()

@@ -175,9 +175,10 @@ def test_controller_logs_every_definition_and_triggers_on_the_total_noise():
 
 
 def test_torch_engine_bf16_eval_is_the_unconverted_model_on_the_same_weights():
-    from llmtrain.engines.base import DistInfo
-    from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
+    from llmtrain.dist import DistInfo
+    from llmtrain.engines.megatron_engine.batches import mock_batches
     from llmtrain.engines.torch_engine import TorchEngine
+    from tests.megatron_helpers import make_config
 
     small = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 172, "num_attention_heads": 4,
              "num_query_groups": 2, "seq_length": 64, "vocab_size": 256}  # fmt: skip

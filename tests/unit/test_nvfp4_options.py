@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from llmtrain.engines.megatron_engine import settings
-from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.errors import ConfigError
 from llmtrain.precision import PrecisionRecipe, QuantLinear, validate
 from llmtrain.precision import linear as linear_mod
 from llmtrain.precision.nvfp4_options import emulated_refusal
 from llmtrain.precision.quantize import FourOverSix
+from tests.megatron_helpers import make_config
 
 OPERANDS = ("fprop_x", "fprop_w", "dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x")
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from llmtrain.engines.base import DistInfo
-from llmtrain.engines.megatron_engine.testing import make_config, mock_batches
+from llmtrain.dist import DistInfo
+from llmtrain.engines.megatron_engine.batches import mock_batches
 from llmtrain.engines.torch_engine.engine import TorchEngine
 from llmtrain.precision import PrecisionConfig, PrecisionRecipe, QuantLinear, quantized_layers
+from tests.megatron_helpers import make_config
 
 NVFP4 = dict(name="nvfp4", weight_format="nvfp4", activation_format="nvfp4", grad_format="nvfp4",
              weight_block_2d=True, rht=True, dgrad_rounding="stochastic", wgrad_rounding="stochastic")  # fmt: skip

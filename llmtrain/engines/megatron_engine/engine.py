@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from llmtrain import precision
-from llmtrain.dist import close_process_group, init_process_group
-from llmtrain.engines.base import DistInfo, Engine, MicroBatch, StepResult
+from llmtrain.dist import DistInfo, close_process_group, init_process_group
+from llmtrain.engines.base import Engine, MicroBatch, StepResult
 from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, param_gather, settings
 from llmtrain.errors import UserError
 from llmtrain.models import ModelSpec
@@ -552,4 +552,4 @@ class MegatronEngine(Engine):
         self.optimizer, self.ddp_models, self.models = None, [], []
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        close_process_group()  # only a group llmtrain created (dry_run=measure's fake one is its own)
+        close_process_group()  # only a group llmtrain created (llmtrain.dist)

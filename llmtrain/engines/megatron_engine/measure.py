@@ -191,19 +191,22 @@ def measure(cfg, world: int, engine: str = "megatron") -> dict:
     rank = check_request(cfg, world, engine)
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    from llmtrain.dist import DistInfo, close_process_group, init_process_group
+
+    # The fake backend's FakeStore: every collective returns at once, no other rank needs to exist.
+    init_process_group(DistInfo(rank, world), "fake", single_process=True, store=FakeStore())
     try:
         return _measure(cfg, world, rank)
     finally:
-        torch.distributed.destroy_process_group()
+        close_process_group()  # idempotent: the engine's close() may have destroyed it already
 
 
 def _measure(cfg, world: int, rank: int) -> dict:
     from megatron.core import parallel_state as ps
 
-    from llmtrain.engines.base import DistInfo
+    from llmtrain.dist import DistInfo
+    from llmtrain.engines.megatron_engine.batches import mock_batches
     from llmtrain.engines.megatron_engine.engine import MegatronEngine
-    from llmtrain.engines.megatron_engine.testing import mock_batches
 
     spec = ModelSpec.from_config(cfg.model)
     lay = layout_of(cfg, world)

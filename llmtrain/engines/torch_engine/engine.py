@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmtrain import precision
-from llmtrain.dist import init_process_group
-from llmtrain.engines.base import DistInfo, Engine, MicroBatch, PendingWrite, StepResult
+from llmtrain.dist import DistInfo, init_process_group
+from llmtrain.engines.base import Engine, MicroBatch, PendingWrite, StepResult
 from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.models import ModelSpec
 from llmtrain.models.layers import causal_lm_loss

@@ -1,4 +1,5 @@
-"""Helpers for the GPU tests and scripts/bench.py: a resolved config from group names, mock batches."""
+"""Helpers for the tests and scripts/bench.py: a resolved config from group names without Hydra, an engine
+disposed of between builds, a result recorded. (The mock batches live in the package: dry_run=measure uses them.)"""
 
 import gc
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 
 
 def make_config(
@@ -28,29 +29,6 @@ def make_config(
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
     return cfg
-
-
-def mock_batches(
-    n: int, mbs: int, seq: int, vocab: int, seed: int = 0, zipf: float | None = None
-) -> list[dict]:
-    """Mock data: `n` micro-batches as the data layer yields them, of uniform random tokens, or with
-    `zipf=s` drawn from a Zipf(s) unigram law (a model can learn it without memorising the batches)."""
-    gen = torch.Generator().manual_seed(seed)
-    probs = None if zipf is None else torch.arange(1, vocab + 1, dtype=torch.float64).pow(-zipf)
-    out = []
-    for _ in range(n):
-        if probs is None:
-            t = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
-        else:
-            t = torch.multinomial(probs, mbs * (seq + 1), replacement=True, generator=gen).view(mbs, seq + 1)
-        out.append(
-            {
-                "tokens": t[:, :-1].contiguous(),
-                "labels": t[:, 1:].contiguous(),
-                "loss_mask": torch.ones(mbs, seq),
-            }
-        )
-    return out
 
 
 def dispose(engine) -> None:
