@@ -25,11 +25,13 @@ and vocab entry over tp (FP32 logits + grad, BF16 copy).
 from dataclasses import dataclass
 
 from llmtrain.models import ModelSpec
+from llmtrain.precision.recipes import lowp_param_gather_recipes
+from llmtrain.precision.registry import FORMATS
 
 GIB = 2**30
-LOWP_ELEMENT_BYTES = {"fp8_e4m3": 1.0, "fp8_e5m2": 1.0, "mxfp8": 1.03, "nvfp4": 0.5625}  # with scales
+LOWP_ELEMENT_BYTES = {n: f.bytes_per_element for n, f in FORMATS.items()}  # with scales
 # Precisions whose Megatron-Bridge recipe keeps the parameters in low precision for the all-gather.
-BRIDGE_LOWP_PARAM_GATHER = ("fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all")
+BRIDGE_LOWP_PARAM_GATHER = lowp_param_gather_recipes()
 
 
 @dataclass

@@ -19,7 +19,7 @@ import types
 
 _EXPORTS = {
     "FORMATS": "quantize",
-    "PRECISION_NAMES": "config",
+    "PRECISION_NAMES": "recipes",
     "PrecisionConfig": "config",
     "PrecisionController": "controller",
     "PrecisionRecipe": "recipe",

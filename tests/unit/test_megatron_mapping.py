@@ -12,6 +12,7 @@ from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
 from llmtrain.models.llama import LlamaModel
+from llmtrain.precision import te_recipes
 
 SPEC = ModelSpec(
     num_layers=2,
@@ -131,7 +132,7 @@ def test_resolve_layout():
 
 
 def _settings(name, capability, **precision):
-    return settings.precision_settings(
+    return te_recipes.precision_settings(
         make_config(precision=name, overrides={"precision": precision}).precision, capability
     )
 
