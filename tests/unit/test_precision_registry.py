@@ -43,6 +43,7 @@ def test_the_triton_kernels_implement_exactly_the_formats_the_registry_says():
 
     assert set(triton_kernels.FORMAT_IDS) == {n for n, f in registry.FORMATS.items() if f.triton}
     assert "mxfp4" not in triton_kernels.FORMAT_IDS  # MXFP4: the torch reference (emulate.py)
+    assert triton_kernels.BLOCKS == {"mxfp8": 32, "nvfp4": 16}
 
 
 def test_memory_estimate_reads_element_bytes_from_the_registry():
