@@ -7,7 +7,7 @@ drops it.
 
 NaN/Inf: propagated, never raised (a raise would need a device sync on every GEMM). A non-finite element
 makes the scale it shares NaN: the whole tensor for fp8_e4m3/fp8_e5m2/nvfp4 (the tensor scale comes from the
-amax), its 32-block for mxfp8. Dequantized, those elements are NaN, so the loss turns NaN and the training
+amax), its 32-block for mxfp8/mxfp4. Dequantized, those elements are NaN, so the loss turns NaN and the training
 loop's NaN policy skips the step. (TE instead saturates Inf and ignores NaN when taking the amax.)
 """
 
@@ -28,17 +28,17 @@ from llmtrain.precision.formats import (
 from llmtrain.precision.registry import FORMATS as _REGISTRY
 from llmtrain.precision.registry import FormatSpec, get_format
 
-FORMATS = tuple(_REGISTRY)  # registry.py: fp8_e4m3, fp8_e5m2, mxfp8, nvfp4, mxfp4
+FORMATS = tuple(_REGISTRY)  # the registered formats (registry.py), in registration order
 
 
 @dataclass
 class QuantizedTensor:
     """Codes and scales of one quantized tensor.
 
-    codes: uint8 [rows, padded cols] (FP8 bit patterns), or [rows, padded cols / 2] for nvfp4 (two E2M1
-        codes per byte, even element in the low nibble, as TE packs them).
-    scale: fp8_*: FP32 [1] dequantization scale (1 / quantization scale); mxfp8: uint8 E8M0 codes
-        [rows, blocks]; nvfp4: float8_e4m3fn block scales [rows, blocks] (16x16 tiles repeat per row).
+    codes: uint8 [rows, padded cols] (FP8 bit patterns), or [rows, padded cols / 2] for E2M1 elements
+        (nvfp4, mxfp4: two codes per byte, even element in the low nibble, as TE packs them).
+    scale: fp8_*: FP32 [1] dequantization scale (1 / quantization scale); mxfp8, mxfp4: uint8 E8M0 codes
+        [rows, blocks]; nvfp4: float8_e4m3fn block scales [rows, blocks] (2-D tiles repeat per row).
     amax: nvfp4 only: FP32 [1] tensor amax, or [rows] row amaxes when row-scaled (TE's global_amax_row);
         the second-level decode scale is amax / (6 * e4m3_max).
     e4m3_max: nvfp4: 448, or 256 for 4over6 with that range (FourOverSix).

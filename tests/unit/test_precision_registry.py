@@ -101,3 +101,30 @@ def test_loading_the_config_schema_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_start_emulation_refuses_in_one_line_then_activates_the_factory(monkeypatch):
+    """The checks engine.py used to make itself (the RHT's token count, TE 2.20's options), then te_custom's
+    activate with the run's recipe (te_custom itself needs TE: a stand-in records the call)."""
+    import types
+
+    from llmtrain.precision.recipe import PrecisionRecipe
+
+    calls = []
+    stub = types.SimpleNamespace(activate=lambda recipe, seed: calls.append((recipe, seed)))
+    monkeypatch.setitem(sys.modules, "llmtrain.precision.te_custom", stub)
+    nvfp4 = make_config(precision="nvfp4").precision
+    recipe = PrecisionRecipe.from_config(nvfp4)
+    with pytest.raises(
+        UserError, match=r"^precision.rht=true: the Hadamard transform needs .* got 24; change"
+    ):
+        te_recipes.start_emulation(nvfp4, recipe, 0, 24, None)
+    opts = make_config(precision="nvfp4", overrides={"precision": {"nvfp4_4over6": "weights"}}).precision
+    with pytest.raises(
+        UserError, match=r"nvfp4_4over6=weights is emulated only on engine=torch.*\(backend=custom\)$"
+    ):
+        te_recipes.start_emulation(opts, PrecisionRecipe.from_config(opts), 0, 32, None)
+    assert calls == []
+    mxfp4 = make_config(precision="mxfp4").precision
+    te_recipes.start_emulation(mxfp4, PrecisionRecipe.from_config(mxfp4), 7, 24, "no TE recipe")
+    assert calls == [(PrecisionRecipe.from_config(mxfp4), 7)]

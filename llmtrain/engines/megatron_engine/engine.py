@@ -130,6 +130,12 @@ class MegatronEngine(Engine):
         )
         backend, why_not_native = te_recipes.resolve_backend(cfg.precision, capability)
         self.emulated = backend == "custom"
+        self.base_recipe = precision.PrecisionRecipe.from_config(cfg.precision)
+        if self.emulated:  # our quantizers inside TE: its checks, then the factory reads this recipe
+            tokens = int(cfg.train.micro_batch_size) * self.spec.seq_length // self.layout.cp
+            te_recipes.start_emulation(
+                cfg.precision, self.base_recipe, int(cfg.train.seed), tokens, why_not_native
+            )
         _NativeBackward.recipe_fields = precision_kwargs.pop("te_recipe_fields", None)
         if _NativeBackward.recipe_fields:
             # TE 2.20 added those recipe fields together with backward_override.
@@ -137,7 +143,6 @@ class MegatronEngine(Engine):
                 _NativeBackward.recipe_fields, _te_backward_override_available()
             )
             _NativeBackward.install()
-        self.base_recipe = precision.PrecisionRecipe.from_config(cfg.precision)
         self.native_quant = {k: precision_kwargs.get(k) for k in ("fp8", "fp4")}  # for phases turning it off
         _NativeBackward.mode = None  # the base recipe's backward, whatever an earlier engine left
         if not self.emulated and self.base_recipe.quantized:
@@ -148,11 +153,6 @@ class MegatronEngine(Engine):
         gather_tc, gather_ddp, gather_opt = param_gather.megatron_kwargs(
             cfg.precision, self.lowp_param_gather
         )
-        if self.emulated:  # our quantizers inside TE: the factory reads this recipe
-            tokens = int(cfg.train.micro_batch_size) * self.spec.seq_length // self.layout.cp
-            te_recipes.start_emulation(
-                cfg.precision, self.base_recipe, int(cfg.train.seed), tokens, why_not_native
-            )
 
         self._init_parallel(ps)
         config_kwargs = settings.transformer_config_kwargs(
