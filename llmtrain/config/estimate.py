@@ -25,7 +25,7 @@ and vocab entry over tp (FP32 logits + grad, BF16 copy).
 from dataclasses import dataclass
 
 from llmtrain.models import ModelSpec
-from llmtrain.precision.recipes import lowp_param_gather_recipes
+from llmtrain.precision.recipes import RECIPES, lowp_param_gather_recipes
 from llmtrain.precision.registry import FORMATS
 
 GIB = 2**30
@@ -92,9 +92,13 @@ def layers_in_flight(num_layers: int, pp: int, vpp: int, stage: int, micro_batch
 
 
 def emulated_planned(cfg) -> bool:
-    """Whether the dry run assumes llmtrain's emulation: only where the config asks for it (backend=custom);
-    auto assumes a GPU where TE runs the recipe natively. The engine decides for the GPU it runs on."""
-    return cfg.precision.name != "bf16" and cfg.precision.backend == "custom"
+    """Whether the dry run assumes llmtrain's emulation: where the config asks for it (backend=custom) or the
+    named recipe has no TE recipe (e.g. mxfp4); auto otherwise assumes a GPU where TE runs the recipe
+    natively. The engine decides for the GPU it runs on."""
+    named = RECIPES.get(cfg.precision.name)  # an unknown name is preflight's error, not the estimate's
+    if named is None or not named.quantized:
+        return False
+    return cfg.precision.backend == "custom" or named.native is None
 
 
 def lowp_param_gather_planned(cfg, shards: int) -> bool:

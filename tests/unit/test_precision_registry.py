@@ -46,6 +46,15 @@ def test_the_triton_kernels_implement_exactly_the_formats_the_registry_says():
     assert triton_kernels.BLOCKS == {"mxfp8": 32, "nvfp4": 16}
 
 
+def test_dry_run_plans_emulation_for_a_recipe_without_a_te_recipe():
+    from llmtrain.config.estimate import emulated_planned
+
+    assert emulated_planned(make_config(precision="mxfp4"))  # on any GPU: TE has no MXFP4 recipe
+    assert not emulated_planned(make_config(precision="nvfp4"))  # auto: assumes a GPU where TE runs it
+    assert emulated_planned(make_config(precision="nvfp4", overrides={"precision": {"backend": "custom"}}))
+    assert not emulated_planned(make_config(precision="bf16", overrides={"precision": {"backend": "custom"}}))
+
+
 def test_memory_estimate_reads_element_bytes_from_the_registry():
     assert LOWP_ELEMENT_BYTES == {"fp8_e4m3": 1.0, "fp8_e5m2": 1.0, "mxfp8": 1.03, "nvfp4": 0.5625,
                                   "mxfp4": 0.53125}  # fmt: skip
