@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 from llmtrain.config.layout import Layout
 from llmtrain.models import ModelSpec
+from llmtrain.precision.recipes import RECIPES, lowp_param_gather_recipes
+from llmtrain.precision.registry import FORMATS
 
 GIB = 2**30
-LOWP_ELEMENT_BYTES = {"fp8_e4m3": 1.0, "fp8_e5m2": 1.0, "mxfp8": 1.03, "nvfp4": 0.5625}  # with scales
+LOWP_ELEMENT_BYTES = {n: f.bytes_per_element for n, f in FORMATS.items()}  # with scales
 # Precisions whose Megatron-Bridge recipe keeps the parameters in low precision for the all-gather.
-BRIDGE_LOWP_PARAM_GATHER = ("fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all")
+BRIDGE_LOWP_PARAM_GATHER = lowp_param_gather_recipes()
 
 
 @dataclass
@@ -90,9 +92,13 @@ def layers_in_flight(num_layers: int, pp: int, vpp: int, stage: int, micro_batch
 
 
 def emulated_planned(cfg) -> bool:
-    """Whether the dry run assumes llmtrain's emulation: only where the config asks for it (backend=custom);
-    auto assumes a GPU where TE runs the recipe natively. The engine decides for the GPU it runs on."""
-    return cfg.precision.name != "bf16" and cfg.precision.backend == "custom"
+    """Whether the dry run assumes llmtrain's emulation: where the config asks for it (backend=custom) or the
+    named recipe has no TE recipe (e.g. mxfp4); auto otherwise assumes a GPU where TE runs the recipe
+    natively. The engine decides for the GPU it runs on."""
+    named = RECIPES.get(cfg.precision.name)  # an unknown name is preflight's error, not the estimate's
+    if named is None or not named.quantized:
+        return False
+    return cfg.precision.backend == "custom" or named.native is None
 
 
 def lowp_param_gather_planned(cfg, shards: int) -> bool:

@@ -7,7 +7,8 @@ keys in recipe.py (operands) and schedule.py (phases).
 from dataclasses import dataclass, field
 from typing import Any
 
-PRECISION_NAMES = ["bf16", "fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all"]
+from llmtrain.precision.recipes import PRECISION_NAMES  # noqa: F401 (the registered recipe names)
+
 BACKENDS = ["auto", "native", "custom", "torch"]
 OPERAND_NAMES = ["fprop_x", "fprop_w", "dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x"]
 
@@ -49,9 +50,9 @@ class QAFConfig:
 class OperandSetting:
     """One GEMM operand's override of the role-level keys; None keeps what the role-level keys give."""
 
-    format: str | None = None  # bf16 | fp8_e4m3 | fp8_e5m2 | mxfp8 | nvfp4
+    format: str | None = None  # bf16 or a registered format (registry.py): fp8_e4m3, mxfp8, nvfp4, ...
     rounding: str | None = None  # nearest | stochastic
-    block_2d: bool | None = None  # 16x16 (nvfp4) / 32x32 (mxfp8) tiles instead of 1-D blocks
+    block_2d: bool | None = None  # block x block tiles (16x16 nvfp4, 32x32 mxfp8/mxfp4) instead of 1-D blocks
     rht: bool | None = None  # wgrad_dy / wgrad_x only, and both alike (see recipe.py)
 
 
@@ -99,7 +100,8 @@ class PhaseConfig:
 class PrecisionConfig:
     name: str = "bf16"
     backend: str = "auto"
-    # Element formats per operand role: bf16 | fp8_e4m3 | fp8_e5m2 | mxfp8 | nvfp4
+    # Element formats per operand role: bf16 or a registered format (registry.py): fp8_e4m3 | fp8_e5m2 |
+    # mxfp8 | nvfp4 | mxfp4
     weight_format: str = "bf16"
     activation_format: str = "bf16"
     grad_format: str = "bf16"

@@ -26,6 +26,7 @@ class FloatFormat:
 E2M1 = FloatFormat("e2m1", 2, 1, 0, 6.0)
 E4M3 = FloatFormat("e4m3", 4, 3, -6, 448.0, torch.float8_e4m3fn)
 E5M2 = FloatFormat("e5m2", 5, 2, -14, 57344.0, torch.float8_e5m2)
+ELEMENTS = {f.name: f for f in (E2M1, E4M3, E5M2)}  # registry.FormatSpec.element -> its grid
 
 ROUNDINGS = ("nearest", "stochastic")
 # Random bits per element for stochastic rounding: 8 as native TE on Blackwell (cvt.rs.satfinite.e2m1x4
@@ -167,6 +168,22 @@ def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def encode_elements(fmt: FloatFormat, elems: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+    """uint8 codes of grid values `elems` [rows, cols]: FP8 bit patterns, or two E2M1 codes per byte (a NaN
+    element, whose block scale is NaN, encodes as 0; `negative` carries the E2M1 sign, see e2m1_encode)."""
+    if fmt.torch_dtype is not None:
+        return elems.to(fmt.torch_dtype).view(torch.uint8)
+    elems = torch.where(torch.isnan(elems), torch.zeros_like(elems), elems)
+    return pack_fp4(e2m1_encode(elems, negative))
+
+
+def decode_elements(fmt: FloatFormat, codes: torch.Tensor) -> torch.Tensor:
+    """FP32 grid values of codes made by encode_elements."""
+    if fmt.torch_dtype is not None:
+        return codes.view(fmt.torch_dtype).float()
+    return e2m1_decode(unpack_fp4(codes))
 
 
 # ---- E8M0 scales (biased power-of-two exponent; 255 = NaN) ----

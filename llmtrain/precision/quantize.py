@@ -7,7 +7,7 @@ drops it.
 
 NaN/Inf: propagated, never raised (a raise would need a device sync on every GEMM). A non-finite element
 makes the scale it shares NaN: the whole tensor for fp8_e4m3/fp8_e5m2/nvfp4 (the tensor scale comes from the
-amax), its 32-block for mxfp8. Dequantized, those elements are NaN, so the loss turns NaN and the training
+amax), its 32-block for mxfp8/mxfp4. Dequantized, those elements are NaN, so the loss turns NaN and the training
 loop's NaN policy skips the step. (TE instead saturates Inf and ignores NaN when taking the amax.)
 """
 
@@ -17,31 +17,28 @@ import torch
 
 from llmtrain.precision import scaling
 from llmtrain.precision.formats import (
-    E4M3,
-    E5M2,
+    ELEMENTS,
     ROUNDINGS,
     SR_BITS,
-    e2m1_decode,
-    e2m1_encode,
+    decode_elements,
     e8m0_to_float,
-    pack_fp4,
+    encode_elements,
     random_bits,
-    unpack_fp4,
 )
+from llmtrain.precision.registry import FORMATS as _REGISTRY
+from llmtrain.precision.registry import FormatSpec, get_format
 
-FORMATS = ("fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4")
-BLOCK = {"mxfp8": 32, "nvfp4": 16}
-_FP8 = {"fp8_e4m3": E4M3, "fp8_e5m2": E5M2}
+FORMATS = tuple(_REGISTRY)  # the registered formats (registry.py), in registration order
 
 
 @dataclass
 class QuantizedTensor:
     """Codes and scales of one quantized tensor.
 
-    codes: uint8 [rows, padded cols] (FP8 bit patterns), or [rows, padded cols / 2] for nvfp4 (two E2M1
-        codes per byte, even element in the low nibble, as TE packs them).
-    scale: fp8_*: FP32 [1] dequantization scale (1 / quantization scale); mxfp8: uint8 E8M0 codes
-        [rows, blocks]; nvfp4: float8_e4m3fn block scales [rows, blocks] (16x16 tiles repeat per row).
+    codes: uint8 [rows, padded cols] (FP8 bit patterns), or [rows, padded cols / 2] for E2M1 elements
+        (nvfp4, mxfp4: two codes per byte, even element in the low nibble, as TE packs them).
+    scale: fp8_*: FP32 [1] dequantization scale (1 / quantization scale); mxfp8, mxfp4: uint8 E8M0 codes
+        [rows, blocks]; nvfp4: float8_e4m3fn block scales [rows, blocks] (2-D tiles repeat per row).
     amax: nvfp4 only: FP32 [1] tensor amax, or [rows] row amaxes when row-scaled (TE's global_amax_row);
         the second-level decode scale is amax / (6 * e4m3_max).
     e4m3_max: nvfp4: 448, or 256 for 4over6 with that range (FourOverSix).
@@ -71,8 +68,7 @@ class Parts:
 
 
 def check_args(fmt: str, rounding: str, sr_bits: int = 8) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt={fmt!r}: allowed values are {', '.join(FORMATS)}")
+    get_format(fmt)  # ValueError naming the registered formats
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r}: allowed values are {', '.join(ROUNDINGS)}")
     if sr_bits not in SR_BITS:
@@ -107,36 +103,134 @@ class FourOverSix:
         return scaling.RCP_2688 if self.e4m3_max == 448 else scaling._f32_quotient(1.0, 6.0 * self.e4m3_max)
 
 
+@dataclass
+class _Raw:
+    """A scale rule's output on the padded FP32 tensor: grid `elems` [rows, padded cols], the `scale`
+    (FP32 [1] scale_inv, E8M0 codes or E4M3 block scales), NVFP4's `amax`, and the mask of strictly negative
+    scaled values for the E2M1 sign bit."""
+
+    elems: torch.Tensor
+    scale: torch.Tensor
+    amax: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
+
+
+class _PerTensor:
+    """fp32_tensor: FP8 current scaling (scaling.per_tensor_fp8), elementwise, no padding."""
+
+    nvfp4_options = False
+    padded = False
+
+    def quantize(self, spec, xf, rounding, block_2d, rbits, sr_bits, sign, fos, row_scaled) -> _Raw:
+        return _Raw(*scaling.per_tensor_fp8(xf, ELEMENTS[spec.element], rounding, rbits, sr_bits))
+
+    def dequantize(self, elems, scale, amax, rcp) -> torch.Tensor:
+        return elems * scale
+
+    def parts(self, raw: _Raw, rcp) -> Parts:
+        return Parts(raw.elems, raw.scale)
+
+
+class _MX:
+    """e8m0_te / e8m0_ocp: an E8M0 power-of-two scale per block (scaling.mx) from the given rule."""
+
+    nvfp4_options = False
+    padded = True
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def quantize(self, spec, xf, rounding, block_2d, rbits, sr_bits, sign, fos, row_scaled) -> _Raw:
+        elem = ELEMENTS[spec.element]
+        elems, codes, negative = scaling.mx(
+            xf, elem, self.rule, rounding, block_2d, rbits, sr_bits, spec.block, sign
+        )
+        return _Raw(elems, codes, None, negative)
+
+    def dequantize(self, elems, scale, amax, rcp) -> torch.Tensor:
+        rows, cols = elems.shape
+        blocks = elems.view(rows, scale.shape[1], -1)
+        return (blocks * e8m0_to_float(scale).unsqueeze(-1)).view(rows, cols)
+
+    def parts(self, raw: _Raw, rcp) -> Parts:
+        return Parts(self.dequantize(raw.elems, raw.scale, None, rcp), None)
+
+
+class _NVFP4:
+    """nvfp4: FP32 tensor scale + E4M3 block scales (scaling.nvfp4), or TE 2.20's 4over6 / row-scaled."""
+
+    nvfp4_options = True
+    padded = True
+
+    def quantize(self, spec, xf, rounding, block_2d, rbits, sr_bits, sign, fos, row_scaled) -> _Raw:
+        if fos is not None:
+            out = scaling.nvfp4_4over6(xf, block_2d, fos.err_mode, fos.e4m3_max, spec.block, sign, row_scaled)
+        else:
+            out = scaling.nvfp4(xf, rounding, block_2d, rbits, sr_bits, spec.block, sign, row_scaled)
+        return _Raw(*out)
+
+    def dequantize(self, elems, scale, amax, rcp) -> torch.Tensor:
+        rows, cols = elems.shape
+        blocks = elems.view(rows, scale.shape[1], -1)
+        # TE's dequantize_fp4_kernel: final_scale = (s_blk * amax) * fp32(1 / (6 * 448)) (rcp). s_blk * amax
+        # overflows FP32 for amax > ~7.6e35 (TE then returns inf); only there we reassociate.
+        amax = amax.view(-1, 1)  # [1, 1] or one per row (row-scaled)
+        s_amax = scale.float() * amax
+        final = torch.where(torch.isinf(s_amax), scale.float() * (amax * rcp), s_amax * rcp)
+        return (blocks * final.unsqueeze(-1)).view(rows, cols)
+
+    def parts(self, raw: _Raw, rcp) -> Parts:
+        rows, pcols = raw.elems.shape
+        values = (raw.elems.view(rows, raw.scale.shape[1], -1) * raw.scale.float().unsqueeze(-1)).view(
+            rows, pcols
+        )
+        return Parts(values, raw.amax * rcp)
+
+
+# Scale rule (registry.FormatSpec.scale) -> how it quantizes, dequantizes and feeds a GEMM.
+SCHEMES = {
+    "fp32_tensor": _PerTensor(),
+    "e8m0_te": _MX(scaling.e8m0_te),
+    "e8m0_ocp": _MX(scaling.e8m0_ocp),
+    "nvfp4": _NVFP4(),
+}
+
+
+def _scheme(spec: FormatSpec):
+    return SCHEMES[spec.scale]
+
+
+def _option_error(option: str, got: str, extra: str = "") -> ValueError:
+    takes = " or ".join(repr(n) for n, f in _REGISTRY.items() if _scheme(f).nvfp4_options)
+    return ValueError(f"{option} needs fmt={takes}{extra}, got {got}")
+
+
+def _rcp(four_over_six: "FourOverSix | None") -> float:
+    return (four_over_six or FourOverSix()).rcp_decode
+
+
 def _quantize_rows(
     x2: torch.Tensor, fmt: str, rounding: str, block_2d: bool, generator, sign=False, seed=None, sr_bits=8,
     four_over_six: FourOverSix | None = None, row_scaled: bool = False,
-):  # fmt: skip
-    """x2: [rows, cols] any float dtype -> raw quantizer output on the padded FP32 tensor."""
+) -> _Raw:  # fmt: skip
+    """x2: [rows, cols] any float dtype -> the scale rule's output on the padded FP32 tensor."""
     xf = x2.float().contiguous()
-    if row_scaled and fmt != "nvfp4":
-        raise ValueError(f"row_scaled needs fmt='nvfp4', got {fmt!r}")
-    if four_over_six is not None:
-        if fmt != "nvfp4" or rounding != "nearest":
-            raise ValueError(
-                f"four_over_six needs fmt='nvfp4' and rounding='nearest', got {fmt!r}, {rounding!r}"
-            )
-        xf = scaling.pad_to(xf, 1, 16)
-        fos = four_over_six
-        return scaling.nvfp4_4over6(
-            xf, block_2d, fos.err_mode, fos.e4m3_max, sign=sign, row_scaled=row_scaled
-        )
+    spec = get_format(fmt)
+    scheme = _scheme(spec)
+    if row_scaled and not scheme.nvfp4_options:
+        raise _option_error("row_scaled", repr(fmt))
     rbits = None
-    if rounding == "stochastic":
+    if four_over_six is not None:
+        if not scheme.nvfp4_options or rounding != "nearest":
+            raise _option_error("four_over_six", f"{fmt!r}, {rounding!r}", " and rounding='nearest'")
+    elif rounding == "stochastic":
         rows, cols = xf.shape
         rbits = random_bits(rows, cols, _sr_seed(seed, generator), sr_bits, xf.device)
-    if fmt in _FP8:
-        return scaling.per_tensor_fp8(xf, _FP8[fmt], rounding, rbits, sr_bits)
-    xf = scaling.pad_to(xf, 1, BLOCK[fmt])
-    if rbits is not None:
-        rbits = scaling.pad_to(rbits, 1, BLOCK[fmt])
-    if fmt == "mxfp8":
-        return scaling.mxfp8(xf, rounding, block_2d, rbits, sr_bits)
-    return scaling.nvfp4(xf, rounding, block_2d, rbits, sr_bits, sign=sign, row_scaled=row_scaled)
+    if scheme.padded:
+        xf = scaling.pad_to(xf, 1, spec.block)
+        if rbits is not None:
+            rbits = scaling.pad_to(rbits, 1, spec.block)
+    return scheme.quantize(spec, xf, rounding, block_2d, rbits, sr_bits, sign, four_over_six, row_scaled)
 
 
 def quantize(
@@ -151,10 +245,10 @@ def quantize(
     four_over_six: FourOverSix | None = None,
     row_scaled: bool = False,
 ) -> QuantizedTensor:
-    """Quantize `x` to `fmt` (fp8_e4m3 | fp8_e5m2 | mxfp8 | nvfp4) along its last dimension.
+    """Quantize `x` to `fmt` (a registry.FORMATS name) along its last dimension.
 
-    rounding: nearest (to even) | stochastic. block_2d: square tiles (16x16 nvfp4, 32x32 mxfp8) over the
-    last two dimensions so that x and x^T see the same values; ignored for the per-tensor FP8 formats.
+    rounding: nearest (to even) | stochastic. block_2d: square tiles (16x16 nvfp4, 32x32 mxfp8/mxfp4) over
+    the last two dimensions so that x and x^T see the same values; ignored for the per-tensor FP8 formats.
     Stochastic rounding: sr_bits random bits per element (8: native TE's distribution, 24: unbiased to
     2**-24; formats.round_to_format) from Philox(seed), the seed drawn from `generator` when not given.
     The Triton kernels draw the same bits for the same seed (triton_kernels.fake_quantize_2d).
@@ -162,49 +256,15 @@ def quantize(
     row_scaled: NVFP4 with one FP32 amax per row (TE 2.20's row_scaled_nvfp4; 1x16 blocks; torch path only).
     """
     check_args(fmt, rounding, sr_bits)
-    x2 = _rows(x)
-    out = _quantize_rows(
-        x2,
-        fmt,
-        rounding,
-        block_2d,
-        generator,
-        sign=True,
-        seed=seed,
-        sr_bits=sr_bits,
-        four_over_six=four_over_six,
-        row_scaled=row_scaled,
-    )
-    if fmt in _FP8:
-        elems, scale_inv = out
-        codes = elems.to(_FP8[fmt].torch_dtype).view(torch.uint8)
-        return QuantizedTensor(fmt, codes, scale_inv, None, x.shape, x.dtype, block_2d)
-    if fmt == "mxfp8":
-        elems, e8 = out
-        codes = elems.to(torch.float8_e4m3fn).view(torch.uint8)
-        return QuantizedTensor(fmt, codes, e8, None, x.shape, x.dtype, block_2d)
-    elems, s_blk, amax, negative = out
-    codes = torch.where(torch.isnan(elems), torch.zeros_like(elems), elems)
-    codes = pack_fp4(e2m1_encode(codes, negative))
+    raw = _quantize_rows(
+        _rows(x), fmt, rounding, block_2d, generator, sign=True, seed=seed, sr_bits=sr_bits,
+        four_over_six=four_over_six, row_scaled=row_scaled,
+    )  # fmt: skip
+    spec = get_format(fmt)
+    codes = encode_elements(ELEMENTS[spec.element], raw.elems, raw.negative)
     e4m3_max = four_over_six.e4m3_max if four_over_six is not None else 448
-    amax = amax.view(-1) if row_scaled else amax
-    return QuantizedTensor(fmt, codes, s_blk, amax, x.shape, x.dtype, block_2d, e4m3_max)
-
-
-def _dequantize_elems(fmt, elems, scale, amax, rcp: float = scaling.RCP_2688) -> torch.Tensor:
-    """FP32 values from grid elements and scales, with TE's dequantize arithmetic."""
-    if fmt in _FP8:
-        return elems * scale
-    rows, cols = elems.shape
-    blocks = elems.view(rows, scale.shape[1], -1)
-    if fmt == "mxfp8":
-        return (blocks * e8m0_to_float(scale).unsqueeze(-1)).view(rows, cols)
-    # TE's dequantize_fp4_kernel: final_scale = (s_blk * amax) * fp32(1 / (6 * 448)) (rcp). s_blk * amax
-    # overflows FP32 for amax > ~7.6e35 (TE then returns inf); only there we reassociate.
-    amax = amax.view(-1, 1)  # [1, 1] or one per row (row-scaled)
-    s_amax = scale.float() * amax
-    final = torch.where(torch.isinf(s_amax), scale.float() * (amax * rcp), s_amax * rcp)
-    return (blocks * final.unsqueeze(-1)).view(rows, cols)
+    amax = raw.amax.view(-1) if row_scaled and raw.amax is not None else raw.amax
+    return QuantizedTensor(fmt, codes, raw.scale, amax, x.shape, x.dtype, block_2d, e4m3_max)
 
 
 def _finish(values: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -214,12 +274,10 @@ def _finish(values: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torc
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """Back to q.dtype and q.shape."""
-    if q.fmt == "nvfp4":
-        elems = e2m1_decode(unpack_fp4(q.codes))
-    else:
-        elems = q.codes.view(torch.float8_e4m3fn if q.fmt != "fp8_e5m2" else torch.float8_e5m2).float()
+    spec = get_format(q.fmt)
+    elems = decode_elements(ELEMENTS[spec.element], q.codes)
     rcp = FourOverSix(e4m3_max=q.e4m3_max).rcp_decode
-    return _finish(_dequantize_elems(q.fmt, elems, q.scale, q.amax, rcp), q.shape, q.dtype)
+    return _finish(_scheme(spec).dequantize(elems, q.scale, q.amax, rcp), q.shape, q.dtype)
 
 
 def fake_quantize(
@@ -238,15 +296,12 @@ def fake_quantize(
     check_args(fmt, rounding, sr_bits)
     if x.numel() == 0:
         return x.clone()
-    out = _quantize_rows(
+    raw = _quantize_rows(
         _rows(x), fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six,
         row_scaled=row_scaled,
     )  # fmt: skip
-    if fmt == "nvfp4":
-        elems, s_blk, amax, _ = out
-        rcp = (four_over_six or FourOverSix()).rcp_decode
-        return _finish(_dequantize_elems(fmt, elems, s_blk, amax, rcp), x.shape, x.dtype)
-    return _finish(_dequantize_elems(fmt, out[0], out[1], None), x.shape, x.dtype)
+    values = _scheme(get_format(fmt)).dequantize(raw.elems, raw.scale, raw.amax, _rcp(four_over_six))
+    return _finish(values, x.shape, x.dtype)
 
 
 def quantize_parts(
@@ -263,17 +318,9 @@ def quantize_parts(
 ) -> Parts:
     """Quantize a 2-D tensor for a GEMM (see Parts); padding along the last dimension is dropped."""
     cols = x2.shape[1]
-    out = _quantize_rows(
+    raw = _quantize_rows(
         x2, fmt, rounding, block_2d, generator, seed=seed, sr_bits=sr_bits, four_over_six=four_over_six,
         row_scaled=row_scaled,
     )  # fmt: skip
-    if fmt in _FP8:
-        return Parts(out[0], out[1])
-    if fmt == "mxfp8":
-        elems, e8 = out
-        values = _dequantize_elems(fmt, elems, e8, None)
-        return Parts(values[:, :cols], None)
-    elems, s_blk, amax, _ = out
-    rows, pcols = elems.shape
-    values = (elems.view(rows, s_blk.shape[1], -1) * s_blk.float().unsqueeze(-1)).view(rows, pcols)
-    return Parts(values[:, :cols], amax * (four_over_six or FourOverSix()).rcp_decode)
+    parts = _scheme(get_format(fmt)).parts(raw, _rcp(four_over_six))
+    return Parts(parts.values[:, :cols], parts.factor)

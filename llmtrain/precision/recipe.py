@@ -19,14 +19,15 @@ from llmtrain.precision import nvfp4_options
 from llmtrain.precision.config import BACKENDS, OPERAND_NAMES, PRECISION_NAMES
 from llmtrain.precision.formats import ROUNDINGS, SR_BITS
 from llmtrain.precision.nvfp4_options import NVFP4Options
-from llmtrain.precision.quantize import FORMATS, FourOverSix
+from llmtrain.precision.quantize import FourOverSix
+from llmtrain.precision.registry import FORMATS, blocked_formats
 
 OPERAND_FORMATS = ["bf16", *FORMATS]
 QAF_TRIGGERS = ["off", "sqrt3", "fraction"]
 RHT_SIGNS = ["te", "random"]
 SR_OPERANDS = ["grad", "all"]
 TORCH_BACKENDS = ["auto", "torch"]
-BLOCK_2D_FORMATS = ("mxfp8", "nvfp4")
+BLOCK_2D_FORMATS = blocked_formats()  # mxfp8, nvfp4, mxfp4
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def _validate_operands(cfg) -> None:
             raise ConfigError(
                 f"precision.operands.{name}.block_2d",
                 True,
-                f"2-D blocks exist for mxfp8 and nvfp4 only, this operand is {op.fmt}",
+                f"2-D blocks exist for {', '.join(BLOCK_2D_FORMATS)} only, this operand is {op.fmt}",
             )
 
 

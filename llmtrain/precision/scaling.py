@@ -5,8 +5,10 @@ The arithmetic order and FP32 rounding follow TE's kernels / reference quantizer
 different order (e.g. dividing by 6 instead of multiplying by an FP32 1/6) changes scale bits.
 
 Non-finite inputs (our choice, TE saturates or ignores them): a NaN/Inf makes the scale it feeds NaN, so the
-tensor (FP8 per-tensor, NVFP4) or the 32-block (MXFP8) dequantizes to NaN and the loss shows it.
+tensor (FP8 per-tensor, NVFP4) or the 32-block (MXFP8, MXFP4) dequantizes to NaN and the loss shows it.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,47 @@ def per_tensor_fp8(x: torch.Tensor, fmt: FloatFormat, rounding: str, rbits=None,
     return round_to_format(x * scale, fmt, rounding, rbits, sr_bits), torch.reciprocal(scale)
 
 
+def e8m0_te(bmax: torch.Tensor, elem: FloatFormat = E4M3) -> torch.Tensor:
+    """TE's MXFP8 scale rule (E4M3 elements): E8M0 code of 2**ceil(log2(amax * fp32(1/448))), so no element
+    saturates."""
+    return e8m0_from_float_ceil(bmax * RCP_448)
+
+
+def e8m0_ocp(bmax: torch.Tensor, elem: FloatFormat = E2M1) -> torch.Tensor:
+    """The OCP MX scale rule (Microscaling spec v1.0, section 6.3): X = 2**(floor(log2(amax)) - emax_elem),
+    emax_elem the element type's largest exponent (2 for E2M1, whose max is 1.5 * 2**2), as torchao's
+    to_mx computes it in ScaleCalculationMode.FLOOR (torchao/prototype/mx_formats/mx_tensor.py): the FP32
+    exponent field of amax minus emax_elem, clamped to E8M0's range. Elements above the element max then
+    saturate (amax / X lies in [4, 8), E2M1 stops at 6). amax below 2**-124 (0 included) -> code 0
+    (2**-127), applied exactly (torchao divides by 2**-126 there, FP32's smallest normal). Deviation, as
+    for our other formats: a NaN or Inf amax gives code 255 (NaN), where torchao maps Inf to a finite scale."""
+    emax_elem = math.frexp(elem.max)[1] - 1  # floor(log2(max)): E2M1 2, E4M3 8, E5M2 15
+    biased = ((bmax.float().contiguous().view(torch.int32) >> 23) & 0xFF) - emax_elem
+    code = biased.clamp(0, 254)
+    return torch.where(torch.isfinite(bmax), code, torch.full_like(code, 255)).to(torch.uint8)
+
+
+def mx(
+    x: torch.Tensor,
+    elem: FloatFormat,
+    scale_rule,
+    rounding: str,
+    block_2d: bool = False,
+    rbits=None,
+    sr_bits: int = 8,
+    block: int = 32,
+    sign: bool = False,
+):
+    """MX block scaling: per `block` elements (or block x block tile) an E8M0 code `scale_rule(amax, elem)`,
+    elements = elem(x * 2**-scale). `x` cols must be a multiple of `block`. Returns (elements [rows, cols],
+    E8M0 codes [rows, cols/block], and with `sign` the mask of strictly negative scaled values)."""
+    rows, cols = x.shape
+    codes = scale_rule(block_amax(x, block, block_2d), elem)
+    scaled = x.view(rows, cols // block, block) * e8m0_reciprocal(codes).unsqueeze(-1)
+    negative = (scaled < 0).view(rows, cols) if sign else None
+    return round_to_format(scaled, elem, rounding, rbits, sr_bits).view(rows, cols), codes, negative
+
+
 def mxfp8(
     x: torch.Tensor, rounding: str, block_2d: bool = False, rbits=None, sr_bits: int = 8, block: int = 32
 ):
@@ -71,10 +114,7 @@ def mxfp8(
 
     `x` cols must be a multiple of `block`. Returns (elements [rows, cols], E8M0 codes [rows, cols/block]).
     """
-    rows, cols = x.shape
-    codes = e8m0_from_float_ceil(block_amax(x, block, block_2d) * RCP_448)
-    scaled = x.view(rows, cols // block, block) * e8m0_reciprocal(codes).unsqueeze(-1)
-    return round_to_format(scaled, E4M3, rounding, rbits, sr_bits).view(rows, cols), codes
+    return mx(x, E4M3, e8m0_te, rounding, block_2d, rbits, sr_bits, block)[:2]
 
 
 def nvfp4_global_encode_scale(amax: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 TE's `CustomRecipe(qfactory=...)` asks a factory for one quantizer per tensor slot of every TE linear
 (roles: input, weight, grad_output; outputs and grad-inputs stay high precision). The factory here
 answers from the active PrecisionRecipe with a `HybridQuantizer` whose two directions are
-`FakeQuantizer`s: each holds the tensor quantized-then-dequantized by the Triton kernels, blocked along
-the axis its GEMM reduces over:
+`FakeQuantizer`s: each holds the tensor quantized-then-dequantized by the Triton kernels (the torch
+reference for a format without a kernel, e.g. MXFP4: emulate.py), blocked along the axis its GEMM
+reduces over:
 
     input        row-wise (fprop x, blocks along features)   column-wise (wgrad x, along tokens, RHT)
     weight       row-wise (fprop W, along in_features)       column-wise (dgrad W, along out_features)
@@ -36,7 +37,8 @@ weight, both grad_output directions) through in high precision, the forward stay
 
 Megatron-Core finds the factory by its dotted path `llmtrain.precision.te_custom.qfactory`
 (TransformerConfig.fp4_quantizer_factory / fp8_quantizer_factory); the engine calls `activate()` with
-the run's PrecisionRecipe before building the model. Imported only on a CUDA machine with TE.
+the run's PrecisionRecipe before building the model (te_recipes.start_emulation). Imported only on a CUDA
+machine with TE.
 """
 
 import zlib
@@ -48,10 +50,9 @@ import transformer_engine.pytorch  # noqa: F401  (TE's torch extension before it
 from transformer_engine.pytorch.tensor.hybrid_tensor import HybridQuantizer
 from transformer_engine.pytorch.tensor.identity_tensor import IdentityQuantizer
 
-from llmtrain.precision import kernel_check
+from llmtrain.precision.emulate import fake_quantize_2d
 from llmtrain.precision.hadamard import TE_SIGNS, random_signs
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
-from llmtrain.precision.triton_kernels import fake_quantize_2d
 
 
 @dataclass
@@ -170,11 +171,10 @@ class FakeQuantizer(IdentityQuantizer):
             seed=STATE.next_seed() if op.rounding == "stochastic" else 0,
             sr_bits=STATE.recipe.sr_bits,
         )
+        # The Triton kernels, or the torch reference for a format without one (emulate.py).
         out = fake_quantize_2d(
             x2, op.fmt, out_dtype=data.dtype, out=None if into is None else into.view(x2.shape), **how
         )
-        if x2.is_cuda:  # native kernels: once per configuration, compared with the torch reference
-            kernel_check.check_once(out, x2, op.fmt, **how)
         return out.view(data.shape)
 
 

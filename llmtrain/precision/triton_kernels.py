@@ -24,11 +24,13 @@ import triton.language as tl
 
 from llmtrain.precision import scaling
 from llmtrain.precision.formats import SR_BITS as _SR_BITS
+from llmtrain.precision.registry import get_format
 
 # Format ids (constexpr switch inside the kernel) and their grids: (ebits-derived emin, mantissa bits, max).
+# The formats the kernels implement; registry.FormatSpec.triton says the same (tests/unit/test_precision_registry.py).
 FP8_E4M3, FP8_E5M2, MXFP8, NVFP4 = 0, 1, 2, 3
 FORMAT_IDS = {"fp8_e4m3": FP8_E4M3, "fp8_e5m2": FP8_E5M2, "mxfp8": MXFP8, "nvfp4": NVFP4}
-BLOCKS = {"mxfp8": 32, "nvfp4": 16}
+BLOCKS = {n: get_format(n).block for n in FORMAT_IDS if get_format(n).blocked}  # elements per block scale
 # The reference's FP32 constants (tl.constexpr: the only globals a kernel may read).
 FP32_MAX = tl.constexpr(scaling.FP32_MAX)
 RCP_448 = tl.constexpr(scaling.RCP_448)

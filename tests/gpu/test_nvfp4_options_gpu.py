@@ -14,6 +14,7 @@ from transformer_engine.pytorch.custom_recipes import reference_nvfp4, reference
 
 from llmtrain.precision import quantize  # noqa: E402
 from llmtrain.precision.quantize import FourOverSix  # noqa: E402
+from tests.precision_cases import adversarial_tensors  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 CASES = {  # name -> (FourOverSix | None, row_scaled)
@@ -25,21 +26,8 @@ CASES = {  # name -> (FourOverSix | None, row_scaled)
 
 
 def _tensors(dtype):
-    g = torch.Generator(device="cuda").manual_seed(5)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device="cuda")
-
-    out = {
-        "normal": randn(256, 1024),
-        "heavy_tail": randn(256, 512) ** 3 * 10,
-        "row_ranges": randn(256, 512) * torch.logspace(-20, 20, 256, device="cuda").view(-1, 1),
-        "one_outlier": randn(128, 512) * 1e-3,
-        "zero_rows": randn(128, 256),
-    }
-    out["one_outlier"][3, 17] = 1e4
-    out["zero_rows"][5] = 0
-    return {k: v.to(dtype) for k, v in out.items()}
+    names = ("normal", "heavy_tail", "row_ranges", "one_outlier", "zero_rows")  # tests/precision_cases.py
+    return adversarial_tensors(dtype, rows=256, cols=512, device="cuda", seed=5, names=names)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

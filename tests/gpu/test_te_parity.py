@@ -26,6 +26,7 @@ from transformer_engine.pytorch.custom_recipes import reference_nvfp4, reference
 
 from llmtrain.precision import hadamard, quantize  # noqa: E402
 from llmtrain.precision.hadamard import TE_SIGNS  # noqa: E402
+from tests.precision_cases import adversarial_tensors  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 REPORT: dict[str, float] = {}
@@ -44,31 +45,9 @@ def _report():
 
 
 def _tensors(dtype):
-    g = torch.Generator(device="cuda").manual_seed(11)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device="cuda")
-
-    out = {
-        "normal": randn(256, 1024),
-        "heavy_tail": randn(256, 512) ** 3 * 10,
-        "wide_range": torch.exp(randn(256, 512) * 8) * torch.sign(randn(256, 512)),
-        "tiny": randn(128, 256) * 1e-30,
-        "scale_overflow": randn(128, 256) * 1e-37,
-        "huge": randn(128, 256) * 1e37,
-        "one_outlier": randn(128, 512) * 1e-3,
-        "zero_blocks": randn(128, 256),
-        "all_zero": torch.zeros(128, 128, device="cuda"),
-        "subnormal": randn(128, 256) * 2.0**-12,
-    }
-    out["one_outlier"][3, 17] = 1e4
-    out["zero_blocks"][:, :64] = 0
-    out["zero_blocks"][5] = 0
-    out["subnormal"][0, 0] = 1.0
-    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4, device="cuda").repeat(128, 8)
-    ties[:, ::3] *= -1
-    out["e2m1_ties"] = ties
-    return {k: v.to(dtype) for k, v in out.items()}
+    names = ("normal", "heavy_tail", "wide_range", "tiny", "scale_overflow", "huge", "one_outlier", "zero_blocks",
+             "all_zero", "subnormal", "e2m1_ties")  # tests/precision_cases.py, whole blocks only  # fmt: skip
+    return adversarial_tensors(dtype, rows=128, cols=512, device="cuda", seed=11, names=names)
 
 
 def _record(key: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:

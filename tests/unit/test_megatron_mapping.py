@@ -12,6 +12,7 @@ from llmtrain.engines.megatron_engine import batches, mapping, settings
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
 from llmtrain.models.llama import LlamaModel
+from llmtrain.precision import te_recipes
 from tests.megatron_helpers import make_config
 
 SPEC = ModelSpec(
@@ -132,7 +133,7 @@ def test_resolve_layout():
 
 
 def _settings(name, capability, **precision):
-    return settings.precision_settings(
+    return te_recipes.precision_settings(
         make_config(precision=name, overrides={"precision": precision}).precision, capability
     )
 

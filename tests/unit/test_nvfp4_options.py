@@ -10,9 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from llmtrain.engines.megatron_engine import settings
 from llmtrain.errors import ConfigError
-from llmtrain.precision import PrecisionRecipe, QuantLinear, validate
+from llmtrain.precision import PrecisionRecipe, QuantLinear, te_recipes, validate
 from llmtrain.precision import linear as linear_mod
 from llmtrain.precision.nvfp4_options import emulated_refusal
 from llmtrain.precision.quantize import FourOverSix
@@ -160,7 +159,7 @@ def test_megatron_native_maps_the_keys_to_te_nvfp4blockscaling_fields(te_referen
     checks run in __post_init__); without an option the recipe stays untouched (older TEs keep working)."""
     blackwell, hopper = (10, 0), (9, 0)
     prec = _prec(nvfp4_4over6="weights", nvfp4_4over6_err_mode="MSE", row_scaled_activation=True)
-    kw, desc = settings.precision_settings(prec, blackwell, 16)
+    kw, desc = te_recipes.precision_settings(prec, blackwell, 16)
     fields = kw["te_recipe_fields"]
     assert fields == {"nvfp4_4over6": "weights", "nvfp4_4over6_e4m3_use_256": "all",
                       "nvfp4_4over6_err_mode": "MSE", "row_scaled_activation": True}  # fmt: skip
@@ -168,9 +167,9 @@ def test_megatron_native_maps_the_keys_to_te_nvfp4blockscaling_fields(te_referen
     te = _te_recipe_module(te_reference)
     recipe = dataclasses.replace(te.NVFP4BlockScaling(), **fields)
     assert recipe.nvfp4_4over6 == "weights" and recipe.row_scaled_activation and not recipe.disable_rht
-    assert "te_recipe_fields" not in settings.precision_settings(_prec(), blackwell, 16)[0]
+    assert "te_recipe_fields" not in te_recipes.precision_settings(_prec(), blackwell, 16)[0]
     # Hopper: the emulated path, which refuses them (the engine raises this line at build).
-    kw, _ = settings.precision_settings(prec, hopper, 16)
+    kw, _ = te_recipes.precision_settings(prec, hopper, 16)
     assert kw["fp4_recipe"] == "custom"
     assert emulated_refusal(prec) == (
         "precision.nvfp4_4over6=weights and precision.row_scaled_activation=true is emulated only on "

@@ -48,7 +48,7 @@ def loss_fn(m, mb):
 
 def test_shipped_configs_validate_and_describe_their_recipes():
     names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    assert names == ["bf16", "fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all"]
+    assert names == ["bf16", "fp8_cs", "mxfp4", "mxfp8", "nvfp4", "nvfp4_fp4all"]
     for name in names:
         cfg = load(name, **({"bf16_layers.last": 1} if name == "nvfp4" else {}))
         m = model()
@@ -74,7 +74,7 @@ def test_shipped_configs_validate_and_describe_their_recipes():
     assert (fp8.weight_format, fp8.activation_format, fp8.grad_format) == ("fp8_e4m3", "fp8_e4m3", "fp8_e5m2")
 
 
-@pytest.mark.parametrize("name", ["fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all"])
+@pytest.mark.parametrize("name", ["fp8_cs", "mxfp8", "nvfp4", "nvfp4_fp4all", "mxfp4"])
 def test_convert_quantizes_keeps_names_and_trains(name):
     cfg = load(name, **{"bf16_layers.first": 1, "bf16_layers.last": 0})
     ref, m = model(), model()

@@ -358,35 +358,35 @@ def test_shipped_schedule_configs():
 
 
 def test_native_te_runs_backward_override_and_bf16_phases_and_refuses_the_rest():
-    from llmtrain.engines.megatron_engine import settings
     from llmtrain.errors import UserError
+    from llmtrain.precision import te_recipes
 
     hopper, blackwell = (9, 0), (10, 0)
     base = PrecisionRecipe.from_config(load("fp8_cs"))
     qaf = PrecisionRecipe.from_config(load("fp8_cs", quantize_dgrad=False, quantize_wgrad=False))
     fwd_bf16 = PrecisionRecipe.from_config(load("fp8_cs", quantize_fprop=False))
-    assert settings.native_phase_mode(base, base) == "same"
-    assert settings.native_phase_mode(base, qaf) == "high_precision"  # TE: backward_override
-    assert settings.native_phase_mode(base, PrecisionRecipe()) == "off"
-    assert settings.native_phase_mode(base, fwd_bf16) is None
+    assert te_recipes.native_phase_mode(base, base) == "same"
+    assert te_recipes.native_phase_mode(base, qaf) == "high_precision"  # TE: backward_override
+    assert te_recipes.native_phase_mode(base, PrecisionRecipe()) == "off"
+    assert te_recipes.native_phase_mode(base, fwd_bf16) is None
     # FP8 then BF16, and a QAF switch, stay on TE's native Float8CurrentScaling.
-    kw, _ = settings.precision_settings(load("schedule/fp8_cs_then_bf16"), hopper, 16)
+    kw, _ = te_recipes.precision_settings(load("schedule/fp8_cs_then_bf16"), hopper, 16)
     assert kw["fp8_recipe"] == "tensorwise"
     qaf_cfg = load("fp8_cs", **{"qaf.trigger": "fraction"})
-    assert settings.precision_settings(qaf_cfg, hopper, 16)[0]["fp8_recipe"] == "tensorwise"
+    assert te_recipes.precision_settings(qaf_cfg, hopper, 16)[0]["fp8_recipe"] == "tensorwise"
     with pytest.raises(UserError, match=r"backward_override \(Transformer Engine >= 2\.20\)"):
-        settings.require_native_phases(qaf_cfg, te_has_backward_override=False)
-    settings.require_native_phases(qaf_cfg, te_has_backward_override=True)
+        te_recipes.require_native_phases(qaf_cfg, te_has_backward_override=False)
+    te_recipes.require_native_phases(qaf_cfg, te_has_backward_override=True)
     # The forward alone to BF16 is not a TE recipe: emulated under auto, one line under native.
     fwd = load("schedule/nvfp4_fwd_bf16_at_decay")
-    kw, desc = settings.precision_settings(fwd, blackwell, 16)
+    kw, desc = te_recipes.precision_settings(fwd, blackwell, 16)
     assert kw["fp4_recipe"] == "custom" and "precision.schedule.0 (fwd_bf16" in desc
     fwd.backend = "native"
     with pytest.raises(UserError, match=r"precision\.schedule\.0 \(fwd_bf16.*use precision\.backend=custom"):
-        settings.precision_settings(fwd, blackwell, 16)
+        te_recipes.precision_settings(fwd, blackwell, 16)
     # Fractions of depth reach Megatron's first/last-layer counts.
     frac = load("nvfp4", **{"bf16_layers.last": 0, "bf16_layers.last_fraction": 0.125})
-    kw, _ = settings.precision_settings(frac, blackwell, 32)
+    kw, _ = te_recipes.precision_settings(frac, blackwell, 32)
     assert (kw["num_layers_at_start_in_bf16"], kw["num_layers_at_end_in_bf16"]) == (0, 4)
 
 

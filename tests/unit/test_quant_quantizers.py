@@ -125,7 +125,7 @@ def test_quantized_codes_are_idempotent(fmt):
     y = fake_quantize(x, fmt)
     if fmt in ("fp8_e4m3", "fp8_e5m2"):
         assert torch.equal(quantize(y, fmt).codes, quantize(x, fmt).codes)
-    elif fmt == "mxfp8":
+    elif fmt in ("mxfp8", "mxfp4"):  # MXFP4: the re-quantized block amax (4 or 6 units) keeps floor(log2)
         assert torch.equal(fake_quantize(y, fmt), y)
     else:
         q = quantize(x, fmt)
@@ -151,8 +151,8 @@ def test_stochastic_rounding_unbiased(fmt):
         reps, fmt, rounding="stochastic", generator=torch.Generator().manual_seed(0), sr_bits=24
     )
     mean = y.view(n, *x.shape).mean(0)
-    mbits = {"fp8_e4m3": 3, "fp8_e5m2": 2, "mxfp8": 3, "nvfp4": 1}[fmt]
-    block = {"fp8_e4m3": 64, "fp8_e5m2": 64, "mxfp8": 32, "nvfp4": 16}[fmt]
+    mbits = {"fp8_e4m3": 3, "fp8_e5m2": 2, "mxfp8": 3, "nvfp4": 1, "mxfp4": 1}[fmt]
+    block = {"fp8_e4m3": 64, "fp8_e5m2": 64, "mxfp8": 32, "nvfp4": 16, "mxfp4": 32}[fmt]
     bmax = x.abs().view(4, -1, block).amax(-1, keepdim=True).expand(-1, -1, block).reshape(x.shape)
     if fmt.startswith("fp8"):
         bmax = x.abs().amax().expand_as(x)
@@ -163,6 +163,12 @@ def test_stochastic_rounding_unbiased(fmt):
         ok = x.abs() / unit < 6
         saturated = ~ok
         assert saturated.any()  # this sample has some; they always decode to +-6 units
+        assert torch.equal(y.view(n, *x.shape)[:, saturated].std(0), torch.zeros(int(saturated.sum())))
+    if fmt == "mxfp4":  # the OCP scale maps the block amax into [4, 8) units: those >= 6 saturate
+        unit = torch.ldexp(torch.ones(4, 2), quantize(x, fmt).scale.int() - 127).repeat_interleave(32, dim=1)
+        ok = x.abs() / unit < 6
+        saturated = ~ok
+        assert saturated.any()
         assert torch.equal(y.view(n, *x.shape)[:, saturated].std(0), torch.zeros(int(saturated.sum())))
     sd = bmax * 2.0**-mbits
     assert ((mean - x).abs() <= 6 * sd / n**0.5 + 1e-5 * bmax)[ok].all()
@@ -189,6 +195,14 @@ def test_scales_representable_and_elements_in_range(fmt):
         # No element saturates: the E8M0 scale is the power of two that maps the block amax to <= 448.
         blocks = x.view(32, -1, 32).abs().amax(-1)
         assert (blocks / torch.ldexp(torch.ones(q.scale.shape), q.scale.int() - 127) <= 448).all()
+    elif fmt == "mxfp4":
+        assert q.scale.dtype == torch.uint8 and (q.scale < 255).all()
+        assert torch.isin(e2m1_decode(unpack_fp4(q.codes)).abs(), format_grid(E2M1)).all()
+        # OCP: X = 2**(floor(log2(block amax)) - 2), so the block amax is 4 to 8 units (6 and up saturate).
+        units = x.view(32, -1, 32).abs().amax(-1) / torch.ldexp(
+            torch.ones(q.scale.shape), q.scale.int() - 127
+        )
+        assert ((units >= 4) & (units < 8)).all()
     else:
         assert torch.isfinite(q.scale).all() and (q.scale > 0).all()
         assert (y.abs() <= amax * (1 + 1e-6)).all()
@@ -200,7 +214,7 @@ def test_relative_error_in_expected_range(fmt):
     # larger for FP4 (1 mantissa bit, coarse top binade). Bounds are loose sanity limits, not targets.
     x = _sample((128, 256), seed=4)
     err = ((fake_quantize(x, fmt) - x).norm() / x.norm()).item()
-    assert err < {"fp8_e4m3": 0.04, "fp8_e5m2": 0.08, "mxfp8": 0.04, "nvfp4": 0.13}[fmt]
+    assert err < {"fp8_e4m3": 0.04, "fp8_e5m2": 0.08, "mxfp8": 0.04, "nvfp4": 0.13, "mxfp4": 0.2}[fmt]
     assert err > 1e-3
 
 
@@ -244,7 +258,7 @@ def test_all_zero_tensor(fmt):
     assert torch.equal(dequantize(q), x) and (q.codes == 0).all()
     if fmt == "nvfp4":
         assert q.amax.item() == 0 and (q.scale.float() == 0).all()
-    elif fmt == "mxfp8":
+    elif fmt in ("mxfp8", "mxfp4"):
         assert (q.scale == 0).all()
     else:
         assert q.scale.item() == 1.0  # TE: amax 0 -> scale 1
@@ -279,7 +293,7 @@ def test_nan_and_inf_propagate(fmt):
         x[0, 5] = bad
         y = fake_quantize(x, fmt)
         torch.testing.assert_close(dequantize(quantize(x, fmt)), y, rtol=0, atol=0, equal_nan=True)
-        if fmt == "mxfp8":
+        if fmt in ("mxfp8", "mxfp4"):
             assert (
                 torch.isnan(y[0, :32]).all()
                 and torch.isfinite(y[0, 32:]).all()
@@ -289,10 +303,10 @@ def test_nan_and_inf_propagate(fmt):
             assert torch.isnan(y).all()
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4", "mxfp4"])
 def test_partial_last_block_is_zero_padded(fmt):
     x = _sample((3, 40), seed=10)
-    block = 32 if fmt == "mxfp8" else 16
+    block = 16 if fmt == "nvfp4" else 32
     padded = torch.nn.functional.pad(x, (0, -40 % block))
     assert torch.equal(fake_quantize(x, fmt), fake_quantize(padded, fmt)[:, :40])
     q = quantize(x, fmt)

@@ -11,35 +11,16 @@ import torch
 from llmtrain.precision import hadamard, quantize
 from llmtrain.precision.formats import pack_fp4, unpack_fp4
 from llmtrain.precision.hadamard import TE_SIGNS
+from tests.precision_cases import adversarial_tensors
+
+# The adversarial set (tests/precision_cases.py) less `ragged` and the row-scaled cases: TE's reference
+# quantizers take whole blocks.
+TE_CASES = ("normal", "heavy_tail", "wide_range", "tiny", "scale_overflow", "huge", "one_outlier", "e2m1_ties",
+            "zero_blocks", "all_zero", "subnormal")  # fmt: skip
 
 
-def _tensors(dtype):
-    """Random and adversarial [rows, cols] tensors (cols a multiple of 32)."""
-    g = torch.Generator().manual_seed(7)
-    out = {
-        "normal": torch.randn(128, 256, generator=g),
-        "heavy_tail": torch.randn(64, 512, generator=g) ** 3 * 10,
-        "lognormal_range": torch.exp(torch.randn(64, 256, generator=g) * 8)
-        * torch.sign(torch.randn(64, 256, generator=g)),
-        "tiny": torch.randn(32, 256, generator=g) * 1e-30,
-        "scale_overflow": torch.randn(32, 256, generator=g) * 1e-37,  # 2688 / amax overflows FP32
-        "huge": torch.randn(32, 256, generator=g) * 1e37,
-        "one_outlier": torch.randn(32, 256, generator=g) * 1e-3,
-    }
-    out["one_outlier"][3, 17] = 1e4  # blocks far below the amax: E4M3 scale underflow -> zero block scales
-    # Exact grid midpoints after scaling: amax 6 -> S_enc*s_blk = 1, so values are on the E2M1 ties.
-    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4).repeat(16, 8)
-    ties[:, ::3] *= -1
-    out["e2m1_ties"] = ties
-    z = torch.randn(32, 256, generator=g)
-    z[:, :64] = 0  # all-zero blocks
-    z[5] = 0
-    out["zero_blocks"] = z
-    out["all_zero"] = torch.zeros(16, 64)
-    sub = torch.randn(32, 128, generator=g) * 2.0**-12  # subnormal E4M3/E2M1 territory after scaling
-    sub[0, 0] = 1.0
-    out["subnormal"] = sub
-    return {k: v.to(dtype) for k, v in out.items()}
+def _tensors(dtype, extra: tuple[str, ...] = ()):
+    return adversarial_tensors(dtype, rows=32, cols=256, seed=7, names=TE_CASES + extra)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -245,9 +226,7 @@ def test_nvfp4_row_scaled_matches_te_reference(te_reference, dtype, four_over_si
         extra = dict(nvfp4_use_4over6=True, nvfp4_e4m3_max=fos.e4m3_max, nvfp4_4over6_err_mode=fos.err_mode)
     ref_q = nv.NVFP4QuantizerRef(dtype=nv.reference_utils.Fp4Formats.E2M1, rowwise=True, columnwise=False,
                                  row_scaled_nvfp4=True, **extra)  # fmt: skip
-    tensors = _tensors(dtype)
-    tensors["row_ranges"] = (torch.randn(64, 256, generator=torch.Generator().manual_seed(5))
-                             * torch.logspace(-20, 20, 64).view(-1, 1)).to(dtype)  # fmt: skip
+    tensors = _tensors(dtype, extra=("row_ranges",))
     differs = 0
     for name, x in tensors.items():
         ref = ref_q.quantize(x)

@@ -93,3 +93,34 @@ def test_a_workspace_made_in_qaf_aliases_the_weight_and_is_replaced_not_written(
     q.update_quantized(w, workspace)
     assert torch.equal(w, before)  # TE's plain copy_ would have written quantized values into the weight
     assert torch.equal(workspace._hp_data, fake_quantize_2d(w, "nvfp4", axis=0))
+
+
+@pytest.mark.parametrize(
+    "name,axis,rht", [("fprop_x", 1, False), ("dgrad_w", 0, False), ("wgrad_dy", 0, True)]
+)
+def test_a_format_without_a_triton_kernel_runs_the_torch_reference(te_custom, monkeypatch, name, axis, rht):
+    """MXFP4 has no Triton kernel (registry: triton=False): the same FakeQuantizer path quantizes it with
+    the torch quantizer (kernel_check.reference, RHT included), and the kernels are never called."""
+    from llmtrain.precision import emulate, kernel_check, triton_kernels
+    from llmtrain.precision.hadamard import TE_SIGNS
+    from llmtrain.precision.recipe import Operand, PrecisionRecipe
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton kernel was selected for mxfp4")
+
+    monkeypatch.setattr(triton_kernels, "fake_quantize_2d", no_kernel)
+    te_custom.set_recipe(PrecisionRecipe(**{name: Operand("mxfp4")}, rht=rht))
+    q = te_custom.FakeQuantizer(name, axis, backward=axis == 0, role="input")
+    w = _weight()
+    signs = torch.tensor(TE_SIGNS) if rht else None
+    want = kernel_check.reference(w, "mxfp4", axis, "nearest", False, signs, 0, 8, w.dtype)
+    assert torch.equal(q._maybe_cast(w), want)
+    workspace = types.SimpleNamespace(_hp_data=torch.empty_like(w))
+    cached = workspace._hp_data
+    q.update_quantized(w, workspace)  # writes into TE's cached buffer, as the kernels' `out=` does
+    assert workspace._hp_data is cached and torch.equal(cached, want)
+    with pytest.raises(
+        ValueError, match=r"fmt='mxfp4': allowed values are fp8_e4m3, fp8_e5m2, mxfp8, nvfp4$"
+    ):
+        triton_kernels._check(w, triton_kernels.Direction("mxfp4"), 8, None)  # the kernels refuse it
+    assert emulate.fake_quantize_2d is te_custom.fake_quantize_2d

@@ -19,27 +19,16 @@ from llmtrain.precision.triton_kernels import (  # noqa: E402
     fake_quantize_2d,
     fake_quantize_2d_pair,
 )
+from tests.precision_cases import adversarial_tensors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ["fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4"]
 
 
 def _inputs(dtype):
-    g = torch.Generator().manual_seed(3)
-    # Shapes that are not multiples of the tiles (or of the blocks, for the partial-block padding).
-    base = {
-        "normal": torch.randn(48, 96, generator=g),
-        "heavy_tail": torch.randn(40, 64, generator=g) ** 3 * 10,
-        "wide_range": torch.exp(torch.randn(32, 64, generator=g) * 6)
-        * torch.sign(torch.randn(32, 64, generator=g)),
-        "ragged": torch.randn(37, 50, generator=g),
-        "tiny": torch.randn(32, 32, generator=g) * 1e-30,
-        "zero_blocks": torch.randn(32, 64, generator=g),
-        "all_zero": torch.zeros(16, 32),
-    }
-    base["zero_blocks"][:, :32] = 0
-    base["normal"][3, 17] = 1e4  # one outlier
-    return {k: v.to(dtype).to(DEVICE) for k, v in base.items()}
+    # The adversarial set at interpreter size; `ragged` is a multiple of no tile or block.
+    names = ("normal", "heavy_tail", "wide_range", "ragged", "tiny", "zero_blocks", "all_zero", "one_outlier")
+    return adversarial_tensors(dtype, rows=32, cols=64, device=DEVICE, seed=3, names=names)
 
 
 def _reference(x, fmt, axis, block_2d, signs):

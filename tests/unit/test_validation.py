@@ -16,7 +16,7 @@ CASES = [
     (["train.steps=abc"], "train.steps=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (
         ["precision=fp7"],
-        "precision=fp7: no such precision config (allowed: bf16, fp8_cs, mxfp8, nvfp4, nvfp4_fp4all)",
+        "precision=fp7: no such precision config (allowed: bf16, fp8_cs, mxfp4, mxfp8, nvfp4, nvfp4_fp4all)",
     ),
     (
         ["recipe=nope"],

@@ -20,7 +20,7 @@ from llmtrain.engines.megatron_engine import batches, checkpoint, mapping, param
 from llmtrain.errors import UserError
 from llmtrain.models import ModelSpec
 from llmtrain.models.spec import STRUCTURAL
-from llmtrain.precision import nvfp4_options
+from llmtrain.precision import te_recipes
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,11 @@ class _NativeBackward:
     """backward_override for Megatron's native TE recipes: Megatron builds a recipe object per layer and
     forward (fp8_utils.get_fp8_recipe / fp4_utils.get_fp4_recipe) without that field, so the engine wraps
     both builders once and sets the field on what they return while `mode` is not None. The same wrapper
-    sets `nvfp4_fields` (4over6, row-scaled activations) on the NVFP4BlockScaling recipes it returns."""
+    sets the precision layer's `recipe_fields` (te_recipes.precision_settings' te_recipe_fields) on the
+    recipes that declare them."""
 
     mode: str | None = None
-    nvfp4_fields: dict | None = None
+    recipe_fields: dict | None = None
     installed = False
 
     @classmethod
@@ -81,8 +82,11 @@ class _NativeBackward:
 
             def build(config, _original=original):
                 recipe = _original(config)
-                if cls.nvfp4_fields and type(recipe).__name__ == "NVFP4BlockScaling":
-                    recipe = dataclasses.replace(recipe, **cls.nvfp4_fields)
+                declared = (
+                    {f.name for f in dataclasses.fields(recipe)} if dataclasses.is_dataclass(recipe) else ()
+                )
+                if cls.recipe_fields and set(cls.recipe_fields) <= set(declared):
+                    recipe = dataclasses.replace(recipe, **cls.recipe_fields)
                 if cls.mode is None or not hasattr(recipe, "backward_override"):
                     return recipe
                 return dataclasses.replace(recipe, backward_override=cls.mode)
@@ -121,43 +125,34 @@ class MegatronEngine(Engine):
         self.device = torch.device("cuda", torch.cuda.current_device())
         capability = torch.cuda.get_device_capability(self.device)
         precision.validate(cfg.precision, self.spec.num_layers)
-        precision_kwargs, precision_desc = settings.precision_settings(
+        precision_kwargs, precision_desc = te_recipes.precision_settings(
             cfg.precision, capability, self.spec.num_layers
         )
-        self.emulated = settings.resolve_backend(cfg.precision, capability)[0] == "custom"
-        _NativeBackward.nvfp4_fields = precision_kwargs.pop("te_recipe_fields", None)
-        if self.emulated and (why := nvfp4_options.emulated_refusal(cfg.precision)):
-            raise UserError(
-                f"{why} ({settings.resolve_backend(cfg.precision, capability)[1] or 'backend=custom'})"
-            )
-        if _NativeBackward.nvfp4_fields:
-            if not _te_backward_override_available():  # the fields came with backward_override in TE 2.20
-                raise UserError(
-                    "precision.nvfp4_4over6 / row_scaled_activation need Transformer Engine >= 2.20; upgrade TE"
-                )
-            _NativeBackward.install()
+        backend, why_not_native = te_recipes.resolve_backend(cfg.precision, capability)
+        self.emulated = backend == "custom"
         self.base_recipe = precision.PrecisionRecipe.from_config(cfg.precision)
+        if self.emulated:  # our quantizers inside TE: its checks, then the factory reads this recipe
+            tokens = int(cfg.train.micro_batch_size) * self.spec.seq_length // self.layout.cp
+            te_recipes.start_emulation(
+                cfg.precision, self.base_recipe, int(cfg.train.seed), tokens, why_not_native
+            )
+        _NativeBackward.recipe_fields = precision_kwargs.pop("te_recipe_fields", None)
+        if _NativeBackward.recipe_fields:
+            # TE 2.20 added those recipe fields together with backward_override.
+            te_recipes.require_te_recipe_fields(
+                _NativeBackward.recipe_fields, _te_backward_override_available()
+            )
+            _NativeBackward.install()
         self.native_quant = {k: precision_kwargs.get(k) for k in ("fp8", "fp4")}  # for phases turning it off
         _NativeBackward.mode = None  # the base recipe's backward, whatever an earlier engine left
-        if not self.emulated and cfg.precision.name != "bf16":
-            settings.require_native_phases(cfg.precision, _te_backward_override_available())
+        if not self.emulated and self.base_recipe.quantized:
+            te_recipes.require_native_phases(cfg.precision, _te_backward_override_available())
         self.lowp_param_gather = param_gather.resolve(
             cfg.parallel, cfg.precision, capability, self.layout.dp * self.layout.cp
         )
         gather_tc, gather_ddp, gather_opt = param_gather.megatron_kwargs(
             cfg.precision, self.lowp_param_gather
         )
-        if self.emulated:  # our quantizers inside TE: the factory reads this recipe
-            from llmtrain.precision import te_custom
-
-            recipe = self.base_recipe
-            tokens = int(cfg.train.micro_batch_size) * self.spec.seq_length // self.layout.cp
-            if recipe.rht and tokens % 16:  # else the wgrad quantizer would fail mid-step with a traceback
-                raise UserError(
-                    f"precision.rht=true: the Hadamard transform needs micro_batch_size * seq_length / cp "
-                    f"divisible by 16, got {tokens}; change model.seq_length or set precision.rht=false"
-                )
-            te_custom.activate(recipe, int(cfg.train.seed))
 
         self._init_parallel(ps)
         config_kwargs = settings.transformer_config_kwargs(
@@ -314,14 +309,14 @@ class MegatronEngine(Engine):
 
     def set_phase(self, recipe) -> None:
         """A precision phase starts. Emulated: every quantizer reads `recipe` from now on. Native TE: the
-        switches TE can make (settings.native_phase_mode, checked at build): the whole backward to high
+        switches TE can make (te_recipes.native_phase_mode, checked at build): the whole backward to high
         precision (the recipes' backward_override="high_precision") or quantization off (BF16)."""
         if self.emulated:
             from llmtrain.precision import te_custom
 
             te_custom.set_recipe(recipe)
             return
-        mode = settings.native_phase_mode(self.base_recipe, recipe)
+        mode = te_recipes.native_phase_mode(self.base_recipe, recipe)
         if mode is None:
             raise UserError(
                 f"TE's native recipe cannot run this precision phase ({recipe.describe()}); "

@@ -1,24 +1,22 @@
 """Low-precision parameter all-gather: Megatron-Bridge's fp8_param_gather / fp4_param_gather.
 
-Bridge's FP8 (current scaling), MXFP8 and NVFP4 recipes keep the quantized layers' parameters in the
-low-precision format (TE creates them under fp8_model_init; TransformerConfig.fp8_param / fp4_param), and the
-distributed optimizer quantizes its FP32 master shard into them and all-gathers the low-precision bytes
-(DistributedDataParallelConfig.fp8_param_gather / fp4_param_gather). MXFP8 also reuses the gradient buffer
-for that all-gather (reuse_grad_buf_for_mxfp8_param_ag). No BF16 copy of those weights is kept, and the
-all-gather moves 1 (FP8) or ~0.56 (NVFP4) bytes per parameter instead of 2.
+Bridge's quantized recipes keep the quantized layers' parameters in their low-precision format (TE creates
+them under fp8_model_init; TransformerConfig.fp8_param / fp4_param), and the distributed optimizer
+quantizes its FP32 master shard into them and all-gathers the low-precision bytes (1 or ~0.56 bytes per
+parameter instead of 2); no BF16 copy of those weights is kept. Which named recipes do it, and their
+fields, come from the precision layer (precision/recipes.py: TENative.param_gather).
 
 It needs TE's native recipe (TE's quantized parameter classes): llmtrain's emulated formats (our quantizers
-inside TE's CustomRecipe, e.g. MXFP8 and NVFP4 on Hopper) cannot use it. Kept free of Megatron/TE imports.
+inside TE's CustomRecipe) cannot use it. Kept free of Megatron/TE imports.
 """
 
-from llmtrain.config.estimate import BRIDGE_LOWP_PARAM_GATHER
-from llmtrain.engines.megatron_engine.settings import resolve_backend
 from llmtrain.errors import UserError
+from llmtrain.precision.te_recipes import keeps_bf16_params, lowp_param_gather_kwargs, resolve_backend
 
 
 def why_not(parallel, prec, capability: tuple[int, int]) -> str | None:
     """Why the low-precision all-gather cannot run for this config on this GPU (None: it can)."""
-    if prec.name not in BRIDGE_LOWP_PARAM_GATHER:
+    if keeps_bf16_params(prec):
         return f"precision={prec.name} keeps BF16 parameters"
     if not parallel.distributed_optimizer:
         return "it needs parallel.distributed_optimizer=true (Megatron gathers parameters only there)"
@@ -51,9 +49,4 @@ def megatron_kwargs(prec, on: bool) -> tuple[dict, dict, dict]:
     """(TransformerConfig, DistributedDataParallelConfig, OptimizerConfig) fields, as Bridge sets them."""
     if not on:
         return {}, {}, {}
-    if prec.name == "fp8_cs":
-        return {"fp8_param": True}, {"fp8_param_gather": True}, {"fp8_recipe": "tensorwise"}
-    if prec.name == "mxfp8":
-        reuse = {"reuse_grad_buf_for_mxfp8_param_ag": True}
-        return {"fp8_param": True}, {"fp8_param_gather": True, **reuse}, {"fp8_recipe": "mxfp8", **reuse}
-    return {"fp4_param": True}, {"fp4_param_gather": True}, {}
+    return lowp_param_gather_kwargs(prec)  # the named recipe's (precision/recipes.py)
