@@ -184,6 +184,13 @@ def validate(cfg, *, world: int, engine: str) -> None:
         why = emulated_refusal(cfg.precision)
         if why:
             raise ConfigError("precision.backend", "custom", why)
+    if engine == "megatron" and cfg.precision.backend == "native" and cfg.precision.name != "bf16":
+        # What no GPU can change (no TE recipe, a key TE fixes, the monitor); the compute capability is
+        # checked where the GPU is known, at engine build.
+        from llmtrain.precision.te_recipes import native_mismatch
+
+        if why := native_mismatch(cfg.precision, capability=(99, 99)):
+            raise ConfigError("precision.backend", "native", f"{why}; use precision.backend=custom or auto")
     validate_split(cfg.data.split)
     _at_least("data.num_workers", cfg.data.num_workers, 0)
     validate_data(cfg.data)

@@ -48,6 +48,11 @@ CASES = [
         "model.num_layers=4: must be divisible by parallel.pp*vpp=3",
     ),
     (["engine=megatron", "dry_run=true", "parallel.tp=2"], "tp*pp*cp=2 must divide the world size 1"),
+    # checked at the engine build only before: no GPU makes a native MXFP4 recipe exist
+    (
+        ["engine=megatron", "dry_run=true", "precision=mxfp4", "precision.backend=native"],
+        "precision.backend='native': precision=mxfp4 has no TE native recipe; use precision.backend=custom",
+    ),
     # issue 19.4: checked at the engine build only before, so the dry run said "fits"
     (
         [
