@@ -1,0 +1,82 @@
+"""The package layering of docs/architecture.md ("Who may import whom"), checked on the source.
+
+Each llmtrain package (or top-level module) lists the llmtrain packages it may import, lazily or not. A
+new edge is a design decision: add it here and to the table in docs/architecture.md, or move the code.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2] / "llmtrain"
+
+LEAVES = {"errors", "argcheck", "models", "data", "analysis", "checkpoint_format", "metrics", "dist"}
+MAY_IMPORT = {
+    "errors": set(),
+    "argcheck": {"errors"},
+    "models": {"errors"},
+    "data": {"errors"},
+    "analysis": {"errors"},
+    "checkpoint_format": {"errors"},
+    "metrics": {"errors"},
+    "dist": {"errors"},
+    # precision: format registry, named recipes, quantizers; the LR schedule for phase triggers
+    "precision": {"errors", "models", "train"},
+    # config: schema + validation; asks the registries (engines, launchers, schedules) for their names
+    "config": {"errors", "models", "precision", "engines", "launch", "train"},
+    "engines": {"errors", "models", "precision", "config", "dist", "convert"},
+    "convert": {"errors", "argcheck", "models", "config", "data", "dist", "engines", "checkpoint_format"},
+    "train": {"errors", "models", "precision", "config", "data", "dist", "engines", "metrics", "checkpoint_format"},
+    "launch": {"errors", "dist", "dryrun", "checkpoint_format"},
+    "eval": {"errors", "argcheck", "models", "config", "data", "convert", "checkpoint_format"},
+    "fit": {"errors", "config"},
+    "dryrun": {"config", "engines", "models"},
+    "overrides": {"errors", "config"},
+    "recipe_files": {"errors", "overrides"},
+    "cli": {"config", "dist", "dryrun", "engines", "errors", "fit", "launch", "overrides", "recipe_files", "train"},
+    "__main__": {"cli"},
+}  # fmt: skip
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "llmtrain" and len(parts) > 1 else None
+
+
+def imports_by_package() -> dict[str, dict[str, str]]:
+    """package -> {imported package: the first file that imports it}."""
+    found: dict[str, dict[str, str]] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel == Path("__init__.py"):
+            continue
+        me = rel.parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = (
+                    [node.module] if node.module != "llmtrain" else [f"llmtrain.{a.name}" for a in node.names]
+                )
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                other = _package(name)
+                if other and other != me:
+                    found.setdefault(me, {}).setdefault(other, str(rel))
+    return found
+
+
+def test_every_package_imports_only_what_the_layering_allows():
+    bad = [
+        f"{me} imports {other} ({where})"
+        for me, edges in imports_by_package().items()
+        for other, where in edges.items()
+        if other not in MAY_IMPORT.get(me, set())
+    ]
+    assert not bad, "; ".join(bad)
+
+
+def test_the_leaves_import_no_other_llmtrain_package_but_errors():
+    edges = imports_by_package()
+    assert all(set(edges.get(leaf, {})) <= {"errors"} for leaf in LEAVES)
+    assert set(MAY_IMPORT) >= set(edges)  # every package is in the table
