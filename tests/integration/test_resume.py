@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli
+from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli_in_process
 
 STEPS = 10
 ARGS = [*FAST, f"train.steps={STEPS}", "train.checkpoint_interval=2", "train.keep_last=2"]
@@ -19,7 +19,7 @@ ARGS = [*FAST, f"train.steps={STEPS}", "train.checkpoint_interval=2", "train.kee
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    run_cli(*ARGS, f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(*ARGS, f"hydra.run.dir={run_dir}", check=True)
     return losses(run_dir)
 
 
@@ -54,7 +54,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, reference,
     wait_for_steps(proc, tmp_path, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = run_cli(*ARGS, *extra, f"hydra.run.dir={tmp_path}", check=True)
+    resumed = run_cli_in_process(*ARGS, *extra, f"hydra.run.dir={tmp_path}", check=True)
     assert losses(tmp_path) == reference  # exact float equality, every step
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, STEPS + 1))
     if kill_after >= 3:
@@ -71,15 +71,15 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes_exactly(tmp_path, refer
     stopped_at = len(read_metrics(tmp_path))
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:08d}"  # checkpoint written at the stop, not just periodic ones
-    run_cli(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
+    run_cli_in_process(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
     assert losses(tmp_path) == reference
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference):
-    run_cli(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
+    run_cli_in_process(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
     model_file = tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated latest
-    proc = run_cli(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
+    proc = run_cli_in_process(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
     assert "checksum mismatch" in proc.stderr and f"step_{STEPS - 2:08d}" in proc.stdout
     assert losses(tmp_path) == reference
 
@@ -93,7 +93,7 @@ def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
     args = [*ARGS, "precision=nvfp4_fp4all", "precision.qaf.trigger=fraction", "precision.qaf.fraction=0.7",
             "precision.monitor.interval=2"]  # fmt: skip
     ref_dir = tmp_path / "ref"
-    run_cli(*args, f"hydra.run.dir={ref_dir}", check=True)
+    run_cli_in_process(*args, f"hydra.run.dir={ref_dir}", check=True)
     records = read_metrics(ref_dir)
     assert [r["step"] for r in records if r.get("qaf_switch")] == [7]
     proc = subprocess.Popen(llmtrain_cmd(*args, f"hydra.run.dir={tmp_path / 'run'}"), env=cli_env(), cwd=REPO,
@@ -101,13 +101,13 @@ def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
     wait_for_steps(proc, tmp_path / "run", 5)  # killed after step 5: resumes at 4, SR in steps 5-7
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", check=True)
+    run_cli_in_process(*args, f"hydra.run.dir={tmp_path / 'run'}", check=True)
     assert losses(tmp_path / "run") == losses(ref_dir)
 
 
 def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
     run_dir = tmp_path / "skip"
-    proc = run_cli(
+    proc = run_cli_in_process(
         *FAST, "train.steps=4", "train.inject_nan_steps=[2]", f"hydra.run.dir={run_dir}", check=True
     )
     records = read_metrics(run_dir)
@@ -115,7 +115,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
     assert all(r["loss"] == r["loss"] for i, r in enumerate(records) if i != 1)  # finite elsewhere
 
     run_dir = tmp_path / "diverge"
-    proc = run_cli(
+    proc = run_cli_in_process(
         *FAST,
         "train.steps=6",
         "train.checkpoint_interval=1",
@@ -133,7 +133,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
 
 def test_two_process_ddp_on_cpu_matches_one_process(tmp_path):
     single = tmp_path / "single"
-    run_cli(*FAST, "train.steps=4", f"hydra.run.dir={single}", check=True)
+    run_cli_in_process(*FAST, "train.steps=4", f"hydra.run.dir={single}", check=True)
     ddp = tmp_path / "ddp"
     env = cli_env()
     cmd = [*llmtrain_cmd(*FAST, "train.steps=4", f"hydra.run.dir={ddp}")]
@@ -195,13 +195,13 @@ def test_changed_global_batch_size_continues_at_the_consumed_sample(tmp_path):
 
 
 def test_every_checkpoint_corrupt_refuses_and_touches_nothing(tmp_path):
-    run_cli(
+    run_cli_in_process(
         *ARGS[:-3], "train.steps=4", "train.checkpoint_interval=2", f"hydra.run.dir={tmp_path}", check=True
     )
     for model in (tmp_path / "checkpoints").glob("step_*/model.safetensors"):
         model.write_bytes(model.read_bytes()[:500])
     before = tree_digest(tmp_path)
-    proc = run_cli(*ARGS[:-3], "train.steps=6", f"hydra.run.dir={tmp_path}")
+    proc = run_cli_in_process(*ARGS[:-3], "train.steps=6", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "all 2 checkpoints fail verification" in last and "train.resume=never" in last
@@ -210,13 +210,15 @@ def test_every_checkpoint_corrupt_refuses_and_touches_nothing(tmp_path):
 
 def test_refused_resume_and_resume_never_leave_the_old_run_byte_for_byte(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli(*ARGS[:-3], "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(*ARGS[:-3], "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
     before = tree_digest(run_dir)
-    proc = run_cli(*ARGS[:-3], "train.steps=4", "model.num_layers=3", f"hydra.run.dir={run_dir}")
+    proc = run_cli_in_process(*ARGS[:-3], "train.steps=4", "model.num_layers=3", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.num_layers=3 but the checkpoint" in proc.stderr and "set model.num_layers=2" in proc.stderr
     assert tree_digest(run_dir) == before  # config.yaml and .hydra/ still say num_layers 2
-    run_cli(*ARGS[:-3], "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(
+        *ARGS[:-3], "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}", check=True
+    )
     assert tree_digest(run_dir) == before
     assert (tmp_path / "run-restart1" / "checkpoints" / "latest").is_file()
 
@@ -286,7 +288,7 @@ def test_resume_never_is_one_decision_and_a_requeued_slurm_job_continues_its_run
 @pytest.mark.slow
 def test_resume_never_with_two_ranks_and_an_existing_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli(*FAST, "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(*FAST, "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
     cmd = llmtrain_cmd(*FAST, "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}")
     cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
     proc = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
