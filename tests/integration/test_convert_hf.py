@@ -382,7 +382,7 @@ def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
     model's loss on the first batch), and the trained run exports back to transformers."""
     from omegaconf import OmegaConf
 
-    from tests.helpers import FAST, read_metrics, run_cli
+    from tests.helpers import FAST, read_metrics, run_cli_in_process
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
@@ -399,7 +399,7 @@ def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
     hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf_model.save_pretrained(str(tmp_path / "hf"))
     run_dir = tmp_path / "run"
-    run_cli(
+    run_cli_in_process(
         *FAST,
         "train.steps=2",
         "train.checkpoint_interval=2",

@@ -1,7 +1,6 @@
 """dry_run=measure on the CPU: its one-line refusals, its byte accounting and its report; the per-stage
 memory estimate; the low-precision parameter all-gather's switch. The measurement itself: tests/gpu."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from llmtrain.engines.megatron_engine import measure, param_gather
 from llmtrain.engines.megatron_engine.testing import make_config
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
-from tests.helpers import cli_env, llmtrain_cmd
+from tests.helpers import run_cli_in_process
 
 HOPPER, BLACKWELL = (9, 0), (10, 0)
 
@@ -32,11 +31,9 @@ def cfg_8b(precision="fp8_cs", **parallel):
 # ---- refusals ------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
 def test_cli_without_cuda_refuses_in_one_line():
-    proc = subprocess.run(
-        llmtrain_cmd("recipe=llama3_8b", "precision=fp8_cs", "parallel.tp=2", "cluster.gpus_per_node=8",
-                     "dry_run=measure", "hydra.run.dir=/tmp/llmtrain-test-measure", "hydra.output_subdir=null"),
-        capture_output=True, text=True, env=cli_env(), timeout=300,
-    )  # fmt: skip
+    proc = run_cli_in_process("recipe=llama3_8b", "precision=fp8_cs", "parallel.tp=2", "cluster.gpus_per_node=8",
+                              "dry_run=measure", "hydra.run.dir=/tmp/llmtrain-test-measure",
+                              "hydra.output_subdir=null")  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert lines == [
