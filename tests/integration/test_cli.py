@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 import yaml
 
 from tests.helpers import FAST, read_metrics, run_cli_in_process
@@ -121,6 +122,7 @@ def test_metrics_are_json_lines(tmp_path):
         json.loads(line)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_local_sweep_and_the_same_command_resumes_it(tmp_path):
     import signal
     import subprocess

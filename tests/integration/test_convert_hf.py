@@ -376,7 +376,6 @@ def test_cli_missing_paths_and_existing_outputs(tmp_path, capsys, good_hf_dir):
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.slow
 def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
     """`python -m llmtrain ... train.init_from=HF_DIR` starts from the HF weights (its first loss is the HF
     model's loss on the first batch), and the trained run exports back to transformers."""

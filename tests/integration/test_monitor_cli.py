@@ -47,6 +47,7 @@ def test_eval_bf16_must_be_a_bool(tmp_path):
     assert "train.eval_bf16" in proc.stderr and "not a valid bool" in proc.stderr
 
 
+@pytest.mark.slow
 def test_probe_under_two_data_parallel_ranks_equals_one_process(tmp_path):
     """MXFP8 with round-to-nearest: the probe's quantized operands do not depend on how the global batch
     is split, so DP=2 (one micro-batch per rank, gradients averaged over ranks before the norm) must give

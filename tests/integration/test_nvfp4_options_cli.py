@@ -3,6 +3,8 @@ differ from plain NVFP4's on the same data and seed, so the key reaches the GEMM
 
 import math
 
+import pytest
+
 from tests.helpers import FAST, losses, run_cli_in_process
 
 # No RHT: TE refuses 4over6 on an RHT-transformed operand (the activations' wgrad x^T).
@@ -15,6 +17,7 @@ OPTIONS = {
 }
 
 
+@pytest.mark.slow
 def test_each_option_trains_and_changes_the_losses(tmp_path):
     run_cli_in_process(*NVFP4, f"hydra.run.dir={tmp_path / 'plain'}", check=True)
     plain = losses(tmp_path / "plain")

@@ -46,6 +46,7 @@ def wait_for_steps(proc: subprocess.Popen, run_dir, n: int, timeout: float = 120
     raise AssertionError(f"no step {n} within {timeout}s")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill_after, extra", [(1, ()), (4, ()), (7, ()), (5, ("train.checkpoint_async=true",))]
 )
@@ -61,6 +62,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, reference,
         assert "resumed from" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero_then_resumes_exactly(tmp_path, reference):
     proc = start(tmp_path)
     wait_for_steps(proc, tmp_path, 3)
@@ -84,6 +86,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference):
     assert losses(tmp_path) == reference
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
     """nvfp4_fp4all: SR in the backward, the sqrt(3) probe, and a QAF switch after the resume point.
 
@@ -131,6 +134,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
         assert torch.isfinite(tensor).all(), name
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_matches_one_process(tmp_path):
     single = tmp_path / "single"
     run_cli_in_process(*FAST, "train.steps=4", f"hydra.run.dir={single}", check=True)
@@ -306,6 +310,7 @@ def handler_installed(pid: int, sig: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path):
     proc = start(tmp_path)
     wait_for_steps(proc, tmp_path, 3)
@@ -318,6 +323,7 @@ def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_is_acknowledged_not_a_silent_143(tmp_path):
     proc = start(tmp_path)
     deadline = time.time() + 60
