@@ -121,7 +121,27 @@ def _as_a_fresh_process():
         os.environ.update(environ)
 
 
-def run_cli_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+class _TimedOut(BaseException):
+    """Raised by SIGALRM in the CLI's code; a BaseException, so no `except Exception` there swallows it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """run_cli's `timeout`: a hung run fails its test instead of hanging the whole session."""
+
+    def expire(signum, frame):
+        raise _TimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_cli_in_process(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
     """`run_cli` without the subprocess: `llmtrain.cli.main()` with sys.argv set, stdout/stderr captured,
     SystemExit as the return code and an uncaught exception as Python would report it (traceback, code 1)."""
     from llmtrain import cli
@@ -131,15 +151,20 @@ def run_cli_in_process(*args: str, check: bool = False) -> subprocess.CompletedP
     with _as_a_fresh_process(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         sys.argv[:] = [str(REPO / "llmtrain" / "__main__.py"), *args]
         try:
-            cli.main()
+            with _time_limit(timeout):
+                cli.main()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if e.code is not None and not isinstance(e.code, int):
                 print(e.code, file=sys.stderr)
+        except _TimedOut:
+            code = None
         except Exception:
             traceback.print_exc()
             code = 1
     proc = subprocess.CompletedProcess(["llmtrain", *args], code, out.getvalue(), err.getvalue())
+    if code is None:
+        raise AssertionError(f"timed out after {timeout} s\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

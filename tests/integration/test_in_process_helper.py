@@ -4,8 +4,10 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 
+import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
@@ -49,3 +51,12 @@ def test_a_crash_is_exit_1_with_its_traceback_and_warnings_reach_stderr(monkeypa
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "RuntimeError: boom" in proc.stderr
     assert "UserWarning: shown as a subprocess would show it" in proc.stderr
+
+
+def test_a_hung_run_fails_its_test_after_the_timeout(monkeypatch):
+    monkeypatch.setattr(cli, "preflight", lambda argv: time.sleep(30))
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match=r"timed out after 0\.5 s"):
+        run_cli_in_process("--cfg", "job", timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL)[0] == 0
