@@ -1,9 +1,17 @@
-"""Shared helpers for CLI-level tests: run `python -m llmtrain` in a subprocess with a very small model."""
+"""Shared helpers for CLI-level tests: run `python -m llmtrain` with a very small model, in this process
+(`run_cli_in_process`, no start-up cost) or in a subprocess (`run_cli`, for what needs a process of its own:
+signals, SIGKILL, torchrun, a changed environment)."""
 
+import contextlib
+import io
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +50,121 @@ def run_cli(*args: str, timeout: float = 300, check: bool = False) -> subprocess
     proc = subprocess.run(
         llmtrain_cmd(*args), capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=timeout
     )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Python's own display (pytest records warnings instead): the text a subprocess prints to stderr."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _added_by_pytest(f) -> bool:
+    """pytest shows every DeprecationWarning during a test; a plain `python -m llmtrain` ignores them."""
+    action, message, category, module, _ = f
+    return (
+        action == "always"
+        and category in (DeprecationWarning, PendingDeprecationWarning)
+        and not (message or module)
+    )
+
+
+@contextlib.contextmanager
+def _as_a_fresh_process():
+    """What `run_cli`'s subprocess starts with and what its exit throws away: cwd, argv, environment
+    (cli_env's), torch threads (OMP_NUM_THREADS), Python's default warning filters and display, signal
+    handlers, root logging handlers, Hydra's global state and the CLI's run plan. Restored afterwards, so a
+    test that calls the CLI in-process leaves nothing behind for the next one."""
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmtrain import cli
+    from llmtrain.train import signals
+
+    cwd, argv, environ = os.getcwd(), sys.argv[:], dict(os.environ)
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in signals.StopRequest.SIGNALS}
+    stop_was_installed = signals._PROCESS.installed
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    env = cli_env()
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    os.chdir(REPO)
+    GlobalHydra.instance().clear()
+    cli._PLAN = None
+    try:
+        with warnings.catch_warnings():
+            kept = [f for f in warnings.filters if not _added_by_pytest(f)]
+            warnings.resetwarnings()  # also forgets which warnings were shown: each call is a fresh start
+            warnings.filters.extend(kept)
+            warnings.showwarning = _show_warning
+            yield
+    finally:
+        if not stop_was_installed and signals._PROCESS.installed:
+            signals._PROCESS.uninstall()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        for handler in root.handlers:
+            if handler not in root_handlers:
+                handler.close()  # Hydra's job logging: the run dir's log file, a stream to our buffer
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
+        GlobalHydra.instance().clear()
+        cli._PLAN = None
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+        sys.argv[:] = argv
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+class _TimedOut(BaseException):
+    """Raised by SIGALRM in the CLI's code; a BaseException, so no `except Exception` there swallows it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """run_cli's `timeout`: a hung run fails its test instead of hanging the whole session."""
+
+    def expire(signum, frame):
+        raise _TimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_cli_in_process(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    """`run_cli` without the subprocess: `llmtrain.cli.main()` with sys.argv set, stdout/stderr captured,
+    SystemExit as the return code and an uncaught exception as Python would report it (traceback, code 1)."""
+    from llmtrain import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with _as_a_fresh_process(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        sys.argv[:] = [str(REPO / "llmtrain" / "__main__.py"), *args]
+        try:
+            with _time_limit(timeout):
+                cli.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except _TimedOut:
+            code = None
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    proc = subprocess.CompletedProcess(["llmtrain", *args], code, out.getvalue(), err.getvalue())
+    if code is None:
+        raise AssertionError(f"timed out after {timeout} s\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -147,6 +147,7 @@ def test_full_disk_in_the_background_is_the_sync_error_at_the_next_step(tmp_path
     assert read_metrics(tmp_path)[-1]["step"] == (5 if background else 4)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_async_saves_every_step_like_sync(tmp_path):
     """Two gloo ranks: every poll and finalize is a collective both ranks reach; the checkpoints match."""
     import subprocess

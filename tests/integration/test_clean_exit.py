@@ -24,6 +24,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_two_process_run_destroys_its_process_group(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from llmtrain.analysis.runs import find_runs
-from tests.helpers import FAST, REPO, cli_env, read_metrics, run_cli
+from tests.helpers import FAST, REPO, cli_env, read_metrics, run_cli_in_process
 
 
 def compare(*args):
@@ -32,7 +32,7 @@ def test_compare_runs_on_bf16_vs_fp4_all_the_way(tmp_path):
     """Two small runs of one sweep: table numbers recomputed from metrics.jsonl, QAF step, the plots."""
     pytest.importorskip("matplotlib")
     sweep = tmp_path / "sweep"
-    run_cli(
+    run_cli_in_process(
         "-m",
         *FAST,
         "train.steps=6",
@@ -82,7 +82,7 @@ def test_runs_in_job_order_with_distinct_labels(tmp_path):
 def test_compare_runs_errors_are_one_line(tmp_path):
     proc = compare(tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no runs")
-    run_cli(*FAST, "train.steps=2", f"hydra.run.dir={tmp_path / 'r'}", check=True)
+    run_cli_in_process(*FAST, "train.steps=2", f"hydra.run.dir={tmp_path / 'r'}", check=True)
     proc = compare(tmp_path / "r", "--baseline", "fp8_cs", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "matches none of: bf16" in proc.stderr
     proc = compare(tmp_path / "r", "--window", "0")

@@ -377,13 +377,12 @@ def test_cli_missing_paths_and_existing_outputs(tmp_path, capsys, good_hf_dir):
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.slow
 def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
     """`python -m llmtrain ... train.init_from=HF_DIR` starts from the HF weights (its first loss is the HF
     model's loss on the first batch), and the trained run exports back to transformers."""
     from omegaconf import OmegaConf
 
-    from tests.helpers import FAST, read_metrics, run_cli
+    from tests.helpers import FAST, read_metrics, run_cli_in_process
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
@@ -400,7 +399,7 @@ def test_cli_train_init_from_hf_dir_then_export(tmp_path, cache_dir):
     hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf_model.save_pretrained(str(tmp_path / "hf"))
     run_dir = tmp_path / "run"
-    run_cli(
+    run_cli_in_process(
         *FAST,
         "train.steps=2",
         "train.checkpoint_interval=2",

@@ -3,7 +3,9 @@ differ from plain NVFP4's on the same data and seed, so the key reaches the GEMM
 
 import math
 
-from tests.helpers import FAST, losses, run_cli
+import pytest
+
+from tests.helpers import FAST, losses, run_cli_in_process
 
 # No RHT: TE refuses 4over6 on an RHT-transformed operand (the activations' wgrad x^T).
 NVFP4 = [*FAST, "precision=nvfp4", "precision.rht=false", "precision.bf16_layers.last=0", "train.steps=3"]
@@ -15,19 +17,20 @@ OPTIONS = {
 }
 
 
+@pytest.mark.slow
 def test_each_option_trains_and_changes_the_losses(tmp_path):
-    run_cli(*NVFP4, f"hydra.run.dir={tmp_path / 'plain'}", check=True)
+    run_cli_in_process(*NVFP4, f"hydra.run.dir={tmp_path / 'plain'}", check=True)
     plain = losses(tmp_path / "plain")
     assert len(plain) == 3 and all(math.isfinite(v) for v in plain)
     for name, keys in OPTIONS.items():
-        run_cli(*NVFP4, *keys, f"hydra.run.dir={tmp_path / name}", check=True)
+        run_cli_in_process(*NVFP4, *keys, f"hydra.run.dir={tmp_path / name}", check=True)
         got = losses(tmp_path / name)
         assert len(got) == 3 and all(math.isfinite(v) for v in got), name
         assert got != plain, name
 
 
 def test_megatron_emulated_path_refuses_them_in_one_line():
-    proc = run_cli("engine=megatron", "precision=nvfp4", "precision.backend=custom",
+    proc = run_cli_in_process("engine=megatron", "precision=nvfp4", "precision.backend=custom",
                    "precision.row_scaled_activation=true", "precision.bf16_layers.last=1", "dry_run=true")  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (

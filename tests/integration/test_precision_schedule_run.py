@@ -4,7 +4,7 @@ and an exact resume from a checkpoint taken inside the phase."""
 import pytest
 
 from llmtrain.train.schedule import learning_rate
-from tests.helpers import FAST, losses, read_metrics, run_cli
+from tests.helpers import FAST, losses, read_metrics, run_cli_in_process
 
 ARGS = [*FAST, "train.steps=10", "train.checkpoint_interval=2", "train.keep_last=5",
         "precision=schedule/nvfp4_fp4all_qaf", "precision.schedule.0.fraction=0.3",  # the last 3 of 10 steps
@@ -14,7 +14,7 @@ ARGS = [*FAST, "train.steps=10", "train.checkpoint_interval=2", "train.keep_last
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("qaf")
-    proc = run_cli(*ARGS, f"hydra.run.dir={run_dir}", check=True)
+    proc = run_cli_in_process(*ARGS, f"hydra.run.dir={run_dir}", check=True)
     return run_dir, proc
 
 
@@ -38,7 +38,7 @@ def test_appended_qaf_phase_is_logged_and_resets_the_lr(reference):
 def test_resume_inside_the_phase_repeats_the_run_exactly(reference, tmp_path):
     run_dir, _ = reference
     ckpt = run_dir / "checkpoints" / "step_00000008"
-    proc = run_cli(*ARGS, f"train.resume={ckpt}", f"hydra.run.dir={tmp_path}", check=True)
+    proc = run_cli_in_process(*ARGS, f"train.resume={ckpt}", f"hydra.run.dir={tmp_path}", check=True)
     assert "precision phase 'qaf' (since step 7)" in proc.stdout
     resumed = read_metrics(tmp_path)
     ref = read_metrics(run_dir)

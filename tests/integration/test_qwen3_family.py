@@ -20,7 +20,7 @@ from llmtrain.convert import api, io  # noqa: E402
 from llmtrain.errors import UserError  # noqa: E402
 from llmtrain.models import ModelSpec  # noqa: E402
 from llmtrain.models.qwen3.model import Qwen3Model  # noqa: E402
-from tests.helpers import hf_logits, losses, run_cli, save_tiny_hf_model  # noqa: E402
+from tests.helpers import hf_logits, losses, run_cli_in_process, save_tiny_hf_model  # noqa: E402
 
 ATOL = 1e-5
 TOKENS = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -101,7 +101,7 @@ def test_qwen3_checkpoint_into_llama_refused(tmp_path):
 def test_qwen3_tiny_recipe_trains_on_cpu(tmp_path):
     """`python -m llmtrain recipe=qwen3_tiny` on the CPU: a few steps, a checkpoint, a finite falling loss."""
     run = tmp_path / "run"
-    proc = run_cli(
+    proc = run_cli_in_process(
         "recipe=qwen3_tiny",
         "train.steps=6",
         "train.global_batch_size=4",

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.faults import run_cli_with_nan
-from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli
+from llmtrain.train import loop
+from tests.faults import nan_at_steps
+from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli_in_process
 
 STEPS = 10
 ARGS = [*FAST, f"train.steps={STEPS}", "train.checkpoint_interval=2", "train.keep_last=2"]
@@ -20,7 +21,7 @@ ARGS = [*FAST, f"train.steps={STEPS}", "train.checkpoint_interval=2", "train.kee
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    run_cli(*ARGS, f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(*ARGS, f"hydra.run.dir={run_dir}", check=True)
     return losses(run_dir)
 
 
@@ -47,6 +48,7 @@ def wait_for_steps(proc: subprocess.Popen, run_dir, n: int, timeout: float = 120
     raise AssertionError(f"no step {n} within {timeout}s")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill_after, extra", [(1, ()), (4, ()), (7, ()), (5, ("train.checkpoint_async=true",))]
 )
@@ -55,13 +57,14 @@ def test_sigkill_then_resume_gives_bitwise_identical_losses(tmp_path, reference,
     wait_for_steps(proc, tmp_path, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = run_cli(*ARGS, *extra, f"hydra.run.dir={tmp_path}", check=True)
+    resumed = run_cli_in_process(*ARGS, *extra, f"hydra.run.dir={tmp_path}", check=True)
     assert losses(tmp_path) == reference  # exact float equality, every step
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, STEPS + 1))
     if kill_after >= 3:
         assert "resumed from" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero_then_resumes_exactly(tmp_path, reference):
     proc = start(tmp_path)
     wait_for_steps(proc, tmp_path, 3)
@@ -72,19 +75,20 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes_exactly(tmp_path, refer
     stopped_at = len(read_metrics(tmp_path))
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:08d}"  # checkpoint written at the stop, not just periodic ones
-    run_cli(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
+    run_cli_in_process(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
     assert losses(tmp_path) == reference
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference):
-    run_cli(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
+    run_cli_in_process(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
     model_file = tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated latest
-    proc = run_cli(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
+    proc = run_cli_in_process(*ARGS, f"hydra.run.dir={tmp_path}", check=True)
     assert "checksum mismatch" in proc.stderr and f"step_{STEPS - 2:08d}" in proc.stdout
     assert losses(tmp_path) == reference
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
     """nvfp4_fp4all: SR in the backward, the sqrt(3) probe, and a QAF switch after the resume point.
 
@@ -94,7 +98,7 @@ def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
     args = [*ARGS, "precision=nvfp4_fp4all", "precision.qaf.trigger=fraction", "precision.qaf.fraction=0.7",
             "precision.monitor.interval=2"]  # fmt: skip
     ref_dir = tmp_path / "ref"
-    run_cli(*args, f"hydra.run.dir={ref_dir}", check=True)
+    run_cli_in_process(*args, f"hydra.run.dir={ref_dir}", check=True)
     records = read_metrics(ref_dir)
     assert [r["step"] for r in records if r.get("qaf_switch")] == [7]
     proc = subprocess.Popen(llmtrain_cmd(*args, f"hydra.run.dir={tmp_path / 'run'}"), env=cli_env(), cwd=REPO,
@@ -102,20 +106,23 @@ def test_stochastic_rounding_and_qaf_resume_exactly(tmp_path):
     wait_for_steps(proc, tmp_path / "run", 5)  # killed after step 5: resumes at 4, SR in steps 5-7
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", check=True)
+    run_cli_in_process(*args, f"hydra.run.dir={tmp_path / 'run'}", check=True)
     assert losses(tmp_path / "run") == losses(ref_dir)
 
 
-def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
+def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path, monkeypatch):
     run_dir = tmp_path / "skip"
-    proc = run_cli_with_nan([2], *FAST, "train.steps=4", f"hydra.run.dir={run_dir}", check=True)
+    monkeypatch.setattr(loop, "build_data", nan_at_steps([2]))
+    proc = run_cli_in_process(*FAST, "train.steps=4", f"hydra.run.dir={run_dir}", check=True)
     records = read_metrics(run_dir)
     assert records[1].get("skipped") is True and "update skipped" in proc.stderr
     assert all(r["loss"] == r["loss"] for i, r in enumerate(records) if i != 1)  # finite elsewhere
 
     run_dir = tmp_path / "diverge"
-    proc = run_cli_with_nan(
-        [3, 4], *FAST, "train.steps=6", "train.checkpoint_interval=1", "train.nan.max_skips=1",
+    monkeypatch.undo()  # the clean build_data again, then poison steps 3 and 4 only
+    monkeypatch.setattr(loop, "build_data", nan_at_steps([3, 4]))
+    proc = run_cli_in_process(
+        *FAST, "train.steps=6", "train.checkpoint_interval=1", "train.nan.max_skips=1",
         f"hydra.run.dir={run_dir}",
     )  # fmt: skip
     assert proc.returncode == 3
@@ -126,9 +133,10 @@ def test_nan_steps_are_skipped_then_the_run_stops_cleanly(tmp_path):
         assert torch.isfinite(tensor).all(), name
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_matches_one_process(tmp_path):
     single = tmp_path / "single"
-    run_cli(*FAST, "train.steps=4", f"hydra.run.dir={single}", check=True)
+    run_cli_in_process(*FAST, "train.steps=4", f"hydra.run.dir={single}", check=True)
     ddp = tmp_path / "ddp"
     env = cli_env()
     cmd = [*llmtrain_cmd(*FAST, "train.steps=4", f"hydra.run.dir={ddp}")]
@@ -191,13 +199,13 @@ def test_changed_global_batch_size_continues_at_the_consumed_sample(tmp_path, ca
 
 
 def test_every_checkpoint_corrupt_refuses_and_touches_nothing(tmp_path):
-    run_cli(
+    run_cli_in_process(
         *ARGS[:-3], "train.steps=4", "train.checkpoint_interval=2", f"hydra.run.dir={tmp_path}", check=True
     )
     for model in (tmp_path / "checkpoints").glob("step_*/model.safetensors"):
         model.write_bytes(model.read_bytes()[:500])
     before = tree_digest(tmp_path)
-    proc = run_cli(*ARGS[:-3], "train.steps=6", f"hydra.run.dir={tmp_path}")
+    proc = run_cli_in_process(*ARGS[:-3], "train.steps=6", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "all 2 checkpoints fail verification" in last and "train.resume=never" in last
@@ -206,13 +214,15 @@ def test_every_checkpoint_corrupt_refuses_and_touches_nothing(tmp_path):
 
 def test_refused_resume_and_resume_never_leave_the_old_run_byte_for_byte(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli(*ARGS[:-3], "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(*ARGS[:-3], "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
     before = tree_digest(run_dir)
-    proc = run_cli(*ARGS[:-3], "train.steps=4", "model.num_layers=3", f"hydra.run.dir={run_dir}")
+    proc = run_cli_in_process(*ARGS[:-3], "train.steps=4", "model.num_layers=3", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.num_layers=3 but the checkpoint" in proc.stderr and "set model.num_layers=2" in proc.stderr
     assert tree_digest(run_dir) == before  # config.yaml and .hydra/ still say num_layers 2
-    run_cli(*ARGS[:-3], "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(
+        *ARGS[:-3], "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}", check=True
+    )
     assert tree_digest(run_dir) == before
     assert (tmp_path / "run-restart1" / "checkpoints" / "latest").is_file()
 
@@ -282,7 +292,7 @@ def test_resume_never_is_one_decision_and_a_requeued_slurm_job_continues_its_run
 @pytest.mark.slow
 def test_resume_never_with_two_ranks_and_an_existing_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli(*FAST, "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
+    run_cli_in_process(*FAST, "train.steps=2", f"hydra.run.dir={run_dir}", check=True)
     cmd = llmtrain_cmd(*FAST, "train.steps=2", "train.resume=never", f"hydra.run.dir={run_dir}")
     cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
     proc = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -300,6 +310,7 @@ def handler_installed(pid: int, sig: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path):
     proc = start(tmp_path)
     wait_for_steps(proc, tmp_path, 3)
@@ -312,6 +323,7 @@ def test_ctrl_c_checkpoints_and_exits_like_sigterm(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_is_acknowledged_not_a_silent_143(tmp_path):
     proc = start(tmp_path)
     deadline = time.time() + 60

@@ -6,6 +6,8 @@ import sys
 import sysconfig
 import tarfile
 
+import pytest
+
 from tests.helpers import REPO, cli_env
 
 # A few stdlib packages as the corpus: 40-odd documents, enough for a 2% validation split.
@@ -54,6 +56,7 @@ def driver(tmp_path, *args, budget=500, extra_env=None):
     )
 
 
+@pytest.mark.slow
 def test_driver_builds_the_corpus_runs_a_point_and_skips_it_when_finished(tmp_path):
     proc = driver(tmp_path, "run", "bf16_s2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -86,6 +89,7 @@ def test_driver_starts_no_point_it_has_no_time_for(tmp_path):
     assert not (tmp_path / "study" / "runs").exists()
 
 
+@pytest.mark.slow
 def test_measure_writes_a_throughput_table(tmp_path):
     env = {"MEASURE_MODELS": "study_85m", "MEASURE_STEPS": "3"}
     env["STUDY_OVERRIDES"] = " ".join([*SMALL, "precision.bf16_layers.last=0"])  # nvfp4 on 2 layers

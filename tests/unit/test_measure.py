@@ -2,7 +2,6 @@
 memory estimate; the low-precision parameter all-gather's switch. The measurement itself: tests/gpu."""
 
 import json
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ from llmtrain.config.estimate import (
 from llmtrain.engines.megatron_engine import measure, param_gather
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
-from tests.helpers import cli_env, llmtrain_cmd
+from tests.helpers import run_cli_in_process
 from tests.megatron_helpers import make_config
 
 HOPPER, BLACKWELL = (9, 0), (10, 0)
@@ -34,11 +33,9 @@ def cfg_8b(precision="fp8_cs", **parallel):
 # ---- refusals ------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
 def test_cli_without_cuda_refuses_in_one_line():
-    proc = subprocess.run(
-        llmtrain_cmd("recipe=llama3_8b", "precision=fp8_cs", "parallel.tp=2", "cluster.gpus_per_node=8",
-                     "dry_run=measure", "hydra.run.dir=/tmp/llmtrain-test-measure", "hydra.output_subdir=null"),
-        capture_output=True, text=True, env=cli_env(), timeout=300,
-    )  # fmt: skip
+    proc = run_cli_in_process("recipe=llama3_8b", "precision=fp8_cs", "parallel.tp=2", "cluster.gpus_per_node=8",
+                              "dry_run=measure", "hydra.run.dir=/tmp/llmtrain-test-measure",
+                              "hydra.output_subdir=null")  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert lines == [
