@@ -33,6 +33,9 @@ def start(run_dir, *extra) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # SIGINT as in a terminal even when pytest itself runs as a background job (which inherits SIGINT
+        # ignored, and llmtrain keeps an ignored SIGINT ignored, as nohup users expect)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

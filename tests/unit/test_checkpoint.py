@@ -143,6 +143,9 @@ def test_second_ctrl_c_exits_at_once(monkeypatch, capfd):
 
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
+    # SIGINT as in a terminal even when pytest runs as a background job (SIGINT inherited ignored, which
+    # StopRequest keeps ignored on purpose)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = StopRequest().install()
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -151,6 +154,7 @@ def test_second_ctrl_c_exits_at_once(monkeypatch, capfd):
         assert exits == [130]
     finally:
         stop.uninstall()
+        signal.signal(signal.SIGINT, previous)
     err = capfd.readouterr().err
     assert "SIGINT received: stopping after this step with a checkpoint (Ctrl-C again" in err
     assert "second Ctrl-C: exiting now, without a checkpoint" in err
