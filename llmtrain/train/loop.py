@@ -75,6 +75,8 @@ def _train(
     cfg, run_dir: Path, dist, cleanup: contextlib.ExitStack, after_preemption, resume_dir
 ) -> RunSummary:
     stop, own_stop = stop_request()  # before the slow part: a signal while loading is acknowledged
+    if own_stop:  # however the run ends, a failed engine build included: the caller's handlers come back
+        cleanup.callback(stop.uninstall)
     if resume_dir is _FIND:
         resume_dir = resume_point(cfg, run_dir, cfg.engine.name if cfg.engine.name != "auto" else None)
     rng.seed_everything(cfg.train.seed + dist.rank)
@@ -107,8 +109,6 @@ def _train(
         _settle_save_in_flight(ckpt, exc, dist.world_size)
         raise
     finally:
-        if own_stop:
-            stop.uninstall()
         logger.close()
     return RunSummary(
         run_dir=run_dir,

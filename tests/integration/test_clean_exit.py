@@ -105,3 +105,20 @@ def test_one_process_group_needs_no_port(monkeypatch):
             assert torch.distributed.get_world_size() == 1
         finally:
             dist_mod.close_process_group()
+
+
+def test_a_failed_engine_build_gives_the_signal_handlers_back(tmp_path, rendezvous, monkeypatch):
+    """A library caller's Ctrl-C must work again after train() failed early (it was left to the stop
+    request's handler, which only sets a flag, when the engine build raised)."""
+    import signal
+
+    from llmtrain.train import loop
+    from llmtrain.train.signals import StopRequest
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(loop, "build_engine", _failing_engine_build)
+    with pytest.raises(UserError, match="engine build failed"):
+        loop.train(compose_cfg("train.steps=2"), tmp_path)
+    after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert after == before
+    assert not any(isinstance(getattr(h, "__self__", None), StopRequest) for h in after)
