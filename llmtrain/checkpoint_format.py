@@ -81,6 +81,11 @@ def invalid(problem: str) -> CheckpointError:
     return error
 
 
+class NewerFormatError(CheckpointError):
+    """A checkpoint this llmtrain cannot read but must not treat as corrupt: skipping it would let the run
+    train from an older one and overwrite it."""
+
+
 def read_manifest(step_dir: Path) -> dict:
     path = Path(step_dir) / MANIFEST_FILE
     if not path.is_file():
@@ -91,9 +96,13 @@ def read_manifest(step_dir: Path) -> dict:
         raise invalid(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
         raise invalid(f"{path}: not an llmtrain manifest (no files table)")
-    if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {manifest['format_version']} > {FORMAT_VERSION}; upgrade llmtrain"
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise invalid(f"{path}: format_version {version!r} is not a whole number")
+    if version > FORMAT_VERSION:
+        raise NewerFormatError(
+            f"{path} has format_version {version} > {FORMAT_VERSION}: written by a newer llmtrain; upgrade "
+            "llmtrain (it is neither skipped nor overwritten)"
         )
     return manifest
 
@@ -142,7 +151,12 @@ def step_dirs(root: Path) -> list[Path]:
 def read_latest(root: Path) -> str | None:
     """The step dir name `latest` holds, None without a `latest` file."""
     pointer = Path(root) / LATEST_FILE
-    return (pointer.read_text().strip() or None) if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    try:
+        return pointer.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None  # unreadable: as without `latest`, the newest step dir that verifies is taken
 
 
 def warn_on_stderr(message: str) -> None:
@@ -166,6 +180,8 @@ def newest_valid(
         try:
             verify(candidates[i]) if check else read_manifest(candidates[i])
             return candidates[i], skipped
+        except NewerFormatError:
+            raise
         except CheckpointError as e:
             skipped.append(e)
             then = f"trying {candidates[i - 1].name}" if i else "no older checkpoint left"

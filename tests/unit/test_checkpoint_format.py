@@ -4,6 +4,8 @@ A step dir named directly is that checkpoint or one error line; a run dir whose 
 falls back to the newest older checkpoint that passes, with one warning line per skipped one.
 """
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -167,3 +169,36 @@ def test_a_step_dir_without_its_manifest_is_refused_by_name(tmp_path):
     (dirs[2] / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"step_00000002: no manifest.json \(an unfinished save"):
         init_weights_from(str(dirs[2]), _model(0))
+
+
+def _set_manifest(step_dir, **fields):
+    path = step_dir / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def test_a_checkpoint_from_a_newer_llmtrain_is_neither_skipped_nor_overwritten(tmp_path):
+    """Skipping it as corrupt would let resume train from step 2 and then write over step 4."""
+    from llmtrain.checkpoint_format import newest_valid
+
+    run, dirs = _run(tmp_path)
+    _set_manifest(dirs[4], format_version=99)
+    with pytest.raises(CheckpointError, match=r"format_version 99 > 1: written by a newer llmtrain; upgrade"):
+        newest_valid(run / "checkpoints")
+    with pytest.raises(CheckpointError, match="upgrade llmtrain"):
+        init_weights_from(str(run), _model(0))
+    assert json.loads((dirs[4] / "manifest.json").read_text())["format_version"] == 99
+
+
+@pytest.mark.parametrize("damage", ["format_version is text", "latest is not text"])
+def test_a_malformed_manifest_or_latest_is_a_bad_checkpoint_not_a_traceback(tmp_path, capsys, damage):
+    run, dirs = _run(tmp_path)
+    if damage == "format_version is text":
+        _set_manifest(dirs[4], format_version="2")
+        expected = 2  # step 4 is skipped as invalid
+    else:
+        (run / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00bad")
+        expected = 4  # as without `latest`: the newest step dir that verifies
+    model = _model(0)
+    init_weights_from(str(run), model)
+    assert _same_weights(model, expected)
+    assert convert_main(["export", str(run), str(tmp_path / "hf")]) == 0
