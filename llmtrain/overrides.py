@@ -80,7 +80,31 @@ def sweep_points(overrides: list[str], config_name: str = "train") -> list[list[
         (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     except Exception as e:
         raise UserError(f"cannot parse overrides {' '.join(arguments)}: {first_line(e)}") from None
+    if not jobs:  # e.g. a glob() matching nothing, or over a misspelled group: Hydra would run nothing
+        raise UserError(
+            f"the sweep {' '.join(arguments)} expands to no job; check the glob() pattern and the group name"
+        )
+    _refuse_schema_options(jobs)
     return [search + job for job in jobs]
+
+
+def _refuse_schema_options(jobs: list[list[str]]) -> None:
+    """glob() over a config group also lists the group's schema entry (precision_schema, ...), which Hydra
+    would run as one more job with the schema's defaults: refuse it and name the options to list instead."""
+    by_key: dict[str, list[str]] = {}
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            by_key.setdefault(key, [])
+            if value not in by_key[key]:
+                by_key[key].append(value)
+    for key, values in by_key.items():
+        if any(v.endswith("_schema") for v in values):
+            options = ",".join(v for v in values if not v.endswith("_schema"))
+            raise UserError(
+                f"{key}=glob(...): also matches the schema entry {key}_schema (Hydra would run it as a job of "
+                f"its own); list the options instead: {key}={options}"
+            )
 
 
 def allowed_keys(parent: str) -> list[str]:

@@ -56,6 +56,19 @@ def test_a_sweep_larger_than_the_check_gives_its_exact_size(monkeypatch, capsys)
     assert "preflight: checked the first 2 of 12 sweep points;" in capsys.readouterr().err
 
 
+def test_a_glob_over_a_group_never_runs_its_schema_entry_as_a_job(hydra_ready):
+    """Hydra lists precision_schema among precision's options: a glob would run it as a job of its own."""
+    with pytest.raises(UserError, match=r"^precision=glob\(\.\.\.\): also matches the schema entry") as e:
+        sweep_points(["precision=glob(*,exclude=[nvfp4*])"])
+    assert "list the options instead: precision=bf16,fp8_cs,mxfp4,mxfp8" in str(e.value)
+
+
+@pytest.mark.parametrize("sweep", ["precision=glob(nope*)", "precsion=glob(*)"])
+def test_a_sweep_of_no_job_is_one_line_not_a_silent_success(hydra_ready, sweep):
+    with pytest.raises(UserError, match=r"expands to no job; check the glob\(\) pattern and the group name"):
+        sweep_points([sweep])
+
+
 def test_an_unsupported_sweep_is_one_line():
     with pytest.raises(
         UserError, match=r"^cannot parse overrides optim\.lr=interval\(0,1\): BasicSweeper does"
