@@ -215,6 +215,11 @@ def resolve_checkpoint(
             )
         on_skip(f"{pointer} points to {named}, which is not a checkpoint; trying {candidates[-1].name}")
     if not candidates:
+        if (p / "model.safetensors").is_file() and (p / CONFIG_FILE).is_file():  # accepted before 2026-12-07
+            raise CheckpointError(
+                f"{p} has model.safetensors and config.yaml but no manifest.json, so it cannot be verified; "
+                "give it one (docs/hf.md, train.init_from) or pass a run dir, its checkpoints/ or a step_* dir"
+            )
         raise CheckpointError(
             f"no llmtrain checkpoint at {p} (no manifest.json, no checkpoints/latest, no step_* dirs); "
             "pass a run dir, its checkpoints/ or a step_* dir"

@@ -202,3 +202,22 @@ def test_a_malformed_manifest_or_latest_is_a_bad_checkpoint_not_a_traceback(tmp_
     init_weights_from(str(run), model)
     assert _same_weights(model, expected)
     assert convert_main(["export", str(run), str(tmp_path / "hf")]) == 0
+
+
+def test_a_bare_weights_dir_without_a_manifest_says_how_to_give_it_one(tmp_path):
+    """model.safetensors + config.yaml alone were accepted before; now refused with the way out."""
+    import shutil
+
+    _, dirs = _run(tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.safetensors", "config.yaml"):
+        shutil.copy(dirs[2] / name, bare / name)
+    with pytest.raises(CheckpointError, match=r"bare has model.safetensors and config.yaml but no manifest"):
+        init_weights_from(str(bare), _model(0))
+    from llmtrain.checkpoint_format import write_manifest
+
+    write_manifest(bare, 0)  # the fix docs/hf.md gives
+    model = _model(0)
+    init_weights_from(str(bare), model)
+    assert _same_weights(model, 2)
