@@ -53,6 +53,22 @@ def is_step_dir(path: Path) -> bool:
 
 
 # ---- manifest and validity ----------------------------------------------------------------------------
+def umask_mode(path: Path) -> None:
+    """Give `path` the mode a new file gets here (0666 minus the umask): safetensors writes its files 0600,
+    which keeps teammates on a shared cluster from reading the weights. The umask is read by creating a
+    probe file, as os.umask cannot be read without being set (not thread-safe: async saves run in a
+    thread)."""
+    path = Path(path)
+    probe = path.with_name(f".mode-probe-{os.getpid()}-{path.name}")
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+    os.chmod(path, mode)
+
+
 def write_manifest(
     step_dir: Path, step: int, engine: str | None = "torch", extra: dict | None = None
 ) -> dict:

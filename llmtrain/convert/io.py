@@ -66,6 +66,7 @@ def save_model_file(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"}
     )
+    fmt.umask_mode(path)
 
 
 def write_checkpoint(

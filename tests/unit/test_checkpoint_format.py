@@ -221,3 +221,18 @@ def test_a_bare_weights_dir_without_a_manifest_says_how_to_give_it_one(tmp_path)
     model = _model(0)
     init_weights_from(str(bare), model)
     assert _same_weights(model, 2)
+
+
+def test_weights_get_the_umask_mode_not_safetensors_0600(tmp_path):
+    """Teammates on a shared cluster read checkpoints and exports: 0666 minus the umask, as other files."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _, dirs = _run(tmp_path)
+        assert convert_main(["export", str(dirs[4]), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    for path in (dirs[4] / "model.safetensors", tmp_path / "hf" / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -23,7 +23,7 @@ MAY_IMPORT = {
     "precision": {"errors", "models", "train"},
     # config: schema + validation; asks the registries (engines, launchers, schedules) for their names
     "config": {"errors", "models", "precision", "engines", "launch", "train"},
-    "engines": {"errors", "models", "precision", "config", "dist", "convert"},
+    "engines": {"errors", "models", "precision", "config", "dist", "convert", "checkpoint_format"},
     "convert": {"errors", "argcheck", "models", "config", "data", "dist", "engines", "checkpoint_format"},
     "train": {"errors", "models", "precision", "config", "data", "dist", "engines", "metrics", "checkpoint_format"},
     "launch": {"errors", "dist", "dryrun", "checkpoint_format"},

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmtrain import precision
+from llmtrain.checkpoint_format import umask_mode
 from llmtrain.dist import DistInfo, init_process_group
 from llmtrain.engines.base import Engine, MicroBatch, PendingWrite, StepResult
 from llmtrain.errors import CheckpointError, ConfigError
@@ -178,6 +179,7 @@ class TorchEngine(Engine):
     @staticmethod
     def _write(directory: Path, model_state: dict, optimizer_state: dict) -> None:
         save_file(model_state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        umask_mode(directory / "model.safetensors")
         torch.save(optimizer_state, directory / "optimizer.pt")
 
     def save(self, directory: Path) -> None:
