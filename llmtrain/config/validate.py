@@ -171,6 +171,12 @@ def validate(cfg, *, world: int, engine: str) -> None:
         raise ConfigError(
             "train.resume", t.resume, "checkpoint path does not exist", ["auto", "never", "PATH"]
         )
+    if t.init_from and not Path(str(t.init_from)).expanduser().exists():  # else each sweep job fails late
+        raise ConfigError(
+            "train.init_from",
+            t.init_from,
+            "path does not exist; give an HF model directory, or a run dir, its checkpoints/ or a step_* dir",
+        )
     o = cfg.optim
     validate_optim(o, t.steps)
     if cfg.precision.name != "bf16":  # triggers against train.steps, the batch and the LR schedule

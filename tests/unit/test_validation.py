@@ -48,6 +48,10 @@ CASES = [
         "model.num_layers=4: must be divisible by parallel.pp*vpp=3",
     ),
     (["engine=megatron", "dry_run=true", "parallel.tp=2"], "tp*pp*cp=2 must divide the world size 1"),
+    (
+        ["train.init_from=/nonexistent/llama"],
+        "train.init_from='/nonexistent/llama': path does not exist; give an HF model directory",
+    ),
     # checked at the engine build only before: no GPU makes a native MXFP4 recipe exist
     (
         ["engine=megatron", "dry_run=true", "precision=mxfp4", "precision.backend=native"],
