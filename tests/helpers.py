@@ -206,3 +206,21 @@ def hf_logits(model, tokens):
 
     with torch.no_grad():
         return model(tokens).logits.float()
+
+
+def compose_config(*overrides: str):
+    """The config `python -m llmtrain <overrides>` composes, built in-process with Hydra's compose API."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmtrain.cli import CONFIG_DIR
+    from llmtrain.config.resolvers import register_resolvers
+    from llmtrain.config.schema import register_configs
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg

@@ -12,7 +12,16 @@ from safetensors.torch import load_file
 
 from llmtrain.train import loop
 from tests.faults import nan_at_steps
-from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd, losses, read_metrics, run_cli_in_process
+from tests.helpers import (
+    FAST,
+    REPO,
+    cli_env,
+    compose_config,
+    llmtrain_cmd,
+    losses,
+    read_metrics,
+    run_cli_in_process,
+)
 
 STEPS = 10
 ARGS = [*FAST, f"train.steps={STEPS}", "train.checkpoint_interval=2", "train.keep_last=2"]
@@ -154,20 +163,7 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path):
 # ---- resume at the edges (issue 16) --------------------------------------------------------------------
 def compose_cfg(*overrides):
     """The config `python -m llmtrain` would build, composed in-process (no subprocess start-up cost)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from llmtrain.cli import CONFIG_DIR
-    from llmtrain.config.resolvers import register_resolvers
-    from llmtrain.config.schema import register_configs
-
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*FAST, "engine=torch", "train.device=cpu", *overrides])
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_config(*FAST, "engine=torch", "train.device=cpu", *overrides)
 
 
 def tree_digest(root):

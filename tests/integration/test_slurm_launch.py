@@ -9,28 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from llmtrain.cli import CONFIG_DIR
-from llmtrain.config.resolvers import register_resolvers
-from llmtrain.config.schema import register_configs
 from llmtrain.errors import ConfigError
 from llmtrain.launch import after_preemption
 from llmtrain.launch.sbatch import BODY_MARKER, JOB_BODY, REPO, render_script, time_limit_seconds
-from tests.helpers import cli_env
+from tests.helpers import cli_env, compose_config
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
-
-
-def make_cfg(*overrides: str):
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def test_templates_source_the_one_job_body_and_parse():
@@ -77,7 +62,7 @@ esac""",
 
 def job_scripts(tmp_path: Path) -> list[Path]:
     """Both templates and a script that `cluster=slurm` would submit."""
-    cfg = make_cfg(
+    cfg = compose_config(
         "cluster=slurm",
         "train.device=cpu",
         "cluster.gpus_per_node=1",
@@ -132,7 +117,7 @@ def test_a_template_submitted_outside_the_repo_says_where_to_submit_from(tmp_pat
 
 
 def test_gpu_script_asks_for_one_task_per_gpu(tmp_path):
-    cfg = make_cfg(
+    cfg = compose_config(
         "cluster=slurm",
         "cluster.nodes=4",
         "cluster.partition=batch",
@@ -164,7 +149,9 @@ def test_gpu_script_asks_for_one_task_per_gpu(tmp_path):
 
 
 def test_cpu_script_requests_no_gpus(tmp_path):
-    cfg = make_cfg("cluster=slurm", "cluster.gpus_per_node=2", "cluster.cpus_per_task=1", "train.device=cpu")
+    cfg = compose_config(
+        "cluster=slurm", "cluster.gpus_per_node=2", "cluster.cpus_per_task=1", "train.device=cpu"
+    )
     script = render_script(cfg, name="n", log_dir=tmp_path)
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --cpus-per-task=1" in script
     assert "--gpus-per-node" not in script.split(BODY_MARKER)[0]
@@ -172,7 +159,7 @@ def test_cpu_script_requests_no_gpus(tmp_path):
 
 def test_bad_cluster_values_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"cluster.requeue_limit=-1"):
-        render_script(make_cfg("cluster=slurm", "cluster.requeue_limit=-1"), name="n", log_dir=tmp_path)
+        render_script(compose_config("cluster=slurm", "cluster.requeue_limit=-1"), name="n", log_dir=tmp_path)
 
 
 @pytest.fixture
@@ -194,7 +181,7 @@ def checkpointed(run_dir: Path, step: int) -> Path:
 
 def test_a_stop_before_the_last_step_tells_the_batch_script(stop_file, tmp_path):
     run_dir = checkpointed(tmp_path / "run", 40)
-    after_preemption(make_cfg("train.steps=160", "cluster.requeue_limit=2"), run_dir)
+    after_preemption(compose_config("train.steps=160", "cluster.requeue_limit=2"), run_dir)
     assert stop_file.read_text() == f"40 160 2 {run_dir}/checkpoints/step_00000040\n"
 
 
@@ -202,19 +189,19 @@ def test_a_stop_before_the_first_checkpoint_still_requeues(stop_file, tmp_path):
     """A warning during start-up stops the ranks before step 1: the job must requeue (and start over),
     not end COMPLETED as if the run were done."""
     (tmp_path / "run").mkdir()
-    after_preemption(make_cfg("train.steps=160", "cluster.requeue_limit=2"), tmp_path / "run")
+    after_preemption(compose_config("train.steps=160", "cluster.requeue_limit=2"), tmp_path / "run")
     assert stop_file.read_text() == "0 160 2 the start (no checkpoint yet)\n"
 
 
 def test_a_stop_at_the_last_step_is_a_finished_run(stop_file, tmp_path):
-    after_preemption(make_cfg("train.steps=40"), checkpointed(tmp_path / "run", 40))
+    after_preemption(compose_config("train.steps=40"), checkpointed(tmp_path / "run", 40))
     assert not stop_file.exists()
 
 
 def test_only_rank_zero_writes_the_stop_file(stop_file, monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "1")
-    after_preemption(make_cfg("train.steps=160"), checkpointed(tmp_path / "run", 40))
+    after_preemption(compose_config("train.steps=160"), checkpointed(tmp_path / "run", 40))
     assert not stop_file.exists()
 
 
@@ -234,15 +221,15 @@ def test_time_limits_in_slurm_formats(text, seconds):
 
 
 def test_a_warning_at_or_before_the_start_is_refused(tmp_path):
-    cfg = make_cfg("cluster=slurm", "cluster.time=00:02:00", "cluster.signal_seconds=120")
+    cfg = compose_config("cluster=slurm", "cluster.time=00:02:00", "cluster.signal_seconds=120")
     with pytest.raises(ConfigError, match=r"cluster.signal_seconds=120: must be below cluster.time=00:02:00"):
         render_script(cfg, name="n", log_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"cluster.time='4h'"):
-        render_script(make_cfg("cluster=slurm", "cluster.time=4h"), name="n", log_dir=tmp_path)
+        render_script(compose_config("cluster=slurm", "cluster.time=4h"), name="n", log_dir=tmp_path)
 
 
 def test_site_keys_reach_the_script(tmp_path):
-    cfg = make_cfg(
+    cfg = compose_config(
         "cluster=slurm",
         "cluster.nodes=2",
         "cluster.env=['NCCL_IB_HCA=mlx5_0','NCCL_DEBUG=WARN']",
@@ -266,8 +253,8 @@ def test_site_keys_reach_the_script(tmp_path):
         "module load cuda/12.8",
     ):
         assert line in head.splitlines(), line
-    assert "--exclusive" not in render_script(make_cfg("cluster=slurm"), name="n", log_dir=tmp_path)
-    py = make_cfg("cluster=slurm", "cluster.container_image=img", "cluster.python=/opt/py/bin/python")
+    assert "--exclusive" not in render_script(compose_config("cluster=slurm"), name="n", log_dir=tmp_path)
+    py = compose_config("cluster=slurm", "cluster.container_image=img", "cluster.python=/opt/py/bin/python")
     assert "export LLMTRAIN_PYTHON=/opt/py/bin/python" in render_script(py, name="n", log_dir=tmp_path)
     (tmp_path / "job.sbatch").write_text(script)
     subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
@@ -275,12 +262,14 @@ def test_site_keys_reach_the_script(tmp_path):
 
 def test_quotes_in_a_job_name_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"cluster\.job_name"):
-        render_script(make_cfg("cluster=slurm", "cluster.job_name='a\"b'"), name='a"b', log_dir=tmp_path)
+        render_script(
+            compose_config("cluster=slurm", "cluster.job_name='a\"b'"), name='a"b', log_dir=tmp_path
+        )
 
 
 def test_env_entries_must_be_name_value(tmp_path):
     with pytest.raises(ConfigError, match=r"cluster\.env='NCCL_DEBUG': each entry is NAME=value"):
-        render_script(make_cfg("cluster=slurm", "cluster.env=[NCCL_DEBUG]"), name="n", log_dir=tmp_path)
+        render_script(compose_config("cluster=slurm", "cluster.env=[NCCL_DEBUG]"), name="n", log_dir=tmp_path)
 
 
 def _entry(tmp_path, events: str, steps: int = 40) -> dict:

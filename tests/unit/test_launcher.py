@@ -5,18 +5,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from llmtrain import launch
 from llmtrain.cli import CONFIG_DIR, preflight
-from llmtrain.config.resolvers import register_resolvers
-from llmtrain.config.schema import register_configs
 from llmtrain.config.validate import CLUSTERS
 from llmtrain.errors import UserError
 from llmtrain.launch.launcher import LAUNCHERS, Launcher, launcher_class
 from llmtrain.launch.local import LocalLauncher
 from llmtrain.launch.slurm import SlurmLauncher
+from tests.helpers import compose_config
 
 ENV = (
     "WORLD_SIZE",
@@ -35,23 +32,13 @@ def outside_any_job(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def make_cfg(*overrides: str):
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
-
-
 @pytest.mark.parametrize("name", list(LAUNCHERS))
 def test_each_launcher_has_its_config_and_the_interface(name):
     """Adding a launcher is a module, its LAUNCHERS line and configs/cluster/<name>.yaml: validation accepts
     its cluster.type, the config selects it, and it has every method cli.py calls."""
     assert name in CLUSTERS
     assert yaml.safe_load((Path(CONFIG_DIR) / "cluster" / f"{name}.yaml").read_text())["type"] == name
-    launcher = launch.select(make_cfg(f"cluster={name}"))
+    launcher = launch.select(compose_config(f"cluster={name}"))
     assert type(launcher) is launcher_class(name) and launcher.name == name
     methods = [m for m in vars(Launcher) if not m.startswith("_")]
     assert set(methods) >= {"inside_job", "submits", "world", "dispatch", "after_stop"}
@@ -61,19 +48,19 @@ def test_each_launcher_has_its_config_and_the_interface(name):
 
 def test_planned_world_per_launcher_and_from_the_environment(monkeypatch):
     sizes = ("cluster.nodes=2", "cluster.gpus_per_node=4")
-    assert launch.planned_world(make_cfg(*sizes)) == 1  # local: this process
-    assert launch.planned_world(make_cfg(*sizes, "dry_run=true")) == 8  # a dry run plans the cluster
-    assert launch.planned_world(make_cfg("cluster=slurm", *sizes)) == 8  # what sbatch is asked for
+    assert launch.planned_world(compose_config(*sizes)) == 1  # local: this process
+    assert launch.planned_world(compose_config(*sizes, "dry_run=true")) == 8  # a dry run plans the cluster
+    assert launch.planned_world(compose_config("cluster=slurm", *sizes)) == 8  # what sbatch is asked for
     monkeypatch.setenv("WORLD_SIZE", "3")  # torchrun started this rank
-    assert launch.planned_world(make_cfg("cluster=slurm", *sizes)) == 3
+    assert launch.planned_world(compose_config("cluster=slurm", *sizes)) == 3
     monkeypatch.delenv("WORLD_SIZE")
     for var, value in (("SLURM_JOB_ID", "9"), ("SLURM_NTASKS", "6"), ("SLURM_PROCID", "0")):
         monkeypatch.setenv(var, value)  # srun started the ranks of a hand-submitted template (cluster=local)
-    assert launch.planned_world(make_cfg(*sizes)) == 6
+    assert launch.planned_world(compose_config(*sizes)) == 6
 
 
 def test_slurm_submits_only_from_outside_a_job_and_trains_in_its_step(monkeypatch):
-    cfg = make_cfg("cluster=slurm")
+    cfg = compose_config("cluster=slurm")
     assert launch.placed_by() is None and SlurmLauncher().submits(cfg)
     assert not LocalLauncher().submits(cfg) and not LocalLauncher().dispatch(cfg, 1, "torch")
     monkeypatch.setenv("SLURM_JOB_ID", "9")  # salloc or a batch script: srun from here, no second job
@@ -97,8 +84,8 @@ def test_a_stop_inside_a_slurm_job_is_recorded_whatever_cluster_says(monkeypatch
     """after_preemption follows the job this process runs in: a template's ranks run with cluster=local."""
     monkeypatch.setenv("LLMTRAIN_STOP_FILE", str(tmp_path / "stop"))
     (tmp_path / "run").mkdir()
-    launch.after_preemption(make_cfg("train.steps=160"), tmp_path / "run")
+    launch.after_preemption(compose_config("train.steps=160"), tmp_path / "run")
     assert not (tmp_path / "stop").exists()  # outside a job: nothing to tell
     monkeypatch.setenv("SLURM_JOB_ID", "9")
-    launch.after_preemption(make_cfg("train.steps=160"), tmp_path / "run")
+    launch.after_preemption(compose_config("train.steps=160"), tmp_path / "run")
     assert (tmp_path / "stop").read_text().startswith("0 160 ")
