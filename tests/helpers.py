@@ -224,3 +224,19 @@ def compose_config(*overrides: str):
         cfg = compose(config_name="train", overrides=list(overrides))
     GlobalHydra.instance().clear()
     return cfg
+
+
+def small_llama_spec():
+    """The 2-layer Llama the checkpoint and convert-io tests save and load."""
+    from llmtrain.models.spec import ModelSpec
+
+    return ModelSpec(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=100,
+        seq_length=16,
+        rope_theta=10000.0,
+    )

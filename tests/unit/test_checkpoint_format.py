@@ -18,19 +18,10 @@ from llmtrain.errors import CheckpointError
 from llmtrain.eval import load_model
 from llmtrain.eval import main as eval_main
 from llmtrain.models.llama import LlamaModel
-from llmtrain.models.spec import ModelSpec
 from llmtrain.train.checkpoint import CheckpointManager
+from tests.helpers import small_llama_spec
 
-SPEC = ModelSpec(
-    num_layers=2,
-    hidden_size=32,
-    ffn_hidden_size=48,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=100,
-    seq_length=16,
-    rope_theta=10000.0,
-)
+SPEC = small_llama_spec()
 CONFIG = OmegaConf.to_yaml({"model": {k: getattr(SPEC, k) for k in SPEC.__dataclass_fields__}})
 
 

@@ -11,17 +11,9 @@ from llmtrain.convert.api import init_weights_from, load_model_state
 from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.llama import LlamaModel
 from llmtrain.models.spec import ModelSpec
+from tests.helpers import small_llama_spec
 
-SPEC = ModelSpec(
-    num_layers=2,
-    hidden_size=32,
-    ffn_hidden_size=48,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=100,
-    seq_length=16,
-    rope_theta=10000.0,
-)
+SPEC = small_llama_spec()
 
 
 def _model(spec=SPEC, seed=0):
