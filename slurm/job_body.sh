@@ -126,11 +126,19 @@ done
 wait "$step_pid"  # srun's exit status (bash keeps it after the child is reaped)
 rc=$?
 
+rank_status() { this_run "$1" | sed -n 's/^llmtrain: rank [0-9]* exited with status \([0-9]*\)$/\1/p' | tail -n1; }
+if ((rc != 0)); then
+  # srun itself can end with a signal's status after a cancel (it is signalled along with the ranks) while
+  # every rank finished cleanly: the ranks' own statuses decide, srun's only where a rank did not report.
+  clean=1
+  for ((i = 0; i < ntasks; i++)); do [[ $(rank_status "$i") == 0 ]] || clean=""; done
+  [[ -n $clean ]] && { say "srun exited with status $rc, but every rank exited with status 0"; rc=0; }
+fi
 if ((rc != 0)); then
   # The real error: the first rank that exited on its own with a non-zero status (not of a signal).
   bad="" first=""
   for ((i = 0; i < ntasks; i++)); do
-    s=$(this_run "$i" | sed -n 's/^llmtrain: rank [0-9]* exited with status \([0-9]*\)$/\1/p' | tail -n1)
+    s=$(rank_status "$i")
     [[ -n $s && $s != 0 && -z $first ]] && first=$i
     [[ -n $s && $s != 0 ]] && ((s < 128)) && { bad=$i; rc=$s; break; }
   done

@@ -368,7 +368,8 @@ def test_cancel_mid_training_checkpoints_and_is_not_requeued(env, tmp_path):
     assert "requeue" not in job_log(run_dir, job)
     assert "no active jobs" in sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "--all").stdout
     s = status_of(env, job)
-    assert (s["state"], s["step"], s["exit_code"]) == ("CANCELLED", step, 75)
+    events = (run_dir / "logs" / f"llmtrain-tiny-{job}" / "events").read_text()
+    assert (s["state"], s["step"], s["exit_code"]) == ("CANCELLED", step, 75), (s, events, logs_of(run_dir))
     unknown = sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "99999", check=False)
     assert unknown.returncode == 2 and "no such job 99999" in unknown.stderr
 

@@ -29,20 +29,28 @@ def test_templates_source_the_one_job_body_and_parse():
             assert f"#SBATCH {opt}" in text, (t.name, opt)
 
 
-def fake_slurm(tmp_path: Path, *, stop: str = "") -> dict:
+def fake_slurm(tmp_path: Path, *, stop: str = "", rank_rc: int = 0, srun_rc: int | None = None) -> dict:
     """An environment in which a batch script runs without SLURM: srun runs its command here, scontrol
     answers for a RUNNING job 7 and records requeues, and the "python" of the ranks records its arguments
-    (and writes rank 0's stop record `stop`, as a signal before train.steps would)."""
+    (and writes rank 0's stop record `stop`, as a signal before train.steps would) and exits `rank_rc`.
+    With `srun_rc`, srun writes the rank's output to its --output log as the real one does, then exits
+    with that status whatever the rank's was (as srun signalled by a cancel may)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    srun = 'while [[ $1 == --* ]]; do shift; done; exec "$@"'
+    if srun_rc is not None:
+        srun = (
+            "log=/dev/null; while [[ $1 == --* ]]; do [[ $1 == --output=* ]] && log=${1#--output=}; shift; done\n"
+            f'"$@" >>"${{log//%t/0}}" 2>&1; exit {srun_rc}'
+        )
     tools = {
-        "srun": 'while [[ $1 == --* ]]; do shift; done; exec "$@"',
+        "srun": srun,
         "scontrol": f"""case "$1 $2" in
   "show hostnames") echo node1 ;;
   "show job") echo "JobId=7 JobState=RUNNING Restarts=0" ;;
   requeue*) echo "$*" >>{tmp_path}/requeued ;;
 esac""",
-        "python": f'echo "$*" >>{tmp_path}/ranks\n[[ -n "{stop}" ]] && echo "{stop}" >"$LLMTRAIN_STOP_FILE"; exit 0',
+        "python": f'echo "$*" >>{tmp_path}/ranks\n[[ -n "{stop}" ]] && echo "{stop}" >"$LLMTRAIN_STOP_FILE"; exit {rank_rc}',
     }
     for name, body in tools.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
@@ -104,6 +112,32 @@ def test_every_job_script_runs_the_job_body(tmp_path, stop):
             assert "training step exited with status 0" in out and not (tmp_path / "requeued").exists()
             assert events[1].endswith(" end rc=0 step="), (script.name, events)
         assert events[0].endswith(" start restart=0"), (script.name, events)
+
+
+@pytest.mark.parametrize("rank_rc", [0, 3])
+def test_the_ranks_statuses_decide_not_sruns(tmp_path, rank_rc):
+    """srun ending with a signal's status (134 here) while every rank exited 0 is a finished step, not a
+    failed job; a rank's own error still fails the job with that rank's status."""
+    env = fake_slurm(tmp_path, rank_rc=rank_rc, srun_rc=134)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(TEMPLATES[0]), "recipe=tiny", f"hydra.run.dir={run_dir}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = proc.stdout + proc.stderr
+    events = (tmp_path / "logs" / "t-7" / "events").read_text().splitlines()
+    if rank_rc == 0:
+        assert proc.returncode == 0, out
+        assert "srun exited with status 134, but every rank exited with status 0" in out
+        assert "training step exited with status 0" in out and events[-1].endswith(" end rc=0 step=")
+    else:
+        assert proc.returncode == 3, out
+        assert "error: job 7 failed with exit status 3; rank 0" in out and "every rank" not in out
+        assert " end rc=3 " in events[-1]
 
 
 def test_a_template_submitted_outside_the_repo_says_where_to_submit_from(tmp_path):
