@@ -68,6 +68,19 @@ esac""",
     }
 
 
+def run_job_script(script: Path, env: dict, tmp_path: Path, run_dir: Path) -> tuple[int, str]:
+    """Run a batch script as sbatch would (overrides recipe=tiny and the run dir): (exit status, output)."""
+    proc = subprocess.run(
+        ["bash", str(script), "recipe=tiny", f"hydra.run.dir={run_dir}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def job_scripts(tmp_path: Path) -> list[Path]:
     """Both templates and a script that `cluster=slurm` would submit."""
     cfg = compose_config(
@@ -90,16 +103,8 @@ def test_every_job_script_runs_the_job_body(tmp_path, stop):
         for f in ("ranks", "requeued"):
             (tmp_path / f).unlink(missing_ok=True)
         run_dir = tmp_path / f"run-{script.stem}"
-        proc = subprocess.run(
-            ["bash", str(script), "recipe=tiny", f"hydra.run.dir={run_dir}"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, (script.name, out)
+        rc, out = run_job_script(script, env, tmp_path, run_dir)
+        assert rc == 0, (script.name, out)
         assert (tmp_path / "ranks").read_text() == f"-m llmtrain recipe=tiny hydra.run.dir={run_dir}\n", (
             script
         )
@@ -120,22 +125,14 @@ def test_the_ranks_statuses_decide_not_sruns(tmp_path, rank_rc):
     failed job; a rank's own error still fails the job with that rank's status."""
     env = fake_slurm(tmp_path, rank_rc=rank_rc, srun_rc=134)
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        ["bash", str(TEMPLATES[0]), "recipe=tiny", f"hydra.run.dir={run_dir}"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    out = proc.stdout + proc.stderr
+    rc, out = run_job_script(TEMPLATES[0], env, tmp_path, run_dir)
     events = (tmp_path / "logs" / "t-7" / "events").read_text().splitlines()
     if rank_rc == 0:
-        assert proc.returncode == 0, out
+        assert rc == 0, out
         assert "srun exited with status 134, but every rank exited with status 0" in out
         assert "training step exited with status 0" in out and events[-1].endswith(" end rc=0 step=")
     else:
-        assert proc.returncode == 3, out
+        assert rc == 3, out
         assert "error: job 7 failed with exit status 3; rank 0" in out and "every rank" not in out
         assert " end rc=3 " in events[-1]
 
