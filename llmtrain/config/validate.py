@@ -164,7 +164,10 @@ def validate_data(d) -> None:
 def validate(cfg, *, world: int, engine: str) -> None:
     _choice("engine.name", cfg.engine.name, ENGINES)
     validate_model(cfg.model)
-    precision.validate(cfg.precision, num_layers=cfg.model.num_layers)  # the precision layer's own rules
+    stages = int(cfg.parallel.pp) if engine == "megatron" and int(cfg.parallel.pp) > 0 else 1
+    precision.validate(
+        cfg.precision, num_layers=cfg.model.num_layers, pipeline_stages=stages
+    )  # its own rules
     t, m = cfg.train, cfg.model
     validate_train(t, cfg.logging)
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().exists():

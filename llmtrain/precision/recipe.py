@@ -20,7 +20,7 @@ from llmtrain.precision.config import BACKENDS, OPERAND_NAMES, PRECISION_NAMES
 from llmtrain.precision.formats import ROUNDINGS, SR_BITS
 from llmtrain.precision.nvfp4_options import NVFP4Options
 from llmtrain.precision.quantize import FourOverSix
-from llmtrain.precision.registry import FORMATS, blocked_formats
+from llmtrain.precision.registry import FORMATS, blocked_formats, get_format
 
 OPERAND_FORMATS = ["bf16", *FORMATS]
 QAF_TRIGGERS = ["off", "sqrt3", "fraction"]
@@ -201,7 +201,7 @@ def _validate_operands(cfg) -> None:
             )
 
 
-def _validate_bf16_layers(cfg, num_layers: int | None) -> None:
+def _validate_bf16_layers(cfg, num_layers: int | None, pipeline_stages: int = 1) -> None:
     b = cfg.bf16_layers
     for end in ("first", "last"):
         count, frac = cfg_get(b, end, 0), float(cfg_get(b, f"{end}_fraction", 0.0) or 0.0)
@@ -237,10 +237,22 @@ def _validate_bf16_layers(cfg, num_layers: int | None) -> None:
             )
             + (" (or precision=variant/fp8_cs_all_layers)" if cfg.name == "fp8_cs" else ""),
         )
+    per_stage = num_layers // pipeline_stages
+    formats = {cfg.weight_format, cfg.activation_format, cfg.grad_format} - {"bf16"}
+    fp8_context = not any(get_format(f).element_bits == 4 for f in formats)  # as te_recipes picks it
+    if fp8_context and max(first, last) > per_stage:  # Megatron-Core's FP8 config check: a traceback
+        end, n = ("first", first) if first > per_stage else ("last", last)
+        raise ConfigError(
+            f"precision.bf16_layers.{end}",
+            n,
+            f"Megatron-Core's FP8 path keeps at most num_layers/pp = {num_layers}/{pipeline_stages} = "
+            f"{per_stage} layers in BF16 at each end; lower it to {per_stage} or lower parallel.pp",
+        )
 
 
-def validate(cfg, num_layers: int | None = None) -> None:
+def validate(cfg, num_layers: int | None = None, pipeline_stages: int = 1) -> None:
     """Raise ConfigError for anything the precision layer cannot honour (names, ranges, no-op recipes).
+    `pipeline_stages`: the Megatron engine's parallel.pp (it keeps BF16 layers per end within one stage).
 
     The schedule's phases are checked here as far as the precision config alone allows; the checks that
     need train.steps and the LR schedule are in phases.validate_schedule (called at preflight).
@@ -303,4 +315,4 @@ def validate(cfg, num_layers: int | None = None) -> None:
     phase_list = phases.phases_from_config(cfg)  # phase names, triggers, targets and formats
     for phase, phase_recipe in zip(phase_list, phases.phase_recipes(cfg, phase_list)[1:]):
         nvfp4_options.validate(phase_recipe, f" in {phase.key} ({phase.name})")
-    _validate_bf16_layers(cfg, num_layers)
+    _validate_bf16_layers(cfg, num_layers, pipeline_stages)

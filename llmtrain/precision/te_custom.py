@@ -51,7 +51,7 @@ from transformer_engine.pytorch.tensor.hybrid_tensor import HybridQuantizer
 from transformer_engine.pytorch.tensor.identity_tensor import IdentityQuantizer
 
 from llmtrain.precision.emulate import fake_quantize_2d
-from llmtrain.precision.hadamard import TE_SIGNS, random_signs
+from llmtrain.precision.hadamard import TE_SIGNS, hadamard, random_signs
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
 
 
@@ -125,6 +125,10 @@ class FakeQuantizer(IdentityQuantizer):
         # The monitor's QAF pass (backward in high precision), or an operand the active phase leaves in BF16.
         return (self.backward and STATE.qaf) or not self.operand.quantized
 
+    def is_requantization_safe(self) -> bool:
+        # Stochastic rounding draws new bits on every call: quantizing again does not give the same tensor.
+        return self._passes_through or self.operand.rounding != "stochastic"
+
     def copy(self) -> "FakeQuantizer":
         q = FakeQuantizer(self.name, self.axis, backward=self.backward, role=self.role)
         q.rowwise_usage, q.columnwise_usage = self.rowwise_usage, self.columnwise_usage
@@ -153,16 +157,22 @@ class FakeQuantizer(IdentityQuantizer):
 
     def _maybe_cast(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         data = tensor.detach()
+        x2 = data.reshape(-1, data.shape[-1])
+        if self.rht and not (self.backward and STATE.qaf) and x2.shape[0] % STATE.recipe.rht_size:
+            raise ValueError(
+                f"the random Hadamard transform needs a token count divisible by {STATE.recipe.rht_size}, "
+                f"got {x2.shape[0]}; use a sequence length (x micro-batch size) that is a multiple of "
+                f"{STATE.recipe.rht_size}, or precision.rht=false"
+            )
         if self._passes_through:
+            if self.rht and not STATE.qaf:
+                # This wgrad operand stays in BF16 while the other one is quantized after the transform:
+                # it must be transformed too, or dW = dy^T (H x) (the torch engine transforms both).
+                t = hadamard(x2.t(), STATE.recipe.rht_size, STATE.rht_signs)
+                return t.t().contiguous().view(data.shape)
             return super()._maybe_cast(tensor)
         op = self.operand
         STATE.quantize_calls[(self.role, "columnwise" if self.axis == 0 else "rowwise")] += 1
-        x2 = data.reshape(-1, data.shape[-1])
-        if self.rht and x2.shape[0] % 16:
-            raise ValueError(
-                f"the random Hadamard transform needs a token count divisible by 16, got {x2.shape[0]}; "
-                "use a sequence length (x micro-batch size) that is a multiple of 16, or precision.rht=false"
-            )
         how = dict(
             axis=self.axis,
             rounding=op.rounding,
@@ -206,4 +216,18 @@ def qfactory(role):
     else:
         row = _direction("dgrad_dy", 1, backward=True, role=t)
         col = _direction("wgrad_dy", 0, backward=True, role=t)
-    return HybridQuantizer(rowwise_quantizer=row, columnwise_quantizer=col)
+    return GatheredHybridQuantizer(rowwise_quantizer=row, columnwise_quantizer=col)
+
+
+class GatheredHybridQuantizer(HybridQuantizer):
+    """A HybridQuantizer that TE treats as custom (`tensor.utils.is_custom`): with sequence parallelism,
+    TE 2.20 then all-gathers the input in BF16 and quantizes the gathered tensor once, as the torch engine
+    does. Otherwise (Linear/LayerNormLinear) it quantizes each rank's shard, falls back to a high-precision
+    gather of the dequantized shard and quantizes again: the input rounded twice, RHT applied twice."""
+
+    custom = True
+
+    def copy(self) -> "GatheredHybridQuantizer":
+        q = super().copy()  # TE's copy builds a plain HybridQuantizer
+        q.__class__ = GatheredHybridQuantizer
+        return q

@@ -58,3 +58,21 @@ def test_weights_quantized_once_per_step_and_results_unchanged(precision):
     for c in calls_plain:
         assert c[("weight", "rowwise")] == c[("input", "rowwise")], c  # without the cache: every micro-batch
     assert cached == plain
+
+
+def test_the_factorys_quantizers_are_custom_to_te_and_stay_so_when_copied():
+    """Real TE 2.20: is_custom() on the factory's quantizers (TE then all-gathers a sequence-parallel input in
+    BF16 and quantizes it once) and on their copies; stochastic rounding is not requantization-safe."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from transformer_engine.pytorch.tensor.utils import is_custom
+
+    from llmtrain.precision import te_custom
+    from llmtrain.precision.recipe import Operand, PrecisionRecipe
+
+    te_custom.set_recipe(PrecisionRecipe(fprop_x=Operand("nvfp4"), wgrad_x=Operand("nvfp4", "stochastic")))
+    for tensor_type in ("input", "weight", "grad_output"):
+        q = te_custom.qfactory(type("Role", (), {"module_type": "linear", "tensor_type": tensor_type})())
+        assert is_custom(q) and is_custom(q.copy()), tensor_type
+    q = te_custom.qfactory(type("Role", (), {"module_type": "linear", "tensor_type": "input"})())
+    q.set_usage(rowwise=False, columnwise=True)
+    assert not q.is_requantization_safe()  # the column-wise (wgrad) operand draws new SR bits each time

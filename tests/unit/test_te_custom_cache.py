@@ -32,6 +32,26 @@ class _IdentityQuantizer:
         return dst
 
 
+class _HybridQuantizer:
+    """TE 2.20's HybridQuantizer, the parts used here: its copy() builds a plain HybridQuantizer."""
+
+    def __init__(self, *, rowwise_quantizer, columnwise_quantizer, columnwise_source="original"):
+        self.rowwise_quantizer, self.columnwise_quantizer = rowwise_quantizer, columnwise_quantizer
+        self.columnwise_source = columnwise_source
+
+    def copy(self):
+        return _HybridQuantizer(
+            rowwise_quantizer=self.rowwise_quantizer.copy(),
+            columnwise_quantizer=self.columnwise_quantizer.copy(),
+            columnwise_source=self.columnwise_source,
+        )
+
+
+def _is_custom(q) -> bool:
+    """TE 2.20's transformer_engine.pytorch.tensor.utils.is_custom."""
+    return hasattr(q, "custom") and q.custom
+
+
 @pytest.fixture
 def te_custom(monkeypatch):
     stubs = {
@@ -41,7 +61,7 @@ def te_custom(monkeypatch):
         "transformer_engine.pytorch.tensor.hybrid_tensor": types.ModuleType("hybrid_tensor"),
         "transformer_engine.pytorch.tensor.identity_tensor": types.ModuleType("identity_tensor"),
     }
-    stubs["transformer_engine.pytorch.tensor.hybrid_tensor"].HybridQuantizer = object
+    stubs["transformer_engine.pytorch.tensor.hybrid_tensor"].HybridQuantizer = _HybridQuantizer
     stubs["transformer_engine.pytorch.tensor.identity_tensor"].IdentityQuantizer = _IdentityQuantizer
     for name, module in stubs.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -124,3 +144,42 @@ def test_a_format_without_a_triton_kernel_runs_the_torch_reference(te_custom, mo
     ):
         triton_kernels._check(w, triton_kernels.Direction("mxfp4"), 8, None)  # the kernels refuse it
     assert emulate.fake_quantize_2d is te_custom.fake_quantize_2d
+
+
+def test_the_factorys_input_quantizer_is_custom_so_te_gathers_in_bf16_and_quantizes_once(te_custom):
+    """With sequence parallelism TE quantizes each rank's input shard before the all-gather unless the
+    quantizer is custom (is_custom); then it gathers BF16 and quantizes the gathered tensor once, as the torch
+    engine does. The flag must survive TE's copy(), which builds a plain HybridQuantizer."""
+    from llmtrain.precision.recipe import Operand, PrecisionRecipe
+
+    te_custom.set_recipe(PrecisionRecipe(fprop_x=Operand("nvfp4"), wgrad_x=Operand("nvfp4"), rht=True))
+    role = types.SimpleNamespace(module_type="linear", tensor_type="input")
+    q = te_custom.qfactory(role)
+    assert _is_custom(q) and _is_custom(q.copy())
+    assert isinstance(q.copy(), _HybridQuantizer)
+
+
+@pytest.mark.parametrize("quantized", ["wgrad_x", "wgrad_dy"])
+def test_a_bf16_wgrad_operand_gets_the_rht_when_the_other_one_is_quantized(te_custom, quantized):
+    """RHT on, one wgrad operand quantized, the other left in BF16: the torch engine transforms both
+    (precision/linear.py), so dW = (H dy)^T Q(H x) ~ dy^T x. The BF16 one passed through untransformed gave
+    dy^T (H x) instead."""
+    from llmtrain.precision.hadamard import TE_SIGNS, hadamard
+    from llmtrain.precision.recipe import Operand, PrecisionRecipe
+
+    te_custom.set_recipe(PrecisionRecipe(**{quantized: Operand("nvfp4")}, rht=True))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 48, generator=g).to(torch.bfloat16)  # [tokens, in]
+    dy = torch.randn(64, 32, generator=g).to(torch.bfloat16)  # [tokens, out]
+    qx = te_custom.FakeQuantizer("wgrad_x", 0, backward=True, role="input")._maybe_cast(x)
+    qdy = te_custom.FakeQuantizer("wgrad_dy", 0, backward=True, role="grad_output")._maybe_cast(dy)
+    bf16_side, bf16_out = (dy, qdy) if quantized == "wgrad_x" else (x, qx)
+    want = hadamard(bf16_side.t(), 16, torch.tensor(TE_SIGNS)).t()
+    assert torch.equal(bf16_out, want)  # the transform, exactly as the torch engine applies it
+    exact = dy.double().t() @ x.double()
+    got = qdy.double().t() @ qx.double()
+    assert (got - exact).norm() / exact.norm() < 0.3  # FP4 noise of one operand; untransformed: ~1.4
+    te_custom.set_qaf(True)  # QAF: both wgrad operands pass through, neither is transformed
+    assert torch.equal(te_custom.FakeQuantizer("wgrad_x", 0, backward=True)._maybe_cast(x), x)
+    assert torch.equal(te_custom.FakeQuantizer("wgrad_dy", 0, backward=True)._maybe_cast(dy), dy)
+    te_custom.set_qaf(False)

@@ -10,6 +10,7 @@ from llmtrain.errors import UserError
 register_configs()
 register_resolvers()
 
+PP8 = ["recipe=llama3_8b", "parallel.pp=8", "cluster.gpus_per_node=8", "dry_run=true"]  # 4 layers a stage
 CASES = [
     (["train.foo=1"], "train.foo=1: unknown key 'foo' in train (allowed: check_memory"),
     (["+foo=1"], "foo=1: unknown key 'foo' (allowed: cluster, data"),
@@ -107,6 +108,10 @@ CASES = [
     (["data.split='90,x,0'"], "data.split='90,x,0': not comma-separated numbers"),
     (["data.split='0,10,0'"], "needs 1-3 weights >= 0 (train,valid,test) with train > 0"),
     (["data.split=90,10,0"], "a comma on the command line makes a sweep, which runs only with -m"),
+    (
+        [*PP8, "precision=fp8_cs", "precision.bf16_layers.last=6"],
+        "precision.bf16_layers.last=6: Megatron-Core's FP8 path keeps at most num_layers/pp = 32/8 = 4 layers",
+    ),
 ]
 
 
@@ -139,6 +144,9 @@ def test_a_sweep_larger_than_the_check_says_so(monkeypatch, capsys):
 def test_valid_overrides_pass():
     preflight(["-m", "recipe=tiny", "optim.lr=1e-3,3e-3", "train.steps=20"])
     preflight(["recipe=llama3_8b", "precision=nvfp4", "dry_run=true"])
+    # Megatron-Core's FP4 path has no per-stage limit on BF16 layers; the FP8 one does (CASES)
+    preflight([*PP8, "precision=nvfp4", "precision.bf16_layers.last=6"])
+    preflight([*PP8, "precision=fp8_cs", "precision.bf16_layers.last=4"])
 
 
 def test_a_recipe_defined_sweep_is_validated_before_any_point_runs():

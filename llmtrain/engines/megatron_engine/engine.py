@@ -124,7 +124,7 @@ class MegatronEngine(Engine):
         torch.cuda.set_device(dist.local_rank)
         self.device = torch.device("cuda", torch.cuda.current_device())
         capability = torch.cuda.get_device_capability(self.device)
-        precision.validate(cfg.precision, self.spec.num_layers)
+        precision.validate(cfg.precision, self.spec.num_layers, self.layout.pp)
         precision_kwargs, precision_desc = te_recipes.precision_settings(
             cfg.precision, capability, self.spec.num_layers
         )
