@@ -157,17 +157,18 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
 
 # ---- the run -------------------------------------------------------------------------------------------
 def run(cfg) -> None:
-    from llmtrain.dist import dist_info_from_env
-    from llmtrain.dryrun import dry_run_report
-    from llmtrain.train.loop import train
-
     world, engine = check_and_validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if launch.select(cfg).dispatch(cfg, world, engine):  # e.g. cluster=slurm: submit, plan, srun in salloc
         return
     if cfg.dry_run:
+        from llmtrain.dryrun import dry_run_report
+
         print(dry_run_report(cfg, world, engine))
         return
+    # Only a run that trains imports torch and the training code.
+    from llmtrain.dist import dist_info_from_env
+    from llmtrain.train.loop import train
     from llmtrain.train.run_dir import CONFIG_HEADER, claim, plan_run
 
     plan = _PLAN if _PLAN is not None and _PLAN.run_dir == run_dir else plan_run(cfg, run_dir, engine)

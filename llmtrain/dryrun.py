@@ -1,6 +1,7 @@
 """`dry_run=true`: what a recipe costs before it runs (parameters, FLOPs, memory, batch arithmetic)."""
 
 from llmtrain.config.estimate import GIB, estimate_memory, layout_of, lowp_param_gather_planned
+from llmtrain.config.validate import check_dry_run_value
 from llmtrain.models import ModelSpec
 
 REFERENCE_GPU = ("H100", 80.0)
@@ -27,10 +28,10 @@ def fp8_speed_warning(cfg, engine: str) -> str | None:
 
 
 def dry_run_report(cfg, world: int, engine: str) -> str:
-    from llmtrain.engines.megatron_engine.measure import check_dry_run_value, measure_report
-
     check_dry_run_value(cfg.dry_run)
     if cfg.dry_run == "measure":  # one rank built and stepped for real under a fake process group
+        from llmtrain.engines.megatron_engine.measure import measure_report
+
         return measure_report(cfg, world, engine)
     spec = ModelSpec.from_config(cfg.model)
     lay = layout_of(cfg, world)

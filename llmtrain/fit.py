@@ -2,13 +2,13 @@
 
 import os
 
-import torch
-
 from llmtrain.config.estimate import GIB, estimate_memory, layout_of
 from llmtrain.errors import UserError
 
 
 def available_bytes(engine: str) -> tuple[float, str]:
+    import torch  # here, not at import: preflight of a dry run or a submission never asks the GPU
+
     if engine == "megatron" or torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return float(props.total_memory), f"{props.name} with {props.total_memory / GIB:.0f} GiB"

@@ -161,8 +161,17 @@ def validate_data(d) -> None:
                 )
 
 
+DRY_RUN_VALUES = [False, True, "measure"]
+
+
+def check_dry_run_value(value) -> None:
+    if value not in DRY_RUN_VALUES:
+        raise ConfigError("dry_run", value, "not a valid choice", DRY_RUN_VALUES)
+
+
 def validate(cfg, *, world: int, engine: str) -> None:
     _choice("engine.name", cfg.engine.name, ENGINES)
+    check_dry_run_value(cfg.dry_run)
     validate_model(cfg.model)
     stages = int(cfg.parallel.pp) if engine == "megatron" and int(cfg.parallel.pp) > 0 else 1
     precision.validate(

@@ -1,20 +1,24 @@
 """Pick and build the engine named by `engine.name` (auto: Megatron when CUDA + Megatron-Core + TE import)."""
 
 import importlib.util
+from typing import TYPE_CHECKING
 
-import torch
-
-from llmtrain.dist import DistInfo
-from llmtrain.engines.base import Engine
 from llmtrain.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported only where a GPU must be asked (preflight and dry runs stay light)
+    from llmtrain.dist import DistInfo
+    from llmtrain.engines.base import Engine
 
 ENGINES = ["auto", "torch", "megatron"]
 
 
 def megatron_available() -> bool:
-    if not torch.cuda.is_available():
+    # transformer_engine first: where it is missing (CPU machines) megatron is not imported by find_spec
+    if not all(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "megatron.core")):
         return False
-    return all(importlib.util.find_spec(m) is not None for m in ("megatron.core", "transformer_engine"))
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_engine_name(cfg) -> str:
@@ -26,7 +30,7 @@ def resolve_engine_name(cfg) -> str:
     return name
 
 
-def build_engine(cfg, dist: DistInfo) -> Engine:
+def build_engine(cfg, dist: "DistInfo") -> "Engine":
     name = resolve_engine_name(cfg)
     if name == "megatron":
         if not megatron_available():

@@ -10,6 +10,10 @@ from typing import Any
 from llmtrain.precision.recipes import PRECISION_NAMES  # noqa: F401 (the registered recipe names)
 
 BACKENDS = ["auto", "native", "custom", "torch"]
+ROUNDINGS = ("nearest", "stochastic")
+# Random bits per element for stochastic rounding: 8 as native TE on Blackwell (cvt.rs.satfinite.e2m1x4
+# takes one 32-bit word for 4 elements); 24 for studies that want the unbiased rounding.
+SR_BITS = (8, 24)
 OPERAND_NAMES = ["fprop_x", "fprop_w", "dgrad_dy", "dgrad_w", "wgrad_dy", "wgrad_x"]
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmtrain.precision.config import ROUNDINGS, SR_BITS
+
 FP32_MAX = torch.finfo(torch.float32).max
 
 
@@ -28,10 +30,6 @@ E4M3 = FloatFormat("e4m3", 4, 3, -6, 448.0, torch.float8_e4m3fn)
 E5M2 = FloatFormat("e5m2", 5, 2, -14, 57344.0, torch.float8_e5m2)
 ELEMENTS = {f.name: f for f in (E2M1, E4M3, E5M2)}  # registry.FormatSpec.element -> its grid
 
-ROUNDINGS = ("nearest", "stochastic")
-# Random bits per element for stochastic rounding: 8 as native TE on Blackwell (cvt.rs.satfinite.e2m1x4
-# takes one 32-bit word for 4 elements); 24 for studies that want the unbiased rounding.
-SR_BITS = (8, 24)
 
 # E2M1 code (sign bit 3, magnitude bits 0-2) -> value, as TE's cast_from_fp4x2.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

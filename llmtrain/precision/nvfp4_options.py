@@ -18,7 +18,6 @@ preflight checks here refuse the same in one line each.
 from dataclasses import dataclass
 
 from llmtrain.errors import ConfigError
-from llmtrain.precision.quantize import FourOverSix
 
 SCOPES = ["none", "weights", "activations", "all"]
 ERR_MODES = ["MAE", "MSE"]
@@ -31,6 +30,22 @@ SCOPE_OPERANDS = {
 ROW_SCALED_OPERANDS = ("fprop_x",)
 _NEAREST_FIX = {"fprop": "precision.fprop_rounding=nearest", "dgrad": "precision.sr_operands=grad",
                "wgrad": "precision.sr_operands=grad"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FourOverSix:
+    """TE 2.20's `nvfp4_4over6` block scaling (scaling.nvfp4_4over6); NVFP4, round-to-nearest only.
+    Defined here, not in quantize.py, so that validating a config does not import torch."""
+
+    err_mode: str = "MAE"  # MAE | MSE: the error that picks map-to-4 or map-to-6 per block
+    e4m3_max: int = 448  # 448 | 256: the E4M3 range the tensor scale maps the amax to
+
+    @property
+    def rcp_decode(self) -> float:
+        """fp32(1 / (6 * e4m3_max)): the per-tensor decode factor is amax times this."""
+        from llmtrain.precision import scaling  # torch: only when quantizing
+
+        return scaling.RCP_2688 if self.e4m3_max == 448 else scaling._f32_quotient(1.0, 6.0 * self.e4m3_max)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,7 @@ import math
 from dataclasses import dataclass, replace
 
 from llmtrain.errors import ConfigError
-from llmtrain.precision.config import OPERAND_NAMES
-from llmtrain.precision.formats import ROUNDINGS
+from llmtrain.precision.config import OPERAND_NAMES, ROUNDINGS
 from llmtrain.precision.recipe import (
     BLOCK_2D_FORMATS,
     OPERAND_FORMATS,

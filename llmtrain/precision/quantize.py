@@ -25,6 +25,7 @@ from llmtrain.precision.formats import (
     encode_elements,
     random_bits,
 )
+from llmtrain.precision.nvfp4_options import FourOverSix
 from llmtrain.precision.registry import FORMATS as _REGISTRY
 from llmtrain.precision.registry import FormatSpec, get_format
 
@@ -88,19 +89,6 @@ def _sr_seed(seed: int | None, generator: torch.Generator | None) -> int:
         return int(seed)
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-
-
-@dataclass(frozen=True)
-class FourOverSix:
-    """TE 2.20's `nvfp4_4over6` block scaling (scaling.nvfp4_4over6); NVFP4, round-to-nearest only."""
-
-    err_mode: str = "MAE"  # MAE | MSE: the error that picks map-to-4 or map-to-6 per block
-    e4m3_max: int = 448  # 448 | 256: the E4M3 range the tensor scale maps the amax to
-
-    @property
-    def rcp_decode(self) -> float:
-        """fp32(1 / (6 * e4m3_max)): the per-tensor decode factor is amax times this."""
-        return scaling.RCP_2688 if self.e4m3_max == 448 else scaling._f32_quotient(1.0, 6.0 * self.e4m3_max)
 
 
 @dataclass

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 
 from llmtrain.errors import ConfigError
 from llmtrain.precision import nvfp4_options
-from llmtrain.precision.config import BACKENDS, OPERAND_NAMES, PRECISION_NAMES
-from llmtrain.precision.formats import ROUNDINGS, SR_BITS
-from llmtrain.precision.nvfp4_options import NVFP4Options
-from llmtrain.precision.quantize import FourOverSix
+from llmtrain.precision.config import BACKENDS, OPERAND_NAMES, PRECISION_NAMES, ROUNDINGS, SR_BITS
+from llmtrain.precision.nvfp4_options import FourOverSix, NVFP4Options
 from llmtrain.precision.registry import FORMATS, blocked_formats, get_format
 
 OPERAND_FORMATS = ["bf16", *FORMATS]

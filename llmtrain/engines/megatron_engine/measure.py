@@ -26,21 +26,16 @@ from pathlib import Path
 import torch
 
 from llmtrain.config.estimate import GIB, estimate_memory, layout_of
+from llmtrain.config.validate import check_dry_run_value
 from llmtrain.errors import ConfigError, UserError
 from llmtrain.models import ModelSpec
 
-DRY_RUN_VALUES = [False, True, "measure"]
 NOT_REAL = (
     "NOT REAL: losses and communication. Collectives and pipeline transfers are no-ops (torch's fake "
     "process group), so this rank computes on garbage from its peers and the times exclude all "
     "communication; shapes, sharding and memory are this rank's real ones (NCCL's own buffers, outside "
     "PyTorch's allocator, are not counted)."
 )
-
-
-def check_dry_run_value(value) -> None:
-    if value not in DRY_RUN_VALUES:
-        raise ConfigError("dry_run", value, "not a valid choice", DRY_RUN_VALUES)
 
 
 def resolve_rank(rank: int, world: int) -> int:
