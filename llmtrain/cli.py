@@ -76,12 +76,12 @@ def check_and_validate(cfg, *, inspect_only: bool = False) -> tuple[int, str]:
 
     check_against_schema(cfg)
 
-    from llmtrain.fit import check_fits
+    from llmtrain.fit import check_fits, check_fits_planned
 
     world, engine = launch.planned_world(cfg), planned_engine(cfg)
     validate(cfg, world=world, engine=engine)
-    if not (cfg.dry_run or launch.select(cfg).submits(cfg) or inspect_only):
-        check_fits(cfg, world, engine)
+    if not (cfg.dry_run or inspect_only):
+        (check_fits_planned if launch.select(cfg).submits(cfg) else check_fits)(cfg, world, engine)
     return world, engine
 
 
@@ -147,7 +147,9 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
             raise UserError(describe_composition_error(e, overrides)) from None
     GlobalHydra.instance().clear()
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
-    if cfg.dry_run or launch.select(cfg).submits(cfg):
+    if cfg.dry_run:
+        return ["hydra.output_subdir=null"]  # a dry run writes no .hydra/ (an existing run's stays as it is)
+    if launch.select(cfg).submits(cfg):
         return []
     _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
     if _PLAN.run_dir != run_dir:
@@ -155,16 +157,27 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     return []
 
 
+def _drop_if_only_an_empty_log(run_dir: Path) -> None:
+    """A dry run leaves no run dir: Hydra made it for its (empty) log file; anything else in it stays."""
+    log = run_dir / "train.log"
+    if [p.name for p in run_dir.iterdir()] == ["train.log"] and log.stat().st_size == 0:
+        log.unlink()
+        run_dir.rmdir()
+
+
 # ---- the run -------------------------------------------------------------------------------------------
 def run(cfg) -> None:
     world, engine = check_and_validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if launch.select(cfg).dispatch(cfg, world, engine):  # e.g. cluster=slurm: submit, plan, srun in salloc
+        if cfg.dry_run:
+            _drop_if_only_an_empty_log(run_dir)
         return
     if cfg.dry_run:
         from llmtrain.dryrun import dry_run_report
 
         print(dry_run_report(cfg, world, engine))
+        _drop_if_only_an_empty_log(run_dir)
         return
     # Only a run that trains imports torch and the training code.
     from llmtrain.dist import dist_info_from_env

@@ -4,8 +4,6 @@ from llmtrain.config.estimate import GIB, estimate_memory, layout_of, lowp_param
 from llmtrain.config.validate import check_dry_run_value
 from llmtrain.models import ModelSpec
 
-REFERENCE_GPU = ("H100", 80.0)
-
 # Native FP8-CS vs BF16 on the Megatron engine, measured on one H200 (docs/benchmarks.md): slower at hidden
 # size 2048 (llama3_1b, seq 1024 x MBS 4), faster at 4096 (the 8B proxy, seq 8192); between: not measured.
 FP8_SLOWER_MAX_HIDDEN = 2048
@@ -52,11 +50,11 @@ def dry_run_report(cfg, world: int, engine: str) -> str:
         f"batch        global {t.global_batch_size} = micro {t.micro_batch_size} x dp {lay.dp} x grad-accum "
         f"{lay.grad_accum}; {tokens_per_step:,} tokens/step (seq {spec.seq_length}); "
         f"{t.steps:,} steps = {t.steps * tokens_per_step / 1e9:.2f} B tokens",
-        f"memory/{unit:<7}{mem.line()}",
+        f"{'memory/' + unit:<12} {mem.line()}",
         f"compute      {flops_per_step / 1e15:.2f} PFLOP/step",
     ]
     if engine == "megatron":
-        name, gib = REFERENCE_GPU
+        gib = float(cfg.cluster.gpu_memory_gib)
         verdict = "fits" if mem.total / GIB <= gib * 0.9 else "does NOT fit"
         hint = (
             ""
@@ -66,7 +64,27 @@ def dry_run_report(cfg, world: int, engine: str) -> str:
                 "for long sequences, parallel.tp/pp, or parallel.recompute=full"
             )
         )
-        lines.append(f"fit          {verdict} a {gib:.0f} GiB {name} (90% budget){hint}")
+        lines.append(f"fit          {verdict} a {gib:.0f} GiB GPU (cluster.gpu_memory_gib, 90% budget){hint}")
     if warning := fp8_speed_warning(cfg, engine):
         lines.append(warning)
+    if note := local_engine_note(cfg, engine):
+        lines.append(note)
     return "\n".join(lines)
+
+
+def local_engine_note(cfg, engine: str) -> str | None:
+    """engine=auto dry runs describe the GPU path; say so where a run on this machine would take another."""
+    from llmtrain.engines.select import megatron_available
+
+    if (
+        cfg.engine.name != "auto"
+        or engine != "megatron"
+        or cfg.cluster.type != "local"
+        or megatron_available()
+    ):
+        return None
+    return (
+        "note         engine=auto: this plan is the GPU (Megatron) path; this machine has no CUDA + "
+        "Megatron-Core + Transformer Engine, so a run here takes the torch engine (engine=torch dry_run=true "
+        "shows that plan)"
+    )

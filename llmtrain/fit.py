@@ -1,4 +1,5 @@
-"""Refuse runs that cannot fit this machine, before spending minutes building them."""
+"""Refuse runs that cannot fit this machine (or, for a submission, the planned GPUs), before spending minutes
+building or queueing them."""
 
 import os
 
@@ -27,4 +28,22 @@ def check_fits(cfg, world: int, engine: str) -> None:
             f"(engine={engine}, world {world}) but runs on {what}; inspect with dry_run=true, use GPUs with "
             "more parallelism (engine=megatron, parallel.*), pick a smaller recipe (recipe=tiny), or skip "
             "this check with train.check_memory=false"
+        )
+
+
+def check_fits_planned(cfg, world: int, engine: str) -> None:
+    """A submission: the estimate per GPU against cluster.gpu_memory_gib (the login node's memory says
+    nothing about the job's GPUs). Refused only over 100%, as check_fits; the dry run warns at 90%."""
+    if not cfg.train.check_memory or engine != "megatron":
+        return
+    need, have = (
+        estimate_memory(cfg, layout_of(cfg, world), engine).total / GIB,
+        float(cfg.cluster.gpu_memory_gib),
+    )
+    if need > have:
+        raise UserError(
+            f"{cfg.model.name} needs ~{need:.1f} GiB per GPU (world {world}) but cluster.gpu_memory_gib={have:g}; "
+            "set cluster.gpu_memory_gib to your GPUs' memory (H200 ~139, B200 ~178), spread it over more GPUs "
+            "(cluster.nodes, parallel.tp/pp/cp) or parallel.recompute=full (inspect with dry_run=true), or "
+            "skip this check with train.check_memory=false"
         )

@@ -56,7 +56,8 @@ def check_layout(parallel, model, world_size: int, engine: str = "megatron") -> 
         raise ConfigError(
             "parallel",
             f"tp={tp},pp={pp},cp={cp}",
-            f"tp*pp*cp={model_parallel} must divide the world size {world_size}",
+            f"tp*pp*cp={model_parallel} must divide the world size {world_size} (cluster.nodes x "
+            "cluster.gpus_per_node, or torchrun's --nnodes x --nproc-per-node); raise it or lower tp/pp/cp",
         )
     dp = int(parallel.dp) or world_size // model_parallel
     if dp * model_parallel != world_size:

@@ -149,6 +149,9 @@ class ClusterConfig:
     exclusive: bool | None = None  # --exclusive and --mem=0; null: on for multi-node GPU jobs
     cpu_bind: str | None = None  # srun --cpu-bind (e.g. cores); null: SLURM's default
     preview: bool = False  # with dry_run=true: also print the generated sbatch script
+    # Memory of one GPU of the planned machines (GiB): the dry run's fit verdict and a submission's memory
+    # check (submitting checks against this, not the login node). 80: H100; H200 ~139, B200 ~178.
+    gpu_memory_gib: float = 80.0
 
 
 @dataclass

@@ -121,6 +121,7 @@ def validate_optim(o, steps: int) -> None:
 
 
 def validate_cluster(c) -> None:
+    _positive("cluster.gpu_memory_gib", c.gpu_memory_gib)
     _choice("cluster.type", c.type, CLUSTERS)
     _positive("cluster.nodes", c.nodes)
     _positive("cluster.gpus_per_node", c.gpus_per_node)

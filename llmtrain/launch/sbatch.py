@@ -165,6 +165,16 @@ def _need_sbatch() -> None:
         )
 
 
+# sbatch's words for "no controller to ask" (not a request the partition refuses)
+UNREACHABLE = (
+    "Unable to contact slurm controller",
+    "Could not establish a configuration source",
+    "Socket timed out",
+    "Connection refused",
+    "Zero Bytes were transmitted or received",
+)
+
+
 def sbatch(script: Path, args: list[str]) -> str:
     """Submit; returns the job id. sbatch's own error (bad partition, time, ...) becomes one line.
 
@@ -175,6 +185,11 @@ def sbatch(script: Path, args: list[str]) -> str:
     test = subprocess.run(["sbatch", "--test-only", str(script), *args], capture_output=True, text=True)
     if test.returncode != 0:
         why = " ".join(test.stderr.split()) or f"exit status {test.returncode}"
+        if any(s in why for s in UNREACHABLE):
+            raise UserError(
+                f"cluster=slurm: sbatch cannot reach the SLURM controller ({why}); check that `sinfo` works "
+                "here (SLURM_CONF, slurmctld up, the network), or run with cluster=local"
+            )
         raise UserError(
             f"cluster=slurm: the partition cannot run this job ({why}); lower cluster.nodes, "
             f"cluster.gpus_per_node or cluster.cpus_per_task, or pick another cluster.partition (`sinfo`)"

@@ -380,3 +380,27 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
     )
     assert "partition batch" in proc.stdout and "#SBATCH --exclusive" in proc.stdout
     assert "nothing submitted" in proc.stdout and not calls.exists()
+
+
+@pytest.mark.parametrize(
+    "stderr,expected",
+    [
+        (
+            "sbatch: error: Could not establish a configuration source",
+            "sbatch cannot reach the SLURM controller",
+        ),
+        ("sbatch: error: Node count specification invalid", "the partition cannot run this job"),
+    ],
+)
+def test_an_unreachable_controller_is_not_blamed_on_the_request(tmp_path, monkeypatch, stderr, expected):
+    from llmtrain.errors import UserError
+    from llmtrain.launch.sbatch import sbatch
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/bash\necho '{stderr}' >&2\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(UserError, match=expected) as info:
+        sbatch(tmp_path / "job.sbatch", [])
+    assert "\n" not in str(info.value) and (("cluster.nodes" in str(info.value)) == (expected[0] == "t"))

@@ -1,0 +1,53 @@
+"""A dry run writes nothing (no run dir, no .hydra/ in an existing one), says which engine a run here takes,
+and a submission checks memory against the planned GPUs (cluster.gpu_memory_gib), not the login node."""
+
+import pytest
+
+from tests.helpers import run_cli_in_process
+
+
+def test_a_dry_run_leaves_no_run_dir_and_an_existing_run_untouched(tmp_path):
+    new = tmp_path / "new"
+    proc = run_cli_in_process("recipe=tiny", "dry_run=true", f"hydra.run.dir={new}", check=True)
+    assert "FLOPs/token" in proc.stdout and not new.exists()
+    slurm = run_cli_in_process(
+        "recipe=tiny",
+        "cluster=slurm",
+        "cluster.gpus_per_node=1",
+        "dry_run=true",
+        f"hydra.run.dir={new}",
+        check=True,
+    )
+    assert "nothing submitted" in slurm.stdout and not new.exists()
+    old = tmp_path / "old"
+    (old / ".hydra").mkdir(parents=True)
+    (old / ".hydra" / "overrides.yaml").write_text("- recipe=tiny\n")
+    (old / "train.log").write_text("the run's log\n")
+    run_cli_in_process("recipe=tiny", "dry_run=true", "optim.lr=1", f"hydra.run.dir={old}", check=True)
+    assert (old / ".hydra" / "overrides.yaml").read_text() == "- recipe=tiny\n"
+    assert (old / "train.log").read_text() == "the run's log\n"
+
+
+def test_an_auto_engine_dry_run_says_which_engine_runs_here(tmp_path):
+    pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has CUDA")
+    auto = run_cli_in_process("recipe=llama3_1b", "dry_run=true", f"hydra.run.dir={tmp_path}", check=True)
+    assert "engine       megatron" in auto.stdout and "a run here takes the torch engine" in auto.stdout
+    torch_plan = run_cli_in_process(
+        "recipe=llama3_1b", "engine=torch", "dry_run=true", f"hydra.run.dir={tmp_path}", check=True
+    )
+    assert "a run here" not in torch_plan.stdout and "memory/process weights" in torch_plan.stdout
+
+
+@pytest.mark.parametrize(("gib", "fits"), [(80, False), (178, True)])
+def test_a_submission_checks_the_planned_gpus_memory(tmp_path, monkeypatch, gib, fits):
+    """llama3_8b NVFP4 on 4 nodes: ~83 GiB per GPU (dry run); refused at 80 GiB before sbatch is asked."""
+    from llmtrain.launch import sbatch
+
+    monkeypatch.setattr(sbatch.shutil, "which", lambda name: None)  # never submit from a test
+    args = ["recipe=llama3_8b", "precision=nvfp4", "cluster=slurm", "cluster.nodes=4"]
+    proc = run_cli_in_process(*args, f"cluster.gpu_memory_gib={gib}", f"hydra.run.dir={tmp_path / 'r'}")
+    if fits:  # past the memory check: the next refusal is the missing sbatch
+        assert proc.returncode == 2 and "`sbatch` not found" in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "needs ~83" in proc.stderr and "cluster.gpu_memory_gib=80" in proc.stderr
