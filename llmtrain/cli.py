@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from llmtrain import launch
 from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
-from llmtrain.errors import ConfigError, UserError
+from llmtrain.errors import ConfigError, TrainingError, UserError
 from llmtrain.overrides import (
     allowed_keys,
     check_override_syntax,
@@ -210,10 +210,21 @@ def run(cfg) -> None:
         raise SystemExit(0)
 
 
+_DIVERGED_POINTS: list[str] = []  # sweep points that stopped on a TrainingError (the sweep went on)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg) -> None:
     try:
         run(cfg)
+    except TrainingError as e:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+        # One point of an ablation diverging says nothing about the others: report it, run the next one.
+        point = f"point {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})"
+        print(f"error: {point}: {e}; the sweep goes on", file=sys.stderr, flush=True)
+        _DIVERGED_POINTS.append(point)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
@@ -232,4 +243,12 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    _DIVERGED_POINTS.clear()
     _hydra_main()
+    if _DIVERGED_POINTS:
+        print(
+            f"error: {len(_DIVERGED_POINTS)} sweep point(s) diverged: {'; '.join(_DIVERGED_POINTS)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(TrainingError.exit_code)

@@ -277,7 +277,8 @@ class _Run:
             self.logger.log_step(record, echo=True)
             raise TrainingError(
                 f"training diverged: {self.nan_skips} non-finite steps (train.nan.max_skips="
-                f"{cfg.train.nan.max_skips}); last good checkpoint: {self.last_ckpt or self.ckpt.latest_valid()}; "
+                f"{cfg.train.nan.max_skips}); last good checkpoint: "
+                f"{self.last_ckpt or self.ckpt.latest_valid() or 'none written yet'}; "
                 "lower optim.lr or raise train.nan.max_skips"
             )
 

@@ -51,3 +51,18 @@ def test_a_submission_checks_the_planned_gpus_memory(tmp_path, monkeypatch, gib,
     else:
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert "needs ~83" in proc.stderr and "cluster.gpu_memory_gib=80" in proc.stderr
+
+
+def test_a_diverged_sweep_point_does_not_stop_the_others(tmp_path):
+    """An ablation sweep: the point at lr=1e8 diverges (exit 3 at the end, one line naming it), the next
+    point still trains to the end."""
+    proc = run_cli_in_process(
+        "-m", "recipe=tiny", "optim.lr=1e8,1e-3", "train.steps=6", "train.nan.max_skips=0",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith("error: point 0 (recipe=tiny optim.lr=100000000.0") and "goes on" in errors[0]
+    assert "last good checkpoint: none written yet" in errors[0]
+    assert errors[-1].startswith("error: 1 sweep point(s) diverged: point 0")
+    assert '"step": 6' in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()[-1]
