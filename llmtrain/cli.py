@@ -107,15 +107,20 @@ def preflight(argv: list[str]) -> None:
                 flush=True,
             )
             points = points[:MAX_VALIDATED_SWEEP_POINTS]
-        for point in points:
+        for num, point in enumerate(points):
             try:
-                cfg = compose(config_name="train", overrides=point)
-                OmegaConf.to_container(cfg, resolve=True)  # surfaces bad interpolations now
-            except UserError:
+                try:
+                    cfg = compose(config_name="train", overrides=point)
+                    OmegaConf.to_container(cfg, resolve=True)  # surfaces bad interpolations now
+                except UserError:
+                    raise
+                except Exception as e:
+                    raise UserError(describe_composition_error(e, point)) from None
+                check_and_validate(cfg, inspect_only=inspect_only)
+            except UserError as e:
+                if len(points) > 1:  # which job of the sweep, as Hydra numbers its dirs
+                    e.args = (f"sweep point {num} ({' '.join(point)}): {e}", *e.args[1:])
                 raise
-            except Exception as e:
-                raise UserError(describe_composition_error(e, point)) from None
-            check_and_validate(cfg, inspect_only=inspect_only)
     GlobalHydra.instance().clear()
 
 

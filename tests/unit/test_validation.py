@@ -131,6 +131,15 @@ def test_sweep_points_are_each_validated():
         preflight(["-m", "optim.schedule=cosine,bogus"])
 
 
+def test_a_sweep_error_names_its_point():
+    with pytest.raises(UserError) as info:
+        preflight(["-m", "optim.lr=1e-3,-1"])
+    assert str(info.value) == "sweep point 1 (optim.lr=-1): optim.lr=-1.0: must be > 0"
+    with pytest.raises(UserError) as info:
+        preflight(["-m", "optim.lr=-1"])  # one point: nothing to tell apart
+    assert str(info.value) == "optim.lr=-1.0: must be > 0"
+
+
 def test_a_sweep_larger_than_the_check_says_so(monkeypatch, capsys):
     import llmtrain.cli as cli
 
