@@ -66,3 +66,13 @@ def test_a_diverged_sweep_point_does_not_stop_the_others(tmp_path):
     assert "last good checkpoint: none written yet" in errors[0]
     assert errors[-1].startswith("error: 1 sweep point(s) diverged: point 0")
     assert '"step": 6' in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()[-1]
+
+
+def test_train_device_cuda_without_cuda_is_refused_before_the_run_dir_is_written(tmp_path):
+    pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has CUDA")
+    run = tmp_path / "run"
+    proc = run_cli_in_process("recipe=tiny", "train.device=cuda", f"hydra.run.dir={run}")
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: train.device='cuda': CUDA is not available on this machine (allowed: auto, cpu)\n"
+    )
+    assert not run.exists()
