@@ -147,19 +147,29 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         try:
             full = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-            run_dir = Path(os.path.abspath(str(full.hydra.run.dir)))  # as Hydra makes runtime.output_dir
+            given = str(full.hydra.run.dir)
         except Exception as e:
             raise UserError(describe_composition_error(e, overrides)) from None
     GlobalHydra.instance().clear()
+    if not given.strip():  # Hydra would run in the current directory (the repo root, often)
+        raise UserError(
+            "hydra.run.dir is empty (an unset shell variable?); give a directory, e.g. hydra.run.dir=runs/mine, "
+            "or leave it out for runs/<date>/<time>"
+        )
+    hydra_dir = Path(os.path.abspath(given))  # as Hydra makes runtime.output_dir
+    run_dir = Path(os.path.abspath(os.path.expanduser(given)))  # '~/x' quoted: Hydra would make ./~/x
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    extra = []
     if cfg.dry_run:
-        return ["hydra.output_subdir=null"]  # a dry run writes no .hydra/ (an existing run's stays as it is)
-    if launch.select(cfg).submits(cfg):
-        return []
-    _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
-    if _PLAN.run_dir != run_dir:
-        return [f"hydra.run.dir={_hydra_quote(str(_PLAN.run_dir))}"]
-    return []
+        extra.append(
+            "hydra.output_subdir=null"
+        )  # a dry run writes no .hydra/ (an existing run's stays as is)
+    elif not launch.select(cfg).submits(cfg):
+        _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
+        run_dir = _PLAN.run_dir
+    if run_dir != hydra_dir:
+        extra.append(f"hydra.run.dir={_hydra_quote(str(run_dir))}")
+    return extra
 
 
 def _drop_if_only_an_empty_log(run_dir: Path) -> None:

@@ -76,3 +76,14 @@ def test_train_device_cuda_without_cuda_is_refused_before_the_run_dir_is_written
         "error: train.device='cuda': CUDA is not available on this machine (allowed: auto, cpu)\n"
     )
     assert not run.exists()
+
+
+def test_run_dir_with_a_quoted_tilde_is_the_home_dir_and_an_empty_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli_in_process("recipe=tiny", "train.steps=1", "hydra.run.dir='~/x'", check=True)
+    assert (tmp_path / "home" / "x" / "metrics.jsonl").exists() and not (tmp_path / "~").exists(), proc.stdout
+    for empty in ("hydra.run.dir=", "hydra.run.dir=''"):
+        proc = run_cli_in_process("recipe=tiny", "train.steps=1", empty)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: hydra.run.dir is empty"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # nothing trained into the cwd
