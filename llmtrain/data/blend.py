@@ -213,6 +213,12 @@ def _check_train_fits(prefixes: list[str], split_matrix, split: str, seq_length:
     """A training sample takes seq_length + 1 tokens of one dataset's train share (Megatron's extra token
     for the labels); where no share holds that many, Megatron builds an empty train set."""
     needed = seq_length + 1
+    beg_frac, end_frac = split_matrix[0]
+    for prefix in prefixes:  # the usual case, cheaply: the share's first `needed` documents suffice
+        lengths = _sequence_lengths(prefix)
+        beg, end = (round(b * float(len(lengths))) for b in (beg_frac, end_frac))
+        if int(lengths[beg : min(end, beg + needed)].sum()) >= needed:
+            return
     shares = _shares(prefixes, split_matrix)
     best = max(shares, key=lambda s: s.train)
     if best.train >= needed:
