@@ -144,13 +144,22 @@ def validate_parallel(cfg, world: int, engine: str) -> None:
     )
 
 
-def validate_data(d) -> None:
+def _is_number(s) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def validate_data(d, model_vocab_size: int) -> None:
     if d.get("seed") is not None:
         _within("data.seed", d.seed, 0, 2**32, high_open=True)  # numpy (Megatron's shuffle) takes no more
-    paths = list(d.paths)
-    if len(paths) > 1 and len(paths) % 2:
+    paths = [str(p) for p in d.paths]
+    weighted = len(paths) > 1 and _is_number(paths[0])  # else a list of prefixes, as parse_blend reads it
+    if weighted and len(paths) % 2:
         raise ConfigError("data.paths", paths, "a blend is [weight1, prefix1, weight2, prefix2, ...]")
-    prefixes = paths[1::2] if len(paths) > 1 else paths
+    prefixes = paths[1::2] if weighted else paths
     for prefix in prefixes:
         base = Path(str(prefix)).expanduser()
         for suffix in (".bin", ".idx"):
@@ -160,6 +169,12 @@ def validate_data(d) -> None:
                     str(prefix),
                     f"{base}{suffix} not found; build it with python -m llmtrain.data.prepare",
                 )
+    if not d.get("mock", False):  # the manifest's tokenizer record: a small JSON per prefix
+        from llmtrain.data.provenance import check_data_tokenizer
+
+        for prefix in prefixes:
+            base = str(Path(prefix).expanduser()).removesuffix(".bin").removesuffix(".idx")
+            check_data_tokenizer(base, d.tokenizer, model_vocab_size)
 
 
 DRY_RUN_VALUES = [False, True, "measure"]
@@ -212,4 +227,4 @@ def validate(cfg, *, world: int, engine: str) -> None:
             raise ConfigError("precision.backend", "native", f"{why}; use precision.backend=custom or auto")
     validate_split(cfg.data.split)
     _at_least("data.num_workers", cfg.data.num_workers, 0)
-    validate_data(cfg.data)
+    validate_data(cfg.data, cfg.model.vocab_size)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llmtrain.data.tokenizer import eos_token, load_tokenizer, vocab_size
-from llmtrain.errors import ConfigError
+from llmtrain.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +37,7 @@ class TrainData:
     vocab_size: int
     eod: int
     fingerprint: str = ""  # identifies the sample order; checkpoints store it and a resume compares it
+    no_valid_why: str = ""  # where valid is None: why, with the fix (evaluation's error line)
 
     def num_micro_batches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
@@ -65,6 +66,8 @@ class TrainData:
 
     def valid_batches(self, num_steps: int) -> list[dict[str, torch.Tensor]]:
         if self.valid is None:
+            if self.no_valid_why:
+                raise UserError(self.no_valid_why)
             raise ConfigError(
                 "data.split",
                 "(no valid share)",
@@ -116,7 +119,7 @@ SAMPLE_ORDER = "one-epoch+affine-cycle-v1"  # part of the fingerprint: a change 
 
 def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainData:
     """Build this DP rank's view of the train/valid data described by the resolved config `cfg`."""
-    from llmtrain.data.blend import build_datasets, parse_blend
+    from llmtrain.data.blend import build_datasets, parse_blend, short_valid_share
     from llmtrain.data.builtin import builtin_prefix
 
     d = cfg.data
@@ -139,7 +142,11 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
     if d.get("mock", False):
         prefixes, weights = None, None
     elif d.paths:
+        from llmtrain.data.provenance import check_data_tokenizer
+
         prefixes, weights = parse_blend(d.paths)
+        for prefix in prefixes:
+            check_data_tokenizer(prefix, d.tokenizer, cfg.model.vocab_size)
     else:
         prefixes, weights = [builtin_prefix(d.builtin, d.tokenizer, d.cache_dir, log=log)], None
     index_dir = d.get("index_cache_dir") or f"{d.cache_dir}/index"
@@ -155,8 +162,14 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
         cache_dir=index_dir,
         eod_mask_loss=bool(d.get("eod_mask_loss", False)),
     )
-    if train is None or len(train) == 0:
-        raise ConfigError("data.split", d.split, "leaves no training data", "e.g. \"data.split='949,50,1'\"")
+    if train is None or len(train) == 0:  # blend.build_datasets says what is short first; a fallback
+        raise ConfigError(
+            "data.split",
+            d.split,
+            f"leaves no training sample of model.seq_length={cfg.model.seq_length}",
+            "more data, a smaller model.seq_length or a larger train share",
+        )
+    has_valid = valid is not None and len(valid) > 0
     import hashlib
 
     fingerprint = hashlib.sha256(
@@ -164,7 +177,7 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
     ).hexdigest()[:16]
     return TrainData(
         train=EpochCycle(train, order_seed),
-        valid=EpochCycle(valid, order_seed) if valid is not None and len(valid) else None,
+        valid=EpochCycle(valid, order_seed) if has_valid else None,
         seq_length=cfg.model.seq_length,
         dp_rank=dp_rank,
         dp_size=dp_size,
@@ -173,4 +186,5 @@ def build_data(cfg, *, dp_rank: int = 0, dp_size: int = 1, log=print) -> TrainDa
         vocab_size=vocab,
         eod=eod,
         fingerprint=fingerprint,
+        no_valid_why="" if has_valid else short_valid_share(prefixes, d.split, cfg.model.seq_length),
     )

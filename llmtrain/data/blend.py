@@ -134,6 +134,125 @@ def _check_nonempty_splits(prefixes: list[str], split_matrix, split: str) -> Non
                 )
 
 
+def _sequence_lengths(prefix: str):
+    """Token count of every sequence, from the .idx (read by check_dataset_files before this runs)."""
+    import numpy as np
+
+    from llmtrain.data.indexed import HEADER_BYTES
+
+    n = num_sequences(prefix)
+    if not n:
+        return np.zeros(0, np.int64)
+    return np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+@dataclass
+class _Shares:
+    """Tokens of one dataset in the train and valid shares of a split (documents by Megatron's rounding)."""
+
+    prefix: str
+    lengths: object  # tokens per document
+    train: int
+    valid: int
+
+    @property
+    def total(self) -> int:
+        return int(self.lengths.sum())
+
+
+def _shares(prefixes: list[str], split_matrix) -> list[_Shares]:
+    out = []
+    for prefix in prefixes:
+        lengths = _sequence_lengths(prefix)
+        n = float(len(lengths))
+        tokens = [
+            0 if bounds is None else int(lengths[round(bounds[0] * n) : round(bounds[1] * n)].sum())
+            for bounds in split_matrix[:2]
+        ]
+        out.append(_Shares(prefix, lengths, *tokens))
+    return out
+
+
+def _split_that_fits(lengths, needed: int) -> str | None:
+    """The 'train,valid,0' split (percent) with the largest train share where train and valid both hold
+    `needed` tokens, if any."""
+    import numpy as np
+
+    n, cum = len(lengths), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    for train in range(99, 0, -1):
+        k = round(train / 100 * n)
+        if cum[k] >= needed and cum[n] - cum[k] >= needed:
+            return f"data.split='{train},{100 - train},0'"
+    return None
+
+
+def _fixes(shares: list[_Shares], split_matrix, needed: int) -> str:
+    """What would fit: a smaller seq_length (train and, where the split has one, valid samples), a split
+    that fits both, more data. Each changes something: the current values are what does not fit."""
+    train_fits = max(s.train for s in shares) - 1
+    fits = max(min(s.train, s.valid) for s in shares) - 1 if split_matrix[1] is not None else train_fits
+    fixes = []
+    if fits >= 1:
+        fixes.append(f"model.seq_length<={fits}")
+        if fits < train_fits and train_fits < needed - 1:
+            fixes[-1] += f" (<={train_fits} with train.eval_interval=0)"
+    elif train_fits >= 1 and train_fits < needed - 1:
+        fixes.append(f"model.seq_length<={train_fits} with train.eval_interval=0")
+    split = _split_that_fits(max(shares, key=lambda s: s.total).lengths, needed)
+    if split:
+        fixes.append(split)
+    fixes.append("more data")
+    return ", or ".join(fixes)
+
+
+def _where(shares: list[_Shares], best: _Shares) -> str:
+    return best.prefix if len(shares) == 1 else f"the largest of the {len(shares)} datasets, {best.prefix}"
+
+
+def _check_train_fits(prefixes: list[str], split_matrix, split: str, seq_length: int) -> None:
+    """A training sample takes seq_length + 1 tokens of one dataset's train share (Megatron's extra token
+    for the labels); where no share holds that many, Megatron builds an empty train set."""
+    needed = seq_length + 1
+    beg_frac, end_frac = split_matrix[0]
+    for prefix in prefixes:  # the usual case, cheaply: the share's first `needed` documents suffice
+        lengths = _sequence_lengths(prefix)
+        beg, end = (round(b * float(len(lengths))) for b in (beg_frac, end_frac))
+        if int(lengths[beg : min(end, beg + needed)].sum()) >= needed:
+            return
+    shares = _shares(prefixes, split_matrix)
+    best = max(shares, key=lambda s: s.train)
+    if best.train >= needed:
+        return
+    raise ConfigError(
+        "model.seq_length",
+        seq_length,
+        f"a training sample takes {needed} tokens but the train share of data.split={split!r} holds "
+        f"{best.train} (of {best.total}) in {_where(shares, best)}; use {_fixes(shares, split_matrix, needed)}",
+    )
+
+
+def short_valid_share(prefixes: list[str] | None, split: str, seq_length: int) -> str:
+    """Why a split's valid share yields no sample, with the fix, as one line (for evaluation's error)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    if prefixes is None or split_matrix[1] is None:
+        return (
+            f"data.split={split!r} has no valid share; evaluation needs one, e.g. \"data.split='949,50,1'\""
+        )
+    needed = seq_length + 1
+    shares = _shares(prefixes, split_matrix)
+    best = max(shares, key=lambda s: s.valid)
+    return (
+        f"model.seq_length={seq_length}: an evaluation sample takes {needed} tokens but the valid share of "
+        f"data.split={split!r} holds {best.valid} (of {best.total}) in {_where(shares, best)}; use "
+        f"{_fixes(shares, split_matrix, needed)}, or train.eval_interval=0"
+    )
+
+
 @contextmanager
 def _single_process_guard(cache_dir: str):
     """Without torch.distributed: Megatron's BlendedDataset still calls dist.get_rank() on a cache miss,
@@ -197,6 +316,7 @@ def build_datasets(
     config.split_matrix[2] = None
     if not mock:
         _check_nonempty_splits(prefixes, config.split_matrix, split)
+        _check_train_fits(prefixes, config.split_matrix, split, seq_length)
     sizes = [None, None, None]
     if weights is not None:  # Megatron needs a size to blend by weight: one epoch's worth, as a count
         tokens = sum(check_dataset_files(p)["tokens"] for p in prefixes)

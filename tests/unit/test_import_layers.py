@@ -21,8 +21,9 @@ MAY_IMPORT = {
     "dist": {"errors"},
     # precision: format registry, named recipes, quantizers; the LR schedule for phase triggers
     "precision": {"errors", "models", "train"},
-    # config: schema + validation; asks the registries (engines, launchers, schedules) for their names
-    "config": {"errors", "models", "precision", "engines", "launch", "train"},
+    # config: schema + validation; asks the registries (engines, launchers, schedules) for their names,
+    # and data for the tokenizer its datasets were prepared with (data.provenance, preflight)
+    "config": {"errors", "models", "precision", "engines", "launch", "train", "data"},
     "engines": {"errors", "models", "precision", "config", "dist", "convert", "checkpoint_format"},
     "convert": {"errors", "argcheck", "models", "config", "data", "dist", "engines", "checkpoint_format"},
     "train": {"errors", "models", "precision", "config", "data", "dist", "engines", "metrics", "checkpoint_format"},
