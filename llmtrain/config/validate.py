@@ -152,7 +152,8 @@ def _is_number(s) -> bool:
         return False
 
 
-def validate_data(d, model_vocab_size: int) -> None:
+def validate_data(d, model_vocab_size: int, check_files: bool = True) -> None:
+    """check_files=False (a dry run: a plan, possibly for another machine's files) skips what reads the disk."""
     if d.get("seed") is not None:
         _within("data.seed", d.seed, 0, 2**32, high_open=True)  # numpy (Megatron's shuffle) takes no more
     paths = [str(p) for p in d.paths]
@@ -160,6 +161,15 @@ def validate_data(d, model_vocab_size: int) -> None:
     if weighted and len(paths) % 2:
         raise ConfigError("data.paths", paths, "a blend is [weight1, prefix1, weight2, prefix2, ...]")
     prefixes = paths[1::2] if weighted else paths
+    if not check_files:
+        return
+    if not d.get("mock", False):  # else the run fails at data build, after the run dir was written
+        from llmtrain.data.builtin import BUILTIN
+        from llmtrain.data.tokenizer import tokenizer_path
+
+        tokenizer_path(d.tokenizer)
+        if not prefixes and d.builtin not in BUILTIN:
+            raise ConfigError("data.builtin", d.builtin, "unknown built-in corpus", sorted(BUILTIN))
     for prefix in prefixes:
         base = Path(str(prefix)).expanduser()
         for suffix in (".bin", ".idx"):
@@ -227,4 +237,4 @@ def validate(cfg, *, world: int, engine: str) -> None:
             raise ConfigError("precision.backend", "native", f"{why}; use precision.backend=custom or auto")
     validate_split(cfg.data.split)
     _at_least("data.num_workers", cfg.data.num_workers, 0)
-    validate_data(cfg.data, cfg.model.vocab_size)
+    validate_data(cfg.data, cfg.model.vocab_size, check_files=not cfg.dry_run)

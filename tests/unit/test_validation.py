@@ -108,6 +108,8 @@ CASES = [
     (["data.split='90,x,0'"], "data.split='90,x,0': not comma-separated numbers"),
     (["data.split='0,10,0'"], "needs 1-3 weights >= 0 (train,valid,test) with train > 0"),
     (["data.split=90,10,0"], "a comma on the command line makes a sweep, which runs only with -m"),
+    (["data.tokenizer=nope"], "data.tokenizer='nope': no tokenizer at nope (allowed: a tokenizer.json"),
+    (["data.builtin=nope"], "data.builtin='nope': unknown built-in corpus (allowed: kjv)"),
     (
         [*PP8, "precision=fp8_cs", "precision.bf16_layers.last=6"],
         "precision.bf16_layers.last=6: Megatron-Core's FP8 path keeps at most num_layers/pp = 32/8 = 4 layers",
@@ -148,6 +150,14 @@ def test_a_sweep_larger_than_the_check_says_so(monkeypatch, capsys):
     assert "checked the first 2 of 3 sweep points" in capsys.readouterr().err  # ... and says so
     preflight(["-m", "optim.lr=1e-3,2e-3"])
     assert "checked the first" not in capsys.readouterr().err
+
+
+def test_a_dry_run_plans_without_the_data_files(tmp_path):
+    """A plan (maybe for a cluster's files): the data files are read only by a run."""
+    missing = f"data.paths=[{tmp_path}/nothing]"
+    preflight(["recipe=tiny", missing, "dry_run=true"])
+    with pytest.raises(UserError, match=r"nothing\.bin not found"):
+        preflight(["recipe=tiny", missing])
 
 
 def test_valid_overrides_pass():
