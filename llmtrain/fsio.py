@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from llmtrain.errors import UserError
@@ -33,13 +33,13 @@ class CannotWrite(UserError):
         return CannotWrite(self.path, self.reason, fix)
 
 
-def free_mb(path) -> int | None:
+def free_mb(path) -> float | None:
     """Free space (MB) of the file system holding `path` (its nearest existing ancestor); None if unknown."""
     p = Path(path).expanduser().absolute()
     for candidate in (p, *p.parents):
         if candidate.exists():
             try:
-                return shutil.disk_usage(candidate).free // (1 << 20)
+                return shutil.disk_usage(candidate).free / (1 << 20)
             except OSError:
                 return None
     return None
@@ -53,42 +53,72 @@ def _errno(exc: BaseException) -> int | None:
 
 
 def _concerns(filename, target: Path) -> bool:
-    """Whether `filename` (from the OSError) is `target`, inside it, a name beginning with it (PREFIX.lock)
-    or one of its ancestors (a directory made for it): a permission error elsewhere is not about the output."""
+    """Whether `filename` (from the OSError) is `target`, inside it, a name beginning with it (PREFIX.lock),
+    one of its ancestors (a directory made for it) or a sibling named after it (`.NAME.tmp-PID`): a permission
+    error elsewhere (reading an input) is not about the output."""
     if filename is None:
         return True
     f = os.path.abspath(os.fsdecode(filename))
     t = os.path.abspath(target)
-    return f.startswith(t) or t.startswith(f.rstrip(os.sep) + os.sep)
+    sibling = os.path.dirname(f) == os.path.dirname(t) and os.path.basename(t) in os.path.basename(f)
+    return f.startswith(t) or t.startswith(f.rstrip(os.sep) + os.sep) or sibling
 
 
-def write_error(exc: BaseException, target, fix: str, no_space_fix: str | None = None) -> CannotWrite | None:
+def write_error(
+    exc: BaseException, target, fix: str, no_space_fix: str | None = None, shown=None
+) -> CannotWrite | None:
     """The one-line error for `exc` raised while writing `target`, or None if it is not a refused write;
-    `no_space_fix` replaces `fix` where the disk is full (e.g. to say that rerunning resumes)."""
+    `no_space_fix` replaces `fix` where the disk is full (e.g. to say that rerunning resumes); `shown` is the
+    path to name (default: the file that failed, else `target`)."""
     code = _errno(exc)
     filename = getattr(exc, "filename", None)
     if code in NO_PERMISSION and not _concerns(filename, Path(target).expanduser()):
         return None
     if code not in NO_SPACE | READ_ONLY | NO_PERMISSION:
         return None
-    path = os.fsdecode(filename) if filename is not None else str(Path(target).expanduser())
+    path = shown or (os.fsdecode(filename) if filename is not None else Path(target).expanduser())
     reason = os.strerror(code)
     if code in NO_SPACE:
         free = free_mb(path)
-        reason += f" ({free} MB free)" if free is not None else ""
+        if free is not None:
+            reason += f" ({free:.0f} MB free)" if free >= 10 else f" ({free:.2f} MB free)"
         fix = no_space_fix or fix
     return CannotWrite(path, reason, fix)
 
 
 @contextmanager
-def writing(target, fix: str, no_space_fix: str | None = None) -> Iterator[None]:
+def writing(target, fix: str, no_space_fix: str | None = None, shown=None) -> Iterator[None]:
     """Turn a refused write inside the block into one error line naming the path, the reason and `fix`."""
     try:
         yield
     except UserError:
         raise
     except Exception as e:
-        err = write_error(e, target, fix, no_space_fix)
+        err = write_error(e, target, fix, no_space_fix, shown)
         if err is None:
             raise
         raise err from None
+
+
+def check_writable_dir(path, fix: str) -> None:
+    """Before long work whose result goes to the file `path`: its directory exists and takes writes."""
+    parent = Path(path).expanduser().absolute().parent
+    if not parent.is_dir():
+        raise CannotWrite(path, f"{parent} is not a directory", fix)
+    if not os.access(parent, os.W_OK):
+        read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
+        raise CannotWrite(path, os.strerror(errno.EROFS if read_only else errno.EACCES), fix)
+
+
+def write_text_atomic(path, text: str, fix: str) -> None:
+    """`path` gets `text` whole or keeps what it had: a full disk leaves no truncated file behind."""
+    out = Path(path).expanduser()
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with writing(out, fix, shown=out):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, out)
+        except BaseException:
+            with suppress(OSError):
+                tmp.unlink()
+            raise
