@@ -1,6 +1,9 @@
 """The command line's Hydra overrides as preflight needs them: their syntax, the jobs a `-m` sweep runs (as
 Hydra's basic sweeper makes them) and a failed composition as one line. No torch; Hydra is needed anyway."""
 
+import contextlib
+import io
+
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -38,9 +41,41 @@ def _quoted(key: str, value: str) -> str:
     return f"\"{key}='{value}'\""
 
 
+def hydra_arguments(argv: list[str]):
+    """The command line as Hydra's own argparse parser reads it (flags, and `overrides`: the positional
+    arguments); None where argparse refuses it, as Hydra then prints its usage line itself."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return get_args_parser().parse_args(argv)
+    except SystemExit:  # a usage error, or --version
+        return None
+
+
+def check_flags_and_positionals(argv: list[str]) -> None:
+    """What Hydra would refuse with a traceback or its multi-line parse error: --resolve without --cfg, two
+    of its commands at once (-m --cfg job), and a positional argument that is no `key=value` (nor `~key`,
+    which deletes a key)."""
+    args = hydra_arguments(argv)
+    if args is None:
+        return
+    if args.resolve and args.cfg is None and not args.help:
+        raise UserError("--resolve only changes how --cfg prints the config; write --cfg job --resolve")
+    commands = {"--run": args.run, "--multirun": args.multirun, "--cfg": args.cfg is not None}
+    commands |= {"--info": args.info is not None, "--shell-completion": args.shell_completion}
+    if sum(map(bool, commands.values())) > 1:
+        given = " and ".join(k for k, v in commands.items() if v)
+        raise UserError(f"{given}: Hydra does one of them per command; drop all but one")
+    for arg in args.overrides:
+        if "=" not in arg and not arg.startswith("~"):
+            raise UserError(f"{arg}: not a key=value override; write {arg}=VALUE")
+
+
 def check_override_syntax(argv: list[str], multirun: bool) -> None:
     """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
     command-line form that works."""
+    check_flags_and_positionals(argv)
     parser = OverridesParser.create()
     for arg in (a for a in argv if "=" in a and not a.startswith("-")):
         key, _, value = arg.partition("=")
