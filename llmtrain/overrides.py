@@ -72,6 +72,21 @@ def check_flags_and_positionals(argv: list[str]) -> None:
             raise UserError(f"{arg}: not a key=value override; write {arg}=VALUE")
 
 
+def parse_override(arg: str, parser: OverridesParser | None = None):
+    """One `key=value` argument as Hydra parses it; where it cannot, one line with a quoted form that does
+    (e.g. `eos=<|endoftext|>` -> `"eos='<|endoftext|>'"`). Also used by `llmtrain.data.prepare`."""
+    key, _, value = arg.partition("=")
+    try:
+        (ov,) = (parser or OverridesParser.create()).parse_overrides([arg])
+    except Exception as e:
+        if any(ord(c) > 127 for c in value):
+            problem = "Hydra reads non-ASCII characters only inside quotes"
+        else:
+            problem = f"cannot parse it ({first_line(e)})"
+        raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
+    return ov
+
+
 def check_override_syntax(argv: list[str], multirun: bool) -> None:
     """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
     command-line form that works."""
@@ -79,14 +94,7 @@ def check_override_syntax(argv: list[str], multirun: bool) -> None:
     parser = OverridesParser.create()
     for arg in (a for a in argv if "=" in a and not a.startswith("-")):
         key, _, value = arg.partition("=")
-        try:
-            (ov,) = parser.parse_overrides([arg])
-        except Exception as e:
-            if any(ord(c) > 127 for c in value):
-                problem = "Hydra reads non-ASCII characters only inside quotes"
-            else:
-                problem = f"cannot parse it ({first_line(e)})"
-            raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
+        ov = parse_override(arg, parser)
         if ov.is_sweep_override() and not multirun:
             raise UserError(
                 f"{arg}: a comma on the command line makes a sweep, which runs only with -m; for one value "
