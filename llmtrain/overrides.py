@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from llmtrain.errors import UserError
+from llmtrain.override_syntax import first_line, parse_override, quoted
 
 SEARCHPATH = "hydra.searchpath="
 
@@ -26,19 +27,6 @@ def user_overrides(argv: list[str]) -> list[str]:
         and not a.startswith("-")
         and (a.startswith(SEARCHPATH) or not a.startswith(("hydra.", "hydra/")))
     ]
-
-
-def first_line(exc: BaseException) -> str:
-    """The problem in an OmegaConf/Hydra error message. Text only: their messages put it on the first line,
-    followed by `full_key:`/`reference_type=` lines or Hydra's usage notes, and no attribute holds it alone
-    (OmegaConf's `msg` has the same extra lines; a parse error has only its text)."""
-    text = getattr(exc, "msg", None) or str(exc)
-    return text.strip().splitlines()[0].strip() if text.strip() else type(exc).__name__
-
-
-def _quoted(key: str, value: str) -> str:
-    """A copy-pasteable shell argument that hands Hydra `key` with `value` as one quoted string."""
-    return f"\"{key}='{value}'\""
 
 
 def hydra_arguments(argv: list[str]):
@@ -72,21 +60,6 @@ def check_flags_and_positionals(argv: list[str]) -> None:
             raise UserError(f"{arg}: not a key=value override; write {arg}=VALUE")
 
 
-def parse_override(arg: str, parser: OverridesParser | None = None):
-    """One `key=value` argument as Hydra parses it; where it cannot, one line with a quoted form that does
-    (e.g. `eos=<|endoftext|>` -> `"eos='<|endoftext|>'"`). Also used by `llmtrain.data.prepare`."""
-    key, _, value = arg.partition("=")
-    try:
-        (ov,) = (parser or OverridesParser.create()).parse_overrides([arg])
-    except Exception as e:
-        if any(ord(c) > 127 for c in value):
-            problem = "Hydra reads non-ASCII characters only inside quotes"
-        else:
-            problem = f"cannot parse it ({first_line(e)})"
-        raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
-    return ov
-
-
 def check_override_syntax(argv: list[str], multirun: bool) -> None:
     """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
     command-line form that works."""
@@ -98,7 +71,7 @@ def check_override_syntax(argv: list[str], multirun: bool) -> None:
         if ov.is_sweep_override() and not multirun:
             raise UserError(
                 f"{arg}: a comma on the command line makes a sweep, which runs only with -m; for one value "
-                f"that holds commas write {_quoted(key, value)}"
+                f"that holds commas write {quoted(key, value)}"
             )
 
 

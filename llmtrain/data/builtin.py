@@ -50,6 +50,4 @@ def _prepare(name: str, tok_file: Path, prefix: Path, log) -> None:
     try:
         prepare(opts, log=log)
     except CannotWrite as e:  # prepare's fix names its own output=; here the cache is the config's
-        raise e.with_fix(
-            "set data.cache_dir=DIR to a writable directory with room for the corpus"
-        ) from None
+        raise e.with_fix("set data.cache_dir=DIR to a writable directory with room for the corpus") from None

@@ -41,7 +41,7 @@ def compose(argv: list[str]) -> PrepareConfig:
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
-    from llmtrain.overrides import parse_override
+    from llmtrain.override_syntax import parse_override
 
     for arg in argv:
         if "=" in arg and not arg.startswith("-"):
