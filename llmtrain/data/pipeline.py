@@ -138,6 +138,10 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     tok_sha = file_sha256(tok_file)
     fp = _fingerprint(opts, sources, tok_sha, eos_id, dtype)
 
+    # A finished dataset appears whole (.idx last), so finding it up to date needs no lock: a read-only
+    # copy of one is usable as it is.
+    if (done := _up_to_date(paths, fp, opts, log)) is not None:
+        return done
     # A refused write (read-only, no space) keeps the committed work in PREFIX.partial/: no .idx is published
     # before the end, so nothing looks complete, and the same command resumes once there is room.
     no_space = (
@@ -157,12 +161,21 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
                 paths["lock"].unlink(missing_ok=True)
 
 
-def _prepare_locked(opts, paths, sources, tok_file, tok_sha, eos_name, eos_id, dtype, fp, log) -> dict:
+def _up_to_date(paths, fp, opts, log) -> dict | None:
+    """The manifest of the finished dataset at the output if it is the one asked for (no overwrite)."""
+    if opts.overwrite or not (paths["idx"].exists() and paths["bin"].exists()):
+        return None
     done = _read_json(paths["manifest"])
+    if not done or done.get("fingerprint") != fp:
+        return None
+    log(f"{paths['prefix']}: up to date ({done['documents']} documents, {done['tokens']} tokens)")
+    return done
+
+
+def _prepare_locked(opts, paths, sources, tok_file, tok_sha, eos_name, eos_id, dtype, fp, log) -> dict:
+    if (done := _up_to_date(paths, fp, opts, log)) is not None:
+        return done
     if paths["idx"].exists() and paths["bin"].exists() and not opts.overwrite:
-        if done and done.get("fingerprint") == fp:
-            log(f"{paths['prefix']}: up to date ({done['documents']} documents, {done['tokens']} tokens)")
-            return done
         raise UserError(
             f"output={opts.output}: a different dataset exists there; pass overwrite=true or another output"
         )

@@ -121,6 +121,22 @@ def test_prepare_into_a_read_only_dir_is_one_line(tmp_path, monkeypatch):
         run_prepare(src, tmp_path / "out")
 
 
+def test_an_up_to_date_dataset_on_a_read_only_file_system_needs_no_lock(tmp_path, monkeypatch):
+    import filelock
+
+    src = write_jsonl(tmp_path / "in.jsonl", 3)
+    made = run_prepare(src, tmp_path / "out")
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", self.lock_file)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+    logs = []
+    opts = PrepareOptions([str(src)], "builtin", str(tmp_path / "out"), progress=False, workers=-1)
+    assert prepare(opts, log=logs.append) == made
+    assert logs == [f"{tmp_path / 'out'}: up to date (3 documents, {made['tokens']} tokens)"]
+
+
 def test_the_builtin_corpus_cache_names_data_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(IndexedWriter, "write", lambda *a: (_ for _ in ()).throw(NO_SPACE))
     with pytest.raises(UserError) as e:
