@@ -19,6 +19,8 @@ NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 READ_ONLY = {errno.EROFS}
 NO_PERMISSION = {errno.EACCES, errno.EPERM}
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]")
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")
 
 
 class CannotWrite(UserError):
@@ -46,10 +48,20 @@ def free_mb(path) -> float | None:
 
 
 def _errno(exc: BaseException) -> int | None:
-    if isinstance(exc, OSError):
-        return exc.errno
-    m = _RUST_OS_ERROR.search(str(exc))
-    return int(m.group(1)) if m else None
+    """The errno of a refused write anywhere in the exception's chain, also where only its text has it:
+    Rust's `(os error N)` (safetensors), `[Errno N]` inside a wrapper (torch.distributed.checkpoint's
+    CheckpointException), or torch.save's short write on a full disk, which it reports only as
+    `unexpected pos` / `file write failed` (as train/checkpoint.py reads it too)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        text = str(exc)
+        if m := _RUST_OS_ERROR.search(text) or _ERRNO_TEXT.search(text):
+            return int(m.group(1))
+        if any(marker in text for marker in _TORCH_SHORT_WRITE):
+            return errno.ENOSPC
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _concerns(filename, target: Path) -> bool:
@@ -91,9 +103,9 @@ def writing(target, fix: str, no_space_fix: str | None = None, shown=None) -> It
     """Turn a refused write inside the block into one error line naming the path, the reason and `fix`."""
     try:
         yield
-    except UserError:
+    except (UserError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as e:
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         err = write_error(e, target, fix, no_space_fix, shown)
         if err is None:
             raise

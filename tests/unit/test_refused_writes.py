@@ -20,6 +20,10 @@ from llmtrain.errors import UserError
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
 
 
+class CheckpointException(BaseException):
+    """As torch.distributed.checkpoint's: a BaseException whose text holds the ranks' errors."""
+
+
 def write_jsonl(path: Path, n: int = 300) -> Path:
     path.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(n)))
     return path
@@ -42,6 +46,9 @@ def run_prepare(src, out, **kw):
             RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
             "No space",
         ),
+        # a Megatron dist checkpoint: torch.save's short write, wrapped by torch.distributed.checkpoint
+        (CheckpointException("RuntimeError: Worker failure: unexpected pos 704 vs 598"), "No space"),
+        (CheckpointException("OSError: [Errno 30] Read-only file system: '/out/x'"), "Read-only file system"),
     ],
 )
 def test_a_refused_write_is_one_line_with_path_reason_and_fix(tmp_path, exc, reason):
@@ -57,6 +64,10 @@ def test_a_refused_write_is_one_line_with_path_reason_and_fix(tmp_path, exc, rea
 
 
 def test_other_errors_pass_through(tmp_path):
+    with pytest.raises(KeyboardInterrupt), fsio.writing(tmp_path / "out", "fix"):
+        raise KeyboardInterrupt
+    with pytest.raises(CheckpointException), fsio.writing(tmp_path / "out", "fix"):
+        raise CheckpointException("RuntimeError: shape mismatch")
     with pytest.raises(FileNotFoundError), fsio.writing(tmp_path / "out", "fix"):
         raise FileNotFoundError(errno.ENOENT, "No such file", str(tmp_path / "in.jsonl"))
     # no permission to read an input elsewhere is not about the output
