@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmtrain.errors import CheckpointError, UserError
+from llmtrain.fsio import writing
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -300,22 +301,24 @@ def atomic_output_dir(dest: str | Path, force: bool = False, flag: str = "--forc
     dest = Path(dest).expanduser().resolve()
     if dest.exists() and not force:
         raise UserError(f"output {dest} already exists; choose another path or pass {flag} to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # A read-only or full file system is one line; the temp dir is gone by then and `dest` untouched.
+    with writing(dest, "choose an output directory that is writable and has room", shown=dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+            fsync_tree(tmp)
+            if dest.exists():
+                old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+                dest.rename(old)
+                tmp.rename(dest)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            else:
+                tmp.rename(dest)
+            fsync_dir(dest.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llmtrain.errors import UserError
+from llmtrain.fsio import check_writable_dir, write_text_atomic
 
 
 def eval_config(source: str | Path, overrides: dict | None = None):
@@ -204,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int_at_least(1), default=None, help="lm-eval: examples per task")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
+    output_fix = "pass --output a file in a writable directory with room"
     try:
+        if args.output:  # before the evaluation, not after it
+            check_writable_dir(args.output, output_fix)
         tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
         task_manager = lm_eval_task_manager(tasks) if tasks else None  # fail before the perplexity run
         result = evaluate(
@@ -226,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     line = json.dumps(result)
     print(line)
     if args.output:
-        Path(args.output).write_text(line + "\n")
+        try:
+            write_text_atomic(args.output, line + "\n", output_fix + " (the result is printed above)")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return UserError.exit_code
     return 0
 
 

@@ -1,6 +1,9 @@
 """The command line's Hydra overrides as preflight needs them: their syntax, the jobs a `-m` sweep runs (as
 Hydra's basic sweeper makes them) and a failed composition as one line. No torch; Hydra is needed anyway."""
 
+import contextlib
+import io
+
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -10,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from llmtrain.errors import UserError
+from llmtrain.override_syntax import first_line, parse_override, quoted
 
 SEARCHPATH = "hydra.searchpath="
 
@@ -25,37 +29,49 @@ def user_overrides(argv: list[str]) -> list[str]:
     ]
 
 
-def first_line(exc: BaseException) -> str:
-    """The problem in an OmegaConf/Hydra error message. Text only: their messages put it on the first line,
-    followed by `full_key:`/`reference_type=` lines or Hydra's usage notes, and no attribute holds it alone
-    (OmegaConf's `msg` has the same extra lines; a parse error has only its text)."""
-    text = getattr(exc, "msg", None) or str(exc)
-    return text.strip().splitlines()[0].strip() if text.strip() else type(exc).__name__
+def hydra_arguments(argv: list[str]):
+    """The command line as Hydra's own argparse parser reads it (flags, and `overrides`: the positional
+    arguments); None where argparse refuses it, as Hydra then prints its usage line itself."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return get_args_parser().parse_args(argv)
+    except SystemExit:  # a usage error, or --version
+        return None
 
 
-def _quoted(key: str, value: str) -> str:
-    """A copy-pasteable shell argument that hands Hydra `key` with `value` as one quoted string."""
-    return f"\"{key}='{value}'\""
+def check_flags_and_positionals(argv: list[str]) -> None:
+    """What Hydra would refuse with a traceback or its multi-line parse error: --resolve without --cfg, two
+    of its commands at once (-m --cfg job), and a positional argument that is no `key=value` (nor `~key`,
+    which deletes a key)."""
+    args = hydra_arguments(argv)
+    if args is None:
+        return
+    if args.resolve and args.cfg is None and not args.help:
+        raise UserError("--resolve only changes how --cfg prints the config; write --cfg job --resolve")
+    commands = {"--run": args.run, "--multirun": args.multirun, "--cfg": args.cfg is not None}
+    commands |= {"--info": args.info is not None, "--shell-completion": args.shell_completion}
+    if sum(map(bool, commands.values())) > 1:
+        given = " and ".join(k for k, v in commands.items() if v)
+        raise UserError(f"{given}: Hydra does one of them per command; drop all but one")
+    for arg in args.overrides:
+        if "=" not in arg and not arg.startswith("~"):
+            raise UserError(f"{arg}: not a key=value override; write {arg}=VALUE")
 
 
 def check_override_syntax(argv: list[str], multirun: bool) -> None:
     """Every override, hydra.* included, parses, and a comma sweep comes with -m; else one line with a
     command-line form that works."""
+    check_flags_and_positionals(argv)
     parser = OverridesParser.create()
     for arg in (a for a in argv if "=" in a and not a.startswith("-")):
         key, _, value = arg.partition("=")
-        try:
-            (ov,) = parser.parse_overrides([arg])
-        except Exception as e:
-            if any(ord(c) > 127 for c in value):
-                problem = "Hydra reads non-ASCII characters only inside quotes"
-            else:
-                problem = f"cannot parse it ({first_line(e)})"
-            raise UserError(f"{arg}: {problem}; write it as {_quoted(key, value)}") from None
+        ov = parse_override(arg, parser)
         if ov.is_sweep_override() and not multirun:
             raise UserError(
                 f"{arg}: a comma on the command line makes a sweep, which runs only with -m; for one value "
-                f"that holds commas write {_quoted(key, value)}"
+                f"that holds commas write {quoted(key, value)}"
             )
 
 

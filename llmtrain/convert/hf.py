@@ -119,6 +119,10 @@ def read_hf_config(hf_dir: str | Path):
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(raw).__name__}, not an object; use the model's config.json"
+        )
     model_type = raw.get("model_type")
     family = family_for_hf_model_type(model_type)
     if family is None:

@@ -258,21 +258,41 @@ def _single_process_guard(cache_dir: str):
     """Without torch.distributed: Megatron's BlendedDataset still calls dist.get_rank() on a cache miss,
     so it answers 0 here; and a file lock keeps two runs sharing `cache_dir` from writing the same index
     files at once (with torch.distributed, Megatron builds on rank 0 first and the others wait)."""
+    from contextlib import suppress
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        yield
-        return
-    from filelock import FileLock
+    from llmtrain.fsio import write_error
 
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    saved = dist.get_rank
-    dist.get_rank = lambda *a, **k: 0
+    # Megatron writes the index caches inside this block. A read-only or full cache dir is one line, and
+    # the files this build made go: Megatron takes the four files of a split being there for a cache hit,
+    # so a truncated one would be loaded by the next run.
+    cache = Path(cache_dir)
+    before = set(cache.iterdir()) if cache.is_dir() else set()
     try:
-        with FileLock(str(Path(cache_dir) / ".build.lock")):
+        if dist.is_available() and dist.is_initialized():
             yield
-    finally:
-        dist.get_rank = saved
+            return
+        from filelock import FileLock
+
+        cache.mkdir(parents=True, exist_ok=True)
+        saved = dist.get_rank
+        dist.get_rank = lambda *a, **k: 0
+        try:
+            with FileLock(str(cache / ".build.lock")):
+                yield
+        finally:
+            dist.get_rank = saved
+    except OSError as e:
+        fix = "set data.index_cache_dir=DIR (default: data.cache_dir/index) to a writable directory with room"
+        err = write_error(e, cache, fix)
+        if err is None:
+            raise
+        for path in set(cache.iterdir()) - before if cache.is_dir() else ():
+            if path.name != ".build.lock":
+                with suppress(OSError):
+                    path.unlink()
+        raise err from None
 
 
 def build_datasets(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llmtrain.data.tokenizer import CORPUS_DIR, file_sha256, tokenizer_path
 from llmtrain.errors import ConfigError
+from llmtrain.fsio import CannotWrite
 
 BUILTIN = {"kjv": CORPUS_DIR / "kjv.jsonl.xz"}
 
@@ -46,4 +47,7 @@ def _prepare(name: str, tok_file: Path, prefix: Path, log) -> None:
     # Threads, not processes: this runs inside the trainer, which must not fork.
     opts = PrepareOptions(input=[str(BUILTIN[name])], tokenizer=str(tok_file), output=str(prefix))
     opts.progress, opts.workers = False, -1
-    prepare(opts, log=log)
+    try:
+        prepare(opts, log=log)
+    except CannotWrite as e:  # prepare's fix names its own output=; here the cache is the config's
+        raise e.with_fix("set data.cache_dir=DIR to a writable directory with room for the corpus") from None

@@ -6,6 +6,7 @@ from its last commit. The finished dataset appears under its final name by renam
 `PREFIX.idx` next to a `PREFIX.bin` always means a complete dataset.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from llmtrain.data.progress import Progress
 from llmtrain.data.sources import MALFORMED, Reader, Report, Source, expand_inputs
 from llmtrain.data.tokenizer import eos_token, file_sha256, load_tokenizer, tokenizer_path, vocab_size
 from llmtrain.errors import ConfigError, UserError
+from llmtrain.fsio import writing
 
 FORMAT_VERSION = 2  # of state.json positions: 2 counts JSON lines, blank ones included
 
@@ -133,24 +135,47 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     sources = expand_inputs(opts.input)
     if opts.txt_mode not in ("file", "line", "paragraph"):
         raise ConfigError("txt_mode", opts.txt_mode, "unknown", ["file", "line", "paragraph"])
-    paths["prefix"].parent.mkdir(parents=True, exist_ok=True)
     tok_sha = file_sha256(tok_file)
     fp = _fingerprint(opts, sources, tok_sha, eos_id, dtype)
 
-    try:
-        with FileLock(str(paths["lock"])):
-            return _prepare_locked(opts, paths, sources, tok_file, tok_sha, eos_name, eos_id, dtype, fp, log)
-    finally:
-        # The lock file is only a rendezvous; finished outputs need no 0-byte PREFIX.lock beside them.
-        paths["lock"].unlink(missing_ok=True)
+    # A finished dataset appears whole (.idx last), so finding it up to date needs no lock: a read-only
+    # copy of one is usable as it is.
+    if (done := _up_to_date(paths, fp, opts, log)) is not None:
+        return done
+    # A refused write (read-only, no space) keeps the committed work in PREFIX.partial/: no .idx is published
+    # before the end, so nothing looks complete, and the same command resumes once there is room.
+    no_space = (
+        "free space and rerun the same command (it resumes from its last commit), or choose another output="
+    )
+    with writing(paths["prefix"], "choose a writable output=", no_space):
+        paths["prefix"].parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(str(paths["lock"])):
+                return _prepare_locked(
+                    opts, paths, sources, tok_file, tok_sha, eos_name, eos_id, dtype, fp, log
+                )
+        finally:
+            # The lock file is only a rendezvous; finished outputs need no 0-byte PREFIX.lock beside them.
+            # Where it could not be made (a read-only dir), removing it fails too: the error above counts.
+            with contextlib.suppress(OSError):
+                paths["lock"].unlink(missing_ok=True)
+
+
+def _up_to_date(paths, fp, opts, log) -> dict | None:
+    """The manifest of the finished dataset at the output if it is the one asked for (no overwrite)."""
+    if opts.overwrite or not (paths["idx"].exists() and paths["bin"].exists()):
+        return None
+    done = _read_json(paths["manifest"])
+    if not done or done.get("fingerprint") != fp:
+        return None
+    log(f"{paths['prefix']}: up to date ({done['documents']} documents, {done['tokens']} tokens)")
+    return done
 
 
 def _prepare_locked(opts, paths, sources, tok_file, tok_sha, eos_name, eos_id, dtype, fp, log) -> dict:
-    done = _read_json(paths["manifest"])
+    if (done := _up_to_date(paths, fp, opts, log)) is not None:
+        return done
     if paths["idx"].exists() and paths["bin"].exists() and not opts.overwrite:
-        if done and done.get("fingerprint") == fp:
-            log(f"{paths['prefix']}: up to date ({done['documents']} documents, {done['tokens']} tokens)")
-            return done
         raise UserError(
             f"output={opts.output}: a different dataset exists there; pass overwrite=true or another output"
         )

@@ -41,6 +41,11 @@ def compose(argv: list[str]) -> PrepareConfig:
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
+    from llmtrain.override_syntax import parse_override
+
+    for arg in argv:
+        if "=" in arg and not arg.startswith("-"):
+            parse_override(arg)  # one line with the quoted form, as the training command gives it
     ConfigStore.instance().store(name="llmtrain_prepare", node=PrepareConfig)
     try:
         with initialize(version_base=None, config_path=None):

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,9 +34,11 @@ def jobs_file() -> Path:
     return Path(os.environ.get("LLMTRAIN_JOBS_FILE", state / "llmtrain" / "jobs.jsonl")).expanduser()
 
 
+ENTRY_KEYS = ("job_id", "name", "run_dir", "log", "rank_logs")  # what `status` reads of every entry
+
+
 def record(sub, overrides: list[str]) -> None:
     path = jobs_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     entry = {
         "job_id": sub.job_id,
         "name": sub.name,
@@ -46,20 +49,57 @@ def record(sub, overrides: list[str]) -> None:
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "overrides": overrides,
     }
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError as e:  # the job is submitted already: say what is missing, do not fail the submission
+        print(
+            f"warning: cannot record job {sub.job_id} in {path} ({e.strerror}); `python -m llmtrain.launch "
+            "status` will not list it (point LLMTRAIN_JOBS_FILE at a writable file)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _valid(entry) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), str) and entry[k] for k in ENTRY_KEYS)
 
 
 def load() -> list[dict]:
+    """The recorded jobs. Lines that are not an entry `status` can read (cut by a crash mid-write, edited
+    by hand) are skipped with one warning line naming them."""
     path = jobs_file()
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(
+            f"cannot read the jobs file {path} ({e.strerror}); point LLMTRAIN_JOBS_FILE at a file "
+            "(default: $XDG_STATE_HOME/llmtrain/jobs.jsonl)"
+        ) from None
+    out, skipped = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            out.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by a crash mid-write
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("job_id"), int):
+            entry["job_id"] = str(entry["job_id"])
+        if _valid(entry):
+            out.append(entry)
+        else:
+            skipped.append(str(number))
+    if skipped:
+        print(
+            f"warning: {path}: skipped line{'s' if len(skipped) > 1 else ''} {', '.join(skipped)} (not a job entry with "
+            f"{', '.join(ENTRY_KEYS)}); delete or fix those lines",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -218,8 +258,8 @@ def job_status(entry: dict, live: dict | None, accounted: dict | None) -> dict:
     }
 
 
-def statuses(all_jobs: bool = False) -> list[dict]:
-    entries = load()
+def statuses(all_jobs: bool = False, entries: list[dict] | None = None) -> list[dict]:
+    entries = load() if entries is None else entries
     ids = [e["job_id"] for e in entries]
     live = live_states(ids)
     gone = [j for j in ids if j not in live]
@@ -261,9 +301,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def status(all_jobs: bool = False, as_json: bool = False) -> str:
-    if not load():
+    entries = load()
+    if not entries:
         return "[]" if as_json else f"no jobs submitted with cluster=slurm yet ({jobs_file()})"
-    rows = statuses(all_jobs)
+    rows = statuses(all_jobs, entries)
     if as_json:
         return json.dumps(rows, indent=1)
     if not rows:

@@ -152,6 +152,9 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, tokdir):
         "no such file": [f"input={tmp_path}/missing.jsonl", f"tokenizer={tokdir}"],
         "no tokenizer at": [f"input={bad}", f"tokenizer={tmp_path}/nowhere"],
         f"{bad}:2: invalid json": [f"input={bad}", f"tokenizer={tokdir}", "strict=true"],
+        # the training CLI's hint for a value Hydra cannot parse
+        "eos=<|endoftext|>: cannot parse it (LexerNoViableAltException: eos=<|endoftext|>); "
+        + "write it as \"eos='<|endoftext|>'\"": [f"input={bad}", f"tokenizer={tokdir}", "eos=<|endoftext|>"],
     }
     for expected, args in cases.items():
         proc = run_module(*args, f"output={tmp_path}/out", "progress=false")

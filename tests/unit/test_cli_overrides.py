@@ -10,7 +10,13 @@ from llmtrain.cli import CONFIG_DIR, preflight
 from llmtrain.config.resolvers import register_resolvers
 from llmtrain.config.schema import register_configs
 from llmtrain.errors import UserError
-from llmtrain.overrides import describe_composition_error, first_line, sweep_points
+from llmtrain.overrides import (
+    check_flags_and_positionals,
+    describe_composition_error,
+    first_line,
+    parse_override,
+    sweep_points,
+)
 
 register_configs()
 register_resolvers()
@@ -151,3 +157,48 @@ def test_a_sweep_of_a_recipe_outside_the_repo(tmp_path, hydra_ready):
         [search, "optim.lr=0.002", "recipe=mine", "train.seed=1"],
         [search, "optim.lr=0.002", "recipe=mine", "train.seed=2"],
     ]
+
+
+COMMAND_LINES = [
+    # Hydra: "ValueError: The --resolve flag can only be used in conjunction with --cfg or --help"
+    (["--resolve", "recipe=tiny"], "--resolve only changes how --cfg prints the config; write --cfg job --resolve"),
+    # Hydra: "Error parsing override 'train.steps' / missing EQUAL at '<EOF>'" and 3 more lines
+    (["recipe=tiny", "train.steps"], "train.steps: not a key=value override; write train.steps=VALUE"),
+    # Hydra: "ValueError: Only one of --run, --multirun, --cfg, --info and --shell_completion ..."
+    (["-m", "recipe=tiny", "train.steps=1,2", "--cfg", "job"],
+     "--multirun and --cfg: Hydra does one of them per command; drop all but one"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "expected"), COMMAND_LINES, ids=["resolve", "no-equals", "two-commands"])
+def test_what_hydra_refuses_with_a_traceback_is_one_line_in_preflight(argv, expected):
+    with pytest.raises(UserError) as e:
+        preflight(argv)
+    assert str(e.value) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cfg", "job", "--resolve", "recipe=tiny"],
+        ["~train.seed", "--cfg", "job"],
+        ["-c", "job", "-p", "train"],
+    ],
+)
+def test_what_hydra_accepts_passes_the_check(argv):
+    check_flags_and_positionals(argv)
+
+
+def test_parse_error_gives_the_quoted_form():
+    with pytest.raises(UserError) as e:
+        parse_override("eos=<|endoftext|>")
+    assert str(e.value).startswith("eos=<|endoftext|>: cannot parse it (")
+    assert str(e.value).endswith("""; write it as "eos='<|endoftext|>'\"""")
+
+
+@pytest.mark.parametrize("argv", [COMMAND_LINES[0][0], COMMAND_LINES[1][0]], ids=["resolve", "no-equals"])
+def test_the_command_exits_2_with_the_line(argv):
+    from tests.helpers import run_cli_in_process
+
+    proc = run_cli_in_process(*argv)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc

@@ -185,6 +185,33 @@ def test_unsupported_llama_variants_rejected(tmp_path):
         hf.read_hf_config(d)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "want"),
+    [
+        ("hidden_size", "abc", "a positive integer"),
+        ("num_hidden_layers", 2.5, "a positive integer"),
+        ("vocab_size", True, "a positive integer"),
+        ("intermediate_size", 0, "a positive integer"),
+        ("num_key_value_heads", "2", "a positive integer or null"),
+        ("rms_norm_eps", "1e-6", "a number"),
+        ("tie_word_embeddings", "false", "true or false"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_one_line(tmp_path, key, value, want):
+    d = _hf_config_dir(tmp_path, **{key: value})
+    expected = f"{d / 'config.json'}: {key}={json.dumps(value)} must be {want}; fix it in config.json"
+    with pytest.raises(CheckpointError) as e:
+        hf.read_hf_config(d)
+    assert str(e.value) == expected
+
+
+def test_a_config_json_that_is_not_an_object_is_one_line(tmp_path):
+    d = _hf_config_dir(tmp_path)
+    (d / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"config\.json holds a JSON list, not an object"):
+        hf.read_hf_config(d)
+
+
 def test_pickle_only_dir_rejected(tmp_path):
     d = _hf_config_dir(tmp_path)
     (d / "pytorch_model.bin").write_bytes(b"")

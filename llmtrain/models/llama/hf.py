@@ -6,9 +6,10 @@ one; only names, the tied output head and the config need care. transformers is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from llmtrain.errors import UserError
+from llmtrain.errors import CheckpointError, UserError
 from llmtrain.models.spec import ModelSpec
 
 
@@ -101,12 +102,48 @@ class LlamaHF:
             problems.append(f"head_dim={raw['head_dim']} != hidden_size/num_attention_heads")
         return problems
 
+    # config.json keys read here, by the JSON type they must have (absent keys take transformers' defaults)
+    SIZE_KEYS = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    )
+    OPTIONAL_SIZE_KEYS = ("num_key_value_heads", "head_dim")  # null: derived from the others
+    NUMBER_KEYS = ("rms_norm_eps", "rope_theta", "initializer_range")
+    BOOL_KEYS = ("tie_word_embeddings",)
+
+    def check_types(self, raw: dict, path: Path) -> None:
+        """One line naming the file, the key and the value where a key read here has the wrong JSON type
+        (transformers takes any value, and the arithmetic on it fails later with a traceback)."""
+
+        def bad(key: str, want: str):
+            return CheckpointError(
+                f"{path}: {key}={json.dumps(raw[key])} must be {want}; fix it in config.json"
+            )
+
+        for key in self.SIZE_KEYS + self.OPTIONAL_SIZE_KEYS:
+            value = raw.get(key)
+            if key not in raw or (value is None and key in self.OPTIONAL_SIZE_KEYS):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, "a positive integer" + (" or null" if key in self.OPTIONAL_SIZE_KEYS else ""))
+        for key in self.NUMBER_KEYS:
+            if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int | float)):
+                raise bad(key, "a number")
+        for key in self.BOOL_KEYS:
+            if key in raw and not isinstance(raw[key], bool):
+                raise bad(key, "true or false")
+
     def check_supported(self, raw: dict, path: Path) -> None:
         if problems := self.unsupported(raw):
             raise UserError(f"{path}: unsupported {self.title} variant: {'; '.join(problems)}")
 
     def parse_config(self, raw: dict, path: Path):
         """A checked raw config.json -> the transformers config object."""
+        self.check_types(raw, path)
         self.check_supported(raw, path)
         try:
             return getattr(transformers(), self.config_class).from_dict(raw)

@@ -10,6 +10,7 @@ class Qwen3HF(LlamaHF):
     config_class = "Qwen3Config"
     architecture = "Qwen3ForCausalLM"
     free_head_dim = True
+    BOOL_KEYS = (*LlamaHF.BOOL_KEYS, "use_sliding_window")
 
     def layer_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         return super().layer_shapes(spec) | {
