@@ -3,6 +3,7 @@ Hydra's basic sweeper makes them) and a failed composition as one line. No torch
 
 import contextlib
 import io
+import re
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -134,7 +135,12 @@ def allowed_keys(parent: str) -> list[str]:
 def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
     """A Hydra/OmegaConf composition error as `key=value: problem (allowed: ...)`, from the exceptions'
     own fields (Hydra's missing config and its options, OmegaConf's full_key, the schema's keys)."""
-    cause = exc.__cause__ or exc
+    chain = [exc]  # Hydra wraps OmegaConf's error (raised from, or while handling, it) for a config file
+    while len(chain) < 8 and (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(nxt)
+    cause = next((e for e in chain if getattr(e, "full_key", None)), exc.__cause__ or exc)
+    source = re.match(r"In '([^']+)': ", str(exc))  # the config file the bad key or value is in
+    where_from = f" (in {source.group(1)}.yaml)" if source and cause is not exc else ""
     missing = next((e for e in (exc, cause) if isinstance(e, MissingConfigException)), None)
     if missing is not None and "/" in (missing.missing_cfg_file or ""):
         group, _, option = missing.missing_cfg_file.rpartition("/")
@@ -147,6 +153,11 @@ def describe_composition_error(exc: Exception, overrides: list[str]) -> str:
         allowed = allowed_keys(parent)
         if leaf not in allowed:  # not "Missing key" or an interpolation's key: one the schema lacks
             where = parent or "the config"
-            return f"{override or full_key}: unknown key '{leaf}' in {where} (allowed: {', '.join(allowed)})"
+            return (
+                f"{override or full_key}{where_from}: unknown key '{leaf}' in {where} "
+                f"(allowed: {', '.join(allowed)})"
+            )
     msg = first_line(cause) if getattr(cause, "msg", None) else first_line(exc)
-    return f"{override}: {msg}" if override else msg
+    if override:
+        return f"{override}: {msg}"
+    return f"{full_key}{where_from}: {msg}" if where_from and full_key else msg

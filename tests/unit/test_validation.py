@@ -210,6 +210,24 @@ def test_tool_flags_are_range_checked_in_one_line(module, argv, expected, capsys
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_a_bad_key_or_value_in_a_recipe_file_names_the_key_and_the_file(tmp_path):
+    from llmtrain.cli import resolve_recipes
+
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "typo.yaml").write_text("# @package _global_\ntrain:\n  stepz: 3\n")
+    (tmp_path / "recipe" / "word.yaml").write_text("# @package _global_\ntrain:\n  steps: abc\n")
+    with pytest.raises(UserError) as info:
+        preflight(resolve_recipes(["--config-dir", str(tmp_path), "recipe=typo"]))
+    assert str(info.value).startswith(
+        "train.stepz (in recipe/typo.yaml): unknown key 'stepz' in train (allowed:"
+    )
+    with pytest.raises(UserError) as info:
+        preflight(resolve_recipes(["--config-dir", str(tmp_path), "recipe=word"]))
+    assert str(info.value) == (
+        "train.steps (in recipe/word.yaml): Value 'abc' of type 'str' could not be converted to Integer"
+    )
+
+
 def test_recipe_file_errors_name_the_file_and_line(tmp_path):
     from llmtrain.cli import resolve_recipes
 
