@@ -177,8 +177,13 @@ def _plan_and_lock(cfg, run_dir: Path, engine: str, tries: int = 3):
     from llmtrain.train.run_dir import plan_run, training_state_stamp
 
     for _ in range(tries):
+        run_lock.refuse_if_held(run_dir)
         before = training_state_stamp(run_dir)
-        plan = plan_run(cfg, run_dir, engine)
+        try:
+            plan = plan_run(cfg, run_dir, engine)
+        except UserError:  # e.g. a checkpoint pruned while it was hashed: the run that holds the dir says why
+            run_lock.refuse_if_held(run_dir)
+            raise
         if plan.run_dir != run_dir:  # train.resume=never's fresh dir: chosen by quick checks just now
             before = training_state_stamp(plan.run_dir)
         acquired = run_lock.acquire(plan.run_dir)

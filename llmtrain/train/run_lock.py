@@ -13,6 +13,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,45 @@ def _holder(fd: int) -> str:
     return text or "a process that has not written its PID yet"
 
 
+def _held_elsewhere(run_dir: Path, path: Path, fd: int) -> UserError:
+    return UserError(
+        f"hydra.run.dir={run_dir}: another run is training there ({_holder(fd)} holds {path}); wait for it "
+        "to end (or stop it), or choose another hydra.run.dir"
+    )
+
+
+def _flock(fd: int, how: int, tries: int) -> None:
+    """flock, non-blocking; retried briefly: `refuse_if_held`'s probe holds a lock for microseconds."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in HELD_ELSEWHERE or i == tries - 1:
+                raise
+            time.sleep(0.05)
+
+
+def refuse_if_held(run_dir: Path) -> None:
+    """Raise `acquire`'s refusal where another process holds `run_dir` now; creates and writes nothing
+    (before planning: no time is spent hashing checkpoints that run is still writing and pruning)."""
+    if Path(run_dir).resolve() in _held:
+        return
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no run has held it
+    try:
+        _flock(fd, fcntl.LOCK_SH, tries=1)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as e:
+        if e.errno in HELD_ELSEWHERE:
+            raise _held_elsewhere(run_dir, path, fd) from None
+    finally:
+        os.close(fd)
+
+
 def acquire(run_dir: Path) -> bool:
     """Lock `run_dir` (created if missing) for this process; False where this process already holds it.
 
@@ -44,15 +84,12 @@ def acquire(run_dir: Path) -> bool:
     path = key / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd, fcntl.LOCK_EX, tries=5)
     except OSError as e:
         if e.errno in HELD_ELSEWHERE:
-            holder = _holder(fd)
+            error = _held_elsewhere(run_dir, path, fd)
             os.close(fd)
-            raise UserError(
-                f"hydra.run.dir={run_dir}: another run is training there ({holder} holds {path}); wait for it "
-                "to end (or stop it), or choose another hydra.run.dir"
-            ) from None
+            raise error from None
         os.close(fd)
         print(
             f"warning: cannot lock {path} ({e.strerror}: no locks on this file system?); nothing stops a "

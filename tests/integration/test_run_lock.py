@@ -57,6 +57,19 @@ def test_a_run_dir_another_process_holds_is_refused_in_one_line_writing_nothing(
     assert not (run_dir / ".hydra").exists()
 
 
+def test_a_held_run_dir_is_refused_before_its_checkpoints_are_read(held_elsewhere):
+    """The run that holds the dir may be pruning the checkpoint this one would hash: the lock speaks first."""
+    run_dir, pid = held_elsewhere
+    step = run_dir / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{")  # unreadable, as a half-pruned dir reads
+    proc = run_cli_in_process(*ARGS, "train.steps=2", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and f"another run is training there (PID {pid} on " in proc.stderr, (
+        proc.stderr
+    )
+    assert "fail verification" not in proc.stderr
+
+
 def test_two_real_runs_of_one_dir_the_second_is_refused_the_first_goes_on(tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
