@@ -178,3 +178,26 @@ def test_a_checkpoint_saved_between_planning_and_locking_is_planned_again(tmp_pa
         assert not lock_is_free(run_dir)
     finally:
         run_lock.release_all()
+
+
+def test_in_a_scheduler_job_the_rank_that_trains_takes_the_lock(held_elsewhere, tmp_path, monkeypatch):
+    """In a job, the CLI that plans may be the allocation's shell, which only starts the ranks (srun): the
+    lock is taken in cli.run, by rank 0 of the ranks, around train()."""
+    from llmtrain import cli
+    from llmtrain.train import loop
+
+    monkeypatch.setattr(cli.launch, "placed_by", lambda: object())  # as inside a SLURM job's step
+    seen, real_train = [], loop.train
+
+    def train(cfg, run_dir, **kwargs):
+        seen.append(lock_is_free(run_dir))
+        return real_train(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(loop, "train", train)
+    run_dir = tmp_path / "job-run"
+    run_cli_in_process(*ARGS, "train.steps=1", f"hydra.run.dir={run_dir}", check=True)
+    assert seen == [False] and lock_is_free(run_dir) and not run_lock._held
+    held, pid = held_elsewhere
+    proc = run_cli_in_process(*ARGS, "train.steps=1", f"hydra.run.dir={held}")
+    assert proc.returncode == 2 and f"another run is training there (PID {pid} on " in proc.stderr
+    assert seen == [False] and not (held / "checkpoints").exists()
