@@ -4,6 +4,7 @@ Every override set is composed and validated before Hydra starts the run(s), so 
 line (`error: key=value: problem (allowed: ...)`) and exits with code 2, never a traceback.
 """
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -165,7 +166,14 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
             "hydra.output_subdir=null"
         )  # a dry run writes no .hydra/ (an existing run's stays as is)
     elif not launch.select(cfg).submits(cfg):
-        _PLAN = plan_run(cfg, run_dir, planned_engine(cfg))
+        engine = planned_engine(cfg)
+        # Outside a scheduler's job this process trains (or is torchrun's rank): rank 0 locks the run dir
+        # before Hydra writes .hydra/ there, until main() ends. In a job, an allocation's shell only starts
+        # the ranks (srun), so the lock waits for run(), in the rank that trains.
+        if launch.placed_by() is None and _is_rank0():
+            _PLAN = _plan_and_lock(cfg, run_dir, engine)
+        else:
+            _PLAN = plan_run(cfg, run_dir, engine)
         run_dir = _PLAN.run_dir
     if run_dir != hydra_dir:
         extra.append(f"hydra.run.dir={_hydra_quote(str(run_dir))}")
@@ -178,6 +186,40 @@ def _drop_if_only_an_empty_log(run_dir: Path) -> None:
     if [p.name for p in run_dir.iterdir()] == ["train.log"] and log.stat().st_size == 0:
         log.unlink()
         run_dir.rmdir()
+
+
+def _is_rank0() -> bool:
+    from llmtrain.dist import dist_info_from_env
+
+    return dist_info_from_env().is_main
+
+
+def _plan_and_lock(cfg, run_dir: Path, engine: str, tries: int = 3):
+    """plan_run, then hold the planned dir's lock (train/run_lock.py). Planned again where that dir's
+    checkpoints changed in between (a run that held it ended meanwhile): the plan describes what this run
+    finds, once nobody else can change it."""
+    from llmtrain.train import run_lock
+    from llmtrain.train.run_dir import plan_run, training_state_stamp
+
+    for _ in range(tries):
+        run_lock.refuse_if_held(run_dir)
+        before = training_state_stamp(run_dir)
+        try:
+            plan = plan_run(cfg, run_dir, engine)
+        except UserError:  # e.g. a checkpoint pruned while it was hashed: the run that holds the dir says why
+            run_lock.refuse_if_held(run_dir)
+            raise
+        if plan.run_dir != run_dir:  # train.resume=never's fresh dir: chosen by quick checks just now
+            before = training_state_stamp(plan.run_dir)
+        acquired = run_lock.acquire(plan.run_dir)
+        if training_state_stamp(plan.run_dir) == before:
+            return plan
+        if acquired:
+            run_lock.release(plan.run_dir)
+    raise UserError(
+        f"hydra.run.dir={run_dir}: its checkpoints changed while this run was planning, {tries} times; "
+        "another process is writing there: stop it, or choose another hydra.run.dir"
+    )
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -196,19 +238,32 @@ def run(cfg) -> None:
         return
     # Only a run that trains imports torch and the training code.
     from llmtrain.dist import dist_info_from_env
+    from llmtrain.train import run_lock
     from llmtrain.train.loop import train
     from llmtrain.train.run_dir import CONFIG_HEADER, claim, plan_run
 
     plan = _PLAN if _PLAN is not None and _PLAN.run_dir == run_dir else plan_run(cfg, run_dir, engine)
     run_dir = plan.run_dir
     dist = dist_info_from_env()
-    if dist.is_main:
-        if plan.note:
-            print(plan.note, flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        claim(run_dir)
-        (run_dir / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
-    summary = train(cfg, run_dir, after_preemption=launch.after_preemption, resume_dir=plan.resume_dir)
+    # rank 0 holds the run dir's lock until train() returns (already since plan_before_hydra outside a job)
+    with run_lock.holding(run_dir) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:
+            if plan.note:
+                print(plan.note, flush=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            claim(run_dir)
+
+        def write_config() -> None:  # once the engine and data are built: a refused run leaves the run's
+            if dist.is_main:
+                (run_dir / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
+
+        summary = train(
+            cfg,
+            run_dir,
+            after_preemption=launch.after_preemption,
+            resume_dir=plan.resume_dir,
+            on_ready=write_config,
+        )
     if dist.is_main:
         loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
         how = f"stopped by {summary.stopped_by} at" if summary.stopped_by else "done:"
@@ -251,19 +306,24 @@ def main() -> None:
     install_early()  # a SIGTERM/Ctrl-C from now on is acknowledged, not a silent exit 143
     register_configs()
     register_resolvers()
+    from llmtrain.train import run_lock
+
     try:
-        sys.argv[1:] = resolve_recipes(sys.argv[1:])
-        preflight(sys.argv[1:])
-        sys.argv += plan_before_hydra(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
-    _DIVERGED_POINTS.clear()
-    _hydra_main()
-    if _DIVERGED_POINTS:
-        print(
-            f"error: {len(_DIVERGED_POINTS)} sweep point(s) diverged: {'; '.join(_DIVERGED_POINTS)}",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(TrainingError.exit_code)
+        try:
+            sys.argv[1:] = resolve_recipes(sys.argv[1:])
+            preflight(sys.argv[1:])
+            sys.argv += plan_before_hydra(sys.argv[1:])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+        _DIVERGED_POINTS.clear()
+        _hydra_main()
+        if _DIVERGED_POINTS:
+            print(
+                f"error: {len(_DIVERGED_POINTS)} sweep point(s) diverged: {'; '.join(_DIVERGED_POINTS)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(TrainingError.exit_code)
+    finally:
+        run_lock.release_all()  # plan_before_hydra's: a later run in this process (tests) can take it

@@ -264,13 +264,20 @@ class CheckpointManager:
     def _seal(self, step, tmp, final, extra_manifest) -> None:
         """Manifest, fsync, rename to the step dir, move `latest` (checkpoint_format.seal), prune: main rank."""
         fmt.seal(tmp, final, step, engine=None, extra=extra_manifest)
-        self._prune()  # after `latest` moved: never deletes the last complete checkpoint
+        self._prune(final)  # after `latest` moved: never deletes the last complete checkpoint
 
-    def _prune(self) -> None:
+    def _prune(self, written: Path) -> None:
+        """Keep the newest `keep_last` checkpoints up to the one just `written`. Newer step dirs are another
+        branch's (a run resumed from an older checkpoint) or stale: not this run's to delete. The one just
+        written and the one `latest` names are never deleted, whatever the step numbers say."""
         if self.keep_last <= 0:
             return
-        for old in self.step_dirs()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        named = fmt.read_latest(self.root)
+        keep = {written.name, named}
+        ours = [d for d in self.step_dirs() if d.name <= written.name]  # step_NNNNNNNN: sorts as the steps
+        for old in ours[: -self.keep_last]:
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading ------------------------------------------------------------------------------------
     def step_dirs(self) -> list[Path]:

@@ -55,11 +55,13 @@ def _settle_save_in_flight(ckpt: CheckpointManager, exc: BaseException, world_si
         ckpt.abandon()
 
 
-def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> RunSummary:
+def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND, on_ready=None) -> RunSummary:
     """Run (or resume) the configured training in `run_dir`. All ranks call this.
 
     `resume_dir`: the checkpoint to resume (None: start fresh), as `run_dir.plan_run` decided it before
     anything was written; by default it is found here (train.resume, checked the same way).
+    `on_ready`: called once the engine and data are built and the checkpoint is loaded, before the metrics
+    are touched (the CLI writes config.yaml then: a run refused while building leaves the run's as it was).
     The process group llmtrain creates is destroyed when the run ends, however it ends; third-party warnings
     go to `run_dir`/train.log meanwhile (llmtrain.metrics.warning_log).
     """
@@ -68,11 +70,11 @@ def train(cfg, run_dir: Path, *, after_preemption=None, resume_dir=_FIND) -> Run
         cleanup.callback(close_process_group)  # also when building the engine fails after creating the group
         log = run_dir / LOG_NAME
         cleanup.enter_context(route_third_party_warnings(log, rank=dist.rank, echo=dist.is_main))
-        return _train(cfg, run_dir, dist, cleanup, after_preemption, resume_dir)
+        return _train(cfg, run_dir, dist, cleanup, after_preemption, resume_dir, on_ready)
 
 
 def _train(
-    cfg, run_dir: Path, dist, cleanup: contextlib.ExitStack, after_preemption, resume_dir
+    cfg, run_dir: Path, dist, cleanup: contextlib.ExitStack, after_preemption, resume_dir, on_ready=None
 ) -> RunSummary:
     stop, own_stop = stop_request()  # before the slow part: a signal while loading is acknowledged
     if own_stop:  # however the run ends, a failed engine build included: the caller's handlers come back
@@ -93,6 +95,8 @@ def _train(
     )
     run = _Run(cfg, run_dir, dist, engine, data, ckpt, device)
     data_note = run.resume(resume_dir) if resume_dir is not None else None
+    if on_ready is not None:
+        on_ready()
     run.logger = logger = MetricsLogger(
         cfg,
         run_dir,

@@ -37,6 +37,12 @@ def has_training_state(run_dir: Path) -> bool:
     return (run_dir / fmt.CHECKPOINTS_DIR).exists() or (run_dir / "metrics.jsonl").exists()
 
 
+def training_state_stamp(run_dir: Path) -> tuple:
+    """Cheap (no hashing): changes whenever a run in `run_dir` saves a checkpoint or starts its metrics."""
+    root = run_dir / fmt.CHECKPOINTS_DIR
+    return has_training_state(run_dir), fmt.read_latest(root), tuple(d.name for d in fmt.step_dirs(root))
+
+
 def job_id() -> str | None:
     """The scheduler's job id; SLURM keeps it across requeues."""
     return os.environ.get("SLURM_JOB_ID") or None
@@ -112,9 +118,47 @@ def latest_in_run(run_dir: Path) -> Path | None:
             "nothing was changed. Repair or move them away to resume, or start fresh beside this run with "
             "train.resume=never"
         )
+    pointer, named = root / fmt.LATEST_FILE, fmt.read_latest(root)
+    if named is None:  # e.g. a crash between the first checkpoint's rename and writing `latest`
+        fmt.warn_on_stderr(
+            f"{pointer} is missing or unreadable; trying the newest step dir, {found[-1].name}"
+        )
+    elif root / named not in found:
+        fmt.warn_on_stderr(f"{pointer} points to {named}, which is not a checkpoint; trying {found[-1].name}")
     for line in skipped:  # one line each (the full error above says it when none is left)
         fmt.warn_on_stderr(line)
     return latest
+
+
+def _names(dirs: list[Path]) -> str:
+    if len(dirs) <= 4:
+        return ", ".join(d.name for d in dirs)
+    return f"{dirs[0].name}, {dirs[1].name}, ..., {dirs[-1].name} ({len(dirs)} checkpoints)"
+
+
+def check_not_a_rewind(step_dir: Path, run_dir: Path) -> None:
+    """Refuse resuming a checkpoint of `run_dir` older than a valid newer one there: training on from it in
+    the same dir would overwrite and prune the newer ones and move `latest` back, losing that branch."""
+    root, real = run_dir / fmt.CHECKPOINTS_DIR, step_dir.resolve()
+    if not root.is_dir() or real.parent != root.resolve() or not fmt.STEP_DIR.match(real.name):
+        return  # another run dir's checkpoint: resuming it here starts a branch and leaves that one alone
+    candidates = fmt.step_dirs(root)
+    named = fmt.read_latest(root)
+    if named is not None and root / named in candidates:  # dirs past `latest` are stale (as resume sees them)
+        candidates = candidates[: candidates.index(root / named) + 1]
+    newer = [d for d in candidates if d.name > real.name]  # step_NNNNNNNN: names sort as the steps do
+    for d in reversed(newer):  # only the ones newer than the resume point are hashed
+        try:
+            fmt.verify(d)
+        except fmt.NewerFormatError:
+            pass  # not corrupt: a newer llmtrain's, as worth keeping as one that verifies
+        except CheckpointError:
+            continue
+        raise CheckpointError(
+            f"train.resume={step_dir}: {run_dir} has newer checkpoints ({_names(newer)}) that training on from "
+            f"it here would overwrite or prune; branch into a new run dir with hydra.run.dir=NEW_DIR "
+            f"train.resume={step_dir}, or move the newer step dirs out of {root} to rewind this run"
+        )
 
 
 def check_resumable(cfg, step_dir: Path, engine: str | None) -> None:
@@ -153,6 +197,7 @@ def resume_point(cfg, run_dir: Path, engine: str | None = None) -> Path | None:
         return None
     found = latest_in_run(run_dir) if mode == "auto" else fmt.resolve_checkpoint(mode)
     if found is not None:
+        check_not_a_rewind(found, run_dir)
         check_resumable(cfg, found, engine)
     return found
 

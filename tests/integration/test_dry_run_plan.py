@@ -87,3 +87,20 @@ def test_run_dir_with_a_quoted_tilde_is_the_home_dir_and_an_empty_one_is_refused
         proc = run_cli_in_process("recipe=tiny", "train.steps=1", empty)
         assert proc.returncode == 2 and proc.stderr.startswith("error: hydra.run.dir is empty"), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # nothing trained into the cwd
+
+
+def test_a_run_refused_while_building_leaves_the_runs_config_yaml(tmp_path, monkeypatch):
+    from llmtrain.errors import ConfigError
+    from llmtrain.train import loop
+
+    run = tmp_path / "run"
+    run_cli_in_process("recipe=tiny", "train.steps=2", f"hydra.run.dir={run}", check=True)
+    before = (run / "config.yaml").read_text()
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("data.paths", "x", "refused at data build")
+
+    monkeypatch.setattr(loop, "build_data", refuse)
+    proc = run_cli_in_process("recipe=tiny", "train.steps=4", "optim.lr=0.5", f"hydra.run.dir={run}")
+    assert proc.returncode == 2 and "refused at data build" in proc.stderr, proc.stderr
+    assert (run / "config.yaml").read_text() == before
