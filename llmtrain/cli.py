@@ -161,10 +161,10 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     run_dir = Path(os.path.abspath(os.path.expanduser(given)))  # '~/x' quoted: Hydra would make ./~/x
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
     extra = []
-    if cfg.dry_run:
-        extra.append(
-            "hydra.output_subdir=null"
-        )  # a dry run writes no .hydra/ (an existing run's stays as is)
+    if cfg.dry_run:  # no .hydra/ (an existing run's stays as it is); a new dir goes again after the report
+        extra.append("hydra.output_subdir=null")
+        if not run_dir.exists():
+            _DRY_RUN_MADE.add(run_dir)
     elif not launch.select(cfg).submits(cfg):
         engine = planned_engine(cfg)
         # Outside a scheduler's job this process trains (or is torchrun's rank): rank 0 locks the run dir
@@ -180,9 +180,15 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     return extra
 
 
+_DRY_RUN_MADE: set[Path] = set()  # run dirs that did not exist before this dry run
+
+
 def _drop_if_only_an_empty_log(run_dir: Path) -> None:
     """A dry run leaves no run dir: Hydra made it for its (empty) log file; anything else in it stays."""
     log = run_dir / "train.log"
+    if run_dir not in _DRY_RUN_MADE:
+        return
+    _DRY_RUN_MADE.discard(run_dir)
     if [p.name for p in run_dir.iterdir()] == ["train.log"] and log.stat().st_size == 0:
         log.unlink()
         run_dir.rmdir()
