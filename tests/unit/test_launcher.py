@@ -70,14 +70,16 @@ def test_slurm_submits_only_from_outside_a_job_and_trains_in_its_step(monkeypatc
 
 
 def test_cli_asks_the_launcher_whether_this_machine_trains(monkeypatch):
-    """llama3_8b does not fit this machine: refused for cluster=local, accepted when it is submitted (the
-    job runs elsewhere), refused again inside a SLURM allocation (srun would start it here)."""
+    """llama3_8b does not fit this machine: refused for cluster=local, accepted when it is submitted to GPUs
+    it fits (the job runs elsewhere: checked against cluster.gpu_memory_gib, not this machine), refused
+    again inside a SLURM allocation (srun would start it here)."""
+    submitted = ["recipe=llama3_8b", "cluster=slurm", "cluster.nodes=2", "cluster.gpu_memory_gib=178"]
     with pytest.raises(UserError, match="llama3_8b needs ~"):
         preflight(["recipe=llama3_8b"])
-    preflight(["recipe=llama3_8b", "cluster=slurm", "cluster.nodes=2"])
+    preflight(submitted)
     monkeypatch.setenv("SLURM_JOB_ID", "9")
     with pytest.raises(UserError, match="llama3_8b needs ~"):
-        preflight(["recipe=llama3_8b", "cluster=slurm", "cluster.nodes=2"])
+        preflight(submitted)
 
 
 def test_a_stop_inside_a_slurm_job_is_recorded_whatever_cluster_says(monkeypatch, tmp_path):
