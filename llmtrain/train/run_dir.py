@@ -76,6 +76,14 @@ def check_run_dir_usable(run_dir: Path) -> None:
             f"{key}: cannot create it in {existing} ({e.strerror}); choose a hydra.run.dir you can write to"
         ) from None
     config = run_dir / "config.yaml"
+    if (run_dir / "metrics.jsonl").is_file() and not (
+        config.is_file() or (run_dir / fmt.CHECKPOINTS_DIR).exists()
+    ):
+        # llmtrain writes config.yaml before its first metrics row: these are some other tool's (or a copy's)
+        raise UserError(
+            f"{key}: {run_dir / 'metrics.jsonl'} exists but no llmtrain config.yaml or checkpoint does; this "
+            "run would append to another run's metrics. Choose another hydra.run.dir (or move the file)"
+        )
     if config.is_file() and not ((run_dir / ".hydra").is_dir() or has_training_state(run_dir)):
         with open(config) as f:
             ours = f.read(len(CONFIG_HEADER)) == CONFIG_HEADER

@@ -1,5 +1,7 @@
-"""A dry run writes nothing (no run dir, no .hydra/ in an existing one), says which engine a run here takes,
-and a submission checks memory against the planned GPUs (cluster.gpu_memory_gib), not the login node."""
+"""What is planned, or refused, before anything is written: a dry run writes nothing (no run dir, no .hydra/
+in an existing one) and says which engine a run here takes; a submission checks memory against the planned
+GPUs (cluster.gpu_memory_gib), not the login node; bad run dirs and machine mismatches are one line; a
+diverged sweep point does not end the sweep."""
 
 import pytest
 
@@ -104,3 +106,13 @@ def test_a_run_refused_while_building_leaves_the_runs_config_yaml(tmp_path, monk
     proc = run_cli_in_process("recipe=tiny", "train.steps=4", "optim.lr=0.5", f"hydra.run.dir={run}")
     assert proc.returncode == 2 and "refused at data build" in proc.stderr, proc.stderr
     assert (run / "config.yaml").read_text() == before
+
+
+def test_a_dir_with_another_tools_metrics_is_refused_not_appended_to(tmp_path):
+    run = tmp_path / "theirs"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.5}\n')
+    proc = run_cli_in_process("recipe=tiny", "train.steps=1", f"hydra.run.dir={run}")
+    assert proc.returncode == 2 and "would append to another run's metrics" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == '{"epoch": 1, "acc": 0.5}\n'
