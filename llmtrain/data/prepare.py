@@ -51,9 +51,12 @@ def compose(argv: list[str]) -> PrepareConfig:
         with initialize(version_base=None, config_path=None):
             cfg = hydra_compose("llmtrain_prepare", overrides=argv)
     except HydraException as e:
-        raise UserError(
-            f"{str(e).splitlines()[0]} (keys: {', '.join(PrepareConfig.__dataclass_fields__)})"
-        ) from None
+        first = str(e).splitlines()[0]
+        if first.startswith("Ambiguous value for argument"):  # a comma: Hydra reads a sweep, not a list
+            arg = next((a for a in argv if a in first), "")
+            key, _, value = arg.partition("=")
+            raise UserError(f"{arg}: a comma makes a sweep; give a list: {key}=[{value}]") from None
+        raise UserError(f"{first} (keys: {', '.join(PrepareConfig.__dataclass_fields__)})") from None
     for key in ("input", "tokenizer", "output"):
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(

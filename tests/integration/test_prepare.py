@@ -155,6 +155,10 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, tokdir):
         # the training CLI's hint for a value Hydra cannot parse
         "eos=<|endoftext|>: cannot parse it (LexerNoViableAltException: eos=<|endoftext|>); "
         + "write it as \"eos='<|endoftext|>'\"": [f"input={bad}", f"tokenizer={tokdir}", "eos=<|endoftext|>"],
+        f"input={bad},{bad}: a comma makes a sweep; give a list: input=[{bad},{bad}]": [
+            f"input={bad},{bad}",
+            f"tokenizer={tokdir}",
+        ],
     }
     for expected, args in cases.items():
         proc = run_module(*args, f"output={tmp_path}/out", "progress=false")
