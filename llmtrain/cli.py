@@ -6,6 +6,7 @@ line (`error: key=value: problem (allowed: ...)`) and exits with code 2, never a
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -139,8 +140,13 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     Returns overrides to add (`hydra.run.dir=<dir>-restartN` for train.resume=never beside an existing run).
     """
     global _PLAN
-    if any(a in INSPECT_FLAGS or a in ("-m", "--multirun") for a in argv):
-        return []  # sweeps: each point is planned in run(), after Hydra made its dir
+    if any(a in INSPECT_FLAGS for a in argv):
+        return []
+    if any(
+        a in ("-m", "--multirun") for a in argv
+    ):  # each point is planned in run(), after Hydra made its dir
+        dry = any(re.fullmatch(r"dry_run=(true|True|measure)", a) for a in argv)
+        return ["hydra.output_subdir=null"] if dry else []  # a dry-run sweep writes no point's .hydra/
     from llmtrain.train.run_dir import plan_run
 
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -164,7 +170,10 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     if cfg.dry_run:  # no .hydra/ (an existing run's stays as it is); a new dir goes again after the report
         extra.append("hydra.output_subdir=null")
         if not run_dir.exists():
-            _DRY_RUN_MADE.add(run_dir)
+            top = run_dir
+            while not top.parent.exists():
+                top = top.parent
+            _DRY_RUN_MADE[run_dir] = top  # the outermost dir Hydra will create for it
     elif not launch.select(cfg).submits(cfg):
         engine = planned_engine(cfg)
         # Outside a scheduler's job this process trains (or is torchrun's rank): rank 0 locks the run dir
@@ -174,24 +183,31 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
             _PLAN = _plan_and_lock(cfg, run_dir, engine)
         else:
             _PLAN = plan_run(cfg, run_dir, engine)
+        if not _is_rank0():  # the other ranks write no .hydra/ (rank 0's record; a refused run's none)
+            extra.append("hydra.output_subdir=null")
         run_dir = _PLAN.run_dir
     if run_dir != hydra_dir:
         extra.append(f"hydra.run.dir={_hydra_quote(str(run_dir))}")
     return extra
 
 
-_DRY_RUN_MADE: set[Path] = set()  # run dirs that did not exist before this dry run
+_DRY_RUN_MADE: dict[Path, Path] = {}  # run dir -> the outermost dir this dry run's Hydra created for it
 
 
 def _drop_if_only_an_empty_log(run_dir: Path) -> None:
-    """A dry run leaves no run dir: Hydra made it for its (empty) log file; anything else in it stays."""
+    """A dry run leaves no run dir: Hydra made it (and its missing parents) for its empty log file; anything
+    else in them stays."""
+    top = _DRY_RUN_MADE.pop(run_dir, None)
     log = run_dir / "train.log"
-    if run_dir not in _DRY_RUN_MADE:
+    if top is None or [p.name for p in run_dir.iterdir()] != ["train.log"] or log.stat().st_size:
         return
-    _DRY_RUN_MADE.discard(run_dir)
-    if [p.name for p in run_dir.iterdir()] == ["train.log"] and log.stat().st_size == 0:
-        log.unlink()
-        run_dir.rmdir()
+    log.unlink()
+    d = run_dir
+    while True:
+        d.rmdir()
+        if d == top or any(d.parent.iterdir()):
+            break
+        d = d.parent
 
 
 def _is_rank0() -> bool:

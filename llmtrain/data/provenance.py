@@ -46,13 +46,28 @@ def _name(record: dict) -> str:
     return str(record.get("path") or f"<the tokenizer.json with sha256 {record.get('sha256')}>")
 
 
+# The parts of a tokenizer.json that decide the token ids of a text (not its post-processor or decoder:
+# an HF export adds a post-processor, which prepare never applies).
+ID_PARTS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
+
+
+def _same_ids(record: dict, tokenizer: str) -> bool:
+    """The recorded tokenizer (its file still there) and `tokenizer` map text to the same ids."""
+    recorded = "builtin" if _name(record) == "builtin" else record.get("path")
+    try:
+        a, b = (json.loads(tokenizer_path(str(t)).read_text()) for t in (recorded, tokenizer))
+    except (ConfigError, OSError, ValueError, TypeError):
+        return False
+    return all(a.get(k) == b.get(k) for k in ID_PARTS)
+
+
 def check_data_tokenizer(prefix: str, tokenizer: str, model_vocab_size: int) -> None:
     """One ConfigError line if `prefix` was prepared with a tokenizer whose ids do not fit the model, or
     with another tokenizer than `tokenizer`."""
     record = recorded_tokenizer(prefix)
     sha, vocab = record.get("sha256"), record.get("vocab_size")
     sha = sha if isinstance(sha, str) and sha else None
-    same = sha is None or sha == tokenizer_sha256(tokenizer)
+    same = sha is None or sha == tokenizer_sha256(tokenizer) or _same_ids(record, tokenizer)
     if isinstance(vocab, int) and vocab > model_vocab_size:
         fix = f"set model.vocab_size>={vocab}"
         if not same:

@@ -82,7 +82,13 @@ def acquire(run_dir: Path) -> bool:
         return False
     key.mkdir(parents=True, exist_ok=True)
     path = key / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:  # a directory or an unreadable file in its place, a read-only run dir
+        raise UserError(
+            f"hydra.run.dir={run_dir}: cannot open its lock file {path} ({e.strerror}); remove or fix it, or "
+            "choose another hydra.run.dir"
+        ) from None
     try:
         _flock(fd, fcntl.LOCK_EX, tries=5)
     except OSError as e:

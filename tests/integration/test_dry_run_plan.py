@@ -116,3 +116,43 @@ def test_a_dir_with_another_tools_metrics_is_refused_not_appended_to(tmp_path):
     assert proc.returncode == 2 and "would append to another run's metrics" in proc.stderr, proc.stderr
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
     assert (run / "metrics.jsonl").read_text() == '{"epoch": 1, "acc": 0.5}\n'
+
+
+def test_dry_runs_remove_the_dirs_they_made_and_sweeps_write_no_points_record(tmp_path):
+    run_cli_in_process(
+        "recipe=tiny", "dry_run=true", f"hydra.run.dir={tmp_path / 'a' / 'b' / 'c'}", check=True
+    )
+    assert list(tmp_path.iterdir()) == []  # a/b/c all made by the dry run
+    sweep = tmp_path / "sweep"
+    run_cli_in_process(
+        "-m", "recipe=tiny", "dry_run=true", "train.seed=1,2", f"hydra.sweep.dir={sweep}", check=True
+    )
+    assert not list(sweep.glob("*/.hydra"))
+
+
+def test_only_rank_0_writes_hydras_record_and_a_bad_lock_file_is_one_line(tmp_path, monkeypatch):
+    from llmtrain import cli
+    from llmtrain.config.resolvers import register_resolvers
+    from llmtrain.config.schema import register_configs
+
+    register_configs()
+    register_resolvers()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "hydra.output_subdir=null" in cli.plan_before_hydra(
+        ["recipe=tiny", f"hydra.run.dir={tmp_path / 'r'}"]
+    )
+    monkeypatch.setenv("RANK", "0")
+    assert "hydra.output_subdir=null" not in cli.plan_before_hydra(
+        ["recipe=tiny", f"hydra.run.dir={tmp_path / 'r'}"]
+    )
+    from llmtrain.train import run_lock
+
+    run_lock.release_all()
+    (tmp_path / "s" / ".llmtrain.train.lock").mkdir(parents=True)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    proc = run_cli_in_process("recipe=tiny", "train.steps=1", f"hydra.run.dir={tmp_path / 's'}")
+    assert (
+        proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot open its lock file" in proc.stderr
+    )

@@ -209,3 +209,23 @@ def test_a_valid_share_too_short_for_the_sequence_says_so_at_evaluation(data):
     split = _suggested(message, r"(?:use |or )data.split='(\d+,\d+,0)'")
     fitted = build_data(make_cfg(data["cache"], **{**over, "data.split": split}), dp_rank=0, dp_size=1)
     assert len(fitted.train) > 0 and len(fitted.valid_batches(1)) == fitted.num_micro_batches()
+
+
+def test_an_exported_copy_with_a_post_processor_maps_text_to_the_same_ids_and_trains(data, tmp_path):
+    """An HF export of the builtin tokenizer adds a post-processor (prepare never applies one): another
+    sha256, the same ids; data prepared with builtin trains with it. A changed vocabulary is still refused."""
+    exported = json.loads((CORPUS_DIR / "tokenizer.json").read_text())
+    exported["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [],
+        "pair": [],
+        "special_tokens": {},
+    }
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(exported))
+    over = {"data.paths": [data["b"]], "data.tokenizer": str(tmp_path / "hf")}
+    assert len(check_both(make_cfg(data["cache"], **over)).train) > 0
+    exported["model"]["vocab"] = {k: (v + 1) % 4096 for k, v in exported["model"]["vocab"].items()}
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(exported))
+    with pytest.raises(ConfigError, match="was prepared with another tokenizer"):
+        validate_data(make_cfg(data["cache"], **over).data, 4096)
