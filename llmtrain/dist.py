@@ -38,6 +38,7 @@ def dist_info_from_env() -> DistInfo:
 
 
 _created = False  # llmtrain created the default process group, so llmtrain also destroys it
+_groups_made = 0  # default groups this process created (a sweep under torchrun makes one per point)
 
 
 def init_process_group(
@@ -56,14 +57,23 @@ def init_process_group(
     # (or a test process's) group, and MASTER_ADDR/MASTER_PORT left in the environment are never used.
     if store is None and dist.world_size == 1:
         store = torch.distributed.HashStore()
+    global _groups_made
+    timeout = datetime.timedelta(minutes=30)
+    if store is None and _groups_made and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # A later group in this process (a sweep's next point under torchrun): env:// would rendezvous in the
+        # agent's store under the first group's keys (gloo then dials its dead peers: a hang). Its own prefix.
+        agent = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
+        store = torch.distributed.PrefixStore(f"llmtrain/group{_groups_made}", agent)
     torch.distributed.init_process_group(
         backend=backend,
         rank=dist.rank,
         world_size=dist.world_size,
-        timeout=datetime.timedelta(minutes=30),
+        timeout=timeout,
         store=store,
     )
-    _created = True
+    _created, _groups_made = True, _groups_made + 1
     return True
 
 

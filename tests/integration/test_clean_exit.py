@@ -37,6 +37,21 @@ def test_two_process_run_destroys_its_process_group(tmp_path):
     assert "destroy_process_group() was not called" not in proc.stderr  # NCCL's words; gloo never warns
 
 
+@pytest.mark.slow
+def test_a_two_process_sweep_runs_every_point(tmp_path):
+    """torchrun -m llmtrain -m ...: each point makes its own process group; the second one hung in the
+    agent store's rendezvous under the first group's keys (before the group's own store prefix)."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    cmd = llmtrain_cmd(
+        "-m", *FAST, "train.steps=2", "train.seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    )
+    cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *cmd[3:]]
+    proc = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 2") == 2, proc.stdout  # rank 0 of each point
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
