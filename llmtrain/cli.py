@@ -142,9 +142,8 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
     global _PLAN
     if any(a in INSPECT_FLAGS for a in argv):
         return []
-    if any(
-        a in ("-m", "--multirun") for a in argv
-    ):  # each point is planned in run(), after Hydra made its dir
+    if any(a in ("-m", "--multirun") for a in argv):
+        # each point is planned in run(), after Hydra made its dir
         dry = any(re.fullmatch(r"dry_run=(true|True|measure)", a) for a in argv)
         return ["hydra.output_subdir=null"] if dry else []  # a dry-run sweep writes no point's .hydra/
     from llmtrain.train.run_dir import plan_run
@@ -175,15 +174,15 @@ def plan_before_hydra(argv: list[str]) -> list[str]:
                 top = top.parent
             _DRY_RUN_MADE[run_dir] = top  # the outermost dir Hydra will create for it
     elif not launch.select(cfg).submits(cfg):
-        engine = planned_engine(cfg)
+        engine, rank0 = planned_engine(cfg), _is_rank0()
         # Outside a scheduler's job this process trains (or is torchrun's rank): rank 0 locks the run dir
         # before Hydra writes .hydra/ there, until main() ends. In a job, an allocation's shell only starts
         # the ranks (srun), so the lock waits for run(), in the rank that trains.
-        if launch.placed_by() is None and _is_rank0():
+        if launch.placed_by() is None and rank0:
             _PLAN = _plan_and_lock(cfg, run_dir, engine)
         else:
             _PLAN = plan_run(cfg, run_dir, engine)
-        if not _is_rank0():  # the other ranks write no .hydra/ (rank 0's record; a refused run's none)
+        if not rank0:  # the other ranks write no .hydra/ (rank 0's record; a refused run's none)
             extra.append("hydra.output_subdir=null")
         run_dir = _PLAN.run_dir
     if run_dir != hydra_dir:
@@ -276,15 +275,14 @@ def run(cfg) -> None:
             claim(run_dir)
 
         def write_config() -> None:  # once the engine and data are built: a refused run leaves the run's
-            if dist.is_main:
-                (run_dir / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
+            (run_dir / "config.yaml").write_text(CONFIG_HEADER + OmegaConf.to_yaml(cfg, resolve=True))
 
         summary = train(
             cfg,
             run_dir,
             after_preemption=launch.after_preemption,
             resume_dir=plan.resume_dir,
-            on_ready=write_config,
+            on_ready=write_config if dist.is_main else None,
         )
     if dist.is_main:
         loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
@@ -309,15 +307,13 @@ _DIVERGED_POINTS: list[str] = []  # sweep points that stopped on a TrainingError
 def _hydra_main(cfg) -> None:
     try:
         run(cfg)
-    except TrainingError as e:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(e.exit_code)
-        # One point of an ablation diverging says nothing about the others: report it, run the next one.
-        point = f"point {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})"
-        print(f"error: {point}: {e}; the sweep goes on", file=sys.stderr, flush=True)
-        _DIVERGED_POINTS.append(point)
     except UserError as e:
+        if isinstance(e, TrainingError) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # One point of an ablation diverging says nothing about the others: report it, run the next one.
+            point = f"point {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})"
+            print(f"error: {point}: {e}; the sweep goes on", file=sys.stderr, flush=True)
+            _DIVERGED_POINTS.append(point)
+            return
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 

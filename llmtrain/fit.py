@@ -4,7 +4,7 @@ building or queueing them."""
 import os
 
 from llmtrain.config.estimate import GIB, estimate_memory, layout_of
-from llmtrain.errors import ConfigError, UserError
+from llmtrain.errors import UserError
 
 
 def available_bytes(engine: str) -> tuple[float, str]:
@@ -19,12 +19,9 @@ def available_bytes(engine: str) -> tuple[float, str]:
 
 def check_fits(cfg, world: int, engine: str) -> None:
     if engine == "torch" and cfg.train.device == "cuda":  # before the run dir is written, not at engine build
-        import torch
+        from llmtrain.engines.select import check_cuda_available
 
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "train.device", "cuda", "CUDA is not available on this machine", ["auto", "cpu"]
-            )
+        check_cuda_available(cfg.train.device)
     if not cfg.train.check_memory:
         return
     need = estimate_memory(cfg, layout_of(cfg, world), engine).total

@@ -240,3 +240,16 @@ def small_llama_spec():
         seq_length=16,
         rope_theta=10000.0,
     )
+
+
+def schema_config(cache_dir, **over):
+    """The schema's defaults (no Hydra), data.cache_dir set and dotted `over` applied: for data-build tests."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.config.schema import Config
+
+    cfg = OmegaConf.structured(Config)
+    cfg.data.cache_dir = str(cache_dir)
+    for key, value in over.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg

@@ -21,6 +21,14 @@ def megatron_available() -> bool:
     return torch.cuda.is_available()
 
 
+def check_cuda_available(device: str) -> None:
+    """train.device asking for CUDA on a machine without it: one line (preflight and the torch engine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device", device, "CUDA is not available on this machine", ["auto", "cpu"])
+
+
 def resolve_engine_name(cfg) -> str:
     name = cfg.engine.name
     if name not in ENGINES:

@@ -7,23 +7,18 @@ import lzma
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from llmtrain.config.schema import Config
 from llmtrain.data import build_data
 from llmtrain.data.pipeline import PrepareOptions, prepare
 from llmtrain.data.tokenizer import CORPUS_DIR
 from llmtrain.errors import ConfigError, UserError
+from tests.helpers import schema_config
 
 
 def make_cfg(cache_dir, **over):
-    cfg = OmegaConf.structured(Config)
-    cfg.data.cache_dir = str(cache_dir)
-    cfg.model.seq_length = 64
-    cfg.train.update(steps=10, global_batch_size=8, micro_batch_size=2, eval_steps=2, seed=1234)
-    for key, value in over.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+    base = {"model.seq_length": 64, "train.steps": 10, "train.global_batch_size": 8}
+    base |= {"train.micro_batch_size": 2, "train.eval_steps": 2, "train.seed": 1234}
+    return schema_config(cache_dir, **(base | over))
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@ import re
 import shutil
 
 import pytest
-from omegaconf import OmegaConf
 
 from llmtrain.cli import preflight
-from llmtrain.config.schema import Config, register_configs
+from llmtrain.config.schema import register_configs
 from llmtrain.config.validate import validate_data
 from llmtrain.data import build_data
 from llmtrain.data.pipeline import PrepareOptions, prepare
 from llmtrain.data.tokenizer import CORPUS_DIR
 from llmtrain.errors import ConfigError, UserError
+from tests.helpers import schema_config
 
 register_configs()
 
@@ -39,13 +39,9 @@ WORDS = [
 
 
 def make_cfg(cache_dir, **over):
-    cfg = OmegaConf.structured(Config)
-    cfg.data.cache_dir = str(cache_dir)
-    cfg.model.seq_length = 16
-    cfg.train.update(steps=2, global_batch_size=2, micro_batch_size=1, eval_steps=1, seed=1)
-    for key, value in over.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+    base = {"model.seq_length": 16, "train.steps": 2, "train.global_batch_size": 2}
+    base |= {"train.micro_batch_size": 1, "train.eval_steps": 1, "train.seed": 1}
+    return schema_config(cache_dir, **(base | over))
 
 
 def _prepare(src, tokenizer, prefix):
@@ -86,6 +82,14 @@ def data(tmp_path_factory):
     return paths
 
 
+def refused_both_ways(cfg, expected: str) -> None:
+    """Preflight's check and build_data's refuse it with the same line."""
+    with pytest.raises(ConfigError, match=expected):
+        validate_data(cfg.data, cfg.model.vocab_size)
+    with pytest.raises(ConfigError, match=expected):
+        build_data(cfg, dp_rank=0, dp_size=1)
+
+
 def check_both(cfg):
     """Preflight's check (the manifest only) and build_data's must agree."""
     validate_data(cfg.data, cfg.model.vocab_size)
@@ -112,10 +116,7 @@ def test_data_whose_ids_reach_past_the_embedding_is_refused(data):
         rf"\({data['big']}/tokenizer.json\).*set model.vocab_size>=4097 and "
         rf"data.tokenizer={data['big']}/tokenizer.json, or re-prepare {data['g']} with tokenizer=builtin$"
     )
-    with pytest.raises(ConfigError, match=expected):
-        validate_data(cfg.data, cfg.model.vocab_size)
-    with pytest.raises(ConfigError, match=expected):
-        build_data(cfg, dp_rank=0, dp_size=1)
+    refused_both_ways(cfg, expected)
 
 
 @pytest.mark.parametrize("which", ["g", "b"])
@@ -131,10 +132,7 @@ def test_data_prepared_with_another_tokenizer_is_refused(data, which):
         rf"data.tokenizer's is \w{{12}}\); set data.tokenizer={used}, or re-prepare {data[which]} with "
         rf"tokenizer={other}$"
     )
-    with pytest.raises(ConfigError, match=expected):
-        validate_data(cfg.data, cfg.model.vocab_size)
-    with pytest.raises(ConfigError, match=expected):
-        build_data(cfg, dp_rank=0, dp_size=1)
+    refused_both_ways(cfg, expected)
 
 
 def test_the_cli_refuses_it_in_preflight_in_one_line(data):

@@ -34,7 +34,7 @@ MAY_IMPORT = {
     "train": {"errors", "models", "precision", "config", "data", "dist", "engines", "metrics", "checkpoint_format"},
     "launch": {"errors", "dist", "dryrun", "checkpoint_format"},
     "eval": {"errors", "fsio", "argcheck", "models", "config", "data", "convert", "checkpoint_format"},
-    "fit": {"errors", "config"},
+    "fit": {"errors", "config", "engines"},
     "dryrun": {"config", "engines", "models"},
     "overrides": {"errors", "override_syntax", "config"},
     "recipe_files": {"errors", "overrides"},

@@ -12,6 +12,7 @@ from llmtrain import precision
 from llmtrain.checkpoint_format import umask_mode
 from llmtrain.dist import DistInfo, init_process_group
 from llmtrain.engines.base import Engine, MicroBatch, PendingWrite, StepResult
+from llmtrain.engines.select import check_cuda_available
 from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.models import ModelSpec
 from llmtrain.models.layers import causal_lm_loss
@@ -21,8 +22,7 @@ from llmtrain.precision.modes import unquantized
 def pick_device(requested: str, dist: DistInfo) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device", requested, "CUDA is not available on this machine", ["auto", "cpu"])
+    check_cuda_available(requested)
     return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
 
 
