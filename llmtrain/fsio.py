@@ -64,6 +64,17 @@ def _errno(exc: BaseException) -> int | None:
     return None
 
 
+def no_space(exc: BaseException) -> bool:
+    """A full disk (or quota) anywhere in the exception's chain: an OSError's errno, its text as a wrapper
+    or safetensors carries it, or torch.save's short write."""
+    chain = exc
+    while chain is not None:
+        if (isinstance(chain, OSError) and chain.errno in NO_SPACE) or "No space left" in str(chain):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return _errno(exc) in NO_SPACE
+
+
 def _concerns(filename, target: Path) -> bool:
     """Whether `filename` (from the OSError) is `target`, inside it, a name beginning with it (PREFIX.lock),
     one of its ancestors (a directory made for it) or a sibling named after it (`.NAME.tmp-PID`): a permission

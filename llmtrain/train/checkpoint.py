@@ -6,7 +6,6 @@ llmtrain.checkpoint_format; this module drives the engine's save/load around it.
 time.
 """
 
-import errno
 import shutil
 import time
 import warnings
@@ -18,20 +17,8 @@ import torch
 from llmtrain import checkpoint_format as fmt
 from llmtrain.engines.base import PendingWrite
 from llmtrain.errors import CheckpointError
+from llmtrain.fsio import no_space
 from llmtrain.train.background import BackgroundJob
-
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
-
-
-def _no_space(exc: BaseException) -> bool:
-    """ENOSPC anywhere in the chain; torch.save says only `unexpected pos` / `file write failed`."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-            return True
-        if "No space left" in str(exc) or "unexpected pos" in str(exc) or "file write failed" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def tree_bytes(root: Path) -> int:
@@ -98,7 +85,7 @@ class CheckpointManager:
                 f"cannot write checkpoint step {step} to {self.root}: another rank failed (its error line says "
                 f"why); {self._intact()}"
             )
-        if _no_space(error):
+        if no_space(error):
             needed = self._needed_bytes()
             free = shutil.disk_usage(self.root).free if self.root.exists() else 0
             need = f"needs ~{_gb(needed)}, " if needed else ""

@@ -31,7 +31,7 @@ MAY_IMPORT = {
     "config": {"errors", "models", "precision", "engines", "launch", "train", "data"},
     "engines": {"errors", "models", "precision", "config", "dist", "convert", "checkpoint_format"},
     "convert": {"errors", "argcheck", "models", "config", "data", "dist", "engines", "checkpoint_format"},
-    "train": {"errors", "models", "precision", "config", "data", "dist", "engines", "metrics", "checkpoint_format"},
+    "train": {"errors", "fsio", "models", "precision", "config", "data", "dist", "engines", "metrics", "checkpoint_format"},
     "launch": {"errors", "dist", "dryrun", "checkpoint_format"},
     "eval": {"errors", "fsio", "argcheck", "models", "config", "data", "convert", "checkpoint_format"},
     "fit": {"errors", "config", "engines"},
