@@ -51,15 +51,15 @@ def test_build_and_step(precision):
     dispose(engine)
 
 
-@pytest.mark.parametrize("precision", ["mxfp8", "nvfp4", "nvfp4_fp4all"])
+@pytest.mark.parametrize("precision", ["mxfp8", "nvfp4", "nvfp4_fp4all", "mxfp4"])
 def test_block_scaled_recipes_train_native_or_emulated(precision):
-    """Blackwell runs TE's native MXFP8/NVFP4; elsewhere (and for knobs TE lacks) our Triton quantizers."""
+    """Blackwell runs TE's native MXFP8/NVFP4; elsewhere (and for knobs or formats TE lacks: MXFP4) ours."""
     over = {"precision": {"bf16_layers": {"last": 1}}} if precision == "nvfp4" else None
     engine = engine_for(precision, overrides=over)
     batches = mock_batches(2, 2, 256, 4096)
     results = [engine.train_step(batches, lr=1e-3) for _ in range(8)]
     losses = [r.loss for r in results]
-    native = torch.cuda.get_device_capability() >= (10, 0) and precision != "nvfp4_fp4all"
+    native = torch.cuda.get_device_capability() >= (10, 0) and precision in ("mxfp8", "nvfp4")
     record(f"step_{precision}", {"backend": engine.backend_description, "losses": losses})
     assert ("emulated" in engine.backend_description) != native, engine.backend_description
     assert all(math.isfinite(r.grad_norm) and not r.skipped for r in results)
