@@ -54,7 +54,7 @@ stage_bench() {
   # BENCH_MODELS=proxy8b) keeps a call inside 10 minutes. Results are written after every cell; render them:
   #   python scripts/bench.py --render "$out/bench.json"
   timeout "${BENCH_TIMEOUT:-520}" $py scripts/bench.py --model "${BENCH_MODELS:-1b,proxy8b}" \
-    --precisions bf16,fp8_cs,mxfp8,nvfp4 \
+    --precisions "${BENCH_PRECISIONS:-bf16,fp8_cs,mxfp8,nvfp4}" \
     --profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs,mxfp8 --kernels \
     --steps "${BENCH_STEPS:-10}" --warmup 2 --group-timeout 150 --out "$out/bench.json" --md "$out/bench.md" \
     >"$out/bench.log" 2>&1
