@@ -10,6 +10,7 @@ every estimate component next to its measurement (to see which one is off).
     PYTHONPATH=/opt/gpu-site:$PWD python scripts/measure_layouts.py run --out $OUT/measure.jsonl --budget 470 \
         --skip-done docs/benchmarks/h100-2026-12-07/measure.jsonl      # continue an earlier session's cases
     python scripts/measure_layouts.py render $OUT/measure.jsonl > table.md
+    python scripts/measure_layouts.py render old.jsonl new.jsonl   # one row per case, the later file's wins
 """
 
 import argparse
@@ -206,11 +207,20 @@ def main() -> None:
     if args.cmd == "run":
         cmd_run(args)
     else:
-        print(render(_records(args.jsonl)))
+        print(render(latest_per_case(_records(args.jsonl))))
 
 
 def _records(paths: list[str]) -> list[dict]:
     return [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line]
+
+
+def latest_per_case(records: list[dict]) -> list[dict]:
+    """One row per case, the last record of it winning (a later session's re-run of a case that failed on a
+    bug replaces the failure), in the order the cases first appear."""
+    latest: dict[str, dict] = {}
+    for r in records:
+        latest[label(r["case"])] = r  # an existing key keeps its place in the dict's order
+    return list(latest.values())
 
 
 if __name__ == "__main__":

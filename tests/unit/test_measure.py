@@ -334,6 +334,15 @@ def test_render_flags_rows_off_by_more_than_10_percent_and_failed_builds():
     assert "| llama3_8b | TP2xDP4 | fp8_cs | first | 10.0 / 10.0 | 1.0 / 1.5 | 20.0 / 20.0 |" in text
 
 
+def test_render_of_several_sessions_keeps_one_row_per_case_the_latest_winning():
+    m = _layouts_script()
+    first, second = m.cases()[:2]
+    failed = {**_result(ok=False), "case": first, "error": "NotImplementedError: a bug of ours"}
+    rerun = {**_result(), "case": first}
+    rows = m.latest_per_case([failed, {**_result(), "case": second}, rerun])
+    assert rows == [rerun, {**_result(), "case": second}]  # first case keeps its place, with the re-run
+
+
 def test_run_skips_cases_an_earlier_session_measured_or_found_out_of_memory(tmp_path, monkeypatch):
     m = _layouts_script()
     first, second, third = m.cases()[:3]
