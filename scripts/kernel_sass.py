@@ -8,7 +8,11 @@ traffic; LDS/STS/BAR: shared-memory exchanges; SHFL: lane shuffles).
 
 These kernels are issue-bound, not memory-bound: on the H100 the times of scripts/bench.py (8 cases,
 /work/.device/9) were 0.065 us per SASS instruction per thread (32 elements per thread) within 15%. So the
-instructions per element of a kernel (summed over its amax and quantize passes) predict its speed.
+instructions per element of a kernel (summed over its amax and quantize passes) predict its speed, as
+long as the registers per thread stay moderate: NVFP4 row-wise stochastic rounding on the pair kernel had
+fewer instructions per element than on the row kernel (45.5 vs 54.5) but 187 registers a thread (116) and
+ran slower on the H100 (147 us on 2026-12-07; the row kernel 106 us on 2026-12-06). Check `regs` before
+trusting a lower count.
 
     PYTHONPATH=$PWD python scripts/kernel_sass.py [case ...]
 """
@@ -83,11 +87,11 @@ def _args(**seeds) -> dict:
     return {**args, **seeds}
 
 
-def _row_kernels(fmt: str, **kw) -> list:
+def _row_kernels(fmt: str, stochastic: bool = False, **kw) -> list:
     """(kernel, args, consts, warps, elements per thread) of fake_quantize_2d's row-wise kernel launch."""
     block = K.BLOCKS.get(fmt, 16)
     br, bc = K._row_tile(block, False)
-    consts = dict(FMT=K.FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=False, RHT=False, STOCHASTIC=False,
+    consts = dict(FMT=K.FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=False, RHT=False, STOCHASTIC=stochastic,
                   SR_BITS=8, BR=br, BC=bc, NATIVE=True, **kw)  # fmt: skip
     out = [(K._fake_quant_kernel, _args(), consts, 4, br * bc / 128)]
     if fmt != "mxfp8":
@@ -138,9 +142,9 @@ def _single(fmt, axis, block_2d=False, rht=False, rounding="nearest") -> list:
     d = K.Direction(fmt, rounding, block_2d, rht, 0)
     if axis == 0 and not K._axis_free(d):
         return _pair_kernels(None, d)
-    if (block_2d and fmt in K.BLOCKS) or rounding == "stochastic":
+    if block_2d and fmt in K.BLOCKS:
         return _pair_kernels(d, None)
-    return _row_kernels(fmt)
+    return _row_kernels(fmt, stochastic=rounding == "stochastic")
 
 
 D = K.Direction

@@ -469,8 +469,8 @@ def fake_quantize_2d(
     element from Philox(seed), the same bits as `fake_quantize(..., seed=seed, sr_bits=sr_bits)`.
     `out`, if given, must be strided like x. axis=0 runs the pair kernel (fake_quantize_2d_pair), whose
     tiles are read in memory order and transposed in registers, unless the result is the axis=1 one
-    (round-to-nearest without RHT, per-tensor FP8 or 2-D blocks: see _axis_free); so do 2-D blocks and
-    stochastic rounding along axis 1.
+    (round-to-nearest without RHT, per-tensor FP8 or 2-D blocks: see _axis_free); so do 2-D blocks along
+    axis 1.
     """
     if axis not in (0, 1):
         raise ValueError(f"axis={axis}: allowed values are 0, 1")
@@ -480,9 +480,12 @@ def fake_quantize_2d(
         out = _new_out(x, out_dtype)
     if axis == 0 and not _axis_free(d):
         return _launch_pair(x, None, d, rht_signs, sr_bits, None, out)[1]
-    if (block_2d and fmt in BLOCKS) or rounding == "stochastic":
+    if block_2d and fmt in BLOCKS:
         # The pair kernel's row-wise path: its tiles keep a 16x16 block in one warp (no shared-memory
-        # reduction) and give a thread 64 elements (sm_90 SASS per element: 2-D 45 -> 23, SR 45 -> 39).
+        # reduction) and give a thread 64 elements (H100: NVFP4 16x16 row 115 -> 90 us on 8192x4096).
+        # Stochastic rounding stays on the row kernel: on the pair kernel it took fewer SASS instructions
+        # per element (45 -> 39) but 187 registers a thread, and ran slower (H100, 8192x4096: 106 us on the
+        # row kernel on 2026-12-06, 147 us on the pair kernel on 2026-12-07).
         return _launch_pair(x, d, None, rht_signs, sr_bits, out, None)[0]
     if x.numel() == 0:
         return out
