@@ -140,9 +140,10 @@ def _pair_kernels(row, col, seed_col=0) -> list:
 def _single(fmt, axis, block_2d=False, rht=False, rounding="nearest") -> list:
     """fake_quantize_2d's launches, as it routes them."""
     d = K.Direction(fmt, rounding, block_2d, rht, 0)
-    if axis == 0 and not K._axis_free(d):
+    route = K.launch_route(d, axis)
+    if route == "pair_col":
         return _pair_kernels(None, d)
-    if block_2d and fmt in K.BLOCKS:
+    if route == "pair_row":
         return _pair_kernels(d, None)
     return _row_kernels(fmt, stochastic=rounding == "stochastic")
 

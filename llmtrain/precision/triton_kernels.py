@@ -448,6 +448,21 @@ def _row_tile(block: int, block_2d: bool) -> tuple[int, int]:
     return (block if block_2d else 16), 256
 
 
+def launch_route(d: Direction, axis: int) -> str:
+    """Which kernel fake_quantize_2d launches (scripts/kernel_sass.py asks the same): "pair_col", the pair
+    kernel's column-wise path (axis 0, unless the result is the axis-1 one: _axis_free); "pair_row", its
+    row-wise path, for 2-D blocks: its tiles keep a 16x16 block in one warp (no shared-memory reduction)
+    and give a thread 64 elements (H100: NVFP4 16x16 row 115 -> 90 us on 8192x4096); else "row", the row
+    kernel. Stochastic rounding stays on the row kernel: on the pair kernel it took fewer SASS instructions
+    per element (45 -> 39) but 187 registers a thread, and ran slower (H100, 8192x4096: 106 us on the row
+    kernel on 2026-12-06, 147 us on the pair kernel on 2026-12-07)."""
+    if axis == 0 and not _axis_free(d):
+        return "pair_col"
+    if d.block_2d and d.fmt in BLOCKS:
+        return "pair_row"
+    return "row"
+
+
 def fake_quantize_2d(
     x: torch.Tensor,
     fmt: str,
@@ -478,14 +493,10 @@ def fake_quantize_2d(
     _check(x, d, sr_bits, rht_signs)
     if out is None:
         out = _new_out(x, out_dtype)
-    if axis == 0 and not _axis_free(d):
+    route = launch_route(d, axis)
+    if route == "pair_col":
         return _launch_pair(x, None, d, rht_signs, sr_bits, None, out)[1]
-    if block_2d and fmt in BLOCKS:
-        # The pair kernel's row-wise path: its tiles keep a 16x16 block in one warp (no shared-memory
-        # reduction) and give a thread 64 elements (H100: NVFP4 16x16 row 115 -> 90 us on 8192x4096).
-        # Stochastic rounding stays on the row kernel: on the pair kernel it took fewer SASS instructions
-        # per element (45 -> 39) but 187 registers a thread, and ran slower (H100, 8192x4096: 106 us on the
-        # row kernel on 2026-12-06, 147 us on the pair kernel on 2026-12-07).
+    if route == "pair_row":
         return _launch_pair(x, d, None, rht_signs, sr_bits, out, None)[0]
     if x.numel() == 0:
         return out
