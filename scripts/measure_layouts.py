@@ -211,7 +211,27 @@ def main() -> None:
 
 
 def _records(paths: list[str]) -> list[dict]:
-    return [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line]
+    """The JSON lines of `paths`; a missing file or a malformed line (a run killed mid-write) is one error
+    line naming it, not a traceback."""
+    out = []
+    for p in paths:
+        try:
+            lines = Path(p).read_text().splitlines()
+        except OSError as e:
+            raise SystemExit(f"measure_layouts: cannot read {p}: {e.strerror or e}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(
+                    f"measure_layouts: {p}:{n} is not a JSON record ({e.msg}); remove or repair that line"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("case"), dict):
+                raise SystemExit(f"measure_layouts: {p}:{n} has no 'case': not a measure_layouts record")
+            out.append(record)
+    return out
 
 
 def latest_per_case(records: list[dict]) -> list[dict]:

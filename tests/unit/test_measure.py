@@ -343,6 +343,26 @@ def test_render_of_several_sessions_keeps_one_row_per_case_the_latest_winning():
     assert rows == [rerun, {**_result(), "case": second}]  # first case keeps its place, with the re-run
 
 
+def test_result_files_that_are_missing_or_malformed_are_one_line(tmp_path):
+    m = _layouts_script()
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({**_result(), "case": m.cases()[0]}) + "\n\n")
+    assert len(m._records([str(good)])) == 1
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(good.read_text().strip() + "\n" + '{"ok": true, "case": {"mod')  # killed mid-write
+    for paths, expected in (
+        ([str(tmp_path / "missing.jsonl")], "cannot read"),
+        ([str(good), str(cut)], f"{cut}:2 is not a JSON record"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            m._records(paths)
+        assert expected in str(exc.value) and "\n" not in str(exc.value)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"step": 1, "loss": 2.0}\n')  # another tool's JSON lines
+    with pytest.raises(SystemExit, match=r"other\.jsonl:1 has no 'case'"):
+        m._records([str(other)])
+
+
 def test_run_skips_cases_an_earlier_session_measured_or_found_out_of_memory(tmp_path, monkeypatch):
     m = _layouts_script()
     first, second, third = m.cases()[:3]
