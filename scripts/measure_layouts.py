@@ -94,7 +94,11 @@ def cmd_run(args) -> None:
     if args.only:
         todo = [c for c in todo if all(w in json.dumps(c) for w in args.only.split(","))]
     if args.skip_done:  # a later session continues where an earlier one stopped
-        done = {label(r["case"]) for r in _records(args.skip_done.split(",")) if r.get("ok") or r.get("oom")}
+        done = {
+            label(r["case"])
+            for r in _records(args.skip_done.split(","))
+            if r.get("ok") or (r.get("oom") and not args.retry_oom)
+        }
         todo = [c for c in todo if label(c) not in done]
     start = time.time()
     for i, case in enumerate(todo):
@@ -200,6 +204,11 @@ def main() -> None:
         "--skip-done",
         default="",
         help="comma-separated JSONL files: skip cases measured there (built, or a definitive out-of-memory)",
+    )
+    r.add_argument(
+        "--retry-oom",
+        action="store_true",
+        help="with --skip-done: run again the cases that ran out of memory there (a larger GPU may build them)",
     )
     d = sub.add_parser("render")
     d.add_argument("jsonl", nargs="+")

@@ -375,6 +375,9 @@ def test_run_skips_cases_an_earlier_session_measured_or_found_out_of_memory(tmp_
         m, "run_case", lambda case, timeout, steps: ran.append(m.label(case)) or {"wall_s": 0}
     )
     args = SimpleNamespace(out=str(tmp_path / "out.jsonl"), only="", skip_done=str(earlier), budget=1e9,
-                           min_case=0.0, timeout=1.0, steps=1)  # fmt: skip
+                           min_case=0.0, timeout=1.0, steps=1, retry_oom=False)  # fmt: skip
     m.cmd_run(args)
     assert ran[0] == m.label(third) and len(ran) == len(m.cases()) - 2
+    ran.clear()  # a larger GPU: the out-of-memory case runs again, the built one still does not
+    m.cmd_run(SimpleNamespace(**{**vars(args), "retry_oom": True}))
+    assert m.label(second) in ran and m.label(first) not in ran and len(ran) == len(m.cases()) - 1
