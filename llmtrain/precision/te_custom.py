@@ -253,10 +253,11 @@ class GatheredHybridQuantizer(HybridQuantizer):
         return q
 
     def _one_pass(self, tensor: torch.Tensor) -> bool:
+        if not ONE_PASS:  # first: with it off, nothing here touches TE's attributes
+            return False
         row, col = self.rowwise_quantizer, self.columnwise_quantizer
         return (
-            ONE_PASS
-            and self.rowwise_usage
+            self.rowwise_usage
             and self.columnwise_usage
             and tensor.is_cuda
             and getattr(self, "columnwise_source", "original") == "original"
@@ -289,16 +290,14 @@ class GatheredHybridQuantizer(HybridQuantizer):
 
     def update_quantized(self, src, dst, *, noop_flag=None):
         """TE's cached weight workspace: both layouts written into their buffers by one pass."""
+        if noop_flag is not None or not self._one_pass(src):
+            return super().update_quantized(src, dst, noop_flag=noop_flag)
         row, col = self.rowwise_quantizer, self.columnwise_quantizer
         hps = [
             getattr(getattr(dst, a, None), "_hp_data", None)
             for a in ("_rowwise_storage", "_columnwise_storage")
         ]
-        if (
-            noop_flag is None
-            and self._one_pass(src)
-            and all(q._writes_into(src, h) for q, h in zip((row, col), hps))
-        ):
+        if all(q._writes_into(src, h) for q, h in zip((row, col), hps)):
             x2 = src.detach().reshape(-1, src.shape[-1])
             self._both(x2, row_out=hps[0].view(x2.shape), col_out=hps[1].view(x2.shape))
             return dst
