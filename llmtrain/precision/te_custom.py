@@ -53,6 +53,8 @@ from transformer_engine.pytorch.tensor.identity_tensor import IdentityQuantizer
 from llmtrain.precision.emulate import fake_quantize_2d
 from llmtrain.precision.hadamard import TE_SIGNS, hadamard, random_signs
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
+from llmtrain.precision.registry import get_format
+from llmtrain.precision.triton_kernels import Direction, fake_quantize_2d_pair
 
 
 @dataclass
@@ -66,6 +68,7 @@ class EmulationState:
     calls: int = 0  # quantize calls with stochastic rounding in this step (seeds stay reproducible)
     rht_signs: torch.Tensor = field(default_factory=lambda: torch.tensor(TE_SIGNS))
     quantize_calls: Counter = field(default_factory=Counter)  # (role, "rowwise"|"columnwise") -> calls
+    one_pass_calls: int = 0  # of those, pairs made by one pass (GatheredHybridQuantizer, ONE_PASS)
 
     def next_seed(self) -> int:
         self.calls += 1
@@ -111,6 +114,7 @@ class FakeQuantizer(IdentityQuantizer):
         # an IdentityTensorStorage sub-storage ("does not support storage-only rowwise sub-storage"), which
         # broke every emulated MXFP8/NVFP4 Megatron step when this was True (H100, 2026-12-07).
         self.internal = False
+        self.ready: torch.Tensor | None = None  # this call's result, when the hybrid made both at once
 
     @property
     def operand(self) -> Operand:
@@ -143,27 +147,44 @@ class FakeQuantizer(IdentityQuantizer):
             # writing quantized values into it would overwrite the weights. Replace it instead.
             dst._hp_data = self._maybe_cast(src)
             return dst
-        if (
-            noop_flag is None
-            and hp is not None
-            and hp.is_contiguous()
-            and src.is_contiguous()
-            and (hp.shape, hp.dtype, hp.device) == (src.shape, src.dtype, src.device)
-            and not self._passes_through
-        ):
+        if noop_flag is None and self._writes_into(src, hp):
             self._maybe_cast(src, into=hp)
             return dst
         return super().update_quantized(src, dst, noop_flag=noop_flag)
 
-    def _maybe_cast(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        data = tensor.detach()
-        x2 = data.reshape(-1, data.shape[-1])
+    def _writes_into(self, src: torch.Tensor, hp: torch.Tensor | None) -> bool:
+        """Whether quantizing `src` can write straight into the cached buffer `hp`."""
+        return (
+            hp is not None
+            and hp.is_contiguous()
+            and src.is_contiguous()
+            and (hp.shape, hp.dtype, hp.device) == (src.shape, src.dtype, src.device)
+            and not _same_storage(hp, src)
+            and not self._passes_through
+        )
+
+    def _check_tokens(self, x2: torch.Tensor) -> None:
         if self.rht and not (self.backward and STATE.qaf) and x2.shape[0] % STATE.recipe.rht_size:
             raise ValueError(
                 f"the random Hadamard transform needs a token count divisible by {STATE.recipe.rht_size}, "
                 f"got {x2.shape[0]}; use a sequence length (x micro-batch size) that is a multiple of "
                 f"{STATE.recipe.rht_size}, or precision.rht=false"
             )
+
+    def plan(self) -> Direction:
+        """This quantize call's Direction: counts the call and draws its stochastic-rounding seed."""
+        op = self.operand
+        STATE.quantize_calls[(self.role, "columnwise" if self.axis == 0 else "rowwise")] += 1
+        seed = STATE.next_seed() if op.rounding == "stochastic" else 0
+        return Direction(op.fmt, op.rounding, op.block_2d, rht=self.rht, seed=seed)
+
+    def _maybe_cast(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        data = tensor.detach()
+        if self.ready is not None:  # made by the hybrid's one pass over both layouts (quantize_impl)
+            out, self.ready = self.ready, None
+            return out.view(data.shape)
+        x2 = data.reshape(-1, data.shape[-1])
+        self._check_tokens(x2)
         if self._passes_through:
             if self.rht and not STATE.qaf:
                 # This wgrad operand stays in BF16 while the other one is quantized after the transform:
@@ -171,20 +192,13 @@ class FakeQuantizer(IdentityQuantizer):
                 t = hadamard(x2.t(), STATE.recipe.rht_size, STATE.rht_signs)
                 return t.t().contiguous().view(data.shape)
             return super()._maybe_cast(tensor)
-        op = self.operand
-        STATE.quantize_calls[(self.role, "columnwise" if self.axis == 0 else "rowwise")] += 1
-        how = dict(
-            axis=self.axis,
-            rounding=op.rounding,
-            block_2d=op.block_2d,
-            rht_signs=STATE.rht_signs if self.rht else None,
-            seed=STATE.next_seed() if op.rounding == "stochastic" else 0,
-            sr_bits=STATE.recipe.sr_bits,
-        )
+        d = self.plan()
         # The Triton kernels, or the torch reference for a format without one (emulate.py).
         out = fake_quantize_2d(
-            x2, op.fmt, out_dtype=data.dtype, out=None if into is None else into.view(x2.shape), **how
-        )
+            x2, d.fmt, axis=self.axis, rounding=d.rounding, block_2d=d.block_2d,
+            rht_signs=STATE.rht_signs if d.rht else None, seed=d.seed, sr_bits=STATE.recipe.sr_bits,
+            out_dtype=data.dtype, out=None if into is None else into.view(x2.shape),
+        )  # fmt: skip
         return out.view(data.shape)
 
 
@@ -223,7 +237,13 @@ class GatheredHybridQuantizer(HybridQuantizer):
     """A HybridQuantizer that TE treats as custom (`tensor.utils.is_custom`): with sequence parallelism,
     TE 2.20 then all-gathers the input in BF16 and quantizes the gathered tensor once, as the torch engine
     does. Otherwise (Linear/LayerNormLinear) it quantizes each rank's shard, falls back to a high-precision
-    gather of the dequantized shard and quantizes again: the input rounded twice, RHT applied twice."""
+    gather of the dequantized shard and quantizes again: the input rounded twice, RHT applied twice.
+
+    With ONE_PASS, where TE asks for both layouts of a tensor in one call (weights; grad_output; inputs
+    without sequence parallelism), one pair-kernel pass reads the tensor once and writes both
+    (triton_kernels.fake_quantize_2d_pair), the same values bit for bit as two calls: the seeds are drawn
+    in the order of TE's two calls (row-wise first). TE still builds the hybrid tensor: each
+    FakeQuantizer hands out its precomputed result (`ready`)."""
 
     custom = True
 
@@ -231,3 +251,59 @@ class GatheredHybridQuantizer(HybridQuantizer):
         q = super().copy()  # TE's copy builds a plain HybridQuantizer
         q.__class__ = GatheredHybridQuantizer
         return q
+
+    def _one_pass(self, tensor: torch.Tensor) -> bool:
+        if not ONE_PASS:  # first: with it off, nothing here touches TE's attributes
+            return False
+        row, col = self.rowwise_quantizer, self.columnwise_quantizer
+        return (
+            self.rowwise_usage
+            and self.columnwise_usage
+            and tensor.is_cuda
+            and getattr(self, "columnwise_source", "original") == "original"
+            and all(
+                isinstance(q, FakeQuantizer) and not q._passes_through and get_format(q.operand.fmt).triton
+                for q in (row, col)
+            )
+        )
+
+    def _both(self, x2: torch.Tensor, row_out=None, col_out=None):
+        row, col = self.rowwise_quantizer, self.columnwise_quantizer
+        col._check_tokens(x2)
+        d_row, d_col = row.plan(), col.plan()  # seeds in the order of TE's two calls
+        STATE.one_pass_calls += 1
+        return fake_quantize_2d_pair(
+            x2, d_row, d_col, rht_signs=STATE.rht_signs, sr_bits=STATE.recipe.sr_bits,
+            out_dtype=x2.dtype, row_out=row_out, col_out=col_out,
+        )  # fmt: skip
+
+    def quantize_impl(self, tensor):
+        if not self._one_pass(tensor):
+            return super().quantize_impl(tensor)
+        data = tensor.detach()
+        row, col = self.rowwise_quantizer, self.columnwise_quantizer
+        row.ready, col.ready = self._both(data.reshape(-1, data.shape[-1]))
+        try:
+            return super().quantize_impl(tensor)
+        finally:
+            row.ready = col.ready = None
+
+    def update_quantized(self, src, dst, *, noop_flag=None):
+        """TE's cached weight workspace: both layouts written into their buffers by one pass."""
+        if noop_flag is not None or not self._one_pass(src):
+            return super().update_quantized(src, dst, noop_flag=noop_flag)
+        row, col = self.rowwise_quantizer, self.columnwise_quantizer
+        hps = [
+            getattr(getattr(dst, a, None), "_hp_data", None)
+            for a in ("_rowwise_storage", "_columnwise_storage")
+        ]
+        if all(q._writes_into(src, h) for q, h in zip((row, col), hps)):
+            x2 = src.detach().reshape(-1, src.shape[-1])
+            self._both(x2, row_out=hps[0].view(x2.shape), col_out=hps[1].view(x2.shape))
+            return dst
+        return super().update_quantized(src, dst, noop_flag=noop_flag)
+
+
+# One pair-kernel pass where TE asks for both layouts of a tensor at once (GatheredHybridQuantizer).
+# Off until checked on a GPU against the two-call path (tests/gpu/test_megatron_weight_cache.py).
+ONE_PASS = False

@@ -591,6 +591,8 @@ def fake_quantize_2d_pair(
     rht_signs: torch.Tensor | None = None,
     sr_bits: int = 8,
     out_dtype: torch.dtype | None = None,
+    row_out: torch.Tensor | None = None,
+    col_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Both quantizations a GEMM pair needs of one 2-D tensor, from one read of it.
 
@@ -601,12 +603,17 @@ def fake_quantize_2d_pair(
     and the same with axis=0 for `col`. One pass computes the tensor amaxes of both layouts (after their
     RHT), a second reads each [128, 32] tile once, quantizes it row-wise and, transposed in registers,
     column-wise, RHT and stochastic rounding fused, and writes both outputs (instead of two passes each).
+    `row_out` / `col_out`, if given, receive the results (strided like x; TE's cached weight buffers).
     """
-    for d in (row, col):
+    for d, given in ((row, row_out), (col, col_out)):
         if d is not None:
             _check(x, d, sr_bits, rht_signs)
-    row_out = _new_out(x, out_dtype) if row is not None else None
-    col_out = _new_out(x, out_dtype) if col is not None else None
+        if given is not None and (d is None or given.shape != x.shape or given.stride() != x.stride()):
+            raise ValueError("row_out/col_out: one per given Direction, shaped and strided like x")
+    if row is not None and row_out is None:
+        row_out = _new_out(x, out_dtype)
+    if col is not None and col_out is None:
+        col_out = _new_out(x, out_dtype)
     if row is None and col is None:
         return None, None
     return _launch_pair(x, row, col, rht_signs, sr_bits, row_out, col_out)

@@ -15,9 +15,11 @@ os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
 MICRO_BATCHES = 4
 
 
-def _train(precision: str, cache: bool, steps: int = 2):
+def _train(precision: str, cache: bool, steps: int = 2, one_pass: bool = False):
     from llmtrain.engines.megatron_engine import MegatronEngine
     from llmtrain.precision import te_custom
+
+    te_custom.ONE_PASS, te_custom.STATE.one_pass_calls = one_pass, 0
 
     over = {
         "precision": {"bf16_layers": {"first": 0, "last": 0}},
@@ -41,6 +43,9 @@ def _train(precision: str, cache: bool, steps: int = 2):
         losses.append((r.loss, r.grad_norm))
         calls.append(dict(te_custom.STATE.quantize_calls))
     dispose(engine)
+    te_custom.ONE_PASS = False
+    if one_pass:  # the pair path ran: weights (cached or not), grad_output and the inputs (no SP here)
+        assert te_custom.STATE.one_pass_calls > 0
     return losses, calls
 
 
@@ -76,3 +81,16 @@ def test_the_factorys_quantizers_are_custom_to_te_and_stay_so_when_copied():
     q = te_custom.qfactory(type("Role", (), {"module_type": "linear", "tensor_type": "input"})())
     q.set_usage(rowwise=False, columnwise=True)
     assert not q.is_requantization_safe()  # the column-wise (wgrad) operand draws new SR bits each time
+
+
+@pytest.mark.parametrize("precision", ["mxfp8", "nvfp4"])
+def test_one_pass_over_both_layouts_changes_no_result(precision):
+    """te_custom.ONE_PASS: one pair-kernel pass where TE asks for both layouts of a tensor; the losses and
+    gradient norms equal the two-call path's bit for bit (same seeds, same order), with or without the
+    weight cache (update_quantized), and the quantize calls are counted the same."""
+    for cache in (True, False):
+        two, calls_two = _train(precision, cache=cache)
+        one, calls_one = _train(precision, cache=cache, one_pass=True)
+        record(f"one_pass_{precision}_cache{int(cache)}", {"two": two, "one": one})
+        assert one == two, (cache, one, two)
+        assert calls_one == calls_two

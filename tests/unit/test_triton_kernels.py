@@ -208,6 +208,13 @@ def test_pair_kernel_bf16_outputs_and_argument_errors():
     assert torch.equal(row, fake_quantize_2d(x, "nvfp4", axis=1))
     assert torch.equal(col, fake_quantize_2d(x, "mxfp8", axis=0))
     assert fake_quantize_2d_pair(x, None, None) == (None, None)
+    bufs = torch.empty_like(x), torch.empty_like(x)  # into given buffers (TE's cached weight workspace)
+    got = fake_quantize_2d_pair(x, Direction("nvfp4"), Direction("mxfp8"), row_out=bufs[0], col_out=bufs[1])
+    assert got[0] is bufs[0] and got[1] is bufs[1] and torch.equal(got[0], row) and torch.equal(got[1], col)
+    with pytest.raises(ValueError, match="row_out/col_out"):
+        fake_quantize_2d_pair(x, None, Direction("mxfp8"), row_out=bufs[0])
+    with pytest.raises(ValueError, match="row_out/col_out"):
+        fake_quantize_2d_pair(x, Direction("nvfp4"), None, row_out=bufs[0].t())
     with pytest.raises(ValueError, match="rht=True needs rht_signs"):
         fake_quantize_2d_pair(x, Direction("nvfp4", rht=True), None)
     with pytest.raises(ValueError, match="fmt='int4'"):
