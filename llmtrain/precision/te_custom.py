@@ -54,7 +54,7 @@ from llmtrain.precision.emulate import fake_quantize_2d
 from llmtrain.precision.hadamard import TE_SIGNS, hadamard, random_signs
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
 from llmtrain.precision.registry import get_format
-from llmtrain.precision.triton_kernels import Direction, fake_quantize_2d_pair
+from llmtrain.precision.triton_kernels import Direction, fake_quantize_2d_pair, one_quantization_serves_both
 
 
 @dataclass
@@ -272,10 +272,15 @@ class GatheredHybridQuantizer(HybridQuantizer):
         col._check_tokens(x2)
         d_row, d_col = row.plan(), col.plan()  # seeds in the order of TE's two calls
         STATE.one_pass_calls += 1
-        return fake_quantize_2d_pair(
-            x2, d_row, d_col, rht_signs=STATE.rht_signs, sr_bits=STATE.recipe.sr_bits,
-            out_dtype=x2.dtype, row_out=row_out, col_out=col_out,
-        )  # fmt: skip
+        how = dict(rht_signs=STATE.rht_signs, sr_bits=STATE.recipe.sr_bits, out_dtype=x2.dtype)
+        if one_quantization_serves_both(d_row, d_col):
+            # Both GEMMs read the same values (NVFP4 16x16 weights): one buffer for both layouts, so TE's
+            # cached weight workspace holds one BF16 copy, not two.
+            y = fake_quantize_2d_pair(x2, d_row, None, row_out=row_out, **how)[0]
+            if col_out is not None and not _same_storage(col_out, y):  # a workspace with two buffers
+                return y, col_out.copy_(y)
+            return y, y
+        return fake_quantize_2d_pair(x2, d_row, d_col, row_out=row_out, col_out=col_out, **how)
 
     def quantize_impl(self, tensor):
         if not self._one_pass(tensor):

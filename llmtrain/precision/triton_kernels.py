@@ -418,6 +418,12 @@ def _axis_free(d: Direction) -> bool:
     return d.rounding == "nearest" and not d.rht and (d.block_2d or d.fmt not in BLOCKS)
 
 
+def one_quantization_serves_both(row: Direction, col: Direction) -> bool:
+    """Whether the column-wise result of `col` is, value for value, the row-wise result of `row` (an axis-free
+    column-wise direction asking what the row-wise one does, seeds aside): e.g. NVFP4 16x16 weights."""
+    return _axis_free(col) and replace(row, seed=0) == replace(col, seed=0)
+
+
 def _check(x: torch.Tensor, d: Direction, sr_bits: int, rht_signs) -> None:
     if x.ndim != 2:
         raise ValueError(f"fake_quantize_2d takes a 2-D tensor, got shape {tuple(x.shape)}")
@@ -547,7 +553,7 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
     if col is not None and _axis_free(col):
         if row is None:  # the row-wise path writes the column-wise output
             row, row_out, col = col, col_out, None
-        elif replace(row, seed=0) == replace(col, seed=0):  # one quantization, stored twice
+        elif one_quantization_serves_both(row, col):  # one quantization, stored twice
             col_same, col = True, None
     R, C = x.shape
     signs = _signs(x, rht_signs)

@@ -4,6 +4,7 @@ workspace cache, driven by Megatron-Core's is_first_microbatch), and the cache c
 import os
 
 import pytest
+import torch
 
 from llmtrain.dist import DistInfo
 from llmtrain.engines.megatron_engine.batches import mock_batches
@@ -16,11 +17,25 @@ MICRO_BATCHES = 4
 
 
 def _train(precision: str, cache: bool, steps: int = 2, one_pass: bool = False):
-    from llmtrain.engines.megatron_engine import MegatronEngine
+    """(loss, grad norm) per step, quantize calls per step, and the GPU memory the engine holds between
+    steps (weights, grads, optimizer state, TE's weight workspaces)."""
     from llmtrain.precision import te_custom
 
     te_custom.ONE_PASS, te_custom.STATE.one_pass_calls = one_pass, 0
+    try:
+        result = _train_steps(precision, cache, steps)
+    finally:
+        te_custom.ONE_PASS = False
+    if one_pass:  # the pair path ran: weights (cached or not), grad_output and the inputs (no SP here)
+        assert te_custom.STATE.one_pass_calls > 0
+    return result
 
+
+def _train_steps(precision: str, cache: bool, steps: int):
+    from llmtrain.engines.megatron_engine import MegatronEngine
+    from llmtrain.precision import te_custom
+
+    start = torch.cuda.memory_allocated()
     over = {
         "precision": {"bf16_layers": {"first": 0, "last": 0}},
         "train": {"micro_batch_size": 1, "global_batch_size": MICRO_BATCHES},
@@ -42,17 +57,15 @@ def _train(precision: str, cache: bool, steps: int = 2, one_pass: bool = False):
         r = engine.train_step(batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES], lr=1e-3)
         losses.append((r.loss, r.grad_norm))
         calls.append(dict(te_custom.STATE.quantize_calls))
+    resident = torch.cuda.memory_allocated() - start
     dispose(engine)
-    te_custom.ONE_PASS = False
-    if one_pass:  # the pair path ran: weights (cached or not), grad_output and the inputs (no SP here)
-        assert te_custom.STATE.one_pass_calls > 0
-    return losses, calls
+    return losses, calls, resident
 
 
 @pytest.mark.parametrize("precision", ["mxfp8", "nvfp4"])
 def test_weights_quantized_once_per_step_and_results_unchanged(precision):
-    cached, calls = _train(precision, cache=True)
-    plain, calls_plain = _train(precision, cache=False)
+    cached, calls, _ = _train(precision, cache=True)
+    plain, calls_plain, _ = _train(precision, cache=False)
     record(f"weight_cache_{precision}", {"calls_cached": str(calls), "calls_uncached": str(calls_plain),
                                          "losses_cached": cached, "losses_uncached": plain})  # fmt: skip
     for c in calls:
@@ -89,8 +102,11 @@ def test_one_pass_over_both_layouts_changes_no_result(precision):
     gradient norms equal the two-call path's bit for bit (same seeds, same order), with or without the
     weight cache (update_quantized), and the quantize calls are counted the same."""
     for cache in (True, False):
-        two, calls_two = _train(precision, cache=cache)
-        one, calls_one = _train(precision, cache=cache, one_pass=True)
-        record(f"one_pass_{precision}_cache{int(cache)}", {"two": two, "one": one})
+        two, calls_two, resident_two = _train(precision, cache=cache)
+        one, calls_one, resident_one = _train(precision, cache=cache, one_pass=True)
+        record(f"one_pass_{precision}_cache{int(cache)}",
+               {"two": two, "one": one, "resident_two": resident_two, "resident_one": resident_one})  # fmt: skip
         assert one == two, (cache, one, two)
         assert calls_one == calls_two
+        if cache and precision == "nvfp4":  # 16x16 weights: one BF16 workspace buffer serves both GEMMs
+            assert resident_one < resident_two, (resident_one, resident_two)

@@ -18,6 +18,7 @@ from llmtrain.precision.triton_kernels import (  # noqa: E402
     Direction,
     fake_quantize_2d,
     fake_quantize_2d_pair,
+    one_quantization_serves_both,
 )
 from tests.precision_cases import adversarial_tensors  # noqa: E402
 
@@ -219,3 +220,22 @@ def test_pair_kernel_bf16_outputs_and_argument_errors():
         fake_quantize_2d_pair(x, Direction("nvfp4", rht=True), None)
     with pytest.raises(ValueError, match="fmt='int4'"):
         fake_quantize_2d_pair(x, None, Direction("int4"))
+
+
+def test_one_quantization_serves_both_layouts_exactly_where_the_values_agree():
+    """te_custom's one pass stores one buffer for both layouts where this says so: the column-wise result
+    must then be the row-wise one value for value (checked), and it must not say so elsewhere."""
+    x = _inputs(torch.bfloat16)["normal"]
+    cases = {
+        (Direction("nvfp4", block_2d=True), Direction("nvfp4", block_2d=True, seed=7)): True,  # 16x16 weights
+        (Direction("fp8_e4m3"), Direction("fp8_e4m3")): True,  # per-tensor: elementwise
+        (Direction("mxfp8"), Direction("mxfp8")): False,  # 1x32 blocks differ between W and W^T
+        (Direction("nvfp4", block_2d=True), Direction("nvfp4", block_2d=True, rounding="stochastic")): False,
+        (Direction("nvfp4"), Direction("nvfp4", rht=True)): False,
+    }
+    signs = torch.tensor(TE_SIGNS)
+    for (row, col), expected in cases.items():
+        assert one_quantization_serves_both(row, col) is expected, (row, col)
+        if expected:
+            got_row, got_col = fake_quantize_2d_pair(x, row, col, rht_signs=signs)
+            assert torch.equal(got_row, got_col)
