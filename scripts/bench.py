@@ -133,6 +133,10 @@ def llmtrain_cell(args, precision: str) -> dict:
             step()
             calls = te_custom.STATE.quantize_calls.items()
             out["quantize_calls_per_step"] = {f"{role}/{d}": n for (role, d), n in calls}
+        if getattr(args, "host_profile", False):  # host-bound cells: which package's code the host runs
+            from profile_step import host_profile_one_step
+
+            out["host_profile"] = host_profile_one_step(step)
         if args.profile:
             from profile_step import profile_one_step
 
@@ -280,6 +284,8 @@ def group_command(impl: str, model: str, precisions: list[str], args) -> list[st
     common = ["--precisions", ",".join(precisions), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.profile:
         common.append("--profile")
+    if args.host_profile and impl == "llmtrain":
+        common.append("--host-profile")
     if args.traces:
         common += ["--traces", args.traces, "--trace-models", args.trace_models]
         common += ["--trace-precisions", args.trace_precisions]
@@ -415,6 +421,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "",
             profile_markdown(rows).rstrip("\n"),
         ]
+    if any(r.get("host_profile") for r in rows):
+        from profile_step import host_markdown
+
+        out += [
+            "",
+            "Host time of one more step under cProfile, ms of each package's own code (builtin: C functions, "
+            "kernel launches and allocations among them); cProfile slows Python code, so compare cells, not "
+            "with the step times above. The top functions per cell are in bench.json (`host_profile`).",
+            "",
+            host_markdown(rows).rstrip("\n"),
+        ]
     calls = [r for r in rows if r.get("quantize_calls_per_step")]
     if calls:
         out += [
@@ -465,6 +482,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="profile one more step per cell")
+    p.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="llmtrain cells: one more step under cProfile, host time by package (TE, Megatron, ours, ...)",
+    )
     p.add_argument("--traces", default="", help="with --profile: keep gzipped Chrome traces in this folder")
     p.add_argument("--trace-models", default="", help="keep traces of these models only (default: all)")
     p.add_argument(

@@ -55,7 +55,7 @@ stage_bench() {
   #   python scripts/bench.py --render "$out/bench.json"
   timeout "${BENCH_TIMEOUT:-520}" $py scripts/bench.py --model "${BENCH_MODELS:-1b,proxy8b}" \
     --precisions "${BENCH_PRECISIONS:-bf16,fp8_cs,mxfp8,nvfp4}" \
-    --profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs,mxfp8 --kernels \
+    --profile --host-profile --traces /tmp/llmtrain-traces --trace-models 1b --trace-precisions bf16,fp8_cs,mxfp8 --kernels \
     --steps "${BENCH_STEPS:-10}" --warmup 2 --group-timeout 150 --out "$out/bench.json" --md "$out/bench.md" \
     >"$out/bench.log" 2>&1
   echo "bench: rc=$?" >>"$out/bench.log"

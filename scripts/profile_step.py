@@ -286,3 +286,65 @@ if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         grouped = group_trace(json.load(f))
     print(json.dumps(grouped, indent=2))
+
+
+# ---- host side: where the CPU time of a host-bound step goes ---------------------------------------------
+HOST_PACKAGES = ("transformer_engine", "megatron", "llmtrain", "triton", "torch")
+
+
+def host_package(filename: str) -> str:
+    """The package a profiled function's file belongs to (the last of HOST_PACKAGES in its path, so
+    torch's own files count as torch and a package vendored inside another as itself); else "other",
+    "builtin" for C functions (cProfile's "~")."""
+    if filename == "~":
+        return "builtin"
+    parts = re.split(r"[\\/]", filename)
+    hits = [p for p in parts if p in HOST_PACKAGES]
+    return hits[-1] if hits else "other"
+
+
+def host_profile_one_step(run_step, top: int = 25) -> dict:
+    """cProfile over `run_step()`: the host seconds spent in each package's own code (tottime; C functions
+    as "builtin", which includes kernel launches and tensor allocation), and the `top` functions by own
+    time. The GPU is synchronised before and after, so the wall time is the step's."""
+    import cProfile
+    import pstats
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    run_step()
+    sync()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    by_package: dict[str, float] = {}
+    rows = []
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in pstats.Stats(prof).stats.items():
+        pkg = host_package(filename)
+        by_package[pkg] = by_package.get(pkg, 0.0) + tottime
+        rows.append({"function": f"{pkg}:{filename.rsplit('/', 1)[-1]}:{line}:{func}", "calls": ncalls,
+                     "own_ms": tottime * 1e3, "cum_ms": cumtime * 1e3})  # fmt: skip
+    rows.sort(key=lambda r: -r["own_ms"])
+    return {"wall_ms_cprofile": wall * 1e3, "own_ms_by_package": {k: v * 1e3 for k, v in by_package.items()},
+            "top": rows[:top]}  # fmt: skip
+
+
+def host_markdown(rows: list[dict]) -> str:
+    """Per cell with a host profile: ms of own host time per package in one step under cProfile."""
+    cols = (*HOST_PACKAGES, "builtin", "other")
+    out = ["| model | precision | implementation | wall under cProfile (ms) | " + " | ".join(cols) + " |",
+           "| " + " | ".join(["---"] * (4 + len(cols))) + " |"]  # fmt: skip
+    for r in rows:
+        h = r.get("host_profile")
+        if not h:
+            continue
+        own = h["own_ms_by_package"]
+        cells = [f"{own.get(c, 0.0):.1f}" for c in cols]
+        out.append(f"| {r.get('model', '')} | {r['precision']} | {r['impl']} | {h['wall_ms_cprofile']:.1f} | "
+                   + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(out) + "\n"

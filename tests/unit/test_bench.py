@@ -50,8 +50,8 @@ def test_unknown_choice_is_one_error_line(argv, capsys):
 
 
 def test_bare_loop_and_llmtrain_get_the_same_model():
-    args = bench.parse(["--model", "proxy8b,1b", "--profile", "--traces", "/tmp/t", "--trace-models", "1b",
-                        "--trace-precisions", "fp8_cs"])  # fmt: skip
+    args = bench.parse(["--model", "proxy8b,1b", "--profile", "--host-profile", "--traces", "/tmp/t",
+                        "--trace-models", "1b", "--trace-precisions", "fp8_cs"])  # fmt: skip
     b = bare.parse(bench.group_command("bare", "1b", ["bf16", "fp8_cs"], args)[2:])
     assert (b.layers, b.hidden, b.ffn, b.heads, b.groups, b.kv_channels) == (16, 2048, 8192, 32, 8, 64)
     assert (b.tie, b.vocab, b.seq, b.mbs, b.mb, b.precisions, b.profile) == (
@@ -65,6 +65,7 @@ def test_bare_loop_and_llmtrain_get_the_same_model():
     assert bare.trace_path(b8, "fp8_cs") is None  # traces only for --trace-models
     worker = bench.parse(bench.group_command("llmtrain", "1b", ["bf16", "nvfp4"], args)[2:])
     assert worker.worker and worker.model == "1b" and worker.precisions == "bf16,nvfp4"
+    assert worker.host_profile  # the llmtrain cells profile the host; the bare loop's parser has no such flag
     assert bench.shape_of(worker, "1b") == bench.shape_of(args, "1b")
     assert bench.trace_path(worker, "1b", "fp8_cs", "llmtrain").endswith("1b_fp8_cs_llmtrain.json.gz")
     assert bench.trace_path(worker, "1b", "nvfp4", "llmtrain") is None
@@ -338,3 +339,38 @@ def test_a_cell_that_starts_with_memory_allocated_is_named():
         "earlier cell of their process (their peak includes it): 1b fp8_cs llmtrain-megatron 6.9 GiB." in md
     )
     assert "bf16 llmtrain-megatron 0.0" not in md
+
+
+def test_host_package_names_the_last_known_package_in_the_path():
+    hp = profile_step.host_package
+    assert hp("/opt/gpu-site/transformer_engine/pytorch/tensor/hybrid_tensor.py") == "transformer_engine"
+    assert hp("/usr/lib/python3.12/site-packages/torch/nn/modules/module.py") == "torch"
+    assert hp("/root/repo/llmtrain/precision/te_custom.py") == "llmtrain"
+    assert hp("/opt/gpu-site/megatron/core/transformer/module.py") == "megatron"
+    assert hp("/work/torch/llmtrain/x.py") == "llmtrain"  # the innermost package wins
+    assert hp("~") == "builtin" and hp("/usr/lib/python3.12/json/decoder.py") == "other"
+
+
+def test_host_profile_adds_up_a_step_by_package():
+    """A step that spends its time in one of our functions (a stand-in in this test module counts as
+    "other") and in torch: both show, the own times add up to no more than the wall time, and the busiest
+    function leads the top list."""
+    import torch
+
+    def busy():
+        total = 0
+        for i in range(200_000):
+            total += i
+        return total
+
+    def step():
+        busy()
+        torch.nn.functional.relu(torch.randn(64, 64))
+
+    out = profile_step.host_profile_one_step(step, top=5)
+    own = out["own_ms_by_package"]
+    assert own["other"] > 0 and sum(own.values()) <= out["wall_ms_cprofile"] * 1.05 + 1.0
+    assert len(out["top"]) == 5 and out["top"][0]["function"].endswith(":busy")
+    table = profile_step.host_markdown([{"model": "1b", "precision": "nvfp4", "impl": "llmtrain-megatron",
+                                         "host_profile": out}, {"precision": "bf16", "impl": "bare"}])  # fmt: skip
+    assert table.count("\n") == 3 and "| 1b | nvfp4 | llmtrain-megatron |" in table
