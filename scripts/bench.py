@@ -133,7 +133,7 @@ def llmtrain_cell(args, precision: str) -> dict:
             step()
             calls = te_custom.STATE.quantize_calls.items()
             out["quantize_calls_per_step"] = {f"{role}/{d}": n for (role, d), n in calls}
-        if getattr(args, "host_profile", False):  # host-bound cells: which package's code the host runs
+        if args.host_profile:  # host-bound cells: which package's code the host runs
             from profile_step import host_profile_one_step
 
             out["host_profile"] = host_profile_one_step(step)
@@ -410,28 +410,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 "(their peak includes it): " + ", ".join(
                     f"{r.get('model', '')} {r['precision']} {r['impl']} {r['start_mem_gib']:.1f} GiB"
                     for r in leaked) + "."]  # fmt: skip
-    if any(r.get("profile") for r in rows):
-        from profile_step import markdown as profile_markdown
+    from profile_step import host_markdown
+    from profile_step import markdown as profile_markdown
 
-        out += [
-            "",
-            "One profiled step per cell: CUDA kernel time in ms (share of all kernel time); "
-            "wall = the profiled step's wall time (profiler overhead included), GPU busy = union of kernel "
-            "and copy intervals.",
-            "",
-            profile_markdown(rows).rstrip("\n"),
-        ]
-    if any(r.get("host_profile") for r in rows):
-        from profile_step import host_markdown
-
-        out += [
-            "",
-            "Host time of one more step under cProfile, ms of each package's own code (builtin: C functions, "
-            "kernel launches and allocations among them); cProfile slows Python code, so compare cells, not "
-            "with the step times above. The top functions per cell are in bench.json (`host_profile`).",
-            "",
-            host_markdown(rows).rstrip("\n"),
-        ]
+    for key, caption, table in (
+        ("profile", "One profiled step per cell: CUDA kernel time in ms (share of all kernel time); wall = the "
+         "profiled step's wall time (profiler overhead included), GPU busy = union of kernel and copy "
+         "intervals.", profile_markdown),
+        ("host_profile", "Host time of one more step under cProfile, ms of each package's own code (builtin: C "
+         "functions, kernel launches and allocations among them); cProfile slows Python code, so compare "
+         "cells, not with the step times above. The top functions per cell are in bench.json "
+         "(`host_profile`).", host_markdown),
+    ):  # fmt: skip
+        if any(r.get(key) for r in rows):
+            out += ["", caption, "", table(rows).rstrip("\n")]
     calls = [r for r in rows if r.get("quantize_calls_per_step")]
     if calls:
         out += [

@@ -282,12 +282,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        grouped = group_trace(json.load(f))
-    print(json.dumps(grouped, indent=2))
-
-
 # ---- host side: where the CPU time of a host-bound step goes ---------------------------------------------
 HOST_PACKAGES = ("transformer_engine", "megatron", "llmtrain", "triton", "torch")
 
@@ -348,3 +342,9 @@ def host_markdown(rows: list[dict]) -> str:
         out.append(f"| {r.get('model', '')} | {r['precision']} | {r['impl']} | {h['wall_ms_cprofile']:.1f} | "
                    + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        grouped = group_trace(json.load(f))
+    print(json.dumps(grouped, indent=2))
