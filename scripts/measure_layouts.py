@@ -190,7 +190,7 @@ def render(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
@@ -212,7 +212,9 @@ def main() -> None:
     )
     d = sub.add_parser("render")
     d.add_argument("jsonl", nargs="+")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.cmd == "run" and args.retry_oom and not args.skip_done:
+        ap.error("--retry-oom re-runs the out-of-memory cases of the --skip-done files: give --skip-done too")
     if args.cmd == "run":
         cmd_run(args)
     else:

@@ -381,3 +381,12 @@ def test_run_skips_cases_an_earlier_session_measured_or_found_out_of_memory(tmp_
     ran.clear()  # a larger GPU: the out-of-memory case runs again, the built one still does not
     m.cmd_run(SimpleNamespace(**{**vars(args), "retry_oom": True}))
     assert m.label(second) in ran and m.label(first) not in ran and len(ran) == len(m.cases()) - 1
+
+
+def test_retry_oom_without_skip_done_is_one_error_line(capsys):
+    m = _layouts_script()
+    with pytest.raises(SystemExit) as exc:
+        m.main(["run", "--retry-oom"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--retry-oom" in err and "--skip-done" in err
