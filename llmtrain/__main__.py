@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llmtrain.cli import main
+from llmtrain.process_exit import run_and_exit
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

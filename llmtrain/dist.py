@@ -77,6 +77,11 @@ def init_process_group(
     return True
 
 
+def groups_made() -> int:
+    """How many default process groups this process created (llmtrain.process_exit asks)."""
+    return _groups_made
+
+
 def close_process_group() -> None:
     """Destroy the default process group if llmtrain created it; idempotent. Without this, NCCL warns at
     exit that `destroy_process_group() was not called`."""

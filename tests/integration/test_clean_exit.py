@@ -4,6 +4,7 @@ go to its train.log."""
 
 import socket
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from llmtrain.dist import DistInfo, init_process_group
 from llmtrain.errors import UserError
+from llmtrain.process_exit import used_torch_distributed
 from tests.helpers import FAST, REPO, cli_env, llmtrain_cmd
 from tests.integration.test_resume import compose_cfg
 
@@ -137,3 +139,52 @@ def test_a_failed_engine_build_gives_the_signal_handlers_back(tmp_path, rendezvo
     after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert after == before
     assert not any(isinstance(getattr(h, "__self__", None), StopRequest) for h in after)
+
+
+# Each rank: a group, collectives still in flight when main() returns, an atexit handler, a buffered line.
+RANK_THAT_EXITS = """
+import atexit, torch
+from llmtrain.dist import dist_info_from_env, init_process_group
+from llmtrain.process_exit import run_and_exit
+
+def main():
+    init_process_group(dist_info_from_env(), "gloo")
+    atexit.register(lambda: print("atexit handler ran"))
+    works = [torch.distributed.all_reduce(torch.ones(1024), async_op=True) for _ in range(300)]
+    del works
+    print("buffered line")  # stdout is a pipe here: block-buffered until the process ends
+    return 3
+
+run_and_exit(main)
+"""
+
+
+@pytest.mark.slow
+def test_a_distributed_rank_ends_with_its_own_status_not_an_abort_at_finalization(tmp_path):
+    """Gloo's worker threads drop finished collectives during the interpreter's finalization and abort the
+    process (exit 134, pytorch#190489; a cancelled SLURM job's rank reported it in CI). Ended through
+    run_and_exit, each rank exits with main()'s status and loses neither its atexit handlers nor its
+    buffered output. With a plain `sys.exit(main())` this script aborted in 10 of 10 runs (2026-12-07)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_THAT_EXITS)
+    env = cli_env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for rank in ranks:
+        out, _ = rank.communicate(timeout=120)
+        assert rank.returncode == 3, out[-2000:]
+        assert "buffered line" in out and "atexit handler ran" in out, out[-2000:]
+
+
+def test_a_group_made_by_llmtrain_counts_as_torch_distributed_used(rendezvous):
+    init_process_group(DistInfo(), "gloo", single_process=True)
+    assert used_torch_distributed()

@@ -369,7 +369,8 @@ def test_cancel_mid_training_checkpoints_and_is_not_requeued(env, tmp_path):
     assert "no active jobs" in sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "--all").stdout
     s = status_of(env, job)
     events = (run_dir / "logs" / f"llmtrain-tiny-{job}" / "events").read_text()
-    assert (s["state"], s["step"], s["exit_code"]) == ("CANCELLED", step, 75), (s, events, logs_of(run_dir))
+    print(f"{s}\n--- events\n{events}\n{logs_of(run_dir)}")  # in full on failure (pytest cuts the message)
+    assert (s["state"], s["step"], s["exit_code"]) == ("CANCELLED", step, 75)
     unknown = sh(env, sys.executable, "-m", "llmtrain.launch", "cancel", "99999", check=False)
     assert unknown.returncode == 2 and "no such job 99999" in unknown.stderr
 
