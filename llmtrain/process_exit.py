@@ -7,8 +7,8 @@ the GIL, and a thread that asks for the GIL once finalization has begun is ended
 C++ turns into `std::terminate`. `destroy_process_group()` does not prevent it: a gloo group that DDP has
 held is not freed by it (torch 2.13), so its workers outlive it. A rank that trained and checkpointed
 correctly then reported 134, and a cancelled SLURM job looked like a crash. So such a process runs what a
-normal exit runs (non-daemon threads joined, atexit handlers: logging, wandb, our signal disposition),
-flushes stdout and stderr, and leaves with `os._exit`, skipping only the finalization.
+normal exit runs (threading's exit hooks, non-daemon threads joined, atexit handlers: logging, wandb, our
+signal disposition), flushes stdout and stderr, and leaves with `os._exit`, skipping only the finalization.
 """
 
 import atexit
@@ -43,10 +43,11 @@ def exit_process(code=0) -> None:
     if not used_torch_distributed():
         sys.exit(code)
     status = exit_status(code)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what Py_Finalize would run first; stable since Python 2, no public equivalent
+    # What Py_FinalizeEx runs before finalizing, in its order (private, no public equivalents): the threading
+    # module's exit hooks (they stop idle concurrent.futures workers, which a plain join would wait on
+    # forever), joining the non-daemon threads, then the atexit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to save
             stream.flush()

@@ -143,13 +143,16 @@ def test_a_failed_engine_build_gives_the_signal_handlers_back(tmp_path, rendezvo
 
 # Each rank: a group, collectives still in flight when main() returns, an atexit handler, a buffered line.
 RANK_THAT_EXITS = """
-import atexit, torch
+import atexit, concurrent.futures, torch
 from llmtrain.dist import dist_info_from_env, init_process_group
 from llmtrain.process_exit import run_and_exit
+
+POOL = concurrent.futures.ThreadPoolExecutor(1)  # as a library's, never shut down: must not hang the exit
 
 def main():
     init_process_group(dist_info_from_env(), "gloo")
     atexit.register(lambda: print("atexit handler ran"))
+    POOL.submit(print, "pool task ran").result()
     works = [torch.distributed.all_reduce(torch.ones(1024), async_op=True) for _ in range(300)]
     del works
     print("buffered line")  # stdout is a pipe here: block-buffered until the process ends
@@ -182,7 +185,8 @@ def test_a_distributed_rank_ends_with_its_own_status_not_an_abort_at_finalizatio
     for rank in ranks:
         out, _ = rank.communicate(timeout=120)
         assert rank.returncode == 3, out[-2000:]
-        assert "buffered line" in out and "atexit handler ran" in out, out[-2000:]
+        expected = ("buffered line", "pool task ran", "atexit handler ran")
+        assert all(line in out for line in expected), out[-2000:]
 
 
 def test_a_group_made_by_llmtrain_counts_as_torch_distributed_used(rendezvous):
