@@ -9,7 +9,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "llmtrain"
 
-LEAVES = {"errors", "argcheck", "models", "data", "analysis", "checkpoint_format", "metrics", "dist"}
+LEAVES = {
+    "errors",
+    "argcheck",
+    "models",
+    "data",
+    "analysis",
+    "checkpoint_format",
+    "metrics",
+    "dist",
+    "process_exit",
+}
 # The base under the leaves: one-line user errors, and the two kinds of them every layer meets (a write the
 # file system refuses; an override Hydra cannot parse). They import errors only.
 BASE = {"errors", "fsio", "override_syntax"}
@@ -24,13 +34,14 @@ MAY_IMPORT = {
     "checkpoint_format": {"errors", "fsio"},
     "metrics": {"errors"},
     "dist": {"errors"},
+    "process_exit": set(),  # asks sys.modules whether llmtrain.dist made a group; imports nothing of ours
     # precision: format registry, named recipes, quantizers; the LR schedule for phase triggers
     "precision": {"errors", "models", "train"},
     # config: schema + validation; asks the registries (engines, launchers, schedules) for their names,
     # and data for the tokenizer its datasets were prepared with (data.provenance, preflight)
     "config": {"errors", "models", "precision", "engines", "launch", "train", "data"},
     "engines": {"errors", "models", "precision", "config", "dist", "convert", "checkpoint_format"},
-    "convert": {"errors", "argcheck", "models", "config", "data", "dist", "engines", "checkpoint_format"},
+    "convert": {"errors", "argcheck", "models", "config", "data", "dist", "engines", "checkpoint_format", "process_exit"},
     "train": {"errors", "fsio", "models", "precision", "config", "data", "dist", "engines", "metrics", "checkpoint_format"},
     "launch": {"errors", "dist", "dryrun", "checkpoint_format"},
     "eval": {"errors", "fsio", "argcheck", "models", "config", "data", "convert", "checkpoint_format"},
@@ -39,7 +50,7 @@ MAY_IMPORT = {
     "overrides": {"errors", "override_syntax", "config"},
     "recipe_files": {"errors", "overrides"},
     "cli": {"config", "dist", "dryrun", "engines", "errors", "fit", "launch", "overrides", "recipe_files", "train"},
-    "__main__": {"cli"},
+    "__main__": {"cli", "process_exit"},
 }  # fmt: skip
 
 
