@@ -43,7 +43,7 @@ machine with TE.
 
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import transformer_engine.pytorch  # noqa: F401  (TE's torch extension before its submodules)
@@ -171,12 +171,16 @@ class FakeQuantizer(IdentityQuantizer):
                 f"{STATE.recipe.rht_size}, or precision.rht=false"
             )
 
+    def peek(self) -> Direction:
+        """This call's Direction without its seed: neither counts the call nor draws a seed."""
+        op = self.operand
+        return Direction(op.fmt, op.rounding, op.block_2d, rht=self.rht)
+
     def plan(self) -> Direction:
         """This quantize call's Direction: counts the call and draws its stochastic-rounding seed."""
-        op = self.operand
+        d = self.peek()
         STATE.quantize_calls[(self.role, "columnwise" if self.axis == 0 else "rowwise")] += 1
-        seed = STATE.next_seed() if op.rounding == "stochastic" else 0
-        return Direction(op.fmt, op.rounding, op.block_2d, rht=self.rht, seed=seed)
+        return replace(d, seed=STATE.next_seed() if d.rounding == "stochastic" else 0)
 
     def _maybe_cast(self, tensor: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         data = tensor.detach()
@@ -293,8 +297,29 @@ class GatheredHybridQuantizer(HybridQuantizer):
         finally:
             row.ready = col.ready = None
 
+    def _serves_both(self, src: torch.Tensor, noop_flag) -> bool:
+        """Whether this refresh writes one quantization for both layouts (one pass, same values)."""
+        row, col = self.rowwise_quantizer, self.columnwise_quantizer
+        return (
+            noop_flag is None and self._one_pass(src) and one_quantization_serves_both(row.peek(), col.peek())
+        )
+
+    def _unshare_workspace(self, src: torch.Tensor, dst, noop_flag) -> None:
+        """A cached workspace made while one quantization served both layouts holds one buffer for both
+        (_both). When a refresh no longer serves both (QAF passes dgrad_w through; a phase changes a
+        format), the column-wise layout gets its own buffer: else its write lands on the row-wise values
+        (under QAF the raw weight overwrote the quantized fprop weight)."""
+        col_storage = getattr(dst, "_columnwise_storage", None)
+        hps = [getattr(getattr(dst, "_rowwise_storage", None), "_hp_data", None),
+               getattr(col_storage, "_hp_data", None)]  # fmt: skip
+        if any(h is None for h in hps) or not _same_storage(*hps) or self._serves_both(src, noop_flag):
+            return
+        col_storage._hp_data = torch.empty_like(hps[1])
+
     def update_quantized(self, src, dst, *, noop_flag=None):
         """TE's cached weight workspace: both layouts written into their buffers by one pass."""
+        if ONE_PASS:  # with it off no workspace shares a buffer, and nothing here touches TE's attributes
+            self._unshare_workspace(src, dst, noop_flag)
         if noop_flag is not None or not self._one_pass(src):
             return super().update_quantized(src, dst, noop_flag=noop_flag)
         row, col = self.rowwise_quantizer, self.columnwise_quantizer

@@ -16,22 +16,24 @@ os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
 MICRO_BATCHES = 4
 
 
-def _train(precision: str, cache: bool, steps: int = 2, one_pass: bool = False):
+def _train(precision: str, cache: bool, steps: int = 2, one_pass: bool = False, qaf_steps=()):
     """(loss, grad norm) per step, quantize calls per step, and the GPU memory the engine holds between
-    steps (weights, grads, optimizer state, TE's weight workspaces)."""
+    steps (weights, grads, optimizer state, TE's weight workspaces). `qaf_steps`: step indices run with
+    te_custom's QAF switch on (the backward directions, dgrad_w included, in high precision)."""
     from llmtrain.precision import te_custom
 
     te_custom.ONE_PASS, te_custom.STATE.one_pass_calls = one_pass, 0
     try:
-        result = _train_steps(precision, cache, steps)
+        result = _train_steps(precision, cache, steps, set(qaf_steps))
     finally:
         te_custom.ONE_PASS = False
+        te_custom.set_qaf(False)
     if one_pass:  # the pair path ran: weights (cached or not), grad_output and the inputs (no SP here)
         assert te_custom.STATE.one_pass_calls > 0
     return result
 
 
-def _train_steps(precision: str, cache: bool, steps: int):
+def _train_steps(precision: str, cache: bool, steps: int, qaf_steps: set):
     from llmtrain.engines.megatron_engine import MegatronEngine
     from llmtrain.precision import te_custom
 
@@ -53,6 +55,7 @@ def _train_steps(precision: str, cache: bool, steps: int):
     losses, calls = [], []
     for step in range(steps):
         te_custom.STATE.quantize_calls.clear()
+        te_custom.set_qaf(step in qaf_steps)
         engine.begin_step(step + 1)
         r = engine.train_step(batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES], lr=1e-3)
         losses.append((r.loss, r.grad_norm))
@@ -110,3 +113,13 @@ def test_one_pass_over_both_layouts_changes_no_result(precision):
         assert calls_one == calls_two
         if cache and precision == "nvfp4":  # 16x16 weights: one BF16 workspace buffer serves both GEMMs
             assert resident_one < resident_two, (resident_one, resident_two)
+
+
+def test_one_pass_workspace_shared_by_both_layouts_splits_when_a_refresh_no_longer_serves_both():
+    """ONE_PASS keeps one cached buffer for both layouts of an NVFP4 16x16 weight. A refresh under QAF
+    (dgrad_w passes through in BF16) must give the column-wise layout its own buffer: written into the
+    shared one, the raw weight replaced the quantized fprop weight. Losses equal the two-call path's."""
+    two = _train("nvfp4", cache=True, steps=3, qaf_steps={1})[0]
+    one = _train("nvfp4", cache=True, steps=3, one_pass=True, qaf_steps={1})[0]
+    record("one_pass_qaf_refresh", {"two": two, "one": one})
+    assert one == two, (one, two)
