@@ -3,7 +3,7 @@
 # (offline kit: ../shared/gpu-host/README.md; they land in /opt/gpu-site). Results go under $OUT.
 #
 #   OUT=gpu-results bash scripts/gpu_check.sh tests          # pytest -m gpu tests/gpu by file, kernels natively
-#   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (the seven groups' limits add to 26 min)
+#   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (the seven groups' limits add to 27 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh bench          # 8B proxy + 1B benchmark and profile (<= 9 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh cache          # weight quantized once per step; GEMM rounding
 #   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
