@@ -22,7 +22,8 @@ import atexit, os
 import torch.distributed as d
 atexit.register(lambda: os.write(1, f"process group left at exit: {d.is_initialized()}\\n".encode()))
 from llmtrain.cli import main
-main()
+from llmtrain.process_exit import run_and_exit
+run_and_exit(main)  # as `-m llmtrain` ends (a plain exit can abort in gloo's teardown: see below)
 """
 
 
