@@ -16,6 +16,10 @@ def test_without_torch_distributed_it_is_sys_exit(monkeypatch):
     with pytest.raises(SystemExit) as e:
         process_exit.run_and_exit(lambda: 4)
     assert e.value.code == 4
+
+    def refuses():
+        raise SystemExit(2)
+
     with pytest.raises(SystemExit) as e:
-        process_exit.run_and_exit(lambda: (_ for _ in ()).throw(SystemExit(2)))
+        process_exit.run_and_exit(refuses)
     assert e.value.code == 2
