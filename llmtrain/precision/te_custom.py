@@ -297,36 +297,34 @@ class GatheredHybridQuantizer(HybridQuantizer):
         finally:
             row.ready = col.ready = None
 
-    def _serves_both(self, src: torch.Tensor, noop_flag) -> bool:
-        """Whether this refresh writes one quantization for both layouts (one pass, same values)."""
-        row, col = self.rowwise_quantizer, self.columnwise_quantizer
-        return (
-            noop_flag is None and self._one_pass(src) and one_quantization_serves_both(row.peek(), col.peek())
-        )
+    @staticmethod
+    def _workspace_buffers(dst) -> list:
+        """The row- and column-wise BF16 buffers of TE's cached weight workspace `dst` (None where absent)."""
+        return [
+            getattr(getattr(dst, a, None), "_hp_data", None)
+            for a in ("_rowwise_storage", "_columnwise_storage")
+        ]
 
-    def _unshare_workspace(self, src: torch.Tensor, dst, noop_flag) -> None:
+    def _unshare_workspace(self, dst, serves_both: bool) -> None:
         """A cached workspace made while one quantization served both layouts holds one buffer for both
         (_both). When a refresh no longer serves both (QAF passes dgrad_w through; a phase changes a
         format), the column-wise layout gets its own buffer: else its write lands on the row-wise values
         (under QAF the raw weight overwrote the quantized fprop weight)."""
-        col_storage = getattr(dst, "_columnwise_storage", None)
-        hps = [getattr(getattr(dst, "_rowwise_storage", None), "_hp_data", None),
-               getattr(col_storage, "_hp_data", None)]  # fmt: skip
-        if any(h is None for h in hps) or not _same_storage(*hps) or self._serves_both(src, noop_flag):
+        hps = self._workspace_buffers(dst)
+        if serves_both or any(h is None for h in hps) or not _same_storage(*hps):
             return
-        col_storage._hp_data = torch.empty_like(hps[1])
+        dst._columnwise_storage._hp_data = torch.empty_like(hps[1])
 
     def update_quantized(self, src, dst, *, noop_flag=None):
         """TE's cached weight workspace: both layouts written into their buffers by one pass."""
+        one_pass = noop_flag is None and self._one_pass(src)
         if ONE_PASS:  # with it off no workspace shares a buffer, and nothing here touches TE's attributes
-            self._unshare_workspace(src, dst, noop_flag)
-        if noop_flag is not None or not self._one_pass(src):
+            row, col = self.rowwise_quantizer, self.columnwise_quantizer
+            self._unshare_workspace(dst, one_pass and one_quantization_serves_both(row.peek(), col.peek()))
+        if not one_pass:
             return super().update_quantized(src, dst, noop_flag=noop_flag)
         row, col = self.rowwise_quantizer, self.columnwise_quantizer
-        hps = [
-            getattr(getattr(dst, a, None), "_hp_data", None)
-            for a in ("_rowwise_storage", "_columnwise_storage")
-        ]
+        hps = self._workspace_buffers(dst)
         if all(q._writes_into(src, h) for q, h in zip((row, col), hps)):
             x2 = src.detach().reshape(-1, src.shape[-1])
             self._both(x2, row_out=hps[0].view(x2.shape), col_out=hps[1].view(x2.shape))
