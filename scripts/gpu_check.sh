@@ -35,7 +35,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
     case $g in
       parity) LLMTRAIN_PARITY_REPORT=$out/te_parity.json group parity 150 -m gpu tests/gpu/test_te_parity.py ;;
       engine) group engine 240 -m gpu tests/gpu/test_megatron_engine.py ;;
-      cache) group cache "${CACHE_GROUP_TIMEOUT:-260}" -m gpu tests/gpu/test_megatron_weight_cache.py tests/gpu/test_gemm_emulation_gpu.py ;;
+      cache) group cache "${CACHE_TIMEOUT:-260}" -m gpu tests/gpu/test_megatron_weight_cache.py tests/gpu/test_gemm_emulation_gpu.py ;;
       measure) group measure 150 -m gpu tests/gpu/test_measure.py ;;
       kernels) group kernels "${KERNELS_TIMEOUT:-300}" tests/unit/test_triton_kernels.py ;;
       rest) group rest "${REST_TIMEOUT:-300}" -m gpu tests/gpu/test_megatron_parity.py \
@@ -65,7 +65,7 @@ stage_bench() {
 stage_cache() {
   # Emulated MXFP8/NVFP4 on the Megatron engine quantize each weight once per optimizer step.
   # And the torch engine's emulated GEMM rounds its output once, as TE's native GEMM.
-  timeout "${CACHE_TIMEOUT:-200}" $py -m pytest -m gpu -q -rA -s tests/gpu/test_megatron_weight_cache.py \
+  timeout "${CACHE_TIMEOUT:-260}" $py -m pytest -m gpu -q -rA -s tests/gpu/test_megatron_weight_cache.py \
     tests/gpu/test_gemm_emulation_gpu.py \
     >"$out/weight_cache.log" 2>&1
   echo "weight cache test: rc=$?" >>"$out/weight_cache.log"
