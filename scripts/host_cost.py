@@ -1,0 +1,217 @@
+"""Host time of one emulated quantize call, layer by layer of the stack (issue 18).
+
+At 1B the emulated MXFP8/NVFP4 step is host-bound: the GPU idles 440-489 ms a step against BF16's 31 ms
+while the host makes ~1,150 quantize calls (docs/benchmarks.md). This says which layer of one call takes
+that time, on the 1B model's shapes:
+
+    PYTHONPATH=/opt/gpu-site:$PWD python scripts/host_cost.py --out host_cost.json --md host_cost.md
+
+Rows, from the bottom of the stack up (each includes the ones below it):
+  torch        an empty_like + copy_: two aten launches, the floor of any call
+  kernels      triton_kernels.fake_quantize_2d, each direction of the role (allocations + Triton launches)
+  directions   te_custom.FakeQuantizer.quantize, each direction (TE's IdentityTensor around the kernels)
+  hybrid       the factory's quantizer with both usages, as TE's linear calls it (HybridQuantizer, both
+               directions, the hybrid tensor); with ONE_PASS as well (one pair-kernel pass)
+  te_fp8_cs    TE's native Float8CurrentScalingQuantizer, both usages: TE's own cost of one call, for scale
+Each row times N calls back to back, synchronising only after them: `host_us` is the time per call
+until the last launch returns (the host's cost, as long as the launch queue does not fill), `wall_us` per
+call after the synchronisation (the GPU's, where larger). Then cProfile over N hybrid calls of each role:
+own time by function, which names what is slow.
+"""
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+ROLES = ("input", "weight", "grad_output")
+
+
+def timed(call, n: int) -> dict:
+    """Per-call host and wall microseconds of n calls; the error instead where the call fails (one bad row
+    must not cost the others: this runs in a few minutes of borrowed GPU time)."""
+    import torch
+
+    try:
+        return _timed(call, n, torch)
+    except Exception as e:  # reported in the row
+        return {"host_us": float("nan"), "wall_us": float("nan"), "error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def _timed(call, n: int, torch) -> dict:
+    for _ in range(3):  # compile and allocate outside the timing
+        call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"host_us": host / n * 1e6, "wall_us": wall / n * 1e6}
+
+
+def role_quantizer(role: str):
+    from llmtrain.precision import te_custom
+
+    q = te_custom.qfactory(type("Role", (), {"module_type": "linear", "tensor_type": role})())
+    q.set_usage(rowwise=True, columnwise=True)
+    return q
+
+
+def kernel_calls(q, x):
+    """The Triton kernel calls the hybrid quantizer `q` makes for `x`, without TE around them."""
+    from llmtrain.precision import te_custom
+    from llmtrain.precision.triton_kernels import fake_quantize_2d
+
+    dirs = [(d, d.peek()) for d in (q.rowwise_quantizer, q.columnwise_quantizer)]
+
+    def call():
+        for fq, d in dirs:
+            fake_quantize_2d(x, d.fmt, axis=fq.axis, rounding=d.rounding, block_2d=d.block_2d,
+                             rht_signs=te_custom.STATE.rht_signs if d.rht else None, seed=1,
+                             sr_bits=te_custom.STATE.recipe.sr_bits, out_dtype=x.dtype)  # fmt: skip
+
+    return call
+
+
+def measure(precision: str, shapes: dict, n: int) -> tuple[list[dict], dict]:
+    from megatron_helpers import make_config
+
+    from llmtrain.precision import te_custom
+    from llmtrain.precision.recipe import PrecisionRecipe
+
+    te_custom.activate(PrecisionRecipe.from_config(make_config(precision=precision).precision), seed=0)
+    rows, profiles = [], {}
+    for role in ROLES:
+        for name, seconds in measure_role(role, shapes[role], n).items():
+            rows.append(
+                {"precision": precision, "row": name, "role": role, "shape": list(shapes[role]), **seconds}
+            )
+        try:
+            profiles[role] = top_functions(role_call(role, shapes[role]), n)
+        except Exception as e:
+            profiles[role] = [{"function": f"failed: {type(e).__name__}: {e}"[:300], "calls_per_call": 0,
+                               "own_us": 0.0, "cum_us": 0.0}]  # fmt: skip
+    return rows, profiles
+
+
+def role_call(role: str, shape):
+    import torch
+
+    x, q = torch.randn(shape, device="cuda", dtype=torch.bfloat16), role_quantizer(role)
+    return lambda: q(x)
+
+
+def measure_role(role: str, shape, n: int) -> dict[str, dict]:
+    import torch
+    import transformer_engine.pytorch as te
+    import transformer_engine_torch as tex
+
+    from llmtrain.precision import te_custom
+
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    q = role_quantizer(role)
+    fp8 = te.Float8CurrentScalingQuantizer(
+        tex.DType.kFloat8E4M3, torch.device("cuda"), rowwise=True, columnwise=True
+    )
+    out = {
+        "torch": timed(lambda: torch.empty_like(x).copy_(x), n),
+        "kernels": timed(kernel_calls(q, x), n),
+        "directions": timed(
+            lambda: [d.quantize(x) for d in (q.rowwise_quantizer, q.columnwise_quantizer)], n
+        ),
+        "hybrid": timed(lambda: q(x), n),
+    }
+    te_custom.ONE_PASS = True
+    try:
+        out["hybrid ONE_PASS"] = timed(lambda: q(x), n)
+    finally:
+        te_custom.ONE_PASS = False
+    out["te_fp8_cs"] = timed(lambda: fp8(x), n)
+    return out
+
+
+def top_functions(call, n: int, top: int = 15) -> list[dict]:
+    """Own host time per call of the `top` slowest functions over n calls (cProfile)."""
+    import torch
+
+    call()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    rows = [
+        {
+            "function": f"{Path(f).name}:{line}:{fn}",
+            "calls_per_call": nc / n,
+            "own_us": tt / n * 1e6,
+            "cum_us": ct / n * 1e6,
+        }
+        for (f, line, fn), (_cc, nc, tt, ct, _callers) in pstats.Stats(prof).stats.items()
+    ]
+    return sorted(rows, key=lambda r: -r["own_us"])[:top]
+
+
+def markdown(rows: list[dict], profiles: dict) -> str:
+    out = [
+        "| precision | role | shape | row | host us/call | wall us/call |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        out.append(f"| {r['precision']} | {r['role']} | {r['shape'][0]}x{r['shape'][1]} | {r['row']} | "
+                   f"{r['host_us']:.0f} | {r['wall_us']:.0f} |{' ' + r['error'] if 'error' in r else ''}")  # fmt: skip
+    for key, top in profiles.items():
+        out += ["", f"cProfile, hybrid call, {key}: own host us per call", "",
+                "| function | calls per call | own us | cumulative us |", "| --- | --- | --- | --- |"]  # fmt: skip
+        out += [
+            f"| `{t['function']}` | {t['calls_per_call']:g} | {t['own_us']:.1f} | {t['cum_us']:.1f} |"
+            for t in top
+        ]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--precisions", default="nvfp4,mxfp8")
+    p.add_argument("--hidden", type=int, default=2048, help="the 1B model's hidden size")
+    p.add_argument("--ffn", type=int, default=8192, help="the 1B model's MLP size")
+    p.add_argument("--tokens", type=int, default=4096, help="micro-batch tokens (MBS 4 x seq 1024)")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--out", default="host_cost.json")
+    p.add_argument("--md", default=None)
+    args = p.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: host_cost.py times GPU launches: run it on a CUDA machine with Transformer Engine",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    # An activation and its gradient are [tokens, hidden]; a weight here is fc1's [ffn, hidden].
+    shapes = {"input": (args.tokens, args.hidden), "grad_output": (args.tokens, args.hidden),
+              "weight": (args.ffn, args.hidden)}  # fmt: skip
+    rows, profiles = [], {}
+    for precision in args.precisions.split(","):
+        r, prof = measure(precision, shapes, args.calls)
+        rows += r
+        profiles.update({f"{precision} {k}": v for k, v in prof.items()})
+        Path(args.out).write_text(json.dumps({"rows": rows, "profiles": profiles}, indent=1))
+    md = markdown(rows, profiles)
+    if args.md:
+        Path(args.md).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
