@@ -83,7 +83,7 @@ def kernel_calls(q, x):
 
 
 def measure(precision: str, shapes: dict, n: int) -> tuple[list[dict], dict]:
-    from megatron_helpers import make_config
+    from tests.megatron_helpers import make_config
 
     from llmtrain.precision import te_custom
     from llmtrain.precision.recipe import PrecisionRecipe
