@@ -83,10 +83,9 @@ def kernel_calls(q, x):
 
 
 def measure(precision: str, shapes: dict, n: int) -> tuple[list[dict], dict]:
-    from tests.megatron_helpers import make_config
-
     from llmtrain.precision import te_custom
     from llmtrain.precision.recipe import PrecisionRecipe
+    from tests.megatron_helpers import make_config
 
     te_custom.activate(PrecisionRecipe.from_config(make_config(precision=precision).precision), seed=0)
     rows, profiles = [], {}
