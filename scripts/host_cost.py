@@ -6,12 +6,14 @@ that time, on the 1B model's shapes:
 
     PYTHONPATH=/opt/gpu-site:$PWD python scripts/host_cost.py --out host_cost.json --md host_cost.md
 
-Rows, from the bottom of the stack up (each includes the ones below it):
+Rows, from the bottom of the stack up (kernels, directions and hybrid each include the row before):
   torch        an empty_like + copy_: two aten launches, the floor of any call
   kernels      triton_kernels.fake_quantize_2d, each direction of the role (allocations + Triton launches)
-  directions   te_custom.FakeQuantizer.quantize, each direction (TE's IdentityTensor around the kernels)
+  directions   te_custom.FakeQuantizer.quantize, each direction: our wrapper (recipe lookup, seed, the
+               once-per-configuration kernel check) and TE's IdentityTensor around the kernels
   hybrid       the factory's quantizer with both usages, as TE's linear calls it (HybridQuantizer, both
-               directions, the hybrid tensor); with ONE_PASS as well (one pair-kernel pass)
+               directions, the hybrid tensor)
+  hybrid ONE_PASS   the same with te_custom.ONE_PASS (one pair-kernel pass for both layouts)
   te_fp8_cs    TE's native Float8CurrentScalingQuantizer, both usages: TE's own cost of one call, for scale
 Each row times N calls back to back, synchronising only after them: `host_us` is the time per call
 until the last launch returns (the host's cost, as long as the launch queue does not fill), `wall_us` per
@@ -29,7 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 ROLES = ("input", "weight", "grad_output")
 
@@ -42,7 +43,11 @@ def timed(call, n: int) -> dict:
     try:
         return _timed(call, n, torch)
     except Exception as e:  # reported in the row
-        return {"host_us": float("nan"), "wall_us": float("nan"), "error": f"{type(e).__name__}: {e}"[:300]}
+        return {"error": failure(e)}
+
+
+def failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".replace("|", "/").replace("\n", " ")[:300]
 
 
 def _timed(call, n: int, torch) -> dict:
@@ -90,14 +95,18 @@ def measure(precision: str, shapes: dict, n: int) -> tuple[list[dict], dict]:
     te_custom.activate(PrecisionRecipe.from_config(make_config(precision=precision).precision), seed=0)
     rows, profiles = [], {}
     for role in ROLES:
-        for name, seconds in measure_role(role, shapes[role], n).items():
+        try:
+            measured = measure_role(role, shapes[role], n)
+        except Exception as e:  # a setup failure (TE's quantizer, the factory) costs this role only
+            measured = {"setup": {"error": failure(e)}}
+        for name, seconds in measured.items():
             rows.append(
                 {"precision": precision, "row": name, "role": role, "shape": list(shapes[role]), **seconds}
             )
         try:
             profiles[role] = top_functions(role_call(role, shapes[role]), n)
         except Exception as e:
-            profiles[role] = [{"function": f"failed: {type(e).__name__}: {e}"[:300], "calls_per_call": 0,
+            profiles[role] = [{"function": f"failed: {failure(e)}", "calls_per_call": 0,
                                "own_us": 0.0, "cum_us": 0.0}]  # fmt: skip
     return rows, profiles
 
@@ -168,8 +177,10 @@ def markdown(rows: list[dict], profiles: dict) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        out.append(f"| {r['precision']} | {r['role']} | {r['shape'][0]}x{r['shape'][1]} | {r['row']} | "
-                   f"{r['host_us']:.0f} | {r['wall_us']:.0f} |{' ' + r['error'] if 'error' in r else ''}")  # fmt: skip
+        times = f"failed: {r['error']} | |" if "error" in r else f"{r['host_us']:.0f} | {r['wall_us']:.0f} |"
+        out.append(
+            f"| {r['precision']} | {r['role']} | {r['shape'][0]}x{r['shape'][1]} | {r['row']} | {times}"
+        )
     for key, top in profiles.items():
         out += ["", f"cProfile, hybrid call, {key}: own host us per call", "",
                 "| function | calls per call | own us | cumulative us |", "| --- | --- | --- | --- |"]  # fmt: skip

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -13,9 +14,8 @@ sys.path.insert(0, str(SCRIPTS))
 import host_cost  # noqa: E402
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_refuses_in_one_line_without_cuda():
-    if torch.cuda.is_available():
-        return
     out = subprocess.run([sys.executable, str(SCRIPTS / "host_cost.py")], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: host_cost.py times GPU launches")
@@ -26,20 +26,19 @@ def test_table_keeps_a_failed_rows_error_beside_the_others_times():
         {"precision": "nvfp4", "row": "hybrid", "role": "input", "shape": [4096, 2048], "host_us": 812.4,
          "wall_us": 900.0},
         {"precision": "nvfp4", "row": "kernels", "role": "input", "shape": [4096, 2048],
-         "host_us": float("nan"), "wall_us": float("nan"), "error": "TypeError: no"},
+         "error": "TypeError: no"},
     ]  # fmt: skip
     md = host_cost.markdown(rows, {"nvfp4 input": [{"function": "x.py:1:f", "calls_per_call": 2.0,
                                                     "own_us": 3.25, "cum_us": 4.0}]})  # fmt: skip
     assert "| nvfp4 | input | 4096x2048 | hybrid | 812 | 900 |" in md
-    assert "| kernels | nan | nan | TypeError: no" in md
+    assert "| kernels | failed: TypeError: no | |" in md
     assert "| `x.py:1:f` | 2 | 3.2 | 4.0 |" in md
 
 
 def test_timed_reports_a_failing_call_instead_of_raising(monkeypatch):
     def boom():
-        raise RuntimeError("kernel launch failed")
+        raise RuntimeError("kernel | launch\nfailed")
 
     monkeypatch.setattr(host_cost, "_timed", lambda call, n, torch: call())
     row = host_cost.timed(boom, 3)
-    assert row["error"] == "RuntimeError: kernel launch failed"
-    assert row["host_us"] != row["host_us"]  # nan
+    assert row == {"error": "RuntimeError: kernel / launch failed"}  # no NaN (strict JSON), no table break
