@@ -99,8 +99,16 @@ def test_the_factorys_quantizers_are_custom_to_te_and_stay_so_when_copied():
     assert not q.is_requantization_safe()  # the column-wise (wgrad) operand draws new SR bits each time
 
 
+@pytest.fixture(scope="module")
+def first_engine_built():
+    """The first engine of a process leaves memory allocated for the process (H100, 2026-12-07: MXFP8's
+    two-call run held 205.9 MB resident as the first engine, 104.6 MB as NVFP4's later one), which would
+    count as the measured run's own: one engine first, unmeasured."""
+    _train("nvfp4", cache=True, steps=1)
+
+
 @pytest.mark.parametrize("precision", ["mxfp8", "nvfp4"])
-def test_one_pass_over_both_layouts_changes_no_result(precision):
+def test_one_pass_over_both_layouts_changes_no_result(precision, first_engine_built):
     """te_custom.ONE_PASS: one pair-kernel pass where TE asks for both layouts of a tensor; the losses and
     gradient norms equal the two-call path's bit for bit (same seeds, same order), with or without the
     weight cache (update_quantized), and the quantize calls are counted the same."""
