@@ -6,6 +6,7 @@
 #   GPU_GROUPS='parity engine cache measure' ... tests      # a subset (the seven groups' limits add to 27 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh bench          # 8B proxy + 1B benchmark and profile (<= 9 min)
 #   OUT=gpu-results bash scripts/gpu_check.sh cache          # weight quantized once per step; GEMM rounding
+#   OUT=gpu-results bash scripts/gpu_check.sh host           # host time of one emulated quantize call (~30 s)
 #   OUT=gpu-results bash scripts/gpu_check.sh train1b        # 1B bf16 vs nvfp4 on real data through the CLI
 #
 # Every stage has its own time limit, so one that hangs or fails leaves the others their time.
@@ -69,6 +70,13 @@ stage_cache() {
     tests/gpu/test_gemm_emulation_gpu.py \
     >"$out/weight_cache.log" 2>&1
   echo "weight cache test: rc=$?" >>"$out/weight_cache.log"
+}
+
+stage_host() {
+  # Host microseconds of one emulated quantize call, layer by layer (scripts/host_cost.py; issue 18).
+  timeout "${HOST_TIMEOUT:-150}" $py scripts/host_cost.py --out "$out/host_cost.json" --md "$out/host_cost.md" \
+    >"$out/host_cost.log" 2>&1
+  echo "host_cost: rc=$?" >>"$out/host_cost.log"
 }
 
 stage_train1b() {
