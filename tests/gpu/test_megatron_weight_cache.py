@@ -101,9 +101,10 @@ def test_the_factorys_quantizers_are_custom_to_te_and_stay_so_when_copied():
 
 @pytest.fixture(scope="module")
 def first_engine_built():
-    """The first engine of a process leaves memory allocated for the process (H100, 2026-12-07: MXFP8's
-    two-call run held 205.9 MB resident as the first engine, 104.6 MB as NVFP4's later one), which would
-    count as the measured run's own: one engine first, unmeasured."""
+    """The first engine of a process most likely leaves memory allocated for the process (H100, 2026-12-07:
+    MXFP8's two-call run, the process's first engine, held 205.9 MB resident; NVFP4's, built later, 104.6
+    MB, as much as MXFP8's one-pass run), which would count as the measured run's own: one engine first,
+    unmeasured."""
     _train("nvfp4", cache=True, steps=1)
 
 
