@@ -22,15 +22,14 @@ own time by function, which names what is slow.
 """
 
 import argparse
-import cProfile
 import json
-import pstats
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # profile_step
 
 ROLES = ("input", "weight", "grad_output")
 
@@ -96,29 +95,18 @@ def measure(precision: str, shapes: dict, n: int) -> tuple[list[dict], dict]:
     rows, profiles = [], {}
     for role in ROLES:
         try:
-            measured = measure_role(role, shapes[role], n)
+            measured, profiles[role] = measure_role(role, shapes[role], n)
         except Exception as e:  # a setup failure (TE's quantizer, the factory) costs this role only
-            measured = {"setup": {"error": failure(e)}}
+            measured, profiles[role] = {"setup": {"error": failure(e)}}, []
         for name, seconds in measured.items():
             rows.append(
                 {"precision": precision, "row": name, "role": role, "shape": list(shapes[role]), **seconds}
             )
-        try:
-            profiles[role] = top_functions(role_call(role, shapes[role]), n)
-        except Exception as e:
-            profiles[role] = [{"function": f"failed: {failure(e)}", "calls_per_call": 0,
-                               "own_us": 0.0, "cum_us": 0.0}]  # fmt: skip
     return rows, profiles
 
 
-def role_call(role: str, shape):
-    import torch
-
-    x, q = torch.randn(shape, device="cuda", dtype=torch.bfloat16), role_quantizer(role)
-    return lambda: q(x)
-
-
-def measure_role(role: str, shape, n: int) -> dict[str, dict]:
+def measure_role(role: str, shape, n: int) -> tuple[dict[str, dict], list[dict]]:
+    """Each row's timing for this role, and cProfile's slowest functions of its hybrid call."""
     import torch
     import transformer_engine.pytorch as te
     import transformer_engine_torch as tex
@@ -144,31 +132,21 @@ def measure_role(role: str, shape, n: int) -> dict[str, dict]:
     finally:
         te_custom.ONE_PASS = False
     out["te_fp8_cs"] = timed(lambda: fp8(x), n)
-    return out
+    try:
+        profile = top_functions(lambda: q(x), n)
+    except Exception as e:
+        profile = [{"function": f"failed: {failure(e)}", "calls_per_call": 0, "own_us": 0.0, "cum_us": 0.0}]
+    return out, profile
 
 
 def top_functions(call, n: int, top: int = 15) -> list[dict]:
-    """Own host time per call of the `top` slowest functions over n calls (cProfile)."""
-    import torch
+    """Own host time per call of the `top` slowest functions over n calls (profile_step's cProfile)."""
+    from profile_step import host_profile_one_step
 
-    call()
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        call()
-    prof.disable()
-    torch.cuda.synchronize()
-    rows = [
-        {
-            "function": f"{Path(f).name}:{line}:{fn}",
-            "calls_per_call": nc / n,
-            "own_us": tt / n * 1e6,
-            "cum_us": ct / n * 1e6,
-        }
-        for (f, line, fn), (_cc, nc, tt, ct, _callers) in pstats.Stats(prof).stats.items()
-    ]
-    return sorted(rows, key=lambda r: -r["own_us"])[:top]
+    call()  # compiled and allocated outside the profile
+    prof = host_profile_one_step(lambda: [call() for _ in range(n)], top=top)
+    return [{"function": r["function"], "calls_per_call": r["calls"] / n, "own_us": r["own_ms"] * 1e3 / n,
+             "cum_us": r["cum_ms"] * 1e3 / n} for r in prof["top"]]  # fmt: skip
 
 
 def markdown(rows: list[dict], profiles: dict) -> str:

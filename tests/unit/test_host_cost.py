@@ -42,3 +42,17 @@ def test_timed_reports_a_failing_call_instead_of_raising(monkeypatch):
     monkeypatch.setattr(host_cost, "_timed", lambda call, n, torch: call())
     row = host_cost.timed(boom, 3)
     assert row == {"error": "RuntimeError: kernel / launch failed"}  # no NaN (strict JSON), no table break
+
+
+def test_top_functions_are_per_call():
+    def leaf():
+        return sum(range(50))
+
+    def call():
+        leaf()
+        leaf()
+
+    top = host_cost.top_functions(call, 10)
+    leaf_row = next(r for r in top if r["function"].endswith(":leaf"))
+    assert leaf_row["calls_per_call"] == 2  # 20 calls over 10 profiled calls (the warm-up one outside)
+    assert 0 < leaf_row["own_us"] <= leaf_row["cum_us"]
