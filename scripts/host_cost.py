@@ -179,6 +179,12 @@ def main() -> int:
     p.add_argument("--out", default="host_cost.json")
     p.add_argument("--md", default=None)
     args = p.parse_args()
+    precisions = args.precisions.split(",")
+    known = sorted(f.stem for f in (ROOT / "configs" / "precision").glob("*.yaml"))
+    if unknown := [x for x in precisions if x not in known]:
+        print(f"error: --precisions {','.join(unknown)}: no such precision; choose from {', '.join(known)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     import torch
 
     if not torch.cuda.is_available():
@@ -188,8 +194,11 @@ def main() -> int:
     # An activation and its gradient are [tokens, hidden]; a weight here is fc1's [ffn, hidden].
     shapes = {"input": (args.tokens, args.hidden), "grad_output": (args.tokens, args.hidden),
               "weight": (args.ffn, args.hidden)}  # fmt: skip
+    for out in (args.out, args.md):
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     rows, profiles = [], {}
-    for precision in args.precisions.split(","):
+    for precision in precisions:  # the JSON rewritten after each: an interrupted run keeps what it measured
         r, prof = measure(precision, shapes, args.calls)
         rows += r
         profiles.update({f"{precision} {k}": v for k, v in prof.items()})

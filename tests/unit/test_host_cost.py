@@ -21,6 +21,15 @@ def test_refuses_in_one_line_without_cuda():
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: host_cost.py times GPU launches")
 
 
+def test_an_unknown_precision_is_one_line_naming_the_choices():
+    out = subprocess.run([sys.executable, str(SCRIPTS / "host_cost.py"), "--precisions", "nvfp4,nvfp5"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1
+    assert out.stderr.startswith("error: --precisions nvfp5: no such precision; choose from ")
+    assert "mxfp8" in out.stderr
+
+
 def test_table_keeps_a_failed_rows_error_beside_the_others_times():
     rows = [
         {"precision": "nvfp4", "row": "hybrid", "role": "input", "shape": [4096, 2048], "host_us": 812.4,
