@@ -41,6 +41,7 @@ the run's PrecisionRecipe before building the model (te_recipes.start_emulation)
 machine with TE.
 """
 
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -332,6 +333,6 @@ class GatheredHybridQuantizer(HybridQuantizer):
         return super().update_quantized(src, dst, noop_flag=noop_flag)
 
 
-# One pair-kernel pass where TE asks for both layouts of a tensor at once (GatheredHybridQuantizer).
-# Off until checked on a GPU against the two-call path (tests/gpu/test_megatron_weight_cache.py).
-ONE_PASS = False
+# One pair-kernel pass where TE asks for both layouts of a tensor at once (GatheredHybridQuantizer); the
+# same values as two calls (tests/gpu/test_megatron_weight_cache.py). LLMTRAIN_ONE_PASS=0: two calls.
+ONE_PASS = os.environ.get("LLMTRAIN_ONE_PASS", "1") != "0"

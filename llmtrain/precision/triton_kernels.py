@@ -26,6 +26,7 @@ import triton.language as tl
 from llmtrain.precision import scaling
 from llmtrain.precision.formats import SR_BITS as _SR_BITS
 from llmtrain.precision.registry import get_format
+from llmtrain.precision.triton_launch import launch
 
 # Format ids (constexpr switch inside the kernel) and their grids: (ebits-derived emin, mantissa bits, max).
 # The formats the kernels implement; registry.FormatSpec.triton says the same (tests/unit/test_precision_registry.py).
@@ -527,11 +528,12 @@ def fake_quantize_2d(
         amax = _unread(x.device)
     else:
         amax = torch.zeros(1, device=x.device, dtype=torch.float32)
-        _amax_kernel[grid](x, signs, amax, R, C, stride_r, stride_c, BR=br, BC=bc, RHT=rht, NATIVE=x.is_cuda)
-    _fake_quant_kernel[grid](
-        x, out, signs, amax, R, C, stride_r, stride_c, seed,
-        FMT=FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=block_2d, RHT=rht,
-        STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc, NATIVE=x.is_cuda,
+        launch(_amax_kernel, grid, (x, signs, amax, R, C, stride_r, stride_c),
+               dict(BR=br, BC=bc, RHT=rht, NATIVE=x.is_cuda))  # fmt: skip
+    launch(
+        _fake_quant_kernel, grid, (x, out, signs, amax, R, C, stride_r, stride_c, seed),
+        dict(FMT=FORMAT_IDS[fmt], BLOCK=block, BLOCK_2D=block_2d, RHT=rht,
+             STOCHASTIC=rounding == "stochastic", SR_BITS=sr_bits, BR=br, BC=bc, NATIVE=x.is_cuda),
     )  # fmt: skip
     return out
 
@@ -575,10 +577,10 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
     amax = _unread(x.device)
     if need_row or need_col:
         amax = torch.zeros(2, device=x.device, dtype=torch.float32)
-        _amax_pair_kernel[grid](
-            x, signs, amax, R, C, x.stride(0), x.stride(1),
-            ROW=need_row, ROW_RHT=need_row and row.rht, COL=need_col, COL_RHT=need_col and col.rht,
-            NATIVE=x.is_cuda, **tile,
+        launch(
+            _amax_pair_kernel, grid, (x, signs, amax, R, C, x.stride(0), x.stride(1)),
+            dict(ROW=need_row, ROW_RHT=need_row and row.rht, COL=need_col, COL_RHT=need_col and col.rht,
+                 NATIVE=x.is_cuda, **tile),
         )  # fmt: skip
 
     def consts(d: Direction | None):
@@ -591,12 +593,13 @@ def _launch_pair(x, row: Direction | None, col: Direction | None, rht_signs, sr_
     rf, rb, r2, rr, rs, r_seed = consts(row)
     cf, cb, c2, cr, cs, c_seed = consts(col)
     dummy = row_out if row_out is not None else col_out
-    _fake_quant_pair_kernel[grid](
-        x, row_out if row_out is not None else dummy, col_out if col_out is not None else dummy, signs, amax,
-        R, C, x.stride(0), x.stride(1), r_seed, c_seed,
-        ROW_FMT=rf, ROW_BLOCK=rb, ROW_2D=r2, ROW_RHT=rr, ROW_SR=rs,
-        COL_FMT=cf, COL_BLOCK=cb, COL_2D=c2, COL_RHT=cr, COL_SR=cs,
-        SR_BITS=sr_bits, COL_SAME=col_same, NATIVE=x.is_cuda, **tile,
+    launch(
+        _fake_quant_pair_kernel, grid,
+        (x, row_out if row_out is not None else dummy, col_out if col_out is not None else dummy, signs, amax,
+         R, C, x.stride(0), x.stride(1), r_seed, c_seed),
+        dict(ROW_FMT=rf, ROW_BLOCK=rb, ROW_2D=r2, ROW_RHT=rr, ROW_SR=rs,
+             COL_FMT=cf, COL_BLOCK=cb, COL_2D=c2, COL_RHT=cr, COL_SR=cs,
+             SR_BITS=sr_bits, COL_SAME=col_same, NATIVE=x.is_cuda, **tile),
     )  # fmt: skip
     return result
 

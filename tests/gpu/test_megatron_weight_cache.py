@@ -22,11 +22,11 @@ def _train(precision: str, cache: bool, steps: int = 2, one_pass: bool = False, 
     te_custom's QAF switch on (the backward directions, dgrad_w included, in high precision)."""
     from llmtrain.precision import te_custom
 
-    te_custom.ONE_PASS, te_custom.STATE.one_pass_calls = one_pass, 0
+    default, te_custom.ONE_PASS, te_custom.STATE.one_pass_calls = te_custom.ONE_PASS, one_pass, 0
     try:
         result = _train_steps(precision, cache, steps, set(qaf_steps))
     finally:
-        te_custom.ONE_PASS = False
+        te_custom.ONE_PASS = default
         te_custom.set_qaf(False)
     if one_pass:  # the pair path ran: weights (cached or not), grad_output and the inputs (no SP here)
         assert te_custom.STATE.one_pass_calls > 0

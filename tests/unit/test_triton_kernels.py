@@ -239,3 +239,36 @@ def test_one_quantization_serves_both_layouts_exactly_where_the_values_agree():
         if expected:
             got_row, got_col = fake_quantize_2d_pair(x, row, col, rht_signs=signs)
             assert torch.equal(got_row, got_col)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        dict(fmt="nvfp4", axis=1, rounding="stochastic", rht=True),  # row kernel, amax + quantize
+        dict(fmt="nvfp4", axis=0, rounding="stochastic", rht=True),  # pair kernel, column-wise
+        dict(fmt="nvfp4", axis=1, block_2d=True),  # pair kernel, row-wise 2-D
+        dict(fmt="mxfp8", axis=0),  # no tensor amax
+        dict(fmt="fp8_e4m3", axis=1, rounding="stochastic"),
+    ],
+    ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()),
+)
+def test_repeated_launches_of_one_configuration_stay_bit_exact(how):
+    """On a GPU the second launch of a configuration skips Triton's launch path (triton_launch.launch): new
+    data, seeds of other specializations (1, divisible by 16, over 2**31) and a view that is not 16-byte
+    aligned must all give the reference's values, and reuse a kept binary where Triton would."""
+    from llmtrain.precision import triton_launch
+
+    how = dict(how)
+    signs = torch.tensor(TE_SIGNS) if how.pop("rht", False) else None
+    rounding = how.get("rounding", "nearest")
+    base = torch.randn(33 * 64 + 1, device=DEVICE, dtype=torch.bfloat16)
+    views = [base[: 32 * 64].view(32, 64), base[1 : 1 + 32 * 64].view(32, 64)]  # aligned, then not
+    kept = triton_launch.direct_launches()
+    for x in views:
+        for seed in (1234, 1, 16, 2**31 + 5, 77):
+            ours = fake_quantize_2d(x, rht_signs=signs, seed=seed, out_dtype=torch.float32, **how)
+            ref = reference(x, how["fmt"], how["axis"], rounding, how.get("block_2d", False), signs, seed, 8,
+                            torch.float32)  # fmt: skip
+            _assert_bitwise(ours, ref, f"{how} seed={seed} aligned={x.data_ptr() % 16 == 0}")
+    if DEVICE == "cuda":  # Triton keeps a binary per (alignment, seed class): a handful, not one per call
+        assert 0 < triton_launch.direct_launches() - kept <= 2 * 4 * 2
