@@ -10,7 +10,9 @@ launch options, each tensor's dtype and 16-byte alignment, each integer's width 
 16 (and whether it is 1). So a launch reuses a binary only where Triton would have picked the same one.
 
 Triton's path is kept where this one could differ from it: the CPU interpreter (TRITON_INTERPRET=1, CI),
-CPU tensors, and launch hooks (Triton's profiler sets them and wants their metadata).
+CPU tensors, launch or pre-run hooks (Triton's profiler sets them and wants their metadata), and Triton's
+debug and instrumentation modes (part of its cache key, not of ours). Not repeated per launch: Triton's
+check that a global a kernel reads has not changed since it was compiled (ours read only constexprs).
 """
 
 from triton import knobs
@@ -43,32 +45,36 @@ def _constexpr_tail(fn: JITFunction, n_args: int, meta: dict) -> tuple:
     return tuple(tail)
 
 
-def _hooked() -> bool:
-    """Whether a launch hook is set (Triton 3.6 keeps an empty HookChain there, which its own path calls
-    twice per launch with metadata built for it)."""
+def _tritons_path_only(fn) -> bool:
+    """Whether a launch hook or a pre-run hook is set (Triton 3.6 keeps an empty HookChain for each launch
+    hook, which its own path calls twice per launch with metadata built for it), or a debug or
+    instrumentation mode is on."""
     hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+    return (
+        any(h is not None and getattr(h, "calls", True) for h in hooks)
+        or bool(fn.pre_run_hooks)
+        or bool(knobs.runtime.debug)
+        or bool(knobs.compilation.instrumentation_mode)
+    )
 
 
 def launch(fn, grid: tuple, args: tuple, meta: dict) -> None:
     """fn[grid](*args, **meta): `args` the runtime arguments (the kernel's leading parameters), `meta` its
     constexprs and launch options (num_warps, ...)."""
-    if not isinstance(fn, JITFunction) or not args[0].is_cuda or _hooked():
+    if not isinstance(fn, JITFunction) or not args[0].is_cuda or _tritons_path_only(fn):
         fn[grid](*args, **meta)
         return
     device = driver.active.get_current_device()
     key = (fn, device, tuple(meta.items()), tuple(map(_specialization, args)))
     binary = _binaries.get(key)
     if binary is None:
+        tail = _constexpr_tail(fn, len(args), meta)  # a misuse fails before anything runs
         kernel = fn[grid](*args, **meta)  # Triton's path: compiles (or loads) the kernel and launches it
+        if kernel is None:  # Triton's jit_cache_hook skipped the compilation: nothing to keep
+            return
         if hasattr(kernel, "result"):  # an asynchronous compilation's future
             kernel = kernel.result()
-        _binaries[key] = (
-            kernel.run,
-            kernel.function,
-            kernel.packed_metadata,
-            _constexpr_tail(fn, len(args), meta),
-        )
+        _binaries[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
         return
     run, function, packed_metadata, tail = binary
     grid = (*grid, 1, 1)
