@@ -8,19 +8,18 @@ run in one line if they differ: a silent error there would train every GEMM on w
 reference quantization per configuration and process; `LLMTRAIN_KERNEL_CHECK=0` turns it off.
 """
 
-import os
-
 import torch
 
 from llmtrain.errors import UserError
 from llmtrain.precision.hadamard import hadamard
 from llmtrain.precision.quantize import fake_quantize
+from llmtrain.precision.switches import switch
 
 _checked: set[tuple] = set()
 
 
 def enabled() -> bool:
-    return os.environ.get("LLMTRAIN_KERNEL_CHECK", "1") != "0"
+    return switch("LLMTRAIN_KERNEL_CHECK", default=True)
 
 
 def reference(x, fmt, axis, rounding, block_2d, rht_signs, seed, sr_bits, dtype) -> torch.Tensor:

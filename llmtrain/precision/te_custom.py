@@ -41,7 +41,6 @@ the run's PrecisionRecipe before building the model (te_recipes.start_emulation)
 machine with TE.
 """
 
-import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from llmtrain.precision.emulate import fake_quantize_2d
 from llmtrain.precision.hadamard import TE_SIGNS, hadamard, random_signs
 from llmtrain.precision.recipe import Operand, PrecisionRecipe
 from llmtrain.precision.registry import get_format
+from llmtrain.precision.switches import switch
 from llmtrain.precision.triton_kernels import Direction, fake_quantize_2d_pair, one_quantization_serves_both
 
 
@@ -335,4 +335,4 @@ class GatheredHybridQuantizer(HybridQuantizer):
 
 # One pair-kernel pass where TE asks for both layouts of a tensor at once (GatheredHybridQuantizer); the
 # same values as two calls (tests/gpu/test_megatron_weight_cache.py). LLMTRAIN_ONE_PASS=0: two calls.
-ONE_PASS = os.environ.get("LLMTRAIN_ONE_PASS", "1") != "0"
+ONE_PASS = switch("LLMTRAIN_ONE_PASS", default=True)
