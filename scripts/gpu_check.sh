@@ -36,6 +36,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'TE', te.__versi
     # The kernels' bit-exactness tests, natively, in KERNELS_SHARDS processes at once: a cold host spends
     # most of their time compiling (50 of 66 in 220 s in one process on 2026-12-07), which is CPU work.
     local limit=$1 shards=${KERNELS_SHARDS:-4} start=$SECONDS i
+    : >"$out/kernels.log" # the shards' logs are appended below: none of an earlier run's may remain
     $py -m pytest -p no:cacheprovider -q --collect-only tests/unit/test_triton_kernels.py 2>/dev/null |
       grep '::' >"$out/kernels_ids.txt"
     for ((i = 0; i < shards; i++)); do
